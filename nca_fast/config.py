@@ -1,0 +1,142 @@
+"""Model configuration: every default of the Growing-NCA article, each one a validated field."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Tuple
+
+Filter = Tuple[Tuple[float, float, float], ...]
+
+IDENTITY: Filter = ((0.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 0.0))
+# Cross-correlation taps; x grows to the right (along W), y grows down (along H).
+SOBEL_X: Filter = ((-0.125, 0.0, 0.125), (-0.25, 0.0, 0.25), (-0.125, 0.0, 0.125))
+SOBEL_Y: Filter = ((-0.125, -0.25, -0.125), (0.0, 0.0, 0.0), (0.125, 0.25, 0.125))
+LAPLACIAN: Filter = ((1.0, 2.0, 1.0), (2.0, -12.0, 2.0), (1.0, 2.0, 1.0))
+
+FILTER_BANKS = {
+    "sobel": (IDENTITY, SOBEL_X, SOBEL_Y),
+    "sobel_laplacian": (IDENTITY, SOBEL_X, SOBEL_Y, LAPLACIAN),
+    "sobel_laplacian16": (IDENTITY, SOBEL_X, SOBEL_Y,
+                          tuple(tuple(v / 16.0 for v in row) for row in LAPLACIAN)),
+}
+
+PADDINGS = ("zeros", "circular")
+PRECISIONS = ("ieee", "tf32", "bf16")
+
+
+def _as_filter_bank(filters) -> Tuple[Filter, ...]:
+    if isinstance(filters, str):
+        if filters not in FILTER_BANKS:
+            raise ValueError(f"filters: unknown bank {filters!r}; expected one of "
+                             f"{sorted(FILTER_BANKS)} or a sequence of 3x3 filters")
+        return FILTER_BANKS[filters]
+    try:
+        bank = tuple(tuple(tuple(float(v) for v in row) for row in f) for f in filters)
+    except (TypeError, ValueError):
+        raise ValueError("filters: expected a bank name or a sequence of 3x3 numeric filters, "
+                         f"got {filters!r}") from None
+    if not bank or any(len(f) != 3 or any(len(r) != 3 for r in f) for f in bank):
+        raise ValueError(f"filters: expected a non-empty sequence of 3x3 filters, got {filters!r}")
+    if any(not math.isfinite(v) for f in bank for r in f for v in r):
+        raise ValueError("filters: every tap must be finite")
+    return bank
+
+
+@dataclass(frozen=True)
+class NCAConfig:
+    """Hyper-parameters of one NCA (see shared/docs/NCA_SPEC.md).
+
+    channels: state channels C (RGBA + hidden). hidden: units of the first dense layer.
+    fire_rate: probability that a cell updates in a step. alive_threshold: alpha above which a
+    cell is alive (3x3 max-pool, before and after the update); None switches alive masking off.
+    alpha_channel: index of alpha. filters: the perception bank, F fixed 3x3 cross-correlation
+    filters applied to every channel (a name from FILTER_BANKS or explicit taps). padding: "zeros"
+    (outside the grid is empty and dead) or "circular" (the grid is a torus). precision: operand
+    precision of the dense layers in the Triton kernels ("ieee" fp32, "tf32", or "bf16"), with fp32
+    accumulation; the state is always fp32.
+    """
+
+    channels: int = 16
+    hidden: int = 128
+    fire_rate: float = 0.5
+    alive_threshold: Optional[float] = 0.1
+    alpha_channel: int = 3
+    filters: Tuple[Filter, ...] = field(default=FILTER_BANKS["sobel"])
+    padding: str = "zeros"
+    precision: str = "tf32"
+
+    def __post_init__(self):
+        def bad(name, expected):
+            raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+
+        if not _is_int(self.channels) or self.channels < 1:
+            bad("channels", "a positive integer")
+        if not _is_int(self.hidden) or self.hidden < 1:
+            bad("hidden", "a positive integer")
+        if not _is_real(self.fire_rate) or not 0.0 <= self.fire_rate <= 1.0:
+            bad("fire_rate", "a number in [0, 1]")
+        if self.alive_threshold is not None and (
+                not _is_real(self.alive_threshold) or not math.isfinite(self.alive_threshold)
+                or self.alive_threshold < 0):
+            bad("alive_threshold", "None (no alive masking) or a finite number >= 0")
+        if not _is_int(self.alpha_channel) or not 0 <= self.alpha_channel < self.channels:
+            bad("alpha_channel", f"an integer in [0, channels={self.channels})")
+        object.__setattr__(self, "filters", _as_filter_bank(self.filters))
+        if self.padding not in PADDINGS:
+            bad("padding", f"one of {PADDINGS}")
+        if self.precision not in PRECISIONS:
+            bad("precision", f"one of {PRECISIONS}")
+
+    @property
+    def num_filters(self) -> int:
+        return len(self.filters)
+
+    @property
+    def perception_size(self) -> int:
+        return self.num_filters * self.channels
+
+    @property
+    def alive_masking(self) -> bool:
+        return self.alive_threshold is not None
+
+    def replace(self, **changes) -> "NCAConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["filters"] = [[list(r) for r in f] for f in self.filters]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NCAConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"config: expected a JSON object, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"config: unknown fields {unknown}; expected a subset of {sorted(names)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def filter_tensor(config: NCAConfig, dtype=None, device=None):
+    """The filter bank as an F x 3 x 3 tensor."""
+    import torch
+
+    return torch.tensor(config.filters, dtype=dtype or torch.float32, device=device)
+
+
+__all__ = ["NCAConfig", "FILTER_BANKS", "IDENTITY", "SOBEL_X", "SOBEL_Y", "LAPLACIAN",
+           "filter_tensor"]

@@ -1,0 +1,77 @@
+"""The Growing-NCA step in plain PyTorch, exactly as shared/docs/NCA_SPEC.md states it.
+
+This is the oracle: written to be read and checked, not to be fast (``nca_fast.cpu`` is the fast
+CPU path). Tensors are B x C x H x W; perception is interleaved, index ``c * F + k``, as in the
+common PyTorch ports (``Conv2d(F*C, hidden, 1)``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import NCAConfig, filter_tensor
+from .rng import update_mask
+
+
+def pad1(x: torch.Tensor, padding: str, value: float = 0.0) -> torch.Tensor:
+    """Pad H and W by one cell: constant ``value`` for "zeros", wrap-around for "circular"."""
+    if padding == "circular":
+        return F.pad(x, (1, 1, 1, 1), mode="circular")
+    return F.pad(x, (1, 1, 1, 1), mode="constant", value=value)
+
+
+def perceive(x: torch.Tensor, filters: torch.Tensor, padding: str) -> torch.Tensor:
+    """B x C x H x W -> B x (C*F) x H x W: every filter (F x 3 x 3) on every channel."""
+    c = x.shape[1]
+    bank = filters.to(x.dtype).repeat(c, 1, 1).unsqueeze(1)      # (C*F) x 1 x 3 x 3, c*F + k
+    return F.conv2d(pad1(x, padding), bank, groups=c)
+
+
+def alive(x: torch.Tensor, threshold: float, padding: str, alpha_channel: int = 3) -> torch.Tensor:
+    """B x 1 x H x W bool: the 3x3 max-pool of alpha is above ``threshold``.
+
+    Outside the grid is dead under zero padding (padded with -inf, whatever the threshold) and
+    wraps under circular padding.
+    """
+    a = x[:, alpha_channel:alpha_channel + 1]
+    return F.max_pool2d(pad1(a, padding, value=float("-inf")), 3, stride=1) > threshold
+
+
+def dense(p: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
+    """The per-cell MLP as 1x1 convolutions: relu(W1 p + b1), then W2 h + b2."""
+    h = F.relu(F.conv2d(p, w1.reshape(w1.shape[0], -1, 1, 1), b1))
+    return F.conv2d(h, w2.reshape(w2.shape[0], -1, 1, 1), b2)
+
+
+def step(x: torch.Tensor, w1, b1, w2, b2, config: NCAConfig, mask: torch.Tensor) -> torch.Tensor:
+    """One NCA step. ``mask``: B x 1 x H x W, 1 where the cell updates. Differentiable."""
+    filters = filter_tensor(config, dtype=x.dtype, device=x.device)
+    thr = config.alive_threshold
+    if thr is not None:
+        pre = alive(x, thr, config.padding, config.alpha_channel)
+    dx = dense(perceive(x, filters, config.padding), w1, b1, w2, b2)
+    x = x + dx * mask.to(x.dtype)
+    if thr is not None:
+        post = alive(x, thr, config.padding, config.alpha_channel)
+        x = x * (pre & post).to(x.dtype)
+    return x
+
+
+def rollout(x: torch.Tensor, w1, b1, w2, b2, config: NCAConfig, steps: int, seed: int,
+            first_step: int = 0) -> torch.Tensor:
+    """``steps`` steps with the masks of ``nca_fast.rng`` (the same masks as every backend)."""
+    b, _, h, w = x.shape
+    for t in range(steps):
+        m = update_mask(b, h, w, fire_rate=config.fire_rate, seed=seed, step=first_step + t,
+                        device=x.device)
+        x = step(x, w1, b1, w2, b2, config, m)
+    return x
+
+
+def seed_state(batch: int, height: int, width: int, channels: int = 16, alpha_channel: int = 3,
+               *, device=None, dtype=torch.float32, position=None) -> torch.Tensor:
+    """The spec's seed: zeros but one cell (centre by default) with channels alpha..C-1 at 1."""
+    x = torch.zeros(batch, channels, height, width, device=device, dtype=dtype)
+    y0, x0 = position if position is not None else (height // 2, width // 2)
+    x[:, alpha_channel:, y0, x0] = 1.0
+    return x
