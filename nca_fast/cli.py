@@ -1,0 +1,273 @@
+"""The ``nca-fast`` command: ``grow`` a model into a video, ``train`` one, ``bench`` the kernels.
+
+User mistakes (missing or corrupt files, bad options) print one line on stderr and exit with
+status 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import pathlib
+import sys
+from typing import List, Optional
+
+PROG = "nca-fast"
+DEFAULT_MODEL = pathlib.Path(__file__).resolve().parent / "assets" / "default_model.safetensors"
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+    """A mistake of the user's: reported in one line, exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < v <= 1000:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1000], got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Growing Neural Cellular Automata: fused Triton kernels and a "
+                               "PyTorch reference.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    g = sub.add_parser("grow", help="grow a model from the seed and write the video and last frame",
+                       description="Grow a saved (.safetensors) or Distill (.json) model from the "
+                                   "one-cell seed; write the growth video (GIF, or MP4 by "
+                                   "extension) and the final frame as a PNG with the same stem.")
+    g.add_argument("--model", metavar="PATH",
+                   help="model file: saved by nca_fast (.safetensors) or a Distill export "
+                        "(ex*_NAME.json); default: the model shipped with the package")
+    g.add_argument("--size", type=_positive_int, default=72, help="grid side in cells (72)")
+    g.add_argument("--steps", type=_non_negative_int, default=96, help="NCA steps (96)")
+    g.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="key of the update masks and of the damage circle (0)")
+    g.add_argument("--out", default="growth.gif", metavar="PATH",
+                   help="video to write, .gif or .mp4 (growth.gif); the last frame goes to "
+                        "the same path with .png")
+    g.add_argument("--damage", action="store_true",
+                   help="erase a random circle halfway through, to watch regeneration")
+    g.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="auto: Triton kernels on CUDA, PyTorch elsewhere")
+    g.add_argument("--device", default="auto",
+                   help="torch device, e.g. cpu or cuda:0 (auto: cuda when available)")
+    g.add_argument("--scale", type=_positive_int, default=None,
+                   help="pixels per cell in the outputs (default: about 288 pixels a side)")
+    g.add_argument("--fps", type=_positive_float, default=20.0, help="video frame rate (20)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+    sub.add_parser("train", add_help=False, help="train a model (see: nca-fast train --help)")
+    sub.add_parser("bench", add_help=False,
+                   help="kernel throughput benchmark, from a source checkout "
+                        "(see: nca-fast bench --help)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``nca-fast`` and ``python -m nca_fast``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        # train and bench own their options: forward everything after the command untouched.
+        if argv and argv[0] == "train":
+            return _forward("nca_fast.train", "cli_main", argv[1:], "nca-fast train")
+        if argv and argv[0] == "bench":
+            return _run_bench(argv[1:])
+        args = build_parser().parse_args(argv)
+        return grow(args)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+# --------------------------------------------------------------------------- grow
+def grow(args: argparse.Namespace) -> int:
+    """The ``grow`` command: seed -> ``args.steps`` steps -> video + final PNG."""
+    import torch
+
+    from .io import load_any, write_png, write_video
+    from .model import triton_usable
+
+    out = pathlib.Path(args.out)
+    if out.suffix.lower() not in (".gif", ".mp4"):
+        raise UsageError(f"--out {out}: expected a .gif or .mp4 file name")
+    png = out.with_suffix(".png")
+    model_path = pathlib.Path(args.model) if args.model else DEFAULT_MODEL
+    if args.model is None and not model_path.exists():
+        raise UsageError(f"no --model given and the default model is not in this install "
+                         f"({model_path}); pass --model PATH (a .safetensors saved by nca_fast "
+                         f"or a Distill ex*_NAME.json)")
+    try:
+        model = load_any(model_path, backend=args.backend)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    device = _device(args.device, torch)
+    if args.backend == "triton" and not triton_usable(device):
+        raise UsageError(f"--backend triton cannot run on {device.type} here: use a CUDA device, "
+                         f"--backend torch, or set TRITON_INTERPRET=1 (Triton's slow CPU "
+                         f"interpreter)")
+    model = model.to(device)
+    # Fail before the rollout, not after it, if the video cannot be written.
+    if out.suffix.lower() == ".mp4":
+        try:
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError:
+            raise UsageError(f"--out {out}: MP4 needs imageio-ffmpeg: pip install "
+                             f"nca-fast[video] (or write a .gif)") from None
+    scale = args.scale if args.scale is not None else max(1, 288 // args.size)
+
+    x = model.seed_state(1, args.size, args.size)
+    frames = [x[0].cpu()]
+    damage_at = args.steps // 2 if args.damage else None
+    advance = _stepper(model)
+    with torch.no_grad(), _progress(args.steps, args.quiet) as bar:
+        for t in range(args.steps):
+            if t == damage_at:
+                x = x * (1.0 - damage_mask(args.size, args.size, args.seed, device=device))
+            x = advance(x, seed=args.seed, step=t)
+            frames.append(x[0].cpu())
+            bar.update(1)
+
+    if not out.parent.exists():
+        out.parent.mkdir(parents=True)
+    try:
+        write_video(frames, out, fps=args.fps, scale=scale)
+        write_png(frames[-1], png, scale=scale)
+    except (ImportError, OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    if not args.quiet:
+        alive = int((frames[-1][3] > 0.1).sum())
+        print(f"wrote {out} ({len(frames)} frames) and {png}; {alive} live cells at step "
+              f"{args.steps}", file=sys.stderr)
+    return 0
+
+
+def _device(name: str, torch):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a torch device (try cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here")
+    return dev
+
+
+def _stepper(model):
+    """A function ``(x, seed, step) -> x`` advancing one step with that step's update mask.
+
+    When ``NCA.forward`` accepts ``first_step``, step t uses the masks of ``model(x, T, seed)``,
+    so the last frame equals that rollout. Otherwise each step draws its mask under its own key
+    derived from (seed, t): still deterministic, but a different mask stream.
+    """
+    if "first_step" in inspect.signature(model.forward).parameters:
+        return lambda x, seed, step: model(x, 1, seed=seed, first_step=step)
+    return lambda x, seed, step: model(x, 1, seed=_step_key(seed, step))
+
+
+def _step_key(seed: int, step: int) -> int:
+    # splitmix64 finalizer: nearby (seed, step) pairs get unrelated 63-bit keys.
+    z = (seed * 0x9E3779B97F4A7C15 + step + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1
+
+
+def damage_mask(height: int, width: int, seed: int, *, device=None):
+    """1 x 1 x H x W float mask, 1 inside a random circle: the article's damage.
+
+    In coordinates running from -1 to 1 across the grid, the centre is uniform in [-0.5, 0.5]^2
+    and the radius uniform in [0.1, 0.4]; ``seed`` picks them (numpy's PCG64).
+    """
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    cx, cy = rng.uniform(-0.5, 0.5, size=2)
+    r = rng.uniform(0.1, 0.4)
+    ys = np.linspace(-1.0, 1.0, height)[:, None]
+    xs = np.linspace(-1.0, 1.0, width)[None, :]
+    inside = (xs - cx) ** 2 + (ys - cy) ** 2 < r * r
+    return torch.as_tensor(inside, dtype=torch.float32, device=device)[None, None]
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(total: int, quiet: bool):
+    if quiet:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="growing", unit="step", file=sys.stderr, leave=False)
+
+
+# --------------------------------------------------------------------------- train, bench
+def _forward(module: str, func: str, argv: List[str], what: str) -> int:
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name == module:
+            raise UsageError(f"{what} is not available: this install has no {module} module")
+        raise UsageError(f"{what} is not available: importing {module} failed: {e}") from None
+    except ImportError as e:
+        raise UsageError(f"{what} is not available: importing {module} failed: {e}") from None
+    fn = getattr(mod, func, None)
+    if not callable(fn):
+        raise UsageError(f"{what} is not available: {module} has no {func}()")
+    rc = fn(argv)
+    return 0 if rc is None else int(rc)
+
+
+def _run_bench(argv: List[str]) -> int:
+    # bench/ lives beside the package in a source checkout and is not shipped in the wheel.
+    root = pathlib.Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "throughput.py").is_file():
+        raise UsageError("nca-fast bench needs a source checkout: bench/throughput.py is not "
+                         f"installed (looked in {root / 'bench'}); run it from a clone of the "
+                         "repository installed with pip install -e .")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return _forward("bench.throughput", "main", argv, "nca-fast bench")
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m nca_fast.cli
+    sys.exit(main())
