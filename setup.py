@@ -6,7 +6,9 @@ from setuptools import setup
 #   imageio: GIF and MP4 writing; tqdm: progress bars; matplotlib: loss curves and bench plots.
 install_requires = [
     "torch>=2.4",
-    "numpy",
+    # numpy < 2.4: the Triton 3.6 interpreter turns loop bounds into ints with int(array),
+    # which numpy 2.4 made an error (kernels on CPU, TRITON_INTERPRET=1).
+    "numpy<2.4",
     "triton>=3.6; platform_system == 'Linux'",
     "safetensors>=0.4",
     "Pillow>=9",

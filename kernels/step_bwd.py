@@ -1,0 +1,219 @@
+"""Backward of one NCA step, handwritten: gradients for the stored state and every weight.
+
+Nothing from the forward is kept but its input ``r`` (and the pending pre-mask bits ``q``):
+both kernels recompute the neighbourhood, perception, hidden layer and update mask exactly as
+``step_fwd`` did (same helpers in ``_math``, same Philox counter), so they need no activations.
+
+With ``g = dL/d out`` for the raw update ``out = x + dx * fire`` of step_fwd:
+
+    gdx   = g * fire                                  db2 = sum_i gdx,  dW2 = h^T gdx
+    gh    = (gdx @ W2^T) * (h_pre > 0)                db1 = sum_i gh,   dW1_k = p_k^T gh
+    gp_k  = gh @ W1_k^T                               (perception gradient, [cells, F, C])
+    gx[j] = g[j] + sum_taps sum_k f_k[tap] * gp_k[j - tap]        (transposed stencil)
+    gr[j] = gx[j] * keep[j]                           (the deferred alive mask is a constant)
+
+Kernel 1 (``_nca_step_bwd_kernel``) is persistent: a fixed number of programs walk the tiles in
+a fixed order and each accumulates its weight-gradient partial sums in registers, written once
+to its own slot of a [programs, ...] buffer that the launcher sums. No atomics: the same inputs
+give bitwise the same gradients. It writes gp to a scratch buffer, because the transposed
+stencil of a cell needs gp of its 8 neighbours, which other programs compute; kernel 2
+(``_nca_step_bwd_input_kernel``) gathers it. Scratch traffic: F*C*4 bytes per cell written and
+read once (192 B at the defaults), on top of the recomputed forward's 64 B read.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from ._math import _alpha_hot, _cells, _fire, _mm, _neighbour, _perceive, _post_alive
+from .step_fwd import check_shapes
+
+
+@triton.jit
+def _nca_step_bwd_kernel(
+    # state and incoming gradient
+    r_ptr,          # [B*H*W, C] stored input state of the step
+    q_ptr,          # [B*H*W] uint8 pending pre-mask bits (HAS_Q)
+    g_ptr,          # [B*H*W, C] dL/d out
+    gp_ptr,         # [B*H*W, F, C] out: perception gradient (scratch for kernel 2)
+    part_ptr,       # [programs, PART] out: weight-gradient partial sums per program
+    # parameters
+    w1_ptr, b1_ptr, w2_ptr, filt_ptr,   # [F, C, HID], [HID], [HID, C], [F, 9]
+    # step
+    seed, step, fire_threshold, thr,
+    # sizes
+    n_cells, n_programs, tiles_per_program, HW, H, W,
+    C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr, ALPHA: tl.constexpr,
+    BLOCK_M: tl.constexpr, HAS_Q: tl.constexpr, ALIVE: tl.constexpr,
+    CIRCULAR: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, C)
+    hid = tl.arange(0, HID)
+    dtype = r_ptr.dtype.element_ty
+
+    # ---- weights, loaded once per persistent program
+    w1_offs = cols[:, None] * HID + hid[None, :]
+    w1_0 = tl.load(w1_ptr + w1_offs)
+    w1_1 = tl.load(w1_ptr + C * HID + w1_offs)
+    w1_2 = tl.load(w1_ptr + 2 * C * HID + w1_offs)
+    if NF == 4:
+        w1_3 = tl.load(w1_ptr + 3 * C * HID + w1_offs)
+    else:
+        w1_3 = tl.zeros_like(w1_0)
+    b1 = tl.load(b1_ptr + hid)
+    w2 = tl.load(w2_ptr + hid[:, None] * C + cols[None, :])
+
+    # ---- weight-gradient accumulators (registers, whole loop)
+    dw1_0 = tl.zeros([C, HID], dtype=dtype)
+    dw1_1 = tl.zeros([C, HID], dtype=dtype)
+    dw1_2 = tl.zeros([C, HID], dtype=dtype)
+    dw1_3 = tl.zeros([C, HID], dtype=dtype)
+    dw2 = tl.zeros([HID, C], dtype=dtype)
+    db1 = tl.zeros([HID], dtype=dtype)
+    db2 = tl.zeros([C], dtype=dtype)
+
+    for i in range(0, tiles_per_program):
+        # tiles past the end have no cells in range: every load is masked, nothing accumulates
+        tile = pid + i * n_programs
+        cell, base, y, x, row_ok = _cells(tile, BLOCK_M, n_cells, HW, W, INT64)
+
+        # ---- recompute the forward: perceive, hidden layer, mask
+        p0, p1, p2, p3, center, pre = _perceive(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok,
+                                                H, W, thr, C, NF, ALPHA, HAS_Q, ALIVE, CIRCULAR)
+        h_pre = _mm(p0, w1_0, PRECISION) + _mm(p1, w1_1, PRECISION) + _mm(p2, w1_2, PRECISION)
+        if NF == 4:
+            h_pre += _mm(p3, w1_3, PRECISION)
+        h_pre += b1[None, :]
+        h = tl.maximum(h_pre, 0.0).to(dtype)
+        fire = _fire(seed, cell, step, fire_threshold, INT64)
+
+        # ---- dense layer 2 backward
+        g = tl.load(g_ptr + cell[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.0)
+        gdx = tl.where(fire[:, None], g, 0.0).to(dtype)
+        db2 += tl.sum(gdx, axis=0)
+        dw2 += _mm(tl.trans(h), gdx, PRECISION)
+
+        # ---- ReLU and dense layer 1 backward
+        gh = tl.where(h_pre > 0, _mm(gdx, tl.trans(w2), PRECISION), 0.0).to(dtype)
+        db1 += tl.sum(gh, axis=0)
+        dw1_0 += _mm(tl.trans(p0), gh, PRECISION)
+        dw1_1 += _mm(tl.trans(p1), gh, PRECISION)
+        dw1_2 += _mm(tl.trans(p2), gh, PRECISION)
+
+        # ---- perception gradient to scratch
+        gp_offs = cell[:, None] * (NF * C) + cols[None, :]
+        tl.store(gp_ptr + gp_offs, _mm(gh, tl.trans(w1_0), PRECISION), mask=row_ok[:, None])
+        tl.store(gp_ptr + gp_offs + C, _mm(gh, tl.trans(w1_1), PRECISION), mask=row_ok[:, None])
+        tl.store(gp_ptr + gp_offs + 2 * C, _mm(gh, tl.trans(w1_2), PRECISION),
+                 mask=row_ok[:, None])
+        if NF == 4:
+            dw1_3 += _mm(tl.trans(p3), gh, PRECISION)
+            tl.store(gp_ptr + gp_offs + 3 * C, _mm(gh, tl.trans(w1_3), PRECISION),
+                     mask=row_ok[:, None])
+
+    # ---- this program's partial sums, written once
+    part = part_ptr + pid.to(tl.int64) * (NF * C * HID + HID * C + HID + C)
+    tl.store(part + w1_offs, dw1_0)
+    tl.store(part + C * HID + w1_offs, dw1_1)
+    tl.store(part + 2 * C * HID + w1_offs, dw1_2)
+    if NF == 4:
+        tl.store(part + 3 * C * HID + w1_offs, dw1_3)
+    part = part + NF * C * HID
+    tl.store(part + hid[:, None] * C + cols[None, :], dw2)
+    part = part + HID * C
+    tl.store(part + hid, db1)
+    tl.store(part + HID + cols, db2)
+
+
+@triton.jit
+def _nca_step_bwd_input_kernel(
+    r_ptr,          # [B*H*W, C] stored input state (for the deferred alive mask)
+    q_ptr,          # [B*H*W] uint8 pending pre-mask bits (HAS_Q)
+    g_ptr,          # [B*H*W, C] dL/d out (the identity path)
+    gp_ptr,         # [B*H*W, F, C] perception gradient from kernel 1
+    gr_ptr,         # [B*H*W, C] out: dL/d r
+    filt_ptr,       # [F, 9]
+    thr, n_cells, HW, H, W,
+    C: tl.constexpr, NF: tl.constexpr, ALPHA: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_Q: tl.constexpr, CIRCULAR: tl.constexpr, INT64: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cell, base, y, x, row_ok = _cells(pid, BLOCK_M, n_cells, HW, W, INT64)
+    cols = tl.arange(0, C)
+    acc = tl.load(g_ptr + cell[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.0)
+
+    # ---- transposed stencil: cell j received f_k[tap] * x[j] from the cell j - tap
+    for tap in tl.static_range(9):
+        dy: tl.constexpr = tap // 3 - 1
+        dx: tl.constexpr = tap % 3 - 1
+        sy, sx, ok = _neighbour(y, x, -dy, -dx, H, W, CIRCULAR)
+        ok = ok & row_ok
+        src = (base + sy * W + sx)[:, None] * (NF * C) + cols[None, :]
+        for k in tl.static_range(NF):
+            gp = tl.load(gp_ptr + src + k * C, mask=ok[:, None], other=0.0)
+            acc += tl.load(filt_ptr + k * 9 + tap) * gp
+
+    # ---- the deferred alive mask the forward applied on load
+    if HAS_Q:
+        hot = _alpha_hot(r_ptr, base, y, x, row_ok, H, W, thr, C, ALPHA, CIRCULAR, 1)
+        keep = (tl.load(q_ptr + cell, mask=row_ok, other=0) != 0) & _post_alive(hot, 0, 0)
+        acc = tl.where(keep[:, None], acc, 0.0)
+    tl.store(gr_ptr + cell[:, None] * C + cols[None, :], acc.to(gr_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters, *, seed: int,
+                 step: int, fire_threshold: int, alive_threshold, alpha_channel: int,
+                 circular: bool, precision: str, grad_r=None):
+    """Gradients of one step_fwd call. r, g: [B, H, W, C]; q: [B, H, W] uint8 or None.
+
+    Returns (grad_r [B, H, W, C], dw1k [F, C, HID], db1 [HID], dw2t [HID, C], db2 [C]), the
+    weight gradients in the kernels' layouts (see step_fwd), summed over the programs' partials
+    in a fixed order.
+    """
+    B, H, W, C, HID, F_ = check_shapes(r, w1k, b1, w2t, b2, filters)
+    if tuple(g.shape) != (B, H, W, C) or g.dtype != r.dtype or g.device != r.device:
+        raise ValueError(f"g: expected a {r.dtype} [B, H, W, C] = {(B, H, W, C)} gradient on "
+                         f"{r.device}, got {g.dtype} {tuple(g.shape)} on {g.device}")
+    alive = alive_threshold is not None
+    r, g = r.contiguous(), g.contiguous()
+    n = B * H * W
+    thr = float(alive_threshold) if alive else 0.0
+    cfg = configs.select_backward(n, C, HID, F_, r.device)
+    n_tiles = triton.cdiv(n, cfg.block_m)
+    part_size = F_ * C * HID + HID * C + HID + C
+    parts = torch.empty((cfg.programs, part_size), dtype=r.dtype, device=r.device)
+    gp = torch.empty((n, F_, C), dtype=r.dtype, device=r.device)
+    w1k, filters = w1k.contiguous(), filters.contiguous()
+    qq = q if q is not None else r
+    _nca_step_bwd_kernel[(cfg.programs,)](
+        r, qq, g, gp, parts,
+        w1k, b1.contiguous(), w2t.contiguous(), filters,
+        seed, step, fire_threshold, thr,
+        n, cfg.programs, triton.cdiv(n_tiles, cfg.programs), H * W, H, W,
+        C=C, HID=HID, NF=F_, ALPHA=alpha_channel, BLOCK_M=cfg.block_m,
+        HAS_Q=q is not None, ALIVE=alive, CIRCULAR=circular,
+        PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    grad_r = torch.empty_like(r) if grad_r is None else grad_r
+    tcfg = configs.select_transpose(n, C, F_)
+    _nca_step_bwd_input_kernel[(triton.cdiv(n, tcfg.block_m),)](
+        r, qq, g, gp, grad_r, filters,
+        thr, n, H * W, H, W,
+        C=C, NF=F_, ALPHA=alpha_channel, BLOCK_M=tcfg.block_m,
+        HAS_Q=q is not None, CIRCULAR=circular, INT64=tcfg.int64 or cfg.int64,
+        num_warps=tcfg.num_warps, num_stages=tcfg.num_stages,
+    )
+    total = parts.sum(0)
+    o = 0
+    dw1k = total[o:o + F_ * C * HID].view(F_, C, HID)
+    o += F_ * C * HID
+    dw2t = total[o:o + HID * C].view(HID, C)
+    o += HID * C
+    db1 = total[o:o + HID]
+    db2 = total[o + HID:o + HID + C]
+    return grad_r, dw1k, db1, dw2t, db2
