@@ -1,0 +1,409 @@
+"""Model files (ours and Distill's), atomic writes, target images, PNG and video output."""
+import base64
+import json
+import math
+import os
+import struct
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from nca_fast import NCA, NCAConfig
+from nca_fast import io as nio
+from nca_fast.rng import update_mask
+
+
+def _random_model(config=None, seed=0, backend="torch"):
+    torch.manual_seed(seed)
+    model = NCA(config, backend=backend)
+    with torch.no_grad():
+        # A new model's w2 is zero (identity map): give it weights that change the state.
+        model.w2.weight.normal_(0, 0.05)
+        model.w2.bias.normal_(0, 0.01)
+    return model
+
+
+# --------------------------------------------------------------------------- save / load
+@pytest.mark.parametrize("config", [
+    NCAConfig(),
+    NCAConfig(channels=12, hidden=40, fire_rate=0.3, alive_threshold=None, filters="sobel_laplacian",
+              padding="circular", precision="ieee"),
+], ids=["default", "texture"])
+def test_round_trip_is_bitwise(tmp_path, config):
+    model = _random_model(config)
+    path = tmp_path / "m.safetensors"
+    model.save(path)
+    loaded = nio.load(path, backend="torch")
+    assert loaded.config == model.config
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    x = model.seed_state(2, 20, 23)
+    with torch.no_grad():
+        assert torch.equal(model(x, 12, seed=5), loaded(x, 12, seed=5))
+    assert list(tmp_path.iterdir()) == [path]        # no temporary file left behind
+
+
+def test_file_is_plain_safetensors_with_config_metadata(tmp_path):
+    from safetensors import safe_open
+
+    model = _random_model()
+    path = tmp_path / "m.safetensors"
+    nio.save(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        assert sorted(f.keys()) == sorted(nio.PARAM_NAMES)
+        assert tuple(f.get_tensor("w1.weight").shape) == (128, 48, 1, 1)
+    assert meta["format_version"] == "1"
+    assert NCAConfig.from_dict(json.loads(meta["nca_fast_config"])) == model.config
+
+
+def test_load_any_dispatches(tmp_path, distill_dir):
+    model = _random_model()
+    ours = tmp_path / "weights.bin"                  # extension says nothing: content decides
+    model.save(ours)
+    assert torch.equal(nio.load_any(ours).w1.weight, model.w1.weight)
+    theirs = tmp_path / "export.txt"
+    theirs.write_bytes((distill_dir / "ex1_lizard.json").read_bytes())
+    a, b = nio.load_any(theirs), nio.load_distill(distill_dir / "ex1_lizard.json")
+    assert torch.equal(a.w1.weight, b.w1.weight)
+
+
+class PlainPort(nn.Module):
+    """A PyTorch port as people write them: two 1x1 convolutions named w1 and w2."""
+
+    def __init__(self, channels=16, hidden=128):
+        super().__init__()
+        self.channels = channels
+        self.w1 = nn.Conv2d(3 * channels, hidden, 1)
+        self.w2 = nn.Conv2d(hidden, channels, 1)
+        ident = np.zeros((3, 3))
+        ident[1, 1] = 1
+        sobel_x = np.outer([1, 2, 1], [-1, 0, 1]) / 8.0
+        bank = np.stack([ident, sobel_x, sobel_x.T])                       # 3 x 3 x 3
+        kernel = np.concatenate([bank] * channels)[:, None]                # c*3 + k
+        # Not persistent: ports keep fixed filters out of the state_dict.
+        self.register_buffer("kernel", torch.tensor(kernel, dtype=torch.float32),
+                             persistent=False)
+
+    def living(self, x):
+        return F.max_pool2d(x[:, 3:4], 3, stride=1, padding=1) > 0.1
+
+    def forward(self, x, mask):
+        pre = self.living(x)
+        y = F.conv2d(x, self.kernel, padding=1, groups=self.channels)
+        x = x + self.w2(torch.relu(self.w1(y))) * mask
+        return x * (pre & self.living(x)).float()
+
+
+def test_plain_port_state_dict_loads_as_is():
+    torch.manual_seed(3)
+    port = PlainPort()
+    model = NCA(backend="torch")
+    assert sorted(port.state_dict()) == sorted(nio.PARAM_NAMES)
+    model.load_state_dict(port.state_dict())                        # strict
+    x = torch.rand(2, 16, 11, 13) * (torch.rand(2, 1, 11, 13) < 0.4)
+    seed, steps = 99, 4
+    want = x
+    with torch.no_grad():
+        for t in range(steps):
+            want = port(want, update_mask(2, 11, 13, fire_rate=0.5, seed=seed, step=t))
+        got = model(x, steps, seed=seed)
+    assert (want != x).any()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- bad model files
+def test_missing_file_names_it(tmp_path):
+    path = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        nio.load(path)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        nio.load_distill(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize("cut", [0, 5, 0.3, 0.9, -1])
+def test_truncated_file_names_it(tmp_path, cut):
+    path = tmp_path / "m.safetensors"
+    _random_model().save(path)
+    data = path.read_bytes()
+    n = cut if isinstance(cut, int) and cut >= 0 else (len(data) - 1 if cut == -1
+                                                        else int(len(data) * cut))
+    path.write_bytes(data[:n])
+    with pytest.raises(ValueError, match="m.safetensors") as e:
+        nio.load(path)
+    assert "\n" not in str(e.value)
+
+
+def test_garbage_file_names_it(tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(ValueError, match="m.safetensors"):
+        nio.load(path)
+
+
+def _write_safetensors(path, tensors, metadata):
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _meta(config=None):
+    return {"nca_fast_config": (config or NCAConfig()).to_json(), "format_version": "1"}
+
+
+def test_missing_tensor_is_named(tmp_path):
+    sd = {k: v.contiguous() for k, v in _random_model().state_dict().items()}
+    del sd["w2.bias"]
+    path = tmp_path / "m.safetensors"
+    _write_safetensors(path, sd, _meta())
+    with pytest.raises(ValueError, match=r"m\.safetensors.*w2\.bias"):
+        nio.load(path)
+
+
+def test_wrong_shape_is_named(tmp_path):
+    sd = _random_model().state_dict()                                  # hidden 128
+    path = tmp_path / "m.safetensors"
+    _write_safetensors(path, dict(sd), _meta(NCAConfig(hidden=64)))
+    with pytest.raises(ValueError, match=r"m\.safetensors.*w1\.weight.*shape"):
+        nio.load(path)
+
+
+@pytest.mark.parametrize("meta,match", [
+    ({}, "nca_fast_config"),
+    ({"nca_fast_config": "{not json", "format_version": "1"}, "config"),
+    ({"nca_fast_config": json.dumps({"channels": 0}), "format_version": "1"}, "channels"),
+    ({"nca_fast_config": NCAConfig().to_json(), "format_version": "99"}, "format_version"),
+])
+def test_bad_metadata_is_explained(tmp_path, meta, match):
+    path = tmp_path / "m.safetensors"
+    _write_safetensors(path, dict(_random_model().state_dict()), meta)
+    with pytest.raises(ValueError, match=match) as e:
+        nio.load(path)
+    assert "m.safetensors" in str(e.value)
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    sd = dict(_random_model().state_dict())
+    sd["w1.bias"] = sd["w1.bias"].clone()
+    sd["w1.bias"][3] = math.nan
+    path = tmp_path / "m.safetensors"
+    _write_safetensors(path, sd, _meta())
+    with pytest.raises(ValueError, match="w1.bias"):
+        nio.load(path)
+
+
+# --------------------------------------------------------------------------- Distill exports
+def test_distill_decoding_follows_the_documented_format(distill_dir):
+    """Weights equal the README's formula applied by hand to the raw bytes."""
+    path = distill_dir / "ex2_fish.json"
+    layers = json.loads(path.read_text())
+    model = nio.load_distill(path)
+    assert model.config == NCAConfig(channels=16, hidden=128)
+    raw0 = np.frombuffer(base64.b64decode(layers[0]["data_b64"]), np.uint8).reshape(49, 128)
+    raw1 = np.frombuffer(base64.b64decode(layers[1]["data_b64"]), np.uint8).reshape(129, 16)
+    s0, s1 = layers[0]["weight_scale"], layers[1]["weight_scale"]
+    w1 = model.w1.weight.detach().double().numpy()[:, :, 0, 0]
+    w2 = model.w2.weight.detach().double().numpy()[:, :, 0, 0]
+    for h, c, k in [(0, 0, 0), (5, 3, 1), (127, 15, 2), (64, 9, 2), (17, 12, 0)]:
+        byte = raw0[k * 16 + c, h]                                    # band-major input row
+        assert w1[h, c * 3 + k] == pytest.approx((byte / 255 - 0.5) * s0, rel=1e-6)
+    assert model.w1.bias[7].item() == pytest.approx(
+        (raw0[48, 7] / 255 - 0.5) * layers[0]["bias_scale"], rel=1e-6)
+    assert w2[4, 100] == pytest.approx((raw1[100, 4] / 255 - 0.5) * s1, rel=1e-6)
+    assert model.w2.bias[15].item() == pytest.approx(
+        (raw1[128, 15] / 255 - 0.5) * layers[1]["bias_scale"], rel=1e-6)
+
+
+def _layers(distill_dir):
+    return json.loads((distill_dir / "ex1_lizard.json").read_text())
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda L: "not a list", "2 dense layers"),
+    (lambda L: L[:1], "2 dense layers"),
+    (lambda L: [L[0], 5], "layer 1"),
+    (lambda L: [{k: v for k, v in L[0].items() if k != "weight_scale"}, L[1]], "weight_scale"),
+    (lambda L: [dict(L[0], data_b64=base64.b64encode(b"\x00" * 100).decode()), L[1]],
+     "100 bytes, expected"),
+    (lambda L: [dict(L[0], data_b64="!!!not base64"), L[1]], "base64"),
+    (lambda L: [dict(L[0], type="float16"), L[1]], "float16"),
+    (lambda L: [dict(L[0], in_ch=-3), L[1]], "in_ch"),
+    (lambda L: [L[1], L[0]], "in_ch"),
+])
+def test_bad_distill_export_is_explained(tmp_path, distill_dir, mutate, match):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(mutate(_layers(distill_dir))))
+    with pytest.raises(ValueError, match=match) as e:
+        nio.load_distill(path)
+    assert "bad.json" in str(e.value)
+
+
+def test_distill_export_that_is_not_json(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_bytes(b"\x89PNG not json")
+    with pytest.raises(ValueError, match=r"bad\.json.*JSON"):
+        nio.load_distill(path)
+
+
+# --------------------------------------------------------------------------- atomic writes
+def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"old content")
+
+    def failing(tmp):
+        tmp.write_bytes(b"half of the new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        nio.atomic_write(path, failing)
+    assert path.read_bytes() == b"old content"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_atomic_write_replaces_and_keeps_extension(tmp_path):
+    path = tmp_path / "clip.gif"
+    path.write_bytes(b"old")
+    seen = []
+
+    def write(tmp):
+        seen.append(tmp)
+        assert tmp.parent == tmp_path and tmp.suffix == ".gif" and tmp != path
+        tmp.write_bytes(b"new")
+
+    assert nio.atomic_write(path, write) == path
+    assert path.read_bytes() == b"new" and not seen[0].exists()
+
+
+def test_save_failure_keeps_previous_model(tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    good = _random_model(seed=1)
+    good.save(path)
+    before = path.read_bytes()
+
+    def half_then_fail(self, data):
+        with open(self, "wb") as f:
+            f.write(data[:len(data) // 2])
+        raise OSError("no space left on device")
+    monkeypatch.setattr(nio.pathlib.Path, "write_bytes", half_then_fail)
+    with pytest.raises(OSError):
+        _random_model(seed=2).save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert torch.equal(nio.load(path).w2.weight, good.w2.weight)
+
+
+def test_atomic_write_into_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        nio.atomic_write(tmp_path / "no" / "x.bin", lambda t: t.write_bytes(b""))
+
+
+# --------------------------------------------------------------------------- targets
+def test_load_target_fits_premultiplies_and_pads():
+    # 80 x 40 (W x H): left half opaque red, right half half-transparent white.
+    arr = np.zeros((40, 80, 4), np.uint8)
+    arr[:, :40] = (255, 0, 0, 255)
+    arr[:, 40:] = (255, 255, 255, 128)
+    t = nio.load_target(Image.fromarray(arr), size=20, pad=3)
+    assert t.shape == (4, 26, 26) and t.dtype == torch.float32
+    # 80 x 40 -> 20 x 10, centred vertically: rows 5..14 of the 20 x 20 square, +3 padding.
+    inside = t[:, 3 + 5:3 + 15, 3:23]
+    assert (t[3].sum(1) > 0).nonzero().flatten().tolist() == list(range(8, 18))
+    torch.testing.assert_close(inside[:, 2, 3], torch.tensor([1.0, 0, 0, 1]))
+    a = 128 / 255
+    torch.testing.assert_close(inside[:, 2, 16], torch.tensor([a, a, a, a]), atol=2e-2, rtol=0)
+    assert (t[:, :3] == 0).all() and (t[:, -3:] == 0).all() and (t[:, :, :3] == 0).all()
+    assert (t[:3] <= t[3:4] + 1e-6).all()
+
+
+def test_load_target_from_file_and_errors(tmp_path):
+    p = tmp_path / "e.png"
+    Image.new("RGBA", (128, 128), (0, 255, 0, 255)).save(p)
+    t = nio.load_target(p, size=40, pad=16)
+    assert t.shape == (4, 72, 72) and t[1, 16:56, 16:56].min() == 1
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        nio.load_target(tmp_path / "missing.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.png"):
+        nio.load_target(tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="size"):
+        nio.load_target(p, size=0)
+
+
+def test_distill_target_tiles(distill_dir):
+    sprite = distill_dir / "emoji_targets.png"
+    raw = np.asarray(Image.open(sprite).convert("RGBA")).astype(np.float64) / 255
+    for i, name in enumerate(nio.DISTILL_TARGETS):
+        t = nio.load_distill_target(name, sprite)
+        assert torch.equal(t, nio.load_distill_target(i, sprite))
+        assert t.shape == (4, 72, 72)
+        tile = raw[:, 40 * i:40 * (i + 1)]
+        np.testing.assert_allclose(t[3, 16:56, 16:56].numpy(), tile[..., 3], atol=1e-6)
+        np.testing.assert_allclose(t[0, 16:56, 16:56].numpy(), tile[..., 0] * tile[..., 3],
+                                   atol=1e-6)
+        assert t[:, :16].abs().sum() == 0 and t[:, :, 56:].abs().sum() == 0
+        assert t[3].sum() > 50                         # every tile holds an emoji
+    with pytest.raises(ValueError, match="which"):
+        nio.load_distill_target("unicorn", sprite)
+    with pytest.raises(ValueError, match="which"):
+        nio.load_distill_target(10, sprite)
+
+
+# --------------------------------------------------------------------------- frames, videos
+def _frame():
+    x = torch.zeros(16, 4, 5)
+    x[:, 1, 2] = torch.tensor([1.0, 0, 0, 1] + [0.5] * 12)          # opaque red
+    x[:4, 2, 2] = torch.tensor([0.0, 0, 0.5, 0.5])                   # half-transparent blue
+    x[:4, 3, 4] = torch.tensor([3.0, -2, 0, 7])                      # out of range: clipped
+    return x
+
+
+def test_png_on_white(tmp_path):
+    path = tmp_path / "f.png"
+    nio.write_png(_frame(), path, scale=3)
+    img = np.asarray(Image.open(path))
+    assert img.shape == (12, 15, 3) and img.dtype == np.uint8
+    assert (img[0, 0] == 255).all()                                  # empty cell: white
+    assert img[3 * 1, 3 * 2].tolist() == [255, 0, 0]
+    assert img[3 * 2 + 2, 3 * 2 + 2].tolist() == [128, 128, 255]    # 0.5 blue over white
+    assert img[3 * 3, 3 * 4].tolist() == [255, 0, 0]
+    assert (img[3:6, 6:9] == img[3, 6]).all()                        # nearest neighbour
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(3, 4, 4), torch.zeros(4, 4), torch.zeros(2, 16, 4, 4)])
+def test_png_rejects_bad_frames(tmp_path, bad):
+    with pytest.raises(ValueError, match="frame"):
+        nio.write_png(bad, tmp_path / "f.png")
+    assert not list(tmp_path.iterdir())
+
+
+def test_gif_frames_and_size(tmp_path):
+    frames = [_frame() * (i / 4) for i in range(5)]
+    path = tmp_path / "v.gif"
+    nio.write_video(frames, path, fps=10, scale=2)
+    with Image.open(path) as im:
+        assert im.n_frames == 5 and im.size == (10, 8)
+        im.seek(4)
+        last = np.asarray(im.convert("RGB"))
+    assert last[2, 4].tolist() == [255, 0, 0]
+    assert [p.name for p in tmp_path.iterdir()] == ["v.gif"]
+
+
+def test_mp4_without_ffmpeg_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)       # import now fails
+    with pytest.raises(ImportError, match=r"nca-fast\[video\]"):
+        nio.write_video([_frame()], tmp_path / "v.mp4")
+    assert not list(tmp_path.iterdir())
+
+
+def test_video_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="extension"):
+        nio.write_video([_frame()], tmp_path / "v.avi")
+    with pytest.raises(ValueError, match="frames"):
+        nio.write_video([], tmp_path / "v.gif")
+    with pytest.raises(ValueError, match="fps"):
+        nio.write_video([_frame()], tmp_path / "v.gif", fps=0)
+    assert not list(tmp_path.iterdir())
