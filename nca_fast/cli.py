@@ -257,9 +257,13 @@ def _forward(module: str, func: str, argv: List[str], what: str) -> int:
     return 0 if rc is None else int(rc)
 
 
-def _run_bench(argv: List[str]) -> int:
+def _repo_root() -> pathlib.Path:
     # bench/ lives beside the package in a source checkout and is not shipped in the wheel.
-    root = pathlib.Path(__file__).resolve().parent.parent
+    return pathlib.Path(__file__).resolve().parent.parent
+
+
+def _run_bench(argv: List[str]) -> int:
+    root = _repo_root()
     if not (root / "bench" / "throughput.py").is_file():
         raise UsageError("nca-fast bench needs a source checkout: bench/throughput.py is not "
                          f"installed (looked in {root / 'bench'}); run it from a clone of the "
