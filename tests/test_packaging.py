@@ -1,0 +1,94 @@
+"""The wheel: built from a copy of the source tree, it ships the kernels, assets and the command."""
+import configparser
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Build outputs, caches and local environments: never part of a build.
+IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__",
+                                "*.pyc", "runs", ".benchmarks", ".pytest_cache")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    for module in ("build", "setuptools"):
+        pytest.importorskip(module, reason=f"building a wheel needs the {module!r} package "
+                                           f"(pip install -e '.[test]')")
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, ignore=IGNORE)            # the source tree stays untouched
+    dist = tmp / "dist"
+    r = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation",
+                        "--outdir", str(dist), str(src)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"wheel build failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    wheels = list(dist.glob("*.whl"))
+    assert len(wheels) == 1, wheels
+    return wheels[0]
+
+
+def _names(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        return set(z.namelist())
+
+
+def _dist_info(wheel, name):
+    with zipfile.ZipFile(wheel) as z:
+        (path,) = [n for n in z.namelist() if n.endswith(f".dist-info/{name}")]
+        return z.read(path).decode()
+
+
+def test_wheel_contains_the_packages(wheel):
+    names = _names(wheel)
+    for required in ("nca_fast/__init__.py", "nca_fast/kernels/__init__.py", "nca_fast/cli.py",
+                     "nca_fast/io.py", "nca_fast/model.py", "nca_fast/__main__.py"):
+        assert required in names, f"{required} missing from {wheel.name}"
+    kernel_sources = {p.name for p in (ROOT / "kernels").glob("*.py")}
+    assert kernel_sources <= {pathlib.PurePath(n).name for n in names
+                              if n.startswith("nca_fast/kernels/")}
+    # kernels/ is installed as nca_fast.kernels, never as a top-level package; no tests or bench.
+    assert not [n for n in names if n.split("/")[0] in ("kernels", "tests", "bench")]
+
+
+def test_wheel_ships_the_assets(wheel):
+    names = _names(wheel)
+    assets = [p for p in (ROOT / "nca_fast" / "assets").glob("*") if p.is_file()]
+    if not assets:
+        pytest.skip("nca_fast/assets holds no files yet")
+    for p in assets:
+        assert f"nca_fast/assets/{p.name}" in names
+
+
+def test_wheel_declares_the_console_script(wheel):
+    ep = configparser.ConfigParser()
+    ep.read_string(_dist_info(wheel, "entry_points.txt"))
+    assert ep["console_scripts"]["nca-fast"].strip() == "nca_fast.cli:main"
+    meta = _dist_info(wheel, "METADATA")
+    assert "Provides-Extra: video" in meta and "Requires-Dist: safetensors" in meta
+
+
+def test_installed_wheel_runs(wheel, tmp_path):
+    target = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index",
+                        "--quiet", "--target", str(target), str(wheel)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    script = target / "bin" / "nca-fast"
+    assert script.exists()
+    env = dict(os.environ, PYTHONPATH=str(target))
+    # Import from the installed copy (not the source checkout), then run the generated script.
+    probe = ("import nca_fast, nca_fast.kernels, pathlib, runpy, sys; "
+             f"assert pathlib.Path(nca_fast.__file__).is_relative_to({str(target)!r}), "
+             "nca_fast.__file__; "
+             f"sys.argv = [{str(script)!r}, '--help']; "
+             f"runpy.run_path({str(script)!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "grow" in r.stdout
