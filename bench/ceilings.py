@@ -1,0 +1,128 @@
+"""The machine's ceilings, measured in the same run as the suite: the denominators of the floors.
+
+    python -m bench.ceilings [--device cuda|cpu] [--out ceilings.csv]
+
+- copy: device-to-device bandwidth of one large ``dst.copy_(src)`` (bytes read + bytes written
+  per second); with 128 bytes per cell-step (read and write the 16-channel fp32 state once) it
+  gives the memory floor of a fused step.
+- matmul: a large square matmul in TF32 and bf16 (CUDA) or fp32 (CPU), FLOP/s = 2 n^3 / s; with
+  16,384 dense FLOPs per cell-step it gives the compute floor.
+
+CUDA times come from ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, every
+call kept: the median and the 20th/80th percentiles are reported). CPU times are wall-clock
+``perf_counter`` over a few calls.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+BYTES_PER_CELL_STEP = 128
+FLOPS_PER_CELL_STEP = 16384
+
+
+def _seconds(fn, device: torch.device, reps: int = 5) -> List[float]:
+    """Seconds per call of ``fn``, one value per call after a warm-up."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return [ms / 1e3 for ms in triton.testing.do_bench(fn, warmup=25, rep=200,
+                                                            return_mode="all")]
+    fn()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def matmul_flops(device, kind: str = "fp32", n: int = 1024) -> List[float]:
+    """FLOP/s of an n x n x n matmul, one value per call. kind: "fp32", "tf32" or "bf16"."""
+    device = torch.device(device)
+    if kind not in ("fp32", "tf32", "bf16"):
+        raise ValueError(f"kind: expected fp32, tf32 or bf16, got {kind!r}")
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = kind == "tf32"
+    try:
+        secs = _seconds(lambda: torch.mm(a, b, out=out), device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    return [2.0 * n ** 3 / s for s in secs]
+
+
+def copy_bandwidth(device, nbytes: int = 2**30) -> List[float]:
+    """Bytes per second (read + written) of one device-to-device copy of ``nbytes``."""
+    device = torch.device(device)
+    n = nbytes // 4
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    return [2.0 * n * 4 / s for s in _seconds(lambda: dst.copy_(src), device)]
+
+
+def measure(device, rec, *, matmul_n: Optional[int] = None, copy_bytes: Optional[int] = None,
+            log=print) -> None:
+    """Add the ceilings and the floors they imply to ``rec`` (a ``bench.throughput.Recorder``)."""
+    from bench.throughput import spread
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = matmul_n or (8192 if cuda else 1024)
+    nbytes = copy_bytes or (2**30 if cuda else 2**26)
+    bw = copy_bandwidth(device, nbytes)
+    rec.add("machine", "copy", f"{nbytes}B", "", "bytes_per_s", bw)
+    m = spread(bw)[0]
+    rec.add("floor", "memory", "", "", "cell_steps_per_s", m / BYTES_PER_CELL_STEP,
+            note=f"{BYTES_PER_CELL_STEP} bytes per cell-step at the measured copy bandwidth")
+    log(f"  copy {nbytes / 2**20:.0f} MiB: {m / 1e9:.1f} GB/s -> memory floor "
+        f"{m / BYTES_PER_CELL_STEP:.3g} cell-steps/s")
+    for kind in (("tf32", "bf16") if cuda else ("fp32",)):
+        rates = matmul_flops(device, kind, n)
+        rec.add("machine", f"matmul_{kind}", f"{n}x{n}x{n}", "", "flop_per_s", rates)
+        r = spread(rates)[0]
+        rec.add("floor", f"compute_{kind}", "", "", "cell_steps_per_s", r / FLOPS_PER_CELL_STEP,
+                note=f"{FLOPS_PER_CELL_STEP} dense FLOPs per cell-step at the measured rate")
+        log(f"  {kind} matmul {n}^3: {r / 1e12:.2f} TFLOP/s -> compute floor "
+            f"{r / FLOPS_PER_CELL_STEP:.3g} cell-steps/s")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from bench.throughput import (Recorder, UsageError, _Parser, environment, resolve_device,
+                                  write_csv)
+
+    p = _Parser(prog="python -m bench.ceilings", description="Copy bandwidth and matmul rates.")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--out", help="CSV to write (the suite's columns)")
+    p.add_argument("--matmul-size", type=int, help="n of the n^3 matmul (cuda 8192, cpu 1024)")
+    p.add_argument("--copy-bytes", type=int, help="bytes copied (cuda 1 GiB, cpu 64 MiB)")
+    try:
+        args = p.parse_args(argv)
+        device = resolve_device(args.device)
+        for name in ("matmul_size", "copy_bytes"):
+            v = getattr(args, name)
+            if v is not None and v < 1:
+                raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer")
+    except UsageError as e:
+        print(f"bench.ceilings: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:
+        return int(e.code or 0)
+    rec = Recorder(environment(device))
+    print(f"ceilings of {rec.env['device']}:")
+    measure(device, rec, matmul_n=args.matmul_size, copy_bytes=args.copy_bytes)
+    if args.out:
+        print(f"wrote {write_csv(rec.rows, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,677 @@
+"""The throughput suite: cell-steps per second of every provider, forward and training.
+
+    python -m bench.throughput [--device cpu|cuda] [--sizes 8x72x72@64,...] [--modes ...]
+                               [--providers ...] [--repeats N] [--out DIR] [--time-budget S]
+
+(``nca-fast bench ...`` forwards here.) One run:
+
+1. checks that every provider computes the same step as the float64 reference (fire rate 1,
+   random nonzero w2; see ``bench.providers.check_same_step``) and drops one that disagrees;
+2. measures the machine's ceiling (a large matmul) for the compute floor of a cell-step;
+3. for each size and mode, times every provider from the same state with the same weights:
+   one warm-up call each (its excess over the median is reported as ``compile_s``), then
+   ``repeats`` rounds in which the providers take turns, in a rotating order, so that load from
+   other processes on a shared machine hits all of them alike;
+4. prints the table, writes ``throughput.csv`` (rewritten after every case, atomically, so an
+   interrupted run keeps what it measured) and ``throughput.png`` to ``--out``
+   (default bench/results/).
+
+Size tokens: ``BxHxW@T`` (batch, height, width, steps), ``N@T`` for 1xNxN; a suffix
+``/forward`` or ``/train`` restricts the token to those modes (e.g. ``1x1024x1024@1/forward``).
+Modes: ``forward`` (a T-step rollout without gradients), ``train`` (one training iteration: the
+rollout, MSE on RGBA, backward, gradient normalisation, Adam), ``memory`` (the training
+iteration's memory, see ``bench.memory``). Metric: cell-steps per second, B*H*W*T / seconds;
+medians with the 20th and 80th percentiles over the repeats; ``ratio_vs_eager`` is the paired
+per-round ratio of torch-eager's time to the provider's.
+
+Exit status: 0 when every available provider agreed and was measured, 1 when a provider was
+rejected by the check or failed, 2 on a usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from bench.providers import (BASELINE, PROVIDER_NAMES, Provider, Runner, check_same_step,
+                             get_providers, make_weights, random_state)
+from nca_fast import NCAConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+COLUMNS = ("provider", "mode", "size", "steps", "metric", "median", "p20", "p80", "device",
+           "torch", "triton", "date", "commit", "note")
+MODES = ("forward", "train", "memory")
+FLOPS_PER_CELL_STEP = 16384       # the two dense layers (NCA_SPEC "Scale of the work")
+TRAIN_FACTOR = 4                  # training ~ 4x the forward's work (NCA_SPEC)
+DEFAULT_SIZES = {
+    # CPU: the article's batch and grid with few steps, one larger grid, one forward-only step at
+    # 1024^2; sized for a whole suite under 5 minutes on a shared 2-core machine.
+    "cpu": "8x72x72@4,1x256x256@2,1x1024x1024@1/forward",
+    # GPU: the article's configuration, then grids that fill an H200; 16384^2 forward only.
+    # Most important first: a time budget cuts the tail.
+    "cuda": ("8x72x72@64,1x1024x1024@64,1x4096x4096@16,1x16384x16384@4/forward,"
+             "1x256x256@64"),
+}
+DEFAULT_REPEATS = {"cpu": 3, "cuda": 10}
+DEFAULT_BUDGET = {"cpu": 270.0, "cuda": 240.0}
+
+
+class UsageError(Exception):
+    """A bad command-line argument: one line on stderr, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------- cases
+@dataclass(frozen=True)
+class Case:
+    """One workload: batch x height x width cells for ``steps`` steps, in ``modes``."""
+
+    batch: int
+    height: int
+    width: int
+    steps: int
+    modes: tuple = ("forward", "train", "memory")
+
+    @property
+    def size(self) -> str:
+        return f"{self.batch}x{self.height}x{self.width}"
+
+    @property
+    def cell_steps(self) -> int:
+        return self.batch * self.height * self.width * self.steps
+
+
+def parse_sizes(spec: str) -> List[Case]:
+    """Parse ``--sizes``: comma-separated ``BxHxW@T`` / ``N@T`` tokens, optional ``/mode+mode``."""
+    cases = []
+    for token in (t.strip() for t in spec.split(",")):
+        if not token:
+            continue
+        body, _, modes = token.partition("/")
+        dims, at, steps = body.partition("@")
+        try:
+            if not at:
+                raise ValueError
+            nums = [int(v) for v in dims.lower().split("x")]
+            t = int(steps)
+        except ValueError:
+            raise UsageError(f"--sizes: bad token {token!r}; expected BxHxW@T or N@T, e.g. "
+                             "8x72x72@64 or 256@16, optionally /forward or /train") from None
+        if len(nums) == 1:
+            nums = [1, nums[0], nums[0]]
+        elif len(nums) == 2:
+            nums = [1] + nums
+        if len(nums) != 3 or min(nums) < 1 or t < 1:
+            raise UsageError(f"--sizes: bad token {token!r}; batch, height, width and steps must "
+                             "be positive integers")
+        mode_list = tuple(m for m in modes.split("+") if m) if modes else MODES
+        bad = [m for m in mode_list if m not in MODES]
+        if bad:
+            raise UsageError(f"--sizes: unknown mode {bad[0]!r} in {token!r}; expected {MODES}")
+        cases.append(Case(*nums, t, mode_list))
+    if not cases:
+        raise UsageError("--sizes: no size given")
+    return cases
+
+
+# ---------------------------------------------------------------------------------- records
+def git_commit() -> str:
+    """Short commit of the checkout, with ``-dirty`` when tracked files differ from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                                capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=ROOT,
+                               capture_output=True, timeout=10).returncode == 1
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit or "unknown") + ("-dirty" if dirty and commit else "")
+
+
+def cpu_name() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def environment(device) -> Dict[str, str]:
+    """The columns every row carries: device, torch, triton, date (UTC), commit."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {"device": device_name(torch.device(device)), "torch": torch.__version__,
+            "triton": triton_version,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "commit": git_commit()}
+
+
+def spread(values: Sequence[float]):
+    """(median, p20, p80) of ``values`` (linear interpolation), NaNs when empty."""
+    if len(values) == 0:
+        return (float("nan"),) * 3
+    a = np.asarray(values, dtype=float)
+    return float(np.median(a)), float(np.percentile(a, 20)), float(np.percentile(a, 80))
+
+
+@dataclass
+class Recorder:
+    """Rows of one run; each row has the COLUMNS, ``env`` fills the machine's columns."""
+
+    env: Dict[str, str]
+    rows: List[dict] = field(default_factory=list)
+
+    def add(self, provider: str, mode: str, size: str, steps, metric: str, values=(),
+            note: str = "") -> dict:
+        if isinstance(values, (int, float)):
+            values = [values]
+        median, p20, p80 = spread(list(values))
+        row = {"provider": provider, "mode": mode, "size": size, "steps": steps,
+               "metric": metric, "median": median, "p20": p20, "p80": p80, **self.env,
+               "note": note}
+        self.rows.append(row)
+        return row
+
+    def write(self, path) -> pathlib.Path:
+        return write_csv(self.rows, path)
+
+
+def write_csv(rows: Sequence[dict], path) -> pathlib.Path:
+    """Write rows with COLUMNS to ``path`` atomically (readers never see half a file)."""
+    from nca_fast.io import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+    return atomic_write(path, write)
+
+
+def read_csv(path) -> List[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("median", "p20", "p80"):
+            r[k] = float(r[k]) if r[k] not in ("", None) else float("nan")
+    return rows
+
+
+# ---------------------------------------------------------------------------------- timing
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or "out of memory" in str(e)
+
+
+def _free_memory(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class Timing:
+    """Seconds of each call: ``first`` (warm-up, includes compilation), ``times`` (one per round)."""
+
+    first: float = float("nan")
+    times: List[float] = field(default_factory=list)
+    error: Optional[str] = None
+
+
+def time_interleaved(calls: Dict[str, Callable[[], None]], repeats: int, warmup: int,
+                     device) -> Dict[str, Timing]:
+    """Time each of ``calls`` (name -> blocking call) ``repeats`` times, taking turns.
+
+    Round r starts at provider r mod n, so no provider always runs right after another one's
+    allocations. A call that raises is recorded as an error and not retried.
+    """
+    out = {name: Timing() for name in calls}
+    names = list(calls)
+    for name in names:
+        for i in range(max(warmup, 1)):
+            try:
+                t0 = time.perf_counter()
+                calls[name]()
+                dt = time.perf_counter() - t0
+            except Exception as e:  # OOM or a provider bug: report it, keep the others going
+                out[name].error = ("out of memory" if _out_of_memory(e)
+                                   else f"{type(e).__name__}: {e}".splitlines()[0][:200])
+                _free_memory(device)
+                break
+            if i == 0:
+                out[name].first = dt
+    live = [n for n in names if out[n].error is None]
+    for r in range(repeats):
+        k = r % len(live) if live else 0
+        for name in live[k:] + live[:k]:
+            if out[name].error is not None:
+                continue
+            try:
+                t0 = time.perf_counter()
+                calls[name]()
+                out[name].times.append(time.perf_counter() - t0)
+            except Exception as e:
+                out[name].error = ("out of memory" if _out_of_memory(e)
+                                   else f"{type(e).__name__}: {e}".splitlines()[0][:200])
+                _free_memory(device)
+    return out
+
+
+def blocking(runner: Runner, fn: Callable[[], object]) -> Callable[[], None]:
+    """A call that returns only when the device has finished ``fn``'s work."""
+    def call():
+        runner.sync(fn())
+    return call
+
+
+def measure_case(providers: Sequence[Provider], config: NCAConfig, weights, case: Case,
+                 mode: str, device, rec: Recorder, *, repeats: int, warmup: int = 1,
+                 memory: bool = False, checkpoint=None, mode_label: Optional[str] = None,
+                 log: Callable[[str], None] = print) -> bool:
+    """Time ``mode`` ("forward" or "train") of ``case`` for ``providers``; add rows to ``rec``.
+
+    memory: also measure the training iteration's memory (``bench.memory.train_memory``).
+    checkpoint: passed to providers that support it (nca_fast's); others are skipped when set.
+    Returns False when a provider failed (error, out of memory).
+    """
+    from bench.memory import train_memory
+
+    label = mode_label or mode
+    ok = True
+    torch.manual_seed(0)
+    x = random_state(case.batch, case.height, case.width, config, seed=2)
+    target = torch.rand(case.batch, 4, case.height, case.width,
+                        generator=torch.Generator().manual_seed(3))
+    runners, calls = {}, {}
+    for p in providers:
+        try:
+            r = p.build(config, weights, device)
+            if checkpoint is not None:
+                if not r.supports_checkpoint:
+                    continue
+                r.checkpoint = checkpoint
+            xs = r.prepare(x)
+            if mode == "forward":
+                calls[p.name] = blocking(r, lambda r=r, xs=xs: r.forward(xs, case.steps, 7))
+            else:
+                ts = r.prepare_target(target)
+                calls[p.name] = blocking(r, lambda r=r, xs=xs, ts=ts:
+                                         r.train_step(xs, ts, case.steps, 7))
+            runners[p.name] = r
+        except Exception as e:
+            ok = False
+            rec.add(p.name, label, case.size, case.steps, "error", note=f"build failed: {e}")
+    timings = time_interleaved(calls, repeats, warmup, device)
+    base = timings.get(BASELINE)
+    for name, tm in timings.items():
+        if tm.error is not None:
+            ok = ok and tm.error == "out of memory"
+            rec.add(name, label, case.size, case.steps, "error", note=tm.error)
+            log(f"  {name:16s} {label:8s} {case.size:>14s} T={case.steps}: {tm.error}")
+            continue
+        line = f"  {name:16s} {label:8s} {case.size:>14s} T={case.steps:<5d}"
+        if tm.times:
+            sec = spread(tm.times)[0]
+            rec.add(name, label, case.size, case.steps, "seconds", tm.times)
+            rec.add(name, label, case.size, case.steps, "cell_steps_per_s",
+                    [case.cell_steps / t for t in tm.times])
+            rec.add(name, label, case.size, case.steps, "compile_s", max(tm.first - sec, 0.0),
+                    note="first call minus the median call")
+            if base is not None and base.error is None and base.times and name != BASELINE:
+                n = min(len(base.times), len(tm.times))
+                rec.add(name, label, case.size, case.steps, "ratio_vs_eager",
+                        [base.times[i] / tm.times[i] for i in range(n)],
+                        note="paired rounds: torch-eager seconds / provider seconds")
+            line += f" {case.cell_steps / sec:10.3g} cell-steps/s"
+        if memory:
+            try:
+                measured = train_memory(runners[name], runners[name].prepare(x),
+                                        runners[name].prepare_target(target), case.steps, 7)
+            except Exception as e:
+                measured = None
+                ok = ok and _out_of_memory(e)
+                rec.add(name, label, case.size, case.steps, "error",
+                        note="memory: " + ("out of memory" if _out_of_memory(e) else str(e)))
+                _free_memory(device)
+            if measured is not None:
+                metric, nbytes, note = measured
+                rec.add(name, label, case.size, case.steps, metric, nbytes, note=note)
+                line += f"  {metric} {nbytes / 2**20:.1f} MiB"
+        log(line)
+    del runners, calls
+    _free_memory(device)
+    return ok
+
+
+# ---------------------------------------------------------------------------------- suite
+def run_check(providers: Sequence[Provider], device, rec: Recorder, log=print) -> List[Provider]:
+    """The same-step check; returns the providers that agree, records the others."""
+    keep = []
+    for res in check_same_step(providers, device):
+        prov = next(p for p in providers if p.name == res.name)
+        if res.error is None:
+            keep.append(prov)
+            rec.add(res.name, "check", "2x24x37", 2, "check_max_abs_err", res.max_err,
+                    note="agrees with the float64 reference (fire rate 1)")
+        elif res.error.startswith("unavailable: "):
+            rec.add(res.name, "check", "", "", "unavailable", note=res.error[len("unavailable: "):])
+            log(f"  {res.name}: {res.error}")
+        else:
+            rec.add(res.name, "check", "2x24x37", 2, "rejected", res.max_err, note=res.error)
+            log(f"  {res.name}: REJECTED, not timed: {res.error}")
+    return keep
+
+
+def record_floor(device, rec: Recorder, log=print) -> None:
+    """Measure the ceilings (``bench.ceilings``) and record the floors of forward and train.
+
+    The compute floor uses the matmul the dense layers would use: TF32 on CUDA (the kernels'
+    default precision), fp32 on a CPU; training is TRAIN_FACTOR times the forward's FLOPs.
+    """
+    from bench.ceilings import measure
+
+    kind = "tf32" if torch.device(device).type == "cuda" else "fp32"
+    measure(device, rec, log=log)
+    rate = next(r["median"] for r in rec.rows if r["mode"] == f"matmul_{kind}")
+    rec.add("floor", "forward", "", "", "cell_steps_per_s", rate / FLOPS_PER_CELL_STEP,
+            note=f"{FLOPS_PER_CELL_STEP} FLOPs per cell-step at the measured {kind} matmul rate")
+    rec.add("floor", "train", "", "", "cell_steps_per_s",
+            rate / (TRAIN_FACTOR * FLOPS_PER_CELL_STEP),
+            note=f"{TRAIN_FACTOR}x the forward's FLOPs at the measured {kind} matmul rate")
+
+
+@dataclass
+class SuiteResult:
+    rows: List[dict]
+    ok: bool
+    csv_path: Optional[pathlib.Path]
+    kept: List[Provider]          # the providers that passed the same-step check
+    seconds: float
+
+
+def run_suite(providers: Sequence[Provider], device, cases: Sequence[Case], *,
+              modes: Sequence[str] = MODES, repeats: int = 3, warmup: int = 1,
+              out_dir=None, time_budget: Optional[float] = None, floor: bool = True,
+              config: Optional[NCAConfig] = None, csv_name: str = "throughput.csv",
+              exclude: Sequence[str] = (), log: Callable[[str], None] = print) -> SuiteResult:
+    """Check, then time every case; rows go to ``out_dir/csv_name`` after every case.
+
+    exclude: ``provider@BxHxW`` tokens; that provider is not run on that size (recorded as
+    skipped), e.g. to keep torch.compile's per-shape compile time out of a short GPU run.
+    """
+    device = torch.device(device)
+    start = time.monotonic()
+    config = config or NCAConfig()
+    rec = Recorder(environment(device))
+    csv_path = pathlib.Path(out_dir) / csv_name if out_dir is not None else None
+    save = (lambda: rec.write(csv_path)) if csv_path is not None else (lambda: None)
+    log(f"device: {rec.env['device']}; torch {rec.env['torch']}, triton {rec.env['triton']}, "
+        f"commit {rec.env['commit']}")
+    log("same-step check (fire rate 1, float64 reference):")
+    keep = run_check(providers, device, rec, log)
+    ok = not any(r["metric"] == "rejected" for r in rec.rows)
+    if floor:
+        record_floor(device, rec, log)
+    save()
+    weights = make_weights(config)
+    for case in cases:
+        for mode in ("forward", "train"):
+            wanted = mode in modes and mode in case.modes
+            with_memory = (mode == "train" and "memory" in modes and "memory" in case.modes)
+            if not (wanted or with_memory):
+                continue
+            if time_budget is not None and time.monotonic() - start > time_budget:
+                for p in keep:
+                    rec.add(p.name, mode, case.size, case.steps, "skipped",
+                            note=f"time budget of {time_budget:g} s spent")
+                log(f"  skipped {mode} {case.size}: time budget spent")
+                continue
+            run = [p for p in keep if f"{p.name}@{case.size}" not in exclude]
+            for p in keep:
+                if p not in run:
+                    rec.add(p.name, mode, case.size, case.steps, "skipped",
+                            note="excluded by --exclude")
+            ok &= measure_case(run, config, weights, case, mode, device, rec,
+                               repeats=repeats if wanted else 0, warmup=warmup,
+                               memory=with_memory, log=log)
+            save()
+    seconds = time.monotonic() - start
+    log(f"suite done in {seconds:.0f} s")
+    return SuiteResult(rec.rows, ok, csv_path, keep, seconds)
+
+
+# ---------------------------------------------------------------------------------- output
+def _fmt(v: float) -> str:
+    return "-" if v != v else f"{v:.3g}"
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """The suite as a text table: one line per (mode, size, provider)."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["mode"], r["size"], str(r["steps"]), r["provider"]), {})[r["metric"]] = r
+    head = (f"{'mode':8s} {'size':>14s} {'T':>5s} {'provider':16s} {'cell-steps/s':>12s} "
+            f"{'p20..p80':>19s} {'vs eager':>8s} {'compile s':>9s} {'memory MiB':>10s}  note")
+    lines = [head, "-" * len(head)]
+    for (mode, size, steps, prov), m in by.items():
+        if mode not in ("forward", "train", "train-ckpt") and "unavailable" not in m \
+                and "rejected" not in m:
+            continue
+        cs = m.get("cell_steps_per_s")
+        ratio = m.get("ratio_vs_eager")
+        comp = m.get("compile_s")
+        mem = m.get("peak_bytes") or m.get("saved_bytes")
+        note = next((m[k]["note"] for k in ("unavailable", "rejected", "error", "skipped")
+                     if k in m), "")
+        lines.append(
+            f"{mode:8s} {size:>14s} {steps:>5s} {prov:16s} "
+            f"{_fmt(cs['median']) if cs else '-':>12s} "
+            f"{(_fmt(cs['p20']) + '..' + _fmt(cs['p80'])) if cs else '-':>19s} "
+            f"{(_fmt(ratio['median']) + 'x') if ratio else '-':>8s} "
+            f"{_fmt(comp['median']) if comp else '-':>9s} "
+            f"{_fmt(mem['median'] / 2**20) if mem else '-':>10s}  {note}")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict], path) -> pathlib.Path:
+    """Bar chart of cell-steps/s per size (log scale), one panel per mode, p20..p80 whiskers."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from nca_fast.io import atomic_write
+
+    modes = [m for m in ("forward", "train") if any(
+        r["mode"] == m and r["metric"] == "cell_steps_per_s" for r in rows)]
+    fig, axes = plt.subplots(1, max(len(modes), 1), figsize=(6.5 * max(len(modes), 1), 4.2),
+                             squeeze=False)
+    env = rows[0] if rows else {}
+    for ax, mode in zip(axes[0], modes):
+        sel = [r for r in rows if r["mode"] == mode and r["metric"] == "cell_steps_per_s"
+               and r["provider"] in PROVIDER_NAMES]
+        sizes = list(dict.fromkeys(f"{r['size']}\nT={r['steps']}" for r in sel))
+        provs = [p for p in PROVIDER_NAMES if any(r["provider"] == p for r in sel)]
+        width = 0.8 / max(len(provs), 1)
+        for j, p in enumerate(provs):
+            xs, ys, lo, hi = [], [], [], []
+            for i, s in enumerate(sizes):
+                r = next((r for r in sel if r["provider"] == p
+                          and f"{r['size']}\nT={r['steps']}" == s), None)
+                if r is not None:
+                    xs.append(i + (j - (len(provs) - 1) / 2) * width)
+                    ys.append(r["median"])
+                    lo.append(r["median"] - r["p20"])
+                    hi.append(r["p80"] - r["median"])
+            ax.bar(xs, ys, width, yerr=[lo, hi], label=p, capsize=2)
+        floor = next((r["median"] for r in rows if r["provider"] == "floor"
+                      and r["mode"] == mode), None)
+        if floor:
+            ax.axhline(floor, color="k", ls="--", lw=1, label="compute floor (matmul rate)")
+        ax.set_xticks(range(len(sizes)), sizes, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("cell-steps / s (median)")
+        ax.set_title(f"{mode}")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{env.get('device', '')} | torch {env.get('torch', '')} | triton "
+                 f"{env.get('triton', '')} | {env.get('commit', '')} | {env.get('date', '')}",
+                 fontsize=8)
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------- CLI
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser(prog: str = "python -m bench.throughput") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Throughput of nca_fast against PyTorch ports "
+                                       "(cell-steps per second, forward and training).")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    p.add_argument("--sizes", help="comma-separated BxHxW@T tokens, optional /forward or /train; "
+                                   f"default cpu: {DEFAULT_SIZES['cpu']}; cuda: "
+                                   f"{DEFAULT_SIZES['cuda']}")
+    p.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
+    p.add_argument("--providers", default=",".join(PROVIDER_NAMES),
+                   help="comma-separated subset of " + ",".join(PROVIDER_NAMES))
+    p.add_argument("--repeats", type=int, help="timed rounds per case (default cpu 3, cuda 10)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per provider first")
+    p.add_argument("--out", default=str(RESULTS), help="folder for throughput.csv/.png")
+    p.add_argument("--time-budget", type=float,
+                   help="seconds after which remaining cases are recorded as skipped "
+                        "(default cpu 270, cuda 240; 0 = none)")
+    p.add_argument("--sweep", default="none",
+                   help="also run bench.memory's sweeps: none, t, grid or t,grid")
+    p.add_argument("--exclude", default="",
+                   help="comma-separated provider@BxHxW pairs not to run, e.g. "
+                        "torch-compile@1x4096x4096")
+    p.add_argument("--no-floor", action="store_true", help="skip the matmul ceiling")
+    p.add_argument("--no-plot", action="store_true", help="write the CSV only")
+    p.add_argument("--plot-from", metavar="CSV", help="only redraw the plot of an existing CSV")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    return p
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"--device: expected cpu, cuda or auto, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible to torch here")
+    return torch.device(name)
+
+
+def prepare_out(path: str) -> pathlib.Path:
+    out = pathlib.Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out: cannot create folder {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise UsageError(f"--out: folder {out} is not writable")
+    return out
+
+
+def _split(value: str, allowed: Sequence[str], option: str) -> List[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise UsageError(f"{option}: expected a comma-separated subset of {','.join(allowed)}, "
+                         f"got {value!r}")
+    return items
+
+
+def cold_compile_caches() -> Optional[str]:
+    """Point inductor at an empty cache, so torch-compile's compile_s is a first run's cost."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return None
+    d = tempfile.mkdtemp(prefix="nca_bench_inductor_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = d
+    return d
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point (``python -m bench.throughput``, ``nca-fast bench``); returns the status."""
+    try:
+        args = build_parser().parse_args(argv)
+        if args.plot_from:
+            rows = read_csv(args.plot_from)
+            png = pathlib.Path(args.plot_from).with_suffix(".png")
+            print(f"wrote {plot(rows, png)}")
+            return 0
+        device = resolve_device(args.device)
+        cases = parse_sizes(args.sizes or DEFAULT_SIZES[device.type])
+        modes = _split(args.modes, MODES, "--modes")
+        names = _split(args.providers, PROVIDER_NAMES, "--providers")
+        sweeps = [] if args.sweep == "none" else _split(args.sweep, ("t", "grid"), "--sweep")
+        repeats = DEFAULT_REPEATS[device.type] if args.repeats is None else args.repeats
+        if repeats < 1 or args.warmup < 0:
+            raise UsageError("--repeats must be >= 1 and --warmup >= 0")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise UsageError("--threads: expected a positive integer")
+            torch.set_num_threads(args.threads)
+        exclude = [t.strip() for t in args.exclude.split(",") if t.strip()]
+        for t in exclude:
+            name, at, size = t.partition("@")
+            if name not in PROVIDER_NAMES or not at or not size:
+                raise UsageError(f"--exclude: bad pair {t!r}; expected provider@BxHxW with a "
+                                 f"provider from {','.join(PROVIDER_NAMES)}")
+        budget = DEFAULT_BUDGET[device.type] if args.time_budget is None else args.time_budget
+        out = prepare_out(args.out)
+    except UsageError as e:
+        print(f"bench.throughput: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:          # --help
+        return int(e.code or 0)
+    cache = cold_compile_caches()
+    try:
+        res = run_suite(get_providers(names), device, cases, modes=modes, repeats=repeats,
+                        warmup=args.warmup, out_dir=out, time_budget=budget or None,
+                        floor=not args.no_floor, exclude=exclude)
+        print()
+        print(format_table(res.rows))
+        print(f"\nwrote {res.csv_path}")
+        if not args.no_plot:
+            print(f"wrote {plot(res.rows, out / 'throughput.png')}")
+        ok = res.ok
+        if sweeps:
+            from bench.memory import run_sweeps
+            left = max(budget - res.seconds, 1.0) if budget else None
+            ok &= run_sweeps(res.kept, device, sweeps, out, repeats=repeats, check=False,
+                             time_budget=left, plot_it=not args.no_plot)
+    finally:
+        if cache:
+            shutil.rmtree(cache, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
