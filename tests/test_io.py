@@ -407,3 +407,24 @@ def test_video_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="fps"):
         nio.write_video([_frame()], tmp_path / "v.gif", fps=0)
     assert not list(tmp_path.iterdir())
+
+
+def test_mp4(tmp_path):
+    pytest.importorskip("imageio_ffmpeg", reason="MP4 needs imageio-ffmpeg "
+                                                 "(pip install nca-fast[video])")
+    import imageio.v2 as imageio
+
+    frames = [_frame() * (i / 5) for i in range(6)]
+    path = tmp_path / "v.mp4"
+    nio.write_video(frames, path, fps=12, scale=3)          # 15 x 12 pixels: odd width
+    reader = imageio.get_reader(path)
+    try:
+        images = [im for im in reader.iter_data()]          # len(reader) is inf for MP4
+        assert reader.get_meta_data()["fps"] == pytest.approx(12)
+    finally:
+        reader.close()
+    assert len(images) == 6 and images[0].shape == (12, 16, 3)     # padded to an even width
+    # Lossy codec: compare the last frame with the PNG rendering loosely.
+    want = nio.to_rgb(frames[-1], scale=3).astype(int)
+    assert np.abs(images[-1][:, :15].astype(int) - want).mean() < 12
+    assert [p.name for p in tmp_path.iterdir()] == ["v.mp4"]
