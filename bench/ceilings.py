@@ -91,7 +91,7 @@ def measure(device, rec, *, matmul_n: Optional[int] = None, copy_bytes: Optional
         r = spread(rates)[0]
         rec.add("floor", f"compute_{kind}", "", "", "cell_steps_per_s", r / FLOPS_PER_CELL_STEP,
                 note=f"{FLOPS_PER_CELL_STEP} dense FLOPs per cell-step at the measured rate")
-        log(f"  {kind} matmul {n}^3: {r / 1e12:.2f} TFLOP/s -> compute floor "
+        log(f"  {kind} matmul {n}^3: {r / 1e9:.1f} GFLOP/s -> compute floor "
             f"{r / FLOPS_PER_CELL_STEP:.3g} cell-steps/s")
 
 

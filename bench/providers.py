@@ -76,18 +76,21 @@ def make_weights(config: NCAConfig, *, seed: int = 0, w2_std: float = 0.02) -> W
 
 
 def random_state(batch: int, height: int, width: int, config: NCAConfig, *, seed: int = 0,
-                 dead_fraction: float = 0.0) -> torch.Tensor:
-    """A B x C x H x W float32 state, uniform in [0, 1).
+                 dead_fraction: float = 0.0, device=None) -> torch.Tensor:
+    """A B x C x H x W float32 state, uniform in [0, 1), made on ``device`` (default CPU).
 
     dead_fraction > 0 zeroes alpha in about that share of the cells and in one block, so the alive
     masks have both outcomes (the same-step check needs that; timing uses a fully alive grid so
-    that every backend does the same, dense, work).
+    that every backend does the same, dense, work). Made on the device itself because a
+    16384 x 16384 state is 17 GB: too slow to fill on the host and copy.
     """
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, config.channels, height, width, generator=g)
+    device = torch.device(device or "cpu")
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.rand(batch, config.channels, height, width, generator=g, device=device)
     if dead_fraction > 0:
         a = config.alpha_channel
-        x[:, a] *= (torch.rand(batch, height, width, generator=g) >= dead_fraction).float()
+        x[:, a] *= (torch.rand(batch, height, width, generator=g, device=device)
+                    >= dead_fraction).float()
         x[:, a, : height // 3, : width // 3] = 0.0
     return x
 

@@ -302,9 +302,12 @@ def measure_case(providers: Sequence[Provider], config: NCAConfig, weights, case
     label = mode_label or mode
     ok = True
     torch.manual_seed(0)
-    x = random_state(case.batch, case.height, case.width, config, seed=2)
-    target = torch.rand(case.batch, 4, case.height, case.width,
-                        generator=torch.Generator().manual_seed(3))
+    dev = torch.device(device)
+    x = random_state(case.batch, case.height, case.width, config, seed=2, device=dev)
+    target = None
+    if mode == "train":
+        target = torch.rand(case.batch, 4, case.height, case.width, device=dev,
+                            generator=torch.Generator(device=dev).manual_seed(3))
     runners, calls = {}, {}
     for p in providers:
         try:
@@ -330,9 +333,9 @@ def measure_case(providers: Sequence[Provider], config: NCAConfig, weights, case
         if tm.error is not None:
             ok = ok and tm.error == "out of memory"
             rec.add(name, label, case.size, case.steps, "error", note=tm.error)
-            log(f"  {name:16s} {label:8s} {case.size:>14s} T={case.steps}: {tm.error}")
+            log(f"  {name:16s} {label:16s} {case.size:>14s} T={case.steps}: {tm.error}")
             continue
-        line = f"  {name:16s} {label:8s} {case.size:>14s} T={case.steps:<5d}"
+        line = f"  {name:16s} {label:16s} {case.size:>14s} T={case.steps:<5d}"
         if tm.times:
             sec = spread(tm.times)[0]
             rec.add(name, label, case.size, case.steps, "seconds", tm.times)
