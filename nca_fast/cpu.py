@@ -1,23 +1,551 @@
-"""The torch backend's rollout (any device). Placeholder: runs the reference step by step."""
+"""The torch backend's rollout: the NCA step rewritten for a CPU's caches, on any device.
+
+The reference (``nca_fast.reference``) states each step as the common PyTorch port does: a
+depthwise convolution, two 1x1 convolutions over every cell, a full-grid mask multiply, max-pools.
+This module computes the same numbers with far less work:
+
+* Layout. The state is kept between steps as a padded channels-last grid ``B x (H+2) x (W+2) x C``
+  (a cell's C channels contiguous, a one-cell halo that is zero or wraps), so a 3x3 neighbour is a
+  fixed row offset and the dense layers are plain ``cells x C`` matmuls.
+* Only the cells that change are computed. A cell contributes ``dx`` only where its update mask
+  fires *and* it is alive before the step (a cell that is dead before the step is zeroed whatever
+  ``dx`` is). Those cells (about half at fire_rate 0.5) are gathered by index; the MLP runs on
+  them alone, in row chunks small enough that the ``cells x hidden`` activations stay in L2.
+* Perception without a convolution. Each 3x3 filter is split into row patterns (a horizontal
+  pass shared between filters, e.g. Sobel-x's [-1, 0, 1] and Sobel-y's [1, 2, 1]) and a vertical
+  pass, each one or two full-grid adds with contiguous inner runs. A filter that is a pure shift
+  (the identity) costs nothing: its band is gathered straight from the state. The filter's scale
+  (Sobel's 1/8) is folded into the first layer's weights. The first layer is then
+  ``h = b1 + sum_k band_k[cells] @ W1_k^T`` over the F bands.
+* Masks. All update masks of a run of steps come from one vectorised Philox pass over a
+  (step, cell) grid (``update_masks``), bit-identical to ``nca_fast.rng.update_mask``.
+* Backward. One ``torch.autograd.Function`` per step with a handwritten backward: the gathered
+  bands and hidden activations of the active cells are saved (a fraction of what autograd keeps
+  for the port), the weight gradients are accumulated chunk by chunk in a fixed order
+  (deterministic), and perception's adjoint replays the same passes transposed. Under
+  ``segment=k`` the steps run inside non-reentrant ``torch.utils.checkpoint`` segments: the
+  autograd graph is the same, so gradients are bitwise those of the un-checkpointed run.
+
+No ``torch.compile``: see bench/NOTES.md for the measurements behind these choices.
+"""
 from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from . import reference
+from .rng import check_seed, fire_threshold
+
+_M32 = 0xFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+# Elements of the (step, cell) counter grid hashed per pass: int64 buffers of 1 MiB stay in L2.
+_MASK_CHUNK = 1 << 17
+# Bytes of hidden activations per MLP chunk on a CPU (the 2 cores' L2 together).
+_CHUNK_BYTES = 1 << 20
+
+
+# ---------------------------------------------------------------------------------- masks
+def _s32(v: int) -> int:
+    """A uint32 as the int32 with the same bits (for xor into an int32 view)."""
+    v &= _M32
+    return v - (1 << 32) if v >= (1 << 31) else v
+
+
+def _halves(t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Low and high 32-bit words of a contiguous int64 tensor, as strided int32 views."""
+    v = t.view(torch.int32).view(-1, 2)
+    return v[:, 0], v[:, 1]
+
+
+def update_masks(batch: int, height: int, width: int, *, fire_rate: float, seed: int,
+                 first_step: int, steps: int, device=None) -> torch.Tensor:
+    """The update masks of steps ``first_step .. first_step + steps - 1``, as one bool tensor.
+
+    Returns ``steps x B x H x W`` bool; entry ``[t]`` equals
+    ``nca_fast.rng.update_mask(B, H, W, fire_rate=..., seed=..., step=first_step + t) > 0``.
+
+    Philox4x32-10 on torch integer ops, vectorised over a (step, cell) counter grid. Words are
+    held zero-extended in int64 so one int64 multiply gives the 64-bit product; its high and low
+    halves are then free int32 views (no shifts or masks), and each new word is written by an
+    int32 xor straight into the low half of a zeroed int64 buffer. Rounds 1 and 2 depend on the
+    step and the cell separately, so they are computed per step (Python ints) and per cell.
+    """
+    check_seed(seed)
+    n = batch * height * width
+    out = torch.empty(steps, n, dtype=torch.bool, device=device)
+    thr = fire_threshold(fire_rate)
+    if thr <= 0 or thr >= (1 << 24) or steps == 0:
+        out.fill_(thr > 0)      # the 24 random bits are always below 2**24, never below 0
+        return out.view(steps, batch, height, width)
+    if sys.byteorder != "little" or n >= (1 << 32):
+        return _update_masks_plain(batch, height, width, fire_rate, seed, first_step, steps, out)
+    keys = []
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        keys.append((k0, k1))
+        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+    i64 = dict(dtype=torch.int64, device=device)
+    # Round 1 with counter (cell, 0, step, 0): the per-cell half.
+    pa = torch.arange(n, **i64).mul_(_ROUND_A)
+    c2_r1 = torch.zeros(n, **i64)
+    torch.bitwise_xor(_halves(pa)[1], _s32(keys[0][1]), out=_halves(c2_r1)[0])
+    c3_r1 = _halves(pa)[0]
+    # Round 2, per-cell half: c2_r1 * B gives c1 (its low word) and part of c0.
+    pb2 = c2_r1 * _ROUND_B
+    pb2_lo, pb2_hi = _halves(pb2)
+    per = max(1, _MASK_CHUNK // n) if device is None or torch.device(device).type == "cpu" \
+        else steps
+    cur = [torch.zeros(min(per, steps) * n, **i64) for _ in range(2)]       # c0, c2
+    prods = [torch.empty(min(per, steps) * n, **i64) for _ in range(4)]     # pb, pa, old pb, pa
+    for t0 in range(0, steps, per):
+        s = min(per, steps - t0)
+        c0, c2 = (b[:s * n] for b in cur)
+        c0l, c2l = _halves(c0)[0], _halves(c2)[0]
+        pb, pa, pb_old, pa_old = (b[:s * n] for b in prods)
+        for i in range(s):
+            step = (first_step + t0 + i) & _M32
+            hi1, lo1 = (step * _ROUND_B) >> 32, (step * _ROUND_B) & _M32     # round 1, per step
+            c0_r1 = hi1 ^ keys[0][0]
+            p = c0_r1 * _ROUND_A                                              # round 2, per step
+            rows = slice(i * n, (i + 1) * n)
+            torch.bitwise_xor(pb2_hi, _s32(lo1 ^ keys[1][0]), out=c0l[rows])
+            torch.bitwise_xor(c3_r1, _s32(((p >> 32) & _M32) ^ keys[1][1]), out=c2l[rows])
+            # c3 after round 2 is the per-step low word of p: fold it into round 3's key now.
+            pa_old.view(s, n)[i].fill_(p & _M32)
+        # Round 3: c1 is per cell (pb2_lo), c3 per step (held in pa_old's rows).
+        torch.mul(c2, _ROUND_B, out=pb)
+        torch.mul(c0, _ROUND_A, out=pa)
+        torch.bitwise_xor(_halves(pb)[1].view(s, n), pb2_lo, out=c0l.view(s, n))
+        c0l.bitwise_xor_(_s32(keys[2][0]))
+        torch.bitwise_xor(_halves(pa)[1], _halves(pa_old)[0], out=c2l)
+        c2l.bitwise_xor_(_s32(keys[2][1]))
+        for r in range(3, 10):
+            pb, pb_old = pb_old, pb
+            pa, pa_old = pa_old, pa
+            torch.mul(c2, _ROUND_B, out=pb)
+            last = r == 9
+            if not last:                    # the last round's c2 is never read
+                torch.mul(c0, _ROUND_A, out=pa)
+            torch.bitwise_xor(_halves(pb)[1], _halves(pb_old)[0], out=c0l)
+            c0l.bitwise_xor_(_s32(keys[r][0]))
+            if not last:
+                torch.bitwise_xor(_halves(pa)[1], _halves(pa_old)[0], out=c2l)
+                c2l.bitwise_xor_(_s32(keys[r][1]))
+        # Fires when the top 24 bits are below thr, i.e. the (zero-extended) word < thr * 256.
+        torch.lt(c0.view(s, n), thr << 8, out=out[t0:t0 + s])
+    return out.view(steps, batch, height, width)
+
+
+def _update_masks_plain(batch, height, width, fire_rate, seed, first_step, steps, out):
+    from .rng import update_mask
+    for t in range(steps):
+        out[t] = update_mask(batch, height, width, fire_rate=fire_rate, seed=seed,
+                             step=first_step + t, device=out.device).view(-1) > 0
+    return out.view(steps, batch, height, width)
+
+
+# ----------------------------------------------------------------------------- perception
+@dataclass(frozen=True)
+class _Term:
+    """``dst += coef * src`` shifted by ``dy`` rows (vertical pass) or ``dx`` columns."""
+    shift: int
+    src: int        # horizontal pass: unused (always the state); vertical: index of a pattern
+    coef: float
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    """A horizontal pass over all H+2 rows: a view of the state shifted by ``view_dx`` columns
+    when it has one tap of weight 1, else a buffer computed from ``terms``."""
+    view_dx: Optional[int]
+    terms: Tuple[_Term, ...]
+
+
+@dataclass(frozen=True)
+class _Band:
+    """Filter k as computed: ``scale * sum(terms)``; a pure shift of a pattern when ``view``."""
+    scale: float
+    terms: Tuple[_Term, ...]
+
+    @property
+    def view(self) -> bool:
+        return len(self.terms) == 1
+
+
+def _perception_plan(filters) -> Tuple[Tuple[_Pattern, ...], Tuple[_Band, ...]]:
+    """Split each 3x3 filter into shared row patterns and a vertical combination of them.
+
+    Rows are normalised by their first non-zero tap, so a row and its multiples share a pattern
+    (Sobel-x's three rows are one pattern); a band's first coefficient becomes its scale, which
+    is folded into the first layer's weights.
+    """
+    patterns: List[Tuple[float, float, float]] = []
+    bands = []
+    for f in filters:
+        terms = []
+        for dy in (-1, 0, 1):
+            row = tuple(float(v) for v in f[dy + 1])
+            nz = [j for j in range(3) if row[j] != 0.0]
+            if not nz:
+                continue
+            lead = row[nz[0]]
+            pat = tuple(v / lead for v in row)
+            if pat not in patterns:
+                patterns.append(pat)
+            terms.append((dy, patterns.index(pat), lead))
+        if not terms:
+            # An all-zero filter: any band (the state itself) times a zero scale, which zeroes
+            # its first-layer weights, as the reference's zero perception does.
+            if (0.0, 1.0, 0.0) not in patterns:
+                patterns.append((0.0, 1.0, 0.0))
+            bands.append(_Band(0.0, (_Term(0, patterns.index((0.0, 1.0, 0.0)), 1.0),)))
+            continue
+        scale = terms[0][2]
+        bands.append(_Band(scale, tuple(_Term(dy, p, c / scale) for dy, p, c in terms)))
+    pats = []
+    for pat in patterns:
+        nz = [j for j in range(3) if pat[j] != 0.0]
+        if len(nz) == 1:                    # normalised, so the tap is exactly 1
+            pats.append(_Pattern(nz[0] - 1, ()))
+        else:
+            pats.append(_Pattern(None, tuple(_Term(j - 1, 0, pat[j]) for j in nz)))
+    return tuple(pats), tuple(bands)
+
+
+def _accumulate(dst: torch.Tensor, srcs) -> None:
+    """dst = sum(coef * src) over (src, coef), in as few passes as possible."""
+    (s0, c0), rest = srcs[0], srcs[1:]
+    if rest and c0 == 1.0:
+        (s1, c1), rest = rest[0], rest[1:]
+        torch.add(s0, s1, alpha=c1, out=dst)
+    elif c0 == 1.0:
+        dst.copy_(s0)
+    else:
+        torch.mul(s0, c0, out=dst)
+    for src, coef in rest:
+        dst.add_(src, alpha=coef)
+
+
+class _Plan:
+    """Everything a rollout's steps share: shapes, the perception plan, scratch buffers."""
+
+    def __init__(self, config, shape, dtype, device):
+        b, h, w, c = shape
+        self.cfg = config
+        self.b, self.h, self.w, self.c = b, h, w, c
+        self.hp, self.wp = h + 2, w + 2
+        self.np = b * self.hp * self.wp
+        self.dtype, self.device = dtype, device
+        self.circular = config.padding == "circular"
+        self.thr = config.alive_threshold
+        self.alpha = config.alpha_channel
+        self.patterns, self.bands = _perception_plan(config.filters)
+        # A band that is a pure shift of a pure shift of the state is gathered from the state.
+        self.band_offsets = []
+        for band in self.bands:
+            if band.view:
+                t = band.terms[0]
+                pat = self.patterns[t.src]
+                dx = pat.view_dx if pat.view_dx is not None else 0
+                self.band_offsets.append(t.shift * self.wp + dx)
+            else:
+                self.band_offsets.append(0)
+        hidden = config.hidden
+        cpu = torch.device(device).type == "cpu"
+        esize = torch.empty((), dtype=dtype).element_size()
+        self.chunk = max(256, _CHUNK_BYTES // (esize * hidden)) if cpu else 1 << 62
+
+    # -------------------------------------------------------------- forward perception
+    def _pattern_slice(self, k: int, xp: torch.Tensor, bufs) -> Tuple[torch.Tensor, int]:
+        """(tensor in the padded layout, column shift) holding pattern k's values."""
+        pat = self.patterns[k]
+        if pat.view_dx is not None:
+            return xp, pat.view_dx
+        return bufs[k], 0
+
+    def perceive(self, xp: torch.Tensor):
+        """The F bands' sources: list of (B*(H+2)*(W+2) x C tensor, row offset of the gather).
+
+        Computes the buffers that patterns and bands need, interior columns (patterns: all rows)
+        only; their halo entries are never gathered.
+        """
+        w = self.w
+        pbufs = {}
+        for k, pat in enumerate(self.patterns):
+            if pat.view_dx is None:
+                buf = torch.empty_like(xp)
+                _accumulate(buf[:, :, 1:-1],
+                            [(xp[:, :, 1 + t.shift:1 + t.shift + w], t.coef) for t in pat.terms])
+                pbufs[k] = buf
+        sources = []
+        for band, off in zip(self.bands, self.band_offsets):
+            if band.view:
+                src, _ = self._pattern_slice(band.terms[0].src, xp, pbufs)
+                sources.append((src.view(self.np, self.c), off))
+                continue
+            buf = torch.empty_like(xp)
+            srcs = []
+            for t in band.terms:
+                src, dx = self._pattern_slice(t.src, xp, pbufs)
+                srcs.append((src[:, 1 + t.shift:1 + t.shift + self.h, 1 + dx:1 + dx + w],
+                             t.coef))
+            _accumulate(buf[:, 1:-1, 1:-1], srcs)
+            sources.append((buf.view(self.np, self.c), 0))
+        return sources
+
+    # -------------------------------------------------------------- adjoint perception
+    def perceive_adjoint(self, gx: torch.Tensor, pidx: torch.Tensor, gbands) -> None:
+        """gx += perception^T applied to the band gradients ``gbands`` (F x n x C, at pidx)."""
+        w, h = self.w, self.h
+        gpat = {}
+
+        def pattern_grad(k):
+            if self.patterns[k].view_dx is not None:
+                return gx, self.patterns[k].view_dx
+            if k not in gpat:
+                gpat[k] = torch.zeros_like(gx)
+            return gpat[k], 0
+
+        for band, off, g in zip(self.bands, self.band_offsets, gbands):
+            if band.view:
+                t = band.terms[0]
+                dst, _ = pattern_grad(t.src)
+                dst.view(self.np, self.c).index_add_(0, pidx + off if off else pidx, g)
+                continue
+            gb = torch.zeros_like(gx)
+            gb.view(self.np, self.c).index_copy_(0, pidx, g)
+            inner = gb[:, 1:-1, 1:-1]
+            for t in band.terms:
+                dst, dx = pattern_grad(t.src)
+                dst[:, 1 + t.shift:1 + t.shift + h, 1 + dx:1 + dx + w].add_(inner, alpha=t.coef)
+        for k, gp in gpat.items():
+            inner = gp[:, :, 1:-1]
+            for t in self.patterns[k].terms:
+                gx[:, :, 1 + t.shift:1 + t.shift + w].add_(inner, alpha=t.coef)
+
+    # -------------------------------------------------------------- alive masks and halo
+    def alive(self, xp: torch.Tensor) -> torch.Tensor:
+        """B x H x W bool: 3x3 max of alpha > threshold, read from the padded state.
+
+        A zero halo stands in for the reference's -inf padding because the threshold is >= 0.
+        """
+        a = xp[..., self.alpha]
+        m = torch.maximum(a[:, :-2], a[:, 2:])
+        torch.maximum(m, a[:, 1:-1], out=m)
+        m2 = torch.maximum(m[:, :, :-2], m[:, :, 2:])
+        torch.maximum(m2, m[:, :, 1:-1], out=m2)
+        return m2 > self.thr
+
+    def fill_halo(self, xp: torch.Tensor) -> None:
+        """Circular padding: copy the wrapped interior into the halo (columns, then rows)."""
+        h, w = self.h, self.w
+        xp[:, 1:-1, 0].copy_(xp[:, 1:-1, w])
+        xp[:, 1:-1, w + 1].copy_(xp[:, 1:-1, 1])
+        xp[:, 0].copy_(xp[:, h])
+        xp[:, h + 1].copy_(xp[:, 1])
+
+    def fold_halo(self, g: torch.Tensor) -> None:
+        """Adjoint of ``fill_halo``: add the halo's gradient onto the cells it copies."""
+        h, w = self.h, self.w
+        g[:, h].add_(g[:, 0])
+        g[:, 1].add_(g[:, h + 1])
+        g[:, 1:-1, w].add_(g[:, 1:-1, 0])
+        g[:, 1:-1, 1].add_(g[:, 1:-1, w + 1])
+
+    def active(self, xp: torch.Tensor, fire: torch.Tensor):
+        """(pidx, pre): padded flat indices of the cells that fire and are alive, and pre."""
+        pre = self.alive(xp) if self.thr is not None else None
+        act = torch.zeros(self.b, self.hp, self.wp, dtype=torch.bool, device=xp.device)
+        if pre is None:
+            act[:, 1:-1, 1:-1] = fire
+        else:
+            torch.logical_and(fire, pre, out=act[:, 1:-1, 1:-1])
+        return act.view(-1).nonzero().squeeze(1), pre
+
+
+# --------------------------------------------------------------------------------- the MLP
+def _mlp_rows(plan: _Plan, sources, pidx, w1s, b1, w2, b2, save: bool):
+    """dx (n x C) for the cells ``pidx``; with ``save``, also the gathered bands (F x n x C)
+    and hidden activations (n x hidden) that the backward needs."""
+    n = pidx.numel()
+    f, c = len(sources), plan.c
+    dev, dt = pidx.device, w1s.dtype
+    idx = [pidx + off if off else pidx for _, off in sources]
+    dx = torch.empty(n, c, dtype=dt, device=dev)
+    if save:
+        gath = torch.empty(f, n, c, dtype=dt, device=dev)
+        for k, (src, _) in enumerate(sources):
+            torch.index_select(src, 0, idx[k], out=gath[k])
+        hid = torch.empty(n, w1s.shape[1], dtype=dt, device=dev)
+    else:
+        step = min(plan.chunk, max(n, 1))
+        gbuf = torch.empty(f, step, c, dtype=dt, device=dev)
+        hbuf = torch.empty(step, w1s.shape[1], dtype=dt, device=dev)
+    for s in range(0, n, plan.chunk):
+        e = min(s + plan.chunk, n)
+        if save:
+            g = gath[:, s:e]
+            hc = hid[s:e]
+        else:
+            g = gbuf[:, :e - s]
+            for k, (src, _) in enumerate(sources):
+                torch.index_select(src, 0, idx[k][s:e], out=g[k])
+            hc = hbuf[:e - s]
+        torch.addmm(b1, g[0], w1s[0].t(), out=hc)
+        for k in range(1, f):
+            hc.addmm_(g[k], w1s[k].t())
+        hc.clamp_min_(0)
+        torch.addmm(b2, hc, w2.t(), out=dx[s:e])
+    if save:
+        return dx, gath, hid
+    return dx, None, None
+
+
+# -------------------------------------------------------------------------------- one step
+def _step_nograd(plan: _Plan, xp: torch.Tensor, fire, w1s, b1, w2, b2) -> torch.Tensor:
+    """One step without autograd, updating ``xp`` in place (the MLP has read all it needs from
+    it before the scatter)."""
+    pidx, pre = plan.active(xp, fire)
+    sources = plan.perceive(xp)
+    dx, _, _ = _mlp_rows(plan, sources, pidx, w1s, b1, w2, b2, save=False)
+    del sources
+    xp.view(plan.np, plan.c).index_add_(0, pidx, dx)
+    _finish(plan, xp, pre)
+    return xp
+
+
+def _finish(plan: _Plan, xn: torch.Tensor, pre):
+    """Halo refresh, post-alive mask and the alive multiply on the updated state; returns life."""
+    if plan.circular:
+        plan.fill_halo(xn)
+    if pre is None:
+        return None
+    life = plan.alive(xn)
+    life &= pre
+    xn[:, 1:-1, 1:-1].mul_(life.unsqueeze(-1))
+    if plan.circular:
+        plan.fill_halo(xn)
+    return life
+
+
+class _Step(torch.autograd.Function):
+    """One NCA step on the padded channels-last state, with a handwritten backward."""
+
+    @staticmethod
+    def forward(ctx, xp, fire, w1s, b1, w2, b2, plan):
+        pidx, pre = plan.active(xp, fire)
+        sources = plan.perceive(xp)
+        dx, gath, hid = _mlp_rows(plan, sources, pidx, w1s, b1, w2, b2, save=True)
+        del sources
+        xn = xp.clone()
+        xn.view(plan.np, plan.c).index_add_(0, pidx, dx)
+        life = _finish(plan, xn, pre)
+        ctx.plan = plan
+        ctx.has_life = life is not None
+        ctx.save_for_backward(pidx, life if life is not None else pidx, gath, hid, w1s, w2)
+        return xn
+
+    @staticmethod
+    def backward(ctx, gout):
+        plan = ctx.plan
+        pidx, life, gath, hid, w1s, w2 = ctx.saved_tensors
+        gout = gout.contiguous()
+        if plan.circular:
+            gout = gout.clone()
+            plan.fold_halo(gout)
+        gx = torch.zeros_like(gout)
+        inner = gout[:, 1:-1, 1:-1]
+        if ctx.has_life:
+            torch.mul(inner, life.unsqueeze(-1), out=gx[:, 1:-1, 1:-1])
+        else:
+            gx[:, 1:-1, 1:-1].copy_(inner)
+        n, f = pidx.numel(), w1s.shape[0]
+        gdx = gx.view(plan.np, plan.c).index_select(0, pidx)
+        gw1 = torch.zeros_like(w1s)
+        gw2 = torch.zeros_like(w2)
+        gb1 = torch.zeros(w1s.shape[1], dtype=w1s.dtype, device=w1s.device)
+        gbands = torch.empty_like(gath)
+        for s in range(0, n, plan.chunk):
+            e = min(s + plan.chunk, n)
+            gd, hc = gdx[s:e], hid[s:e]
+            gw2.addmm_(gd.t(), hc)
+            gh = torch.mm(gd, w2)
+            torch.ops.aten.threshold_backward.grad_input(gh, hc, 0, grad_input=gh)
+            gb1.add_(gh.sum(0))
+            for k in range(f):
+                gw1[k].addmm_(gh.t(), gath[k, s:e])
+                torch.mm(gh, w1s[k], out=gbands[k, s:e])
+        gb2 = gdx.sum(0)
+        plan.perceive_adjoint(gx, pidx, gbands)
+        return gx, None, gw1, gb1, gw2, gb2, None
+
+
+# ------------------------------------------------------------------------------ the rollout
+def _band_weights(plan: _Plan, w1: torch.Tensor) -> torch.Tensor:
+    """w1 (hidden x F*C, interleaved c*F + k) -> F x hidden x C, times each band's scale."""
+    hidden = w1.shape[0]
+    f = len(plan.bands)
+    scale = torch.tensor([b.scale for b in plan.bands], dtype=w1.dtype, device=w1.device)
+    return (w1.view(hidden, plan.c, f).permute(2, 0, 1) * scale.view(f, 1, 1)).contiguous()
+
+
+def _pad(x: torch.Tensor, circular: bool) -> torch.Tensor:
+    """B x C x H x W -> the padded channels-last state B x (H+2) x (W+2) x C (differentiable)."""
+    import torch.nn.functional as F
+    xp = F.pad(x, (1, 1, 1, 1), mode="circular" if circular else "constant")
+    return xp.permute(0, 2, 3, 1).contiguous()
+
+
+def _unpad(xp: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The padded state's interior as B x C x H x W, in ``like``'s memory format."""
+    out = xp[:, 1:-1, 1:-1].permute(0, 3, 1, 2)
+    if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+        return out.contiguous(memory_format=torch.channels_last)
+    return out.contiguous()
 
 
 def rollout(model, x: torch.Tensor, steps: int, *, seed: int, first_step: int = 0,
             segment=None) -> torch.Tensor:
-    w = model.weights()
+    """``steps`` NCA steps of ``model`` on ``x`` (B x C x H x W), masks of steps first_step...
+
+    Equal (to rounding) to ``nca_fast.reference.rollout`` with the same seed; differentiable
+    with respect to ``x`` and the model's weights. segment: None, or the number of steps per
+    ``torch.utils.checkpoint`` segment (only segment inputs are kept; the gradients are bitwise
+    the same as without). Returns a new tensor in ``x``'s memory format (x itself for 0 steps).
+    """
+    if steps == 0:
+        return x
     cfg = model.config
+    w1, b1, w2, b2 = model.weights()
+    b, c, h, w = x.shape
+    plan = _Plan(cfg, (b, h, w, c), x.dtype, x.device)
+    fire = update_masks(b, h, w, fire_rate=cfg.fire_rate, seed=seed, first_step=first_step,
+                        steps=steps, device=x.device)
+    params = (w1, b1, w2, b2)
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    if not grad:
+        with torch.no_grad():
+            w1s = _band_weights(plan, w1)
+            xp = _pad(x, plan.circular)
+            for t in range(steps):
+                xp = _step_nograd(plan, xp, fire[t], w1s, b1, w2, b2)
+            return _unpad(xp, x)
+    w1s = _band_weights(plan, w1)
+    xp = _pad(x, plan.circular)
 
-    def run(x, t0, n):
-        return reference.rollout(x, *w, cfg, n, seed, first_step=t0)
+    def run(xp, w1s, b1, w2, b2, t0, n):
+        for t in range(t0, t0 + n):
+            xp = _Step.apply(xp, fire[t], w1s, b1, w2, b2, plan)
+        return xp
 
-    if segment is None or not torch.is_grad_enabled():
-        return run(x, first_step, steps)
-    end = first_step + steps
-    for t0 in range(first_step, end, segment):
-        x = _checkpoint(run, x, t0, min(segment, end - t0), use_reentrant=False)
-    return x
+    if segment is None:
+        xp = run(xp, w1s, b1, w2, b2, 0, steps)
+    else:
+        for t0 in range(0, steps, segment):
+            xp = _checkpoint(run, xp, w1s, b1, w2, b2, t0, min(segment, steps - t0),
+                             use_reentrant=False, preserve_rng_state=False)
+    return _unpad(xp, x)

@@ -1,0 +1,163 @@
+"""Side-by-side CPU timing: nca_fast's torch backend against a plain PyTorch eager port.
+
+    python bench/cpu_speed.py [--repeats 7] [--steps 64] [--batch 8] [--size 72] [--threads N]
+
+The eager port is the style of the common PyTorch NCA ports: NCHW, perception by
+``F.conv2d(groups=C)`` with the filters repeated per channel, two ``nn.Conv2d`` 1x1 layers,
+``torch.rand`` update mask, ``F.max_pool2d`` alive masks. Both run the article's configuration
+from the same state and weights. Measurements are interleaved (eager, fast, eager, fast, ...) so
+that load from other processes on the machine hits both alike; the figures are medians over the
+repeats, with the spread (min..max), in wall-clock and in process CPU time (CPU time is less
+sensitive to other processes; spin-waiting threads count in it).
+
+Modes: ``forward`` is a 64-step rollout under ``torch.no_grad()``; ``train`` is one training
+iteration: the rollout with gradients, MSE loss on RGBA, backward, Adam step.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nca_fast import NCA, NCAConfig
+
+
+class EagerNCA(nn.Module):
+    """The plain port: what a straightforward PyTorch NCA looks like (zero padding, alive on)."""
+
+    def __init__(self, config: NCAConfig):
+        super().__init__()
+        c = config.channels
+        self.config = config
+        self.w1 = nn.Conv2d(config.perception_size, config.hidden, 1)
+        self.w2 = nn.Conv2d(config.hidden, c, 1)
+        bank = torch.tensor(config.filters, dtype=torch.float32)
+        self.register_buffer("bank", bank.repeat(c, 1, 1).unsqueeze(1))
+
+    def alive(self, x):
+        a = x[:, self.config.alpha_channel:self.config.alpha_channel + 1]
+        return F.max_pool2d(a, 3, stride=1, padding=1) > self.config.alive_threshold
+
+    def step(self, x):
+        pre = self.alive(x)
+        p = F.conv2d(x, self.bank, padding=1, groups=x.shape[1])
+        dx = self.w2(F.relu(self.w1(p)))
+        b, _, h, w = x.shape
+        m = (torch.rand(b, 1, h, w, device=x.device) < self.config.fire_rate).to(x.dtype)
+        x = x + dx * m
+        return x * (pre & self.alive(x)).to(x.dtype)
+
+    def forward(self, x, steps):
+        for _ in range(steps):
+            x = self.step(x)
+        return x
+
+
+def make_models(config: NCAConfig, seed: int = 0):
+    """The fast NCA and the eager port with the same weights (W2 non-zero, so cells change)."""
+    torch.manual_seed(seed)
+    fast = NCA(config, backend="torch")
+    with torch.no_grad():
+        fast.w2.weight.normal_(0.0, 0.02)
+        fast.w2.bias.normal_(0.0, 0.002)
+    eager = EagerNCA(config)
+    eager.load_state_dict({k: v for k, v in fast.state_dict().items()}, strict=False)
+    return fast, eager
+
+
+def live_state(config: NCAConfig, b: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
+    """A fully alive grid (alpha in [0.3, 1)): the worst case for skipping dead cells."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, config.channels, h, w, generator=g)
+    x[:, config.alpha_channel] = 0.3 + 0.7 * x[:, config.alpha_channel]
+    return x
+
+
+def timed(fn):
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--size", type=int, default=72)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--modes", default="forward,train")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = NCAConfig()
+    fast, eager = make_models(config)
+    x0 = live_state(config, args.batch, args.size, args.size)
+    target = torch.rand(args.batch, 4, args.size, args.size, generator=torch.Generator().manual_seed(2))
+    opt_fast = torch.optim.Adam(fast.parameters(), lr=1e-9)
+    opt_eager = torch.optim.Adam(eager.parameters(), lr=1e-9)
+    steps = args.steps
+
+    def fwd_eager():
+        with torch.no_grad():
+            eager(x0, steps)
+
+    def fwd_fast():
+        with torch.no_grad():
+            fast(x0, steps, seed=7)
+
+    def train_eager():
+        opt_eager.zero_grad(set_to_none=True)
+        y = eager(x0, steps)
+        F.mse_loss(y[:, :4], target).backward()
+        opt_eager.step()
+
+    def train_fast():
+        opt_fast.zero_grad(set_to_none=True)
+        y = fast(x0, steps, seed=7)
+        F.mse_loss(y[:, :4], target).backward()
+        opt_fast.step()
+
+    with torch.no_grad():
+        y = fast(x0, steps, seed=7)
+        alive = (F.max_pool2d(y[:, 3:4], 3, 1, 1) > 0.1).float().mean().item()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{args.batch} x {args.size}x{args.size}, C={config.channels}, hidden={config.hidden}, "
+          f"{steps} steps, {args.repeats} interleaved repeats; alive fraction at the end "
+          f"{alive:.2f}")
+    modes = args.modes.split(",")
+    pairs = {"forward": (fwd_eager, fwd_fast), "train": (train_eager, train_fast)}
+    for mode in modes:           # warm-up: first-call allocations, oneDNN primitive creation
+        for fn in pairs[mode]:
+            fn()
+    res = {(m, p): [] for m in modes for p in ("eager", "fast")}
+    for _ in range(args.repeats):
+        for mode in modes:
+            e, f = pairs[mode]
+            res[(mode, "eager")].append(timed(e))
+            res[(mode, "fast")].append(timed(f))
+    print(f"{'mode':8} {'provider':14} {'wall s (min..max)':>24} {'cpu s':>8}")
+    for mode in modes:
+        for prov, name in (("eager", "torch eager"), ("fast", "nca_fast torch")):
+            walls = [r[0] for r in res[(mode, prov)]]
+            cpus = [r[1] for r in res[(mode, prov)]]
+            print(f"{mode:8} {name:14} {statistics.median(walls):8.3f} "
+                  f"({min(walls):.3f}..{max(walls):.3f}) {statistics.median(cpus):8.3f}")
+        ew = [r[0] for r in res[(mode, "eager")]]
+        fw = [r[0] for r in res[(mode, "fast")]]
+        ec = [r[1] for r in res[(mode, "eager")]]
+        fc = [r[1] for r in res[(mode, "fast")]]
+        pair = [a / b for a, b in zip(ew, fw)]
+        print(f"{mode:8} speed-up: wall {statistics.median(ew) / statistics.median(fw):.2f}x "
+              f"(per-pair median {statistics.median(pair):.2f}x, range "
+              f"{min(pair):.2f}..{max(pair):.2f}), cpu {statistics.median(ec) / statistics.median(fc):.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
