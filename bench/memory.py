@@ -18,7 +18,7 @@ What "memory" means here depends on the device, because a CPU has no allocator c
 
 Sweeps (issue 4): a training iteration at growing T (fixed grid) and at growing grid (fixed T),
 each point giving memory and cell-steps/s per provider; ``memory.csv`` and ``memory.png``. On a
-CPU the sweeps are reduced (T 4..256 at 32x32, grids 32..256 at T=4) to fit a shared 2-core
+CPU the sweeps are reduced (T 4..64 at 32x32, grids 32..128 at T=4) to fit a shared 2-core
 machine; on CUDA they span T 16..1024 at 256x256 and grids 64..1024 at T=64.
 
 ``--memcheck`` (CUDA): issue 4's promise, "train 1024x1024 for 1,000 steps in under 40 GB", for
@@ -41,8 +41,8 @@ from nca_fast import NCAConfig
 
 SWEEPS = {
     # (batch, grid side, steps) per point
-    "cpu": {"t": [(1, 32, t) for t in (4, 16, 64, 256)],
-            "grid": [(1, n, 4) for n in (32, 64, 128, 256)]},
+    "cpu": {"t": [(1, 32, t) for t in (4, 16, 64)],
+            "grid": [(1, n, 4) for n in (32, 64, 128)]},
     "cuda": {"t": [(1, 256, t) for t in (16, 32, 64, 128, 256, 512, 1024)],
              "grid": [(1, n, 64) for n in (64, 128, 256, 512, 1024)]},
     # --quick: plumbing checks (tests, the GPU script's dry run), seconds on any machine.

@@ -60,11 +60,18 @@ TRAIN_FACTOR = 4                  # training ~ 4x the forward's work (NCA_SPEC)
 DEFAULT_SIZES = {
     # CPU: the article's batch and grid with few steps, one larger grid, one forward-only step at
     # 1024^2; sized for a whole suite under 5 minutes on a shared 2-core machine.
-    "cpu": "8x72x72@4,1x256x256@2,1x1024x1024@1/forward",
+    "cpu": "8x72x72@2,1x256x256@1,1x1024x1024@1/forward",
     # GPU: the article's configuration, then grids that fill an H200; 16384^2 forward only.
     # Most important first: a time budget cuts the tail.
     "cuda": ("8x72x72@64,1x1024x1024@64,1x4096x4096@16,1x16384x16384@4/forward,"
              "1x256x256@64"),
+}
+# torch.compile and JAX compile anew for every shape (tens of seconds each on a 2-core CPU):
+# with the default CPU sizes they are measured on the article's configuration only.
+DEFAULT_EXCLUDE = {
+    "cpu": ("torch-compile@1x256x256,torch-compile@1x1024x1024,cax@1x256x256,"
+            "cax@1x1024x1024"),
+    "cuda": "",
 }
 DEFAULT_REPEATS = {"cpu": 3, "cuda": 10}
 DEFAULT_BUDGET = {"cpu": 270.0, "cuda": 240.0}
@@ -422,8 +429,9 @@ def run_suite(providers: Sequence[Provider], device, cases: Sequence[Case], *,
               exclude: Sequence[str] = (), log: Callable[[str], None] = print) -> SuiteResult:
     """Check, then time every case; rows go to ``out_dir/csv_name`` after every case.
 
-    exclude: ``provider@BxHxW`` tokens; that provider is not run on that size (recorded as
-    skipped), e.g. to keep torch.compile's per-shape compile time out of a short GPU run.
+    exclude: ``provider@BxHxW`` or ``provider@BxHxW/mode`` tokens: that provider is not run on
+    that size (in that mode), recorded as skipped; e.g. to keep torch.compile's per-shape compile
+    time out of a short run.
     """
     device = torch.device(device)
     start = time.monotonic()
@@ -452,7 +460,8 @@ def run_suite(providers: Sequence[Provider], device, cases: Sequence[Case], *,
                             note=f"time budget of {time_budget:g} s spent")
                 log(f"  skipped {mode} {case.size}: time budget spent")
                 continue
-            run = [p for p in keep if f"{p.name}@{case.size}" not in exclude]
+            run = [p for p in keep if f"{p.name}@{case.size}" not in exclude
+                   and f"{p.name}@{case.size}/{mode}" not in exclude]
             for p in keep:
                 if p not in run:
                     rec.add(p.name, mode, case.size, case.steps, "skipped",
@@ -497,6 +506,39 @@ def format_table(rows: Sequence[dict]) -> str:
             f"{_fmt(comp['median']) if comp else '-':>9s} "
             f"{_fmt(mem['median'] / 2**20) if mem else '-':>10s}  {note}")
     return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[dict], modes: Optional[Sequence[str]] = None) -> str:
+    """The suite as a Markdown table (for bench/RESULTS.md), with the ratio to the floor.
+
+    ratio to floor: measured cell-steps/s over the run's own compute floor for that mode (the
+    ``floor`` rows: matmul rate / FLOPs per cell-step; see bench/NOTES.md); 1.0 would be the
+    dense layers running at the matmul rate with everything else free.
+    """
+    floors = {r["mode"]: r["median"] for r in rows if r["provider"] == "floor"}
+    by = {}
+    for r in rows:
+        if (r["mode"] in modes if modes else r["mode"] != "check") \
+                and r["provider"] in PROVIDER_NAMES:
+            by.setdefault((r["mode"], r["size"], str(r["steps"]), r["provider"]), {})[
+                r["metric"]] = r
+    out = ["| mode | size (BxHxW) | T | provider | cell-steps/s median [p20, p80] | vs eager "
+           "| compile s | memory MiB | ratio to floor |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (mode, size, steps, prov), m in by.items():
+        cs, ratio = m.get("cell_steps_per_s"), m.get("ratio_vs_eager")
+        comp, mem = m.get("compile_s"), m.get("peak_bytes") or m.get("saved_bytes")
+        note = next((m[k]["note"] for k in ("error", "skipped") if k in m), "")
+        if cs is None and not note:
+            continue
+        speed = (f"{cs['median']:.3g} [{cs['p20']:.3g}, {cs['p80']:.3g}]" if cs else note)
+        floor = floors.get(mode)
+        out.append(f"| {mode} | {size} | {steps} | {prov} | {speed} | "
+                   f"{(format(ratio['median'], '.2f') + 'x') if ratio else '-'} | "
+                   f"{format(comp['median'], '.2g') if comp else '-'} | "
+                   f"{format(mem['median'] / 2**20, '.3g') if mem else '-'} | "
+                   f"{format(cs['median'] / floor, '.3f') if cs and floor else '-'} |")
+    return "\n".join(out)
 
 
 def plot(rows: Sequence[dict], path) -> pathlib.Path:
@@ -571,12 +613,15 @@ def build_parser(prog: str = "python -m bench.throughput") -> argparse.ArgumentP
                         "(default cpu 270, cuda 240; 0 = none)")
     p.add_argument("--sweep", default="none",
                    help="also run bench.memory's sweeps: none, t, grid or t,grid")
-    p.add_argument("--exclude", default="",
-                   help="comma-separated provider@BxHxW pairs not to run, e.g. "
-                        "torch-compile@1x4096x4096")
+    p.add_argument("--exclude",
+                   help="comma-separated provider@BxHxW[/mode] not to run, e.g. "
+                        "torch-compile@1x4096x4096 (default with the default sizes: cpu: "
+                        f"{DEFAULT_EXCLUDE['cpu']}; cuda: none; '' for none)"),
     p.add_argument("--no-floor", action="store_true", help="skip the matmul ceiling")
     p.add_argument("--no-plot", action="store_true", help="write the CSV only")
     p.add_argument("--plot-from", metavar="CSV", help="only redraw the plot of an existing CSV")
+    p.add_argument("--markdown-from", metavar="CSV",
+                   help="only print an existing CSV as a Markdown table")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     return p
 
@@ -624,6 +669,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point (``python -m bench.throughput``, ``nca-fast bench``); returns the status."""
     try:
         args = build_parser().parse_args(argv)
+        if args.markdown_from:
+            print(markdown_table(read_csv(args.markdown_from)))
+            return 0
         if args.plot_from:
             rows = read_csv(args.plot_from)
             png = pathlib.Path(args.plot_from).with_suffix(".png")
@@ -641,12 +689,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.threads < 1:
                 raise UsageError("--threads: expected a positive integer")
             torch.set_num_threads(args.threads)
+        if args.exclude is None:
+            args.exclude = "" if args.sizes else DEFAULT_EXCLUDE[device.type]
         exclude = [t.strip() for t in args.exclude.split(",") if t.strip()]
         for t in exclude:
             name, at, size = t.partition("@")
-            if name not in PROVIDER_NAMES or not at or not size:
-                raise UsageError(f"--exclude: bad pair {t!r}; expected provider@BxHxW with a "
-                                 f"provider from {','.join(PROVIDER_NAMES)}")
+            size, _, mode = size.partition("/")
+            if name not in PROVIDER_NAMES or not at or not size or mode not in ("", "forward", "train"):
+                raise UsageError(f"--exclude: bad pair {t!r}; expected provider@BxHxW[/mode] "
+                                 f"with a provider from {','.join(PROVIDER_NAMES)}")
         budget = DEFAULT_BUDGET[device.type] if args.time_budget is None else args.time_budget
         out = prepare_out(args.out)
     except UsageError as e:
