@@ -170,9 +170,9 @@ def test_torch_and_triton_backends_give_the_same_loss_curve(tmp_path):
     reason = _triton_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    # The Triton interpreter is slow on the CPU: a 6x6 grid, short rollouts, three steps.
+    # The Triton interpreter is slow on the CPU: a 6x6 grid, short rollouts, two steps.
     common = dict(size=2, pad=2, hidden=32, batch=2, pool_size=4, damage=0, rollout_min=3,
-                  rollout_max=4, experiment="persist", steps=3, device="cpu",
+                  rollout_max=4, experiment="persist", steps=2, device="cpu",
                   precision="ieee", save_every=100)
     curves, weights = {}, {}
     for backend in ("torch", "triton"):
