@@ -44,7 +44,7 @@ def select_forward(n_cells: int, channels: int, hidden: int, num_filters: int,
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
         # The interpreter pays per program, not per cell: few, large tiles.
-        block = min(1024, max(16, _next_pow2(n_cells)))
+        block = min(8192, max(16, _next_pow2(n_cells)))
         return StepConfig(block, 4, 1, int64, 1)
     # 128 cells x hidden 128 fp32 activations = 64 KB of registers at 4 warps: the largest tile
     # that keeps h on-chip; wider hidden layers halve the tile to stay spill-free.
@@ -57,7 +57,7 @@ def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
                     device=None) -> StepConfig:
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
-        block = min(512, max(16, _next_pow2(n_cells)))
+        block = min(4096, max(16, _next_pow2(n_cells)))
         tiles = -(-n_cells // block)
         return StepConfig(block, 4, 1, int64, min(tiles, 2))
     # Weight-gradient accumulators (F*C*hidden + hidden*C floats) live in registers for the
@@ -74,7 +74,7 @@ def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
 def select_transpose(n_cells: int, channels: int, num_filters: int) -> StepConfig:
     int64 = needs_int64(n_cells, channels, 0, num_filters)
     if interpreting():
-        return StepConfig(min(1024, max(16, _next_pow2(n_cells))), 4, 1, int64, 1)
+        return StepConfig(min(8192, max(16, _next_pow2(n_cells))), 4, 1, int64, 1)
     # Pure gather-stencil: memory bound, 128 cells x C per program is plenty of loads in flight.
     return StepConfig(128, 4, 2, int64, 1)
 

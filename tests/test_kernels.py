@@ -1,0 +1,312 @@
+"""The fused Triton step against the PyTorch reference.
+
+On a CPU these run in Triton's interpreter (conftest sets TRITON_INTERPRET=1); on a CUDA machine
+the same tests run on the GPU, with the precision-specific tolerances of tests/tolerances.py.
+"""
+import os
+
+import pytest
+import torch
+
+import nca_fast
+from nca_fast import NCA, NCAConfig, reference, rng
+from nca_fast.config import filter_tensor
+from nca_fast.functional import rollout
+from nca_fast.kernels import configs
+from nca_fast.kernels.step_bwd import nca_step_bwd
+from nca_fast.kernels.step_fwd import nca_step_fwd
+from tolerances import assert_close_verbose, tolerance
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set by conftest before importing kernels)",
+                allow_module_level=True)
+
+
+def random_case(cfg, batch, height, width, dtype=torch.float32, seed=0):
+    """A state with sparse alpha (so both alive masks bite) and weights large enough that
+    updates cross the threshold."""
+    g = torch.Generator().manual_seed(seed)
+    c, f, hid = cfg.channels, cfg.num_filters, cfg.hidden
+    x = torch.rand(batch, c, height, width, generator=g, dtype=dtype)
+    a = torch.rand(batch, height, width, generator=g, dtype=dtype)
+    x[:, cfg.alpha_channel] = torch.where(a > 0.55, a, torch.zeros_like(a))
+    w1 = torch.randn(hid, f * c, generator=g, dtype=dtype) * (1.0 / (f * c) ** 0.5)
+    b1 = torch.randn(hid, generator=g, dtype=dtype) * 0.1
+    w2 = torch.randn(c, hid, generator=g, dtype=dtype) * (0.5 / hid ** 0.5)
+    b2 = torch.randn(c, generator=g, dtype=dtype) * 0.05
+    return [t.to(DEVICE) for t in (x, w1, b1, w2, b2)]
+
+
+def run_both(cfg, x, w1, b1, w2, b2, steps, seed=7, first_step=0, segment=None):
+    filt = filter_tensor(cfg, dtype=x.dtype, device=x.device)
+    kw = dict(fire_rate=cfg.fire_rate, alive_threshold=cfg.alive_threshold,
+              alpha_channel=cfg.alpha_channel, circular=cfg.padding == "circular",
+              precision=cfg.precision)
+    out = rollout(x, w1, b1, w2, b2, filt, seed=seed, steps=steps, first_step=first_step,
+                  segment=segment, **kw)
+    ref = reference.rollout(x, w1, b1, w2, b2, cfg, steps, seed, first_step=first_step)
+    return out, ref
+
+
+FORWARD_CASES = [
+    dict(padding=p, alive_threshold=a, channels=c, hidden=32, filters=f)
+    for p in ("zeros", "circular") for a in (0.1, None) for c in (16, 32)
+    for f in ("sobel", "sobel_laplacian")
+] + [dict(hidden=h) for h in (64, 128, 256)]
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda d: "-".join(f"{v}" for v in d.values()))
+def test_forward_matches_reference(case):
+    cfg = NCAConfig(precision="ieee", **case)
+    x, *w = random_case(cfg, 2, 5, 7)
+    out, ref = run_both(cfg, x, *w, steps=3)
+    atol, rtol = tolerance(torch.float32, "ieee", "state")
+    assert_close_verbose(out, ref, atol, rtol, "state after 3 steps")
+    if cfg.alive_masking:
+        # the masks must actually have killed and kept cells for this test to mean anything
+        alive_cells = (ref[:, cfg.alpha_channel] != 0).float().mean().item()
+        assert 0.05 < alive_cells < 0.95, alive_cells
+
+
+@pytest.mark.parametrize("size", [(1, 1, 1), (1, 3, 17), (3, 11, 2), (1, 13, 13)])
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_odd_sizes(size, padding):
+    cfg = NCAConfig(precision="ieee", hidden=32, padding=padding)
+    x, *w = random_case(cfg, *size, seed=3)
+    out, ref = run_both(cfg, x, *w, steps=2)
+    assert_close_verbose(out, ref, *tolerance(torch.float32, "ieee", "state"), name=str(size))
+
+
+GRAD_CASES = [
+    dict(padding="zeros", alive_threshold=0.1, channels=16, hidden=32, filters="sobel"),
+    dict(padding="circular", alive_threshold=None, channels=16, hidden=64, filters="sobel_laplacian"),
+    dict(padding="circular", alive_threshold=0.1, channels=32, hidden=32, filters="sobel"),
+    dict(padding="zeros", alive_threshold=None, channels=32, hidden=128, filters="sobel_laplacian"),
+    dict(padding="zeros", alive_threshold=0.1, channels=16, hidden=256, filters="sobel_laplacian"),
+]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda d: "-".join(f"{v}" for v in d.values()))
+def test_gradients_match_reference(case):
+    cfg = NCAConfig(precision="ieee", **case)
+    tensors = random_case(cfg, 2, 6, 5, seed=1)
+    ours = [t.clone().requires_grad_() for t in tensors]
+    theirs = [t.clone().requires_grad_() for t in tensors]
+    out, _ = run_both(cfg, *ours, steps=3)
+    _, ref = run_both(cfg, *theirs, steps=3)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    (out * probe).sum().backward()
+    (ref * probe).sum().backward()
+    atol, rtol = tolerance(torch.float32, "ieee", "grad")
+    for name, a, b in zip(("x", "w1", "b1", "w2", "b2"), ours, theirs):
+        scale = b.grad.abs().max().item()
+        assert scale > 0, f"{name}: reference gradient is zero, the test would prove nothing"
+        assert_close_verbose(a.grad, b.grad, atol * scale, rtol, f"grad {name}")
+
+
+@pytest.mark.parametrize("alive,padding", [(0.1, "zeros"), (None, "circular")])
+def test_gradcheck_fp64(alive, padding):
+    cfg = NCAConfig(precision="ieee", hidden=32, padding=padding, alive_threshold=alive)
+    x, w1, b1, w2, b2 = random_case(cfg, 1, 3, 4, dtype=torch.float64, seed=2)
+    if alive is not None:
+        # keep alpha away from the threshold so finite differences never flip a mask
+        a = x[:, cfg.alpha_channel]
+        x[:, cfg.alpha_channel] = torch.where(a > 0, 0.5 + a, a)
+    filt = filter_tensor(cfg, dtype=torch.float64, device=DEVICE)
+
+    def f(x, w1, b1, w2, b2):
+        return rollout(x, w1, b1, w2, b2, filt, seed=4, steps=2, alive_threshold=alive,
+                       circular=padding == "circular", precision="ieee")
+
+    inputs = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2)]
+    # fast mode: checks random projections of the Jacobian, a handful of evaluations instead of
+    # one per input element (thousands of interpreted kernel launches)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+def _launch_args(cfg, w1, b1, w2, b2):
+    from nca_fast.functional import _kernel_weights
+
+    w1k, w2t = _kernel_weights(w1, w2, cfg.num_filters)
+    filt = filter_tensor(cfg, dtype=w1.dtype, device=w1.device).reshape(-1, 9)
+    kw = dict(fire_threshold=rng.fire_threshold(cfg.fire_rate),
+              alive_threshold=cfg.alive_threshold, alpha_channel=cfg.alpha_channel,
+              circular=cfg.padding == "circular", precision=cfg.precision)
+    return (w1k, b1, w2t, b2, filt), kw
+
+
+def test_update_mask_forward_and_backward_agree_with_rng():
+    """The forward's mask (read off with an update of exactly 1) and the mask the backward
+    regenerates (read off dW2 with a one-hot incoming gradient) both equal nca_fast.rng's."""
+    cfg = NCAConfig(precision="ieee", hidden=32, alive_threshold=None, fire_rate=0.5)
+    B, H, W, C = 2, 2, 4, 16                        # 16 cells: one channel each
+    x = torch.rand(B, H, W, C, device=DEVICE)
+    w1 = torch.zeros(32, 3 * C, device=DEVICE)
+    b1 = torch.ones(32, device=DEVICE)
+    w2 = torch.zeros(C, 32, device=DEVICE)
+    b2 = torch.ones(C, device=DEVICE)
+    params, kw = _launch_args(cfg, w1, b1, w2, b2)
+    for step in (0, 1, 1000):
+        expected = rng.update_mask(B, H, W, fire_rate=0.5, seed=99, step=step).flatten()
+        out, _ = nca_step_fwd(x, None, *params, seed=99, step=step, **kw)
+        fwd_mask = (out - x)[..., 0].round().flatten().cpu()
+        g = torch.eye(C, device=DEVICE).reshape(B, H, W, C)   # cell i -> channel i
+        _, _, _, dw2t, _ = nca_step_bwd(x, None, g, *params, seed=99, step=step, **kw)
+        bwd_mask = dw2t[0].cpu()                    # h = relu(b1) = 1: dW2[j, c] = fire[c]
+        assert torch.equal(fwd_mask, expected), step
+        assert torch.equal(bwd_mask, expected), step
+        assert 0 < expected.sum() < 16, "a mask of all or nothing would prove little"
+
+
+def test_every_element_written():
+    cfg = NCAConfig(precision="ieee", hidden=32)
+    x, *w = random_case(cfg, 2, 7, 9, seed=4)
+    r = x.permute(0, 2, 3, 1).contiguous()
+    params, kw = _launch_args(cfg, *w)
+    out = torch.full_like(r, float("nan"))
+    q_out = torch.full(r.shape[:3], 7, dtype=torch.uint8, device=DEVICE)
+    out, q = nca_step_fwd(r, None, *params, seed=1, step=0, out=out, q_out=q_out, **kw)
+    assert not out.isnan().any()
+    assert set(q.unique().tolist()) <= {0, 1}
+    out2 = torch.full_like(r, float("nan"))
+    out2, _ = nca_step_fwd(out, q, *params, seed=1, step=1, out=out2, **kw)
+    assert not out2.isnan().any()
+    grad_r = torch.full_like(r, float("nan"))
+    g = torch.randn_like(r)
+    grad_r, *dw = nca_step_bwd(out, q, g, *params, seed=1, step=1, grad_r=grad_r, **kw)
+    assert not grad_r.isnan().any()
+    assert all(not t.isnan().any() for t in dw)
+
+
+def test_int64_offsets_give_the_same_result(monkeypatch):
+    assert not configs.needs_int64(2**31 // 16 - 1, 16, 128, 1)
+    assert configs.needs_int64(2**31 // 16, 16, 128, 1)
+    # the backward's perception-gradient scratch is F*C per cell: it decides first
+    assert configs.needs_int64(-(-2**31 // 48), 16, 128, 3)
+    assert not configs.needs_int64(2**31 // 48, 16, 128, 3)
+    assert configs.select_forward(16384 * 16384 * 8, 16, 128, 3).int64
+    assert not configs.select_forward(1024 * 1024 * 8, 16, 128, 3).int64
+    cfg = NCAConfig(precision="ieee", hidden=32)
+    x, *w = random_case(cfg, 2, 5, 6, seed=6)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    outs = []
+    for i, force in enumerate((False, True)):
+        if force:
+            monkeypatch.setattr(configs, "needs_int64", lambda *a: True)
+        out, _ = run_both(cfg, xs[i], *w, steps=2)
+        out.sum().backward()
+        outs.append(out.detach())
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(xs[0].grad, xs[1].grad)
+
+
+def test_backward_is_bitwise_deterministic():
+    cfg = NCAConfig(precision="ieee", hidden=64)
+    tensors = random_case(cfg, 2, 9, 8, seed=8)
+    grads = []
+    for _ in range(2):
+        ts = [t.clone().requires_grad_() for t in tensors]
+        out, _ = run_both(cfg, *ts, steps=2)
+        (out ** 2).sum().backward()
+        grads.append([t.grad for t in ts])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_noncontiguous_input():
+    cfg = NCAConfig(precision="ieee", hidden=32)
+    x, *w = random_case(cfg, 2, 6, 14, seed=9)
+    view = x[:, :, :, ::2]                       # strided along W
+    assert not view.is_contiguous()
+    out, ref = run_both(cfg, view, *w, steps=2)
+    assert_close_verbose(out, ref, *tolerance(torch.float32, "ieee", "state"), name="strided")
+    cl = x.contiguous(memory_format=torch.channels_last)
+    out2, ref2 = run_both(cfg, cl, *w, steps=2)
+    assert_close_verbose(out2, ref2, *tolerance(torch.float32, "ieee", "state"), name="chlast")
+
+
+def test_module_triton_backend_matches_torch_backend():
+    cfg = NCAConfig(precision="ieee", hidden=64)
+    a = NCA(cfg, backend="triton").to(DEVICE)
+    torch.nn.init.normal_(a.w2.weight, std=0.05)
+    b = NCA(cfg, backend="torch").to(DEVICE)
+    b.load_state_dict(a.state_dict())
+    x = a.seed_state(2, 9, 10)
+    ya, fa = a(x, 6, seed=3, frames=2)
+    yb, fb = b(x, 6, seed=3, frames=2)
+    assert len(fa) == len(fb) == 4
+    assert_close_verbose(ya, yb, *tolerance(torch.float32, "ieee", "state"), name="module")
+    assert ya.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_precision_plumbing_tf32_bf16():
+    """On CPU the interpreter computes tf32/bf16 dots at face value, so only shapes and
+    finiteness are checked here; on a GPU, accuracy against the fp32 reference."""
+    for prec in ("tf32", "bf16"):
+        cfg = NCAConfig(precision=prec, hidden=32)
+        x, *w = random_case(cfg, 1, 5, 5, seed=10)
+        out, ref = run_both(cfg, x, *w, steps=2)
+        assert out.shape == ref.shape and torch.isfinite(out).all()
+        if CUDA:
+            assert_close_verbose(out, ref, *tolerance(torch.float32, prec, "state"), name=prec)
+
+
+def test_errors_name_the_problem(monkeypatch):
+    cfg = NCAConfig(hidden=32)
+    x, w1, b1, w2, b2 = random_case(cfg, 1, 4, 4)
+    filt = filter_tensor(cfg, device=DEVICE)
+    with pytest.raises(TypeError, match="w1"):
+        rollout(x, w1.double(), b1, w2, b2, filt, seed=0, steps=1)
+    with pytest.raises(ValueError, match="w2"):
+        rollout(x, w1, b1, w2.to("meta"), b2, filt, seed=0, steps=1)
+    bad = NCA(NCAConfig(channels=12, hidden=32), backend="triton").to(DEVICE)
+    with pytest.raises(ValueError, match="backend='torch'"):
+        bad(bad.seed_state(1, 4, 4), 1, seed=0)
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        m = NCA(cfg, backend="triton")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            m(m.seed_state(1, 4, 4), 1, seed=0)
+
+
+def test_torch_compile_sees_one_op_and_no_graph_break():
+    cfg = NCAConfig(precision="ieee", hidden=32)
+    m = NCA(cfg, backend="triton").to(DEVICE)
+    torch.nn.init.normal_(m.w2.weight, std=0.05)
+    x = m.seed_state(1, 6, 6)
+    ops = []
+
+    def counting_backend(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    compiled = torch.compile(m, backend=counting_backend, fullgraph=True)
+    y = compiled(x, 3, seed=5)
+    assert sum("nca_fast.rollout" in o for o in ops) == 1, ops
+    assert torch.equal(y, m(x, 3, seed=5))
+
+
+GROW_DEFAULT = ["ex1_lizard"]
+
+
+def _grow(distill_dir, name, backend):
+    model = nca_fast.load_distill(distill_dir / f"{name}.json")
+    model.backend = backend
+    model.config = model.config.replace(precision="ieee" if not CUDA else "tf32")
+    model.to(DEVICE)
+    x = model.seed_state(1, 72, 72)
+    with torch.no_grad():
+        return model(x, 96, seed=0)
+
+
+@pytest.mark.parametrize("name", GROW_DEFAULT)
+def test_distill_model_grows_with_triton(distill_dir, name):
+    from nca_fast.io import load_distill_target
+
+    target = load_distill_target(name.split("_", 1)[1], distill_dir / "emoji_targets.png",
+                                 pad=16).to(DEVICE)
+    out = _grow(distill_dir, name, "triton")
+    mse = ((out[0, :4] - target) ** 2).mean().item()
+    assert mse < 0.01, f"{name}: MSE {mse:.4f}"

@@ -1,0 +1,76 @@
+"""Memory for backward, counted (not timed): bytes saved per cell-step by a rollout.
+
+The design (nca_fast/functional.py): with segment length S the triton backend saves, per cell,
+the input (4C bytes), the stored state and its pending pre-mask byte at every step t with
+0 < t < T and t % S == 0, and the final alive mask (1 byte). So at C = 16 fp32:
+plain (S = 1): 65 bytes per cell-step; checkpoint="sqrt": S = ceil(sqrt(T)).
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from nca_fast import NCA, NCAConfig
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+
+def saved_bytes(model, x, steps, checkpoint):
+    """Bytes of the tensors autograd saves during the forward, excluding the parameters."""
+    params = {p.data_ptr() for p in model.parameters()} | {model.filters.data_ptr()}
+    total = []
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            total.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, steps, seed=1, checkpoint=checkpoint)
+    return sum(total)
+
+
+def expected_bytes(steps, segment, channels, alive):
+    stored = (steps - 1) // segment
+    per_state = 4 * channels + (1 if alive else 0)
+    return 4 * channels + stored * per_state + (1 if alive else 0)
+
+
+@pytest.mark.parametrize("alive", [0.1, None])
+@pytest.mark.parametrize("steps", [16, 256])
+@pytest.mark.parametrize("checkpoint", [None, "sqrt"])
+def test_saved_bytes_per_cell_step(steps, checkpoint, alive):
+    model = NCA(NCAConfig(hidden=32, alive_threshold=alive, precision="ieee"),
+                backend="triton").to(DEVICE)
+    x = model.seed_state(1, 2, 3).requires_grad_()
+    cells = x.shape[0] * x.shape[2] * x.shape[3]
+    segment = 1 if checkpoint is None else math.isqrt(steps - 1) + 1
+    got = saved_bytes(model, x, steps, checkpoint) / cells
+    want = expected_bytes(steps, segment, 16, alive is not None)
+    assert got == want, (got, want)
+    per_cell_step = got / steps
+    if checkpoint is None:
+        assert per_cell_step == (65 if alive is not None else 64)
+    else:
+        # O(sqrt T): 16 steps -> 16.25 B, 256 steps -> 4.0625 B per cell-step with alive masks
+        assert per_cell_step <= 65 * 2 / math.sqrt(steps)
+
+
+def test_checkpointed_gradients_are_bitwise_equal():
+    model = NCA(NCAConfig(hidden=32, precision="ieee"), backend="triton").to(DEVICE)
+    torch.nn.init.normal_(model.w2.weight, std=0.1)
+    x0 = model.seed_state(2, 5, 6)
+    grads = []
+    for checkpoint in (None, "sqrt", 3):
+        model.zero_grad()
+        x = x0.clone().requires_grad_()
+        model(x, 10, seed=2, checkpoint=checkpoint).pow(2).sum().backward()
+        grads.append([x.grad] + [p.grad.clone() for p in model.parameters()])
+    assert any(g.abs().sum() > 0 for g in grads[0])
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            assert torch.equal(a, b)
