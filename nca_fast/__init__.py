@@ -5,16 +5,16 @@ from .model import NCA
 __version__ = "0.1.0"
 
 
-def load(path):
+def load(path, *, backend="auto"):
     """Load a model written by ``NCA.save`` (safetensors weights + JSON config)."""
     from .io import load as _load
-    return _load(path)
+    return _load(path, backend=backend)
 
 
-def load_distill(path):
+def load_distill(path, *, backend="auto"):
     """Load a Distill WebGL 8-bit export (``ex*_NAME.json``) as an ``NCA``."""
     from .io import load_distill as _load_distill
-    return _load_distill(path)
+    return _load_distill(path, backend=backend)
 
 
 __all__ = ["NCA", "NCAConfig", "FILTER_BANKS", "load", "load_distill", "__version__"]

@@ -86,6 +86,7 @@ class NCA(nn.Module):
 
     def forward(self, x: torch.Tensor, steps: int = 1, *, seed: Optional[int] = None,
                 checkpoint: Union[None, str, int] = None, frames: Optional[int] = None,
+                first_step: int = 0,
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Run ``steps`` NCA steps on ``x`` (B x C x H x W) and return the final state.
 
@@ -94,11 +95,17 @@ class NCA(nn.Module):
         backward; ``"sqrt"`` or an int segment length keeps only segment boundaries and recomputes
         segments during backward (same gradients, one extra forward). frames: when an int k, also
         returns a list of the detached states at steps 0, k, 2k, ... and the final one.
+        first_step: index of the first step in the mask counter, so that a rollout run in pieces
+        (``model(x, 10, seed=s)`` then ``model(y, 5, seed=s, first_step=10)``) draws the same
+        masks as ``model(x, 15, seed=s)``.
         """
         self._check_input(x)
         steps = _check_steps(steps)
         seed = random_seed() if seed is None else check_seed(seed)
         segment = resolve_checkpoint(checkpoint, steps)
+        if isinstance(first_step, bool) or not isinstance(first_step, int) or not (
+                0 <= first_step < 2**32):
+            raise ValueError(f"first_step: expected an integer in [0, 2**32), got {first_step!r}")
         if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int)
                                    or frames < 1):
             raise ValueError(f"frames: expected None or a positive integer, got {frames!r}")
@@ -113,7 +120,7 @@ class NCA(nn.Module):
             run = nca_rollout
         else:
             from .cpu import rollout as run
-        return _rollout_with_frames(run, self, x, steps, seed, segment, frames)
+        return _rollout_with_frames(run, self, x, steps, seed, segment, frames, first_step)
 
     def save(self, path) -> None:
         """Write the weights (safetensors) and the config (JSON) to ``path``, atomically."""
@@ -164,14 +171,14 @@ def resolve_checkpoint(checkpoint, steps: int) -> Optional[int]:
     return checkpoint
 
 
-def _rollout_with_frames(run, model, x, steps, seed, segment, frames):
+def _rollout_with_frames(run, model, x, steps, seed, segment, frames, first_step=0):
     if frames is None:
-        return run(model, x, steps, seed=seed, first_step=0, segment=segment)
+        return run(model, x, steps, seed=seed, first_step=first_step, segment=segment)
     out: List[torch.Tensor] = [x.detach().clone()]
     t = 0
     while t < steps:
         n = min(frames, steps - t)
-        x = run(model, x, n, seed=seed, first_step=t, segment=segment)
+        x = run(model, x, n, seed=seed, first_step=first_step + t, segment=segment)
         t += n
         out.append(x.detach().clone())
     return x, out
