@@ -108,6 +108,18 @@ def test_check_accepts_the_faithful_providers():
         assert res[name].max_err < 1e-4
 
 
+@pytest.mark.gpu
+def test_check_on_cuda_accepts_the_kernels_and_rejects_a_wrong_step():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: the Triton provider is only timed on a GPU")
+    names = ["nca_fast-triton", "nca_fast-torch", "torch-eager"]
+    res = check_same_step(get_providers(names) + [Mutated("wrong", _swap_sobel)], "cuda")
+    by = {r.name: r for r in res}
+    for name in names:
+        assert by[name].error is None, by[name].error
+    assert by["wrong"].error is not None and "disagrees" in by["wrong"].error
+
+
 @pytest.mark.parametrize("mistake", sorted(WRONG))
 def test_check_rejects_a_wrong_step(mistake):
     (res,) = check_same_step([Mutated(mistake, WRONG[mistake])], "cpu")
