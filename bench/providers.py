@@ -272,7 +272,9 @@ class EagerRunner(TorchRunner):
             import torch._dynamo
             # Every (runner, shape, grad mode) is a new specialisation of the same step; the
             # default limit of 8 would silently fall back to eager partway through the suite.
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+            cfg = torch._dynamo.config
+            limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+            setattr(cfg, limit, max(getattr(cfg, limit), 256))
             self._step = torch.compile(self.model.step, dynamic=False)
 
     def rollout(self, x, steps, seed):

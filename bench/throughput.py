@@ -591,6 +591,7 @@ def plot(rows: Sequence[dict], path) -> pathlib.Path:
         if floor:
             ax.axhline(floor, color="k", ls="--", lw=1, label="compute floor (matmul rate)")
         ax.set_xticks(range(len(sizes)), sizes, fontsize=8)
+        ax.set_xlim(-0.5, len(sizes) - 0.5)
         ax.set_yscale("log")
         ax.set_ylabel("cell-steps / s (median)")
         ax.set_title(f"{mode}")
