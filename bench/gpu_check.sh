@@ -18,6 +18,7 @@
 #   NCA_FAST_GPU_CHECK_REHEARSE=1  run every stage on the CPU at tiny sizes (a dress rehearsal
 #                                  of the whole script; minutes on a 2-core machine)
 #   NCA_FAST_GPU_CHECK_TESTS=...   pytest targets of the tests stage (default: tests)
+#   NCA_FAST_GPU_CHECK_SECONDS=N   the whole run's limit (default 470)
 #   PYTHON=...                     the interpreter (default: python)
 set -u
 
@@ -54,6 +55,8 @@ trap 'rm -rf -- "$WORK"' EXIT
 STAGES="$WORK/stages.md"
 FAILED=0
 START=$(date +%s)
+# Every stage's limit is cut to what is left of 470 s, so the whole run stays under 8 minutes.
+DEADLINE=$(( START + ${NCA_FAST_GPU_CHECK_SECONDS:-470} ))
 if [ "$DRY" = 1 ]; then MODE="dry run (no CUDA stage)"
 elif [ "$REHEARSE" = 1 ]; then MODE="rehearsal on the CPU (tiny sizes; not GPU figures)"
 else MODE="GPU"; fi
@@ -63,9 +66,17 @@ log() { echo "[gpu_check $(( $(date +%s) - START ))s] $*" >&2; }
 
 # stage NAME LIMIT_S LOGFILE CMD... : run CMD under timeout, record PASS / FAIL / TIMEOUT.
 stage() {
-    local name=$1 limit=$2 logfile=$3 t0 rc dt status
+    local name=$1 limit=$2 logfile=$3 t0 rc dt status left
     shift 3
     t0=$(date +%s)
+    left=$(( DEADLINE - t0 - 12 ))
+    if [ "$left" -lt 5 ]; then
+        printf '| %s | NOT RUN: no time left of the 8 minutes | - |\n' "$name" >>"$STAGES"
+        log "$name: not run, no time left"
+        FAILED=1
+        return 1
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
     log "$name: starting (limit ${limit} s)"
     timeout -k 10 "$limit" "$@" >"$logfile" 2>&1
     rc=$?
@@ -98,7 +109,7 @@ fi
 # nca_fast.kernels lives in kernels/ (setup.py's package_dir), so a bare PYTHONPATH is not
 # enough: without a working install, lay the package out in a scratch folder. (A dry run imports
 # nothing but what env.txt reports.)
-if [ "$DRY" != 1 ] && ! timeout 60 "$PY" -c "import nca_fast.kernels" >/dev/null 2>&1; then
+if [ "$DRY" != 1 ] && ! timeout 30 "$PY" -c "import nca_fast.kernels" >/dev/null 2>&1; then
     mkdir -p "$WORK/site"
     cp -r nca_fast "$WORK/site/nca_fast"
     rm -rf "$WORK/site/nca_fast/kernels"
@@ -119,7 +130,7 @@ fi
     echo "host: $(hostname 2>/dev/null || echo unknown)"
     echo "cpu: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//')"
     echo "cpus: $(nproc 2>/dev/null || echo unknown)"
-    timeout 60 "$PY" - <<'PYEOF' 2>&1
+    timeout 30 "$PY" - <<'PYEOF' 2>&1
 import platform, sys
 print("python:", sys.version.split()[0], platform.platform())
 try:
@@ -147,10 +158,10 @@ except Exception as e:
     print("nca_fast: import failed:", e)
 PYEOF
     echo "--- nvidia-smi --query-gpu ---"
-    timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit \
+    timeout 10 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit \
         --format=csv 2>&1 || echo "nvidia-smi: not available"
     echo "--- nvidia-smi ---"
-    timeout 20 nvidia-smi 2>&1 || echo "nvidia-smi: not available"
+    timeout 10 nvidia-smi 2>&1 || echo "nvidia-smi: not available"
 } >"$OUT/env.txt"
 printf '| env | PASS | - |\n' >>"$STAGES"
 
