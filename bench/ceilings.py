@@ -14,7 +14,6 @@ call kept: the median and the 20th/80th percentiles are reported). CPU times are
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from typing import List, Optional

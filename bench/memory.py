@@ -26,7 +26,6 @@ nca_fast-triton with and without ``checkpoint="sqrt"``.
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
