@@ -289,6 +289,8 @@ def test_torch_compile_sees_one_op_and_no_graph_break():
 
 
 GROW_DEFAULT = ["ex1_lizard"]
+GROW_ALL = [f"ex{e}_{n}" for e in (1, 2, 3) for n in (
+    "lizard", "smiley", "boom", "eye", "fish", "butterfly", "ladybug", "web", "pretzel", "tree")]
 
 
 def _grow(distill_dir, name, backend):
@@ -301,7 +303,8 @@ def _grow(distill_dir, name, backend):
         return model(x, 96, seed=0)
 
 
-@pytest.mark.parametrize("name", GROW_DEFAULT)
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=[] if n in GROW_DEFAULT else [pytest.mark.slow]) for n in GROW_ALL])
 def test_distill_model_grows_with_triton(distill_dir, name):
     from nca_fast.io import load_distill_target
 
