@@ -313,7 +313,7 @@ class CaxRunner(Runner):
             raise ValueError("cax: fire_rate must be > 0 (dropout rate 1 zeroes every update)")
         self._jax, self._jnp = jax, jnp
         c, nf, a = config.channels, config.num_filters, config.alpha_channel
-        self.perm = [i for i in range(c) if i != a] + [a]       # CAX channel j = spec channel perm[j]
+        self.perm = [i for i in range(c) if i != a] + [a]   # CAX channel j = spec's perm[j]
         self.inv_perm = [self.perm.index(i) for i in range(c)]
         cols = [self.perm[j] * nf + k for j in range(c) for k in range(nf)]
         w1, b1, w2, b2 = (t.double() for t in weights.as_tuple())
@@ -450,7 +450,8 @@ class Cax(Provider):
     name = "cax"
 
     def unavailable(self, device):
-        missing = [m for m in ("jax", "flax", "optax", "cax") if importlib.util.find_spec(m) is None]
+        missing = [m for m in ("jax", "flax", "optax", "cax")
+                   if importlib.util.find_spec(m) is None]
         if missing:
             return (f"{', '.join(missing)} not importable (CAX is JAX; the project does not "
                     "depend on it)")
@@ -476,7 +477,8 @@ def get_providers(names: Optional[Sequence[str]] = None) -> List[Provider]:
         return [PROVIDERS[n] for n in PROVIDER_NAMES]
     unknown = [n for n in names if n not in PROVIDERS]
     if unknown:
-        raise ValueError(f"providers: unknown {unknown}; expected names from {list(PROVIDER_NAMES)}")
+        raise ValueError(f"providers: unknown {unknown}; expected names from "
+                         f"{list(PROVIDER_NAMES)}")
     return [PROVIDERS[n] for n in names]
 
 

@@ -58,7 +58,8 @@ def test_train_iteration(benchmark, name, size):
     runner, cfg = _runner(name)
     b, h, w = SIZES[size]
     x = runner.prepare(random_state(b, h, w, cfg, seed=2))
-    target = runner.prepare_target(torch.rand(b, 4, h, w, generator=torch.Generator().manual_seed(3)))
+    target = runner.prepare_target(
+        torch.rand(b, 4, h, w, generator=torch.Generator().manual_seed(3)))
     benchmark.group = f"train {size} T={STEPS} ({DEVICE.type})"
     benchmark.extra_info["cell_steps"] = b * h * w * STEPS
     runner.sync(runner.train_step(x, target, STEPS, 7))

@@ -237,6 +237,13 @@ def _out_of_memory(e: BaseException) -> bool:
     return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or "out of memory" in str(e)
 
 
+def _describe(e: BaseException) -> str:
+    """One line for the CSV's note: "out of memory" or the exception's first line."""
+    if _out_of_memory(e):
+        return "out of memory"
+    return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+
 def _free_memory(device):
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
@@ -269,8 +276,7 @@ def time_interleaved(calls: Dict[str, Callable[[], None]], repeats: int, warmup:
                 calls[name]()
                 dt = time.perf_counter() - t0
             except Exception as e:  # OOM or a provider bug: report it, keep the others going
-                out[name].error = ("out of memory" if _out_of_memory(e)
-                                   else f"{type(e).__name__}: {e}".splitlines()[0][:200])
+                out[name].error = _describe(e)
                 _free_memory(device)
                 break
             if i == 0:
@@ -287,8 +293,7 @@ def time_interleaved(calls: Dict[str, Callable[[], None]], repeats: int, warmup:
                 out[name].times.append(time.perf_counter() - t0)
                 out[name].cpu_times.append(time.process_time() - c0)
             except Exception as e:
-                out[name].error = ("out of memory" if _out_of_memory(e)
-                                   else f"{type(e).__name__}: {e}".splitlines()[0][:200])
+                out[name].error = _describe(e)
                 _free_memory(device)
     return out
 
@@ -375,8 +380,7 @@ def measure_case(providers: Sequence[Provider], config: NCAConfig, weights, case
             except Exception as e:
                 measured = None
                 ok = ok and _out_of_memory(e)
-                rec.add(name, label, case.size, case.steps, "error",
-                        note="memory: " + ("out of memory" if _out_of_memory(e) else str(e)))
+                rec.add(name, label, case.size, case.steps, "error", note="memory: " + _describe(e))
                 _free_memory(device)
             if measured is not None:
                 metric, nbytes, note = measured
@@ -623,7 +627,9 @@ def build_parser(prog: str = "python -m bench.throughput") -> argparse.ArgumentP
     p.add_argument("--providers", default=",".join(PROVIDER_NAMES),
                    help="comma-separated subset of " + ",".join(PROVIDER_NAMES))
     p.add_argument("--repeats", type=int, help="timed rounds per case (default cpu 3, cuda 10)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per provider first")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed calls per provider first (at least one is made: its excess over "
+                        "the median is compile_s)")
     p.add_argument("--out", default=str(RESULTS), help="folder for throughput.csv/.png")
     p.add_argument("--time-budget", type=float,
                    help="seconds after which remaining cases are recorded as skipped "
@@ -712,7 +718,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for t in exclude:
             name, at, size = t.partition("@")
             size, _, mode = size.partition("/")
-            if name not in PROVIDER_NAMES or not at or not size or mode not in ("", "forward", "train"):
+            if (name not in PROVIDER_NAMES or not at or not size
+                    or mode not in ("", "forward", "train")):
                 raise UsageError(f"--exclude: bad pair {t!r}; expected provider@BxHxW[/mode] "
                                  f"with a provider from {','.join(PROVIDER_NAMES)}")
         budget = DEFAULT_BUDGET[device.type] if args.time_budget is None else args.time_budget
