@@ -8,6 +8,7 @@ import csv
 import os
 import pathlib
 import subprocess
+import sys
 import types
 
 import pytest
@@ -252,7 +253,8 @@ def test_quick_sweeps_write_memory_csv_and_plot(tmp_path):
 
 # ------------------------------------------------------------------------------ gpu_check.sh
 def _gpu_check(*args, env=None):
-    e = dict(os.environ, **(env or {}))
+    # The script's interpreter must be this one (CI runs the tests from a virtual environment).
+    e = dict(os.environ, PYTHON=sys.executable, **(env or {}))
     return subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True,
                           env=e, timeout=120)
 
