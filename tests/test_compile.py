@@ -1,0 +1,161 @@
+"""The step kernels compile for sm_90a and sm_80 into code that can run fast: no GPU needed.
+
+Each variant is compiled ahead of time by ``bench.compile_report`` (``triton.compile`` with a
+``GPUTarget``, in spawned worker processes: this process keeps its interpreted kernels), with the
+launch configuration the launchers pick, and must:
+
+- compile (the interpreter accepts code the GPU compiler rejects);
+- not spill registers (ptxas -v), and fit the register file and shared memory of its launch;
+- issue tensor-core instructions for tf32 and bf16 dense layers (wgmma.mma_async on sm_90a,
+  mma.sync on sm_80). "ieee" is exact fp32 and has none by design.
+
+Default run: the CI subset (17 variants, ``compile_report.ci_variants``; about 100 CPU-seconds,
+two compiles at a time). ``--runslow`` adds every other variant the launchers can pick (2351
+compiles, ~5 CPU-seconds each: hours on 2 cores; select with -k, e.g. -k "sm_90a and fwd").
+"""
+from __future__ import annotations
+
+import pytest
+
+from bench import compile_report as cr
+
+CI_VARIANTS = cr.ci_variants()
+_CI = set(CI_VARIANTS)
+OTHER_VARIANTS = [v for v in cr.all_variants() if v not in _CI]
+
+
+def _id(v: cr.Variant) -> str:
+    return v.label().replace(" ", "-")
+
+
+def assert_fast_code(r: cr.Result) -> None:
+    """The assertions every compiled variant must pass, each with the variant in the message."""
+    v = r.variant
+    where = f"{v.label()} (BLOCK_M={r.block_m}, num_warps={r.num_warps})"
+    assert r.status == "ok", f"{where} does not compile: {r.error}"
+    spills = (r.spill_stores, r.spill_loads)
+    assert spills == (0, 0), (f"{where} spills: {spills[0]} B stored, {spills[1]} B loaded, "
+                              f"{r.registers} registers")
+    assert r.registers <= cr.MAX_REGISTERS, f"{where} uses {r.registers} registers"
+    threads = r.num_warps * 32
+    assert r.registers * threads <= cr.REGISTER_FILE, (
+        f"{where}: {r.registers} registers x {threads} threads exceed the register file")
+    smem = r.smem
+    assert 0 <= smem <= cr.SMEM_LIMIT[v.arch], f"{where} needs {smem} B of shared memory"
+    if v.dense and v.precision in (1, 2):
+        native = r.wgmma if v.arch >= 90 else r.mma_sync
+        instr = "wgmma.mma_async" if v.arch >= 90 else "mma.sync"
+        assert native > 0, (f"{where}: no {instr} in the PTX (wgmma {r.wgmma}, mma.sync "
+                            f"{r.mma_sync}): the dense layers run on CUDA cores")
+
+
+# ---------------------------------------------------------------------------- compiled (CI)
+@pytest.fixture(scope="module")
+def ci_results():
+    """Every CI variant compiled once, two at a time, from an empty triton cache."""
+    results = cr.run(CI_VARIANTS, workers=2)
+    return {r.variant: r for r in results}
+
+
+@pytest.mark.parametrize("variant", CI_VARIANTS, ids=_id)
+def test_ci_variant_compiles_to_fast_code(ci_results, variant):
+    assert_fast_code(ci_results[variant])
+
+
+def test_ci_subset_covers_the_required_cases():
+    """Both archs; tf32 and bf16; alive off / on / pending bits; largest shapes; INT64."""
+    for arch in cr.ARCHS:
+        vs = [v for v in CI_VARIANTS if v.arch == arch]
+        dense = [v for v in vs if v.dense]
+        assert {v.kernel for v in vs} == set(cr.KERNEL_NAMES)
+        assert {v.precision for v in dense} == {1, 2}
+        defaults = [v for v in dense if (v.channels, v.hidden, v.filters) == (16, 128, 3)]
+        assert {(v.has_q, v.alive) for v in defaults} == {(False, False), (False, True),
+                                                          (True, True)}
+        largest = {v.kernel for v in dense if (v.channels, v.hidden, v.filters) == (32, 256, 4)}
+        assert largest == ({"fwd", "bwd"} if arch >= 90 else {"fwd"})
+        assert any(v.int64 for v in dense) and any(v.int64 for v in vs if not v.dense)
+
+
+# ---------------------------------------------------------------------- every variant (slow)
+@pytest.fixture(scope="module")
+def every_result(request):
+    """A future per selected slow variant, all submitted at once (two compile at a time, in
+    test order), so that a long run keeps both cores busy; unfinished ones cancelled at exit."""
+    name = "test_every_variant_compiles_to_fast_code"
+    wanted = [item.callspec.params["variant"] for item in request.session.items
+              if getattr(item, "originalname", None) == name]
+    with cr.Compiler(workers=2) as compiler:
+        yield {v: compiler.submit(v) for v in wanted}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", OTHER_VARIANTS, ids=_id)
+def test_every_variant_compiles_to_fast_code(every_result, variant):
+    assert_fast_code(every_result[variant].result())
+
+
+# ----------------------------------------------------------------- the report's own parsing
+def test_enumeration_is_every_valid_combination():
+    every = cr.all_variants()
+    assert len(every) == len(set(every)) == 2 * (2 * 576 + 32)
+    assert not any(v.has_q and not v.alive for v in every if v.dense)
+    assert _CI <= set(every) and set(cr.quick_variants()) <= set(every)
+    with pytest.raises(ValueError, match="has_q"):
+        cr.Variant("fwd", 90, 16, 128, 3, 1, True, False, False, False)
+
+
+PTXAS_LOG = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_nca_step_fwd_kernel' for 'sm_80'
+ptxas info    : Function properties for _nca_step_fwd_kernel
+    104 bytes stack frame, 96 bytes spill stores, 88 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 104 bytes cumulative stack size, 480 bytes \
+cmem[0]
+ptxas info    : (C7519) warpgroup.arrive is injected in around line 4476 by compiler
+ptxas info    : Compile time = 3207.629 ms
+"""
+
+PTX = """
+    wgmma.fence.sync.aligned;
+    wgmma.mma_async.sync.aligned.m64n16k8.f32.tf32.tf32 {%f1}, %rd1, %rd2, p, 1, 1;
+    wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32 {%f2}, %rd3, %rd4, p, 1, 1;
+    wgmma.commit_group.sync.aligned;
+    mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%f3}, {%r1}, {%r2}, {%f4};
+    @%p1 ld.global.v4.b32 { %r5, %r6, %r7, %r8 }, [ %rd5 + 0 ];
+    @%p2 ld.global.b8 { %rs1 }, [ %rd6 + 0 ];
+    ld.global.b32 %r9, [%rd7];
+    @%p3 st.global.v2.b32 [ %rd8 + 0 ], { %r10, %r11 };
+    ld.shared.v4.b32 { %r12, %r13, %r14, %r15 }, [ %r16 ];
+"""
+
+
+def test_parse_ptxas_log():
+    got = cr.parse_ptxas(PTXAS_LOG)
+    assert (got["registers"], got["stack"], got["spill_stores"], got["spill_loads"]) == \
+        (255, 104, 96, 88)
+    assert got["ptxas_notes"].startswith("C7519: warpgroup.arrive is injected")
+    with pytest.raises(ValueError, match="ptxas log"):
+        cr.parse_ptxas("ptxas fatal   : Unresolved extern function")
+
+
+def test_parse_ptx_counts_tensor_cores_and_load_widths():
+    got = cr.parse_ptx(PTX)
+    assert (got["wgmma"], got["mma_sync"]) == (2, 1)
+    assert got["loads"] == {16: 1, 1: 1, 4: 1}      # shared-memory loads are not counted
+    assert (got["widest_load"], got["widest_store"]) == (16, 8)
+
+
+def test_problems_name_each_failure():
+    v = cr.Variant("fwd", 80, 16, 128, 3, 1, True, True, False, False)
+    clean = cr.Result(v, block_m=128, num_warps=4, registers=200, spill_stores=0,
+                      spill_loads=0, stack=0, smem=1024, mma_sync=8)
+    assert clean.problems() == []
+    bad = cr.Result(v, block_m=128, num_warps=16, registers=200, spill_stores=8,
+                    spill_loads=8, stack=8, smem=cr.SMEM_LIMIT[80] + 1, wgmma=4)
+    text = "; ".join(bad.problems())
+    for word in ("spills", "register file", "shared memory", "no mma.sync"):
+        assert word in text
+    ieee = cr.Result(cr.Variant("fwd", 90, 16, 128, 3, 0, False, False, False, False),
+                     block_m=128, num_warps=4, registers=100, spill_stores=0, spill_loads=0,
+                     stack=0, smem=0)
+    assert ieee.problems() == []     # exact fp32 has no tensor-core instruction by design
