@@ -216,8 +216,8 @@ PRESETS: Dict[str, dict] = {
     # A recognisable small target on a 2-core CPU in under 10 minutes (docs/TRAINING.md).
     # A 32x32 grid (rollouts [28, 43) by the grid rule); the lr drop comes late because the
     # loss is still falling fast at a few hundred steps.
-    "quick": dict(size=24, pad=4, hidden=64, steps=800, pool_size=256, lr_drop_at=600,
-                  save_every=100),
+    "quick": dict(size=24, pad=4, hidden=64, steps=1800, pool_size=256, lr_drop_at=1400,
+                  save_every=200),
     # Large grids: memory-light rollouts, a loss that also sees the coarse shape, a rollout
     # curriculum so early training is not wasted on long rollouts of an untrained model.
     "hires": dict(size=128, batch=4, pool_size=256, checkpoint="sqrt", loss_levels=3,
@@ -842,6 +842,8 @@ def options_from_args(ns: argparse.Namespace) -> TrainOptions:
         if getattr(ns, "preset", None):
             raise ValueError("--preset: not allowed with --resume (the run's config.json holds "
                              "its options)")
+        if "out" in given and pathlib.Path(given["out"]) != pathlib.Path(resume):
+            raise ValueError("--out: a resumed run writes to its own folder (the --resume one)")
         saved = read_run_options(resume)
         fixed = sorted(k for k in given if k not in _RESUMABLE and k != "out")
         changed = [k for k in fixed if given[k] != getattr(saved, k)]
