@@ -327,3 +327,20 @@ def test_default_assets_exist_and_load():
     alpha = target[3]
     assert 0.1 < float((alpha > 0.5).float().mean()) < 0.6     # an opaque figure on clear ground
     assert float(alpha[:16].abs().max()) == 0.0                 # the padding is empty
+
+
+def test_default_model_grows_its_target():
+    """The shipped model, grown as it was trained, is far closer to the target than nothing."""
+    assets = pathlib.Path(T.__file__).parent / "assets"
+    meta = json.loads((assets / "default_model.json").read_text())
+    model = nca_fast.load(assets / "default_model.safetensors", backend="torch")
+    target = nca_fast.io.load_target(assets / "default_target.png", meta["size"], meta["pad"])
+    g = target.shape[-1]
+    assert g == meta["grid"]
+    with torch.no_grad():
+        x = model(model.seed_state(4, g, g), meta["rollout"][1], seed=11)
+        later = model(x, 200, seed=12)          # persist: the shape must hold on
+    empty = float((target ** 2).mean())
+    for state in (x, later):
+        loss = float(T.per_sample_loss(state, target).mean())
+        assert loss < 0.1 * empty, (loss, empty)
