@@ -134,7 +134,8 @@ class TrainOptions:
         pos_int("lr_drop_at", 0, optional=True)
         pos_int("video_steps", 1, optional=True)
         pos_int("threads", 1, optional=True)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             bad("seed", "an integer in [0, 2**63)")
         if self.experiment not in EXPERIMENTS:
             bad("experiment", f"one of {EXPERIMENTS}")
@@ -315,7 +316,8 @@ class CheckpointError(ValueError):
 
 
 def _checkpoint_path(run_dir: pathlib.Path, rank: int) -> pathlib.Path:
-    return run_dir / ("checkpoint.safetensors" if rank == 0 else f"checkpoint.rank{rank}.safetensors")
+    name = "checkpoint.safetensors" if rank == 0 else f"checkpoint.rank{rank}.safetensors"
+    return run_dir / name
 
 
 def _write_safetensors(path: pathlib.Path, tensors: Dict[str, torch.Tensor], metadata: dict):
@@ -526,8 +528,9 @@ class Trainer:
                         tensors[f"optim.{pid}.{key}"] = v
                     else:
                         plain.setdefault(str(pid), {})[key] = v
-            info["optimizer"] = {"param_groups": sd["param_groups"], "plain_state": plain,
-                                 "tensor_state": sorted(k for k in tensors if k.startswith("optim."))}
+            info["optimizer"] = {
+                "param_groups": sd["param_groups"], "plain_state": plain,
+                "tensor_state": sorted(k for k in tensors if k.startswith("optim."))}
             info["lr"] = self.lr_at(self.step)
             tensors["rng.generator"] = self.generator.get_state()
             tensors["history.loss"] = torch.tensor(self.losses, dtype=torch.float64)
@@ -713,7 +716,9 @@ def train(options: TrainOptions, *, run_dir=None, resume: bool = False, progress
     interrupt a run). Under torchrun (RANK / WORLD_SIZE set) this joins the process group and
     trains with DistributedDataParallel. Returns the model moved to the CPU.
     """
-    run_dir = pathlib.Path(run_dir if run_dir is not None else (options.out or _default_out(options)))
+    if run_dir is None:
+        run_dir = options.out or _default_out(options)
+    run_dir = pathlib.Path(run_dir)
     runner = _Runner(options, run_dir, resume, progress, log_every, command)
     runner.setup()
     return runner.finish(on_step)
@@ -916,8 +921,9 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     if runner.dist_info.rank == 0:
         t = runner.trainer
-        print(f"trained {result.steps} steps in {t.elapsed:.0f} s (process cpu {t.cpu_time:.0f} s), "
-              f"final loss {result.losses[-1]:.6f}; outputs in {result.run_dir}")
+        print(f"trained {result.steps} steps in {t.elapsed:.0f} s (process cpu "
+              f"{t.cpu_time:.0f} s), final loss {result.losses[-1]:.6f}; outputs in "
+              f"{result.run_dir}")
     return 0
 
 

@@ -233,6 +233,9 @@ def test_resume_cli_rejects_other_options(tmp_path, capsys):
     rc = cli_main(["--resume", str(tmp_path), "--hidden", "64"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "hidden" in err and len(err.splitlines()) == 1
+    rc = cli_main(["--resume", str(tmp_path), "--out", str(tmp_path / "elsewhere")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--out" in err and len(err.splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------- corrupt files
