@@ -861,6 +861,9 @@ def options_from_args(ns: argparse.Namespace) -> TrainOptions:
         return TrainOptions.from_dict(merged)
     merged = dict(PRESETS[ns.preset]) if getattr(ns, "preset", None) else {}
     merged.update(given)
+    if merged.get("target") is not None:
+        # config.json must still find the image when the run is resumed from another folder.
+        merged["target"] = str(pathlib.Path(merged["target"]).expanduser().absolute())
     return TrainOptions(**merged)
 
 
