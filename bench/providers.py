@@ -340,10 +340,12 @@ class CaxRunner(Runner):
         kernel = taps.permute(1, 2, 0).repeat(1, 1, c).unsqueeze(2)   # 3 x 3 x 1 x C*F, HWIO
         self.cs.perceive.conv.kernel = FixedFilters(jnp.asarray(kernel.float().numpy()))
         first, last = self.cs.update.layers[0], self.cs.update.layers[-1]
-        first.kernel.value = jnp.asarray(w1.T.float().numpy()).reshape(1, 1, nf * c, -1)
-        first.bias.value = jnp.asarray(b1.float().numpy())
-        last.kernel.value = jnp.asarray(w2.T.float().numpy()).reshape(1, 1, -1, c)
-        last.bias.value = jnp.asarray(b2.float().numpy())
+        # Flax 0.12 sets a Variable's array with var[...] = array (the .value setter is
+        # deprecated there); CAX 0.3 needs that Flax.
+        first.kernel[...] = jnp.asarray(w1.T.float().numpy()).reshape(1, 1, nf * c, -1)
+        first.bias[...] = jnp.asarray(b1.float().numpy())
+        last.kernel[...] = jnp.asarray(w2.T.float().numpy()).reshape(1, 1, -1, c)
+        last.bias[...] = jnp.asarray(b2.float().numpy())
         self.cs.update.dropout.deterministic = config.fire_rate >= 1.0
         self.optimizer = nnx.Optimizer(self.cs, optax.adam(LEARNING_RATE), wrt=nnx.Param)
         rgba = jnp.asarray(self.inv_perm[:4])
