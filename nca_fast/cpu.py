@@ -31,11 +31,12 @@ No ``torch.compile``: see bench/NOTES.md for the measurements behind these choic
 from __future__ import annotations
 
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .rng import check_seed, fire_threshold
 
@@ -67,6 +68,17 @@ def update_masks(batch: int, height: int, width: int, *, fire_rate: float, seed:
 
     Returns ``steps x B x H x W`` bool; entry ``[t]`` equals
     ``nca_fast.rng.update_mask(B, H, W, fire_rate=..., seed=..., step=first_step + t) > 0``.
+    """
+    check_seed(seed)
+    n = batch * height * width
+    out = torch.empty(steps, n, dtype=torch.bool, device=device)
+    _mask_block(out, 0, fire_rate, seed, first_step)
+    return out.view(steps, batch, height, width)
+
+
+def _mask_block(out: torch.Tensor, cell0: int, fire_rate: float, seed: int,
+                first_step: int) -> None:
+    """Fill ``out`` (steps x n bool) with the masks of cells cell0 .. cell0 + n - 1.
 
     Philox4x32-10 on torch integer ops, vectorised over a (step, cell) counter grid. Words are
     held zero-extended in int64 so one int64 multiply gives the 64-bit product; its high and low
@@ -74,15 +86,15 @@ def update_masks(batch: int, height: int, width: int, *, fire_rate: float, seed:
     int32 xor straight into the low half of a zeroed int64 buffer. Rounds 1 and 2 depend on the
     step and the cell separately, so they are computed per step (Python ints) and per cell.
     """
-    check_seed(seed)
-    n = batch * height * width
-    out = torch.empty(steps, n, dtype=torch.bool, device=device)
+    steps, n = out.shape
+    device = out.device
     thr = fire_threshold(fire_rate)
-    if thr <= 0 or thr >= (1 << 24) or steps == 0:
+    if thr <= 0 or thr >= (1 << 24) or steps == 0 or n == 0:
         out.fill_(thr > 0)      # the 24 random bits are always below 2**24, never below 0
-        return out.view(steps, batch, height, width)
-    if sys.byteorder != "little" or n >= (1 << 32):
-        return _update_masks_plain(batch, height, width, fire_rate, seed, first_step, steps, out)
+        return
+    if sys.byteorder != "little" or cell0 + n >= (1 << 32):
+        _mask_block_plain(out, cell0, fire_rate, seed, first_step)
+        return
     keys = []
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     for _ in range(10):
@@ -90,15 +102,14 @@ def update_masks(batch: int, height: int, width: int, *, fire_rate: float, seed:
         k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
     i64 = dict(dtype=torch.int64, device=device)
     # Round 1 with counter (cell, 0, step, 0): the per-cell half.
-    pa = torch.arange(n, **i64).mul_(_ROUND_A)
+    pa = torch.arange(cell0, cell0 + n, **i64).mul_(_ROUND_A)
     c2_r1 = torch.zeros(n, **i64)
     torch.bitwise_xor(_halves(pa)[1], _s32(keys[0][1]), out=_halves(c2_r1)[0])
     c3_r1 = _halves(pa)[0]
     # Round 2, per-cell half: c2_r1 * B gives c1 (its low word) and part of c0.
     pb2 = c2_r1 * _ROUND_B
     pb2_lo, pb2_hi = _halves(pb2)
-    per = max(1, _MASK_CHUNK // n) if device is None or torch.device(device).type == "cpu" \
-        else steps
+    per = max(1, _MASK_CHUNK // n) if device.type == "cpu" else steps
     cur = [torch.zeros(min(per, steps) * n, **i64) for _ in range(2)]       # c0, c2
     prods = [torch.empty(min(per, steps) * n, **i64) for _ in range(4)]     # pb, pa, old pb, pa
     for t0 in range(0, steps, per):
@@ -114,7 +125,7 @@ def update_masks(batch: int, height: int, width: int, *, fire_rate: float, seed:
             rows = slice(i * n, (i + 1) * n)
             torch.bitwise_xor(pb2_hi, _s32(lo1 ^ keys[1][0]), out=c0l[rows])
             torch.bitwise_xor(c3_r1, _s32(((p >> 32) & _M32) ^ keys[1][1]), out=c2l[rows])
-            # c3 after round 2 is the per-step low word of p: fold it into round 3's key now.
+            # c3 after round 2 is the per-step low word of p, kept where round 3 reads c3.
             pa_old.view(s, n)[i].fill_(p & _M32)
         # Round 3: c1 is per cell (pb2_lo), c3 per step (held in pa_old's rows).
         torch.mul(c2, _ROUND_B, out=pb)
@@ -137,15 +148,18 @@ def update_masks(batch: int, height: int, width: int, *, fire_rate: float, seed:
                 c2l.bitwise_xor_(_s32(keys[r][1]))
         # Fires when the top 24 bits are below thr, i.e. the (zero-extended) word < thr * 256.
         torch.lt(c0.view(s, n), thr << 8, out=out[t0:t0 + s])
-    return out.view(steps, batch, height, width)
 
 
-def _update_masks_plain(batch, height, width, fire_rate, seed, first_step, steps, out):
-    from .rng import update_mask
+def _mask_block_plain(out, cell0, fire_rate, seed, first_step):
+    """rng.update_mask's own code, for cell counters past 2**32 or big-endian machines."""
+    from .rng import philox
+    steps, n = out.shape
+    cell = torch.arange(cell0, cell0 + n, dtype=torch.int64, device=out.device)
+    zero = torch.zeros_like(cell)
     for t in range(steps):
-        out[t] = update_mask(batch, height, width, fire_rate=fire_rate, seed=seed,
-                             step=first_step + t, device=out.device).view(-1) > 0
-    return out.view(steps, batch, height, width)
+        step = torch.full_like(cell, (first_step + t) & _M32)
+        word = philox(seed, cell & _M32, cell >> 32, step, zero)[0]
+        out[t] = (word >> 8) < fire_threshold(fire_rate)
 
 
 # ----------------------------------------------------------------------------- perception
@@ -257,7 +271,24 @@ class _Plan:
         hidden = config.hidden
         cpu = torch.device(device).type == "cpu"
         esize = torch.empty((), dtype=dtype).element_size()
-        self.chunk = max(256, _CHUNK_BYTES // (esize * hidden)) if cpu else 1 << 62
+        # A multiple of 64 rows keeps every chunk 64-byte aligned whatever the row size, so a
+        # recomputed segment calls MKL on identically aligned data (bitwise-equal results).
+        self.chunk = max(256, _CHUNK_BYTES // (esize * hidden)) // 64 * 64 if cpu else 1 << 62
+        self._scratch = {}
+        self._active = torch.zeros(b, self.hp, self.wp, dtype=torch.bool, device=device)
+
+    def scratch(self, name, shape, dtype=None) -> torch.Tensor:
+        """A buffer reused across steps (contents undefined). Fresh multi-MB allocations cost
+        their page faults again on every step; reusing them was worth ~20% of a CPU step."""
+        dtype = dtype or self.dtype
+        buf = self._scratch.get(name)
+        numel = 1
+        for d in shape:
+            numel *= d
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = torch.empty(numel, dtype=dtype, device=self.device)
+            self._scratch[name] = buf
+        return buf[:numel].view(shape)
 
     # -------------------------------------------------------------- forward perception
     def _pattern_slice(self, k: int, xp: torch.Tensor, bufs) -> Tuple[torch.Tensor, int]:
@@ -277,17 +308,17 @@ class _Plan:
         pbufs = {}
         for k, pat in enumerate(self.patterns):
             if pat.view_dx is None:
-                buf = torch.empty_like(xp)
+                buf = self.scratch(("pattern", k), xp.shape)
                 _accumulate(buf[:, :, 1:-1],
                             [(xp[:, :, 1 + t.shift:1 + t.shift + w], t.coef) for t in pat.terms])
                 pbufs[k] = buf
         sources = []
-        for band, off in zip(self.bands, self.band_offsets):
+        for j, (band, off) in enumerate(zip(self.bands, self.band_offsets)):
             if band.view:
                 src, _ = self._pattern_slice(band.terms[0].src, xp, pbufs)
                 sources.append((src.view(self.np, self.c), off))
                 continue
-            buf = torch.empty_like(xp)
+            buf = self.scratch(("band", j), xp.shape)
             srcs = []
             for t in band.terms:
                 src, dx = self._pattern_slice(t.src, xp, pbufs)
@@ -299,29 +330,46 @@ class _Plan:
 
     # -------------------------------------------------------------- adjoint perception
     def perceive_adjoint(self, gx: torch.Tensor, pidx: torch.Tensor, gbands) -> None:
-        """gx += perception^T applied to the band gradients ``gbands`` (F x n x C, at pidx)."""
+        """gx += perception^T applied to the band gradients ``gbands`` (n x F x C, at pidx)."""
         w, h = self.w, self.h
         gpat = {}
 
-        def pattern_grad(k):
+        def pattern_grad(k, region_rows=None):
+            """(buffer, column shift, fresh): a pattern's gradient buffer. With region_rows
+            (r0, r1), a fresh buffer is zeroed outside those rows only, and the caller
+            overwrites them (saves a full-grid zero per pattern); the halo columns of a
+            pattern's gradient are never read."""
             if self.patterns[k].view_dx is not None:
-                return gx, self.patterns[k].view_dx
-            if k not in gpat:
-                gpat[k] = torch.zeros_like(gx)
-            return gpat[k], 0
+                return gx, self.patterns[k].view_dx, False
+            if k in gpat:
+                return gpat[k], 0, False
+            buf = self.scratch(("gpattern", k), gx.shape)
+            if region_rows is None:
+                buf.zero_()
+            else:
+                buf[:, :region_rows[0], 1:-1].zero_()
+                buf[:, region_rows[1]:, 1:-1].zero_()
+            gpat[k] = buf
+            return buf, 0, region_rows is not None
 
-        for band, off, g in zip(self.bands, self.band_offsets, gbands):
+        for j, (band, off) in enumerate(zip(self.bands, self.band_offsets)):
+            g = gbands[:, j]
             if band.view:
                 t = band.terms[0]
-                dst, _ = pattern_grad(t.src)
+                dst, _, _ = pattern_grad(t.src)
                 dst.view(self.np, self.c).index_add_(0, pidx + off if off else pidx, g)
                 continue
-            gb = torch.zeros_like(gx)
+            gb = self.scratch(("gband", j), gx.shape).zero_()
             gb.view(self.np, self.c).index_copy_(0, pidx, g)
             inner = gb[:, 1:-1, 1:-1]
             for t in band.terms:
-                dst, dx = pattern_grad(t.src)
-                dst[:, 1 + t.shift:1 + t.shift + h, 1 + dx:1 + dx + w].add_(inner, alpha=t.coef)
+                rows = (1 + t.shift, 1 + t.shift + h)
+                dst, dx, fresh = pattern_grad(t.src, rows)
+                region = dst[:, rows[0]:rows[1], 1 + dx:1 + dx + w]
+                if fresh:
+                    torch.mul(inner, t.coef, out=region)
+                else:
+                    region.add_(inner, alpha=t.coef)
         for k, gp in gpat.items():
             inner = gp[:, :, 1:-1]
             for t in self.patterns[k].terms:
@@ -333,10 +381,13 @@ class _Plan:
 
         A zero halo stands in for the reference's -inf padding because the threshold is >= 0.
         """
-        a = xp[..., self.alpha]
-        m = torch.maximum(a[:, :-2], a[:, 2:])
+        a = self.scratch("alpha", (self.b, self.hp, self.wp))
+        a.copy_(xp[..., self.alpha])          # one strided read, then contiguous max passes
+        m = self.scratch("alpha_max_v", (self.b, self.h, self.wp))
+        torch.maximum(a[:, :-2], a[:, 2:], out=m)
         torch.maximum(m, a[:, 1:-1], out=m)
-        m2 = torch.maximum(m[:, :, :-2], m[:, :, 2:])
+        m2 = self.scratch("alpha_max_h", (self.b, self.h, self.w))
+        torch.maximum(m[:, :, :-2], m[:, :, 2:], out=m2)
         torch.maximum(m2, m[:, :, 1:-1], out=m2)
         return m2 > self.thr
 
@@ -359,7 +410,7 @@ class _Plan:
     def active(self, xp: torch.Tensor, fire: torch.Tensor):
         """(pidx, pre): padded flat indices of the cells that fire and are alive, and pre."""
         pre = self.alive(xp) if self.thr is not None else None
-        act = torch.zeros(self.b, self.hp, self.wp, dtype=torch.bool, device=xp.device)
+        act = self._active            # its halo stays False
         if pre is None:
             act[:, 1:-1, 1:-1] = fire
         else:
@@ -368,54 +419,60 @@ class _Plan:
 
 
 # --------------------------------------------------------------------------------- the MLP
-def _mlp_rows(plan: _Plan, sources, pidx, w1s, b1, w2, b2, save: bool):
-    """dx (n x C) for the cells ``pidx``; with ``save``, also the gathered bands (F x n x C)
-    and hidden activations (n x hidden) that the backward needs."""
+def _mlp_rows(plan: _Plan, sources, pidx, w1b, b1, w2, b2, save: bool):
+    """dx (n x C) for the cells ``pidx``; with ``save``, also the gathered bands (n x F*C,
+    band-major per cell) and hidden activations (n x hidden) that the backward needs.
+
+    The bands are gathered into one n x F*C block so the first layer is a single K = F*C matmul
+    (three K = C matmuls were slower); without ``save`` the block and the hidden activations
+    are per-chunk scratch that stays in cache.
+    """
     n = pidx.numel()
     f, c = len(sources), plan.c
-    dev, dt = pidx.device, w1s.dtype
+    hidden = w1b.shape[0]
     idx = [pidx + off if off else pidx for _, off in sources]
-    dx = torch.empty(n, c, dtype=dt, device=dev)
     if save:
-        gath = torch.empty(f, n, c, dtype=dt, device=dev)
+        gath = torch.empty(n, f, c, dtype=plan.dtype, device=plan.device)
         for k, (src, _) in enumerate(sources):
-            torch.index_select(src, 0, idx[k], out=gath[k])
-        hid = torch.empty(n, w1s.shape[1], dtype=dt, device=dev)
+            torch.index_select(src, 0, idx[k], out=gath[:, k])
+        hid = torch.empty(n, hidden, dtype=plan.dtype, device=plan.device)
+        dx = plan.scratch("dx", (n, c))
     else:
         step = min(plan.chunk, max(n, 1))
-        gbuf = torch.empty(f, step, c, dtype=dt, device=dev)
-        hbuf = torch.empty(step, w1s.shape[1], dtype=dt, device=dev)
+        gbuf = plan.scratch("gather", (step, f, c))
+        hbuf = plan.scratch("hidden", (step, hidden))
+        dx = plan.scratch("dx", (n, c))
     for s in range(0, n, plan.chunk):
         e = min(s + plan.chunk, n)
         if save:
-            g = gath[:, s:e]
-            hc = hid[s:e]
+            g, hc = gath[s:e], hid[s:e]
         else:
-            g = gbuf[:, :e - s]
+            g, hc = gbuf[:e - s], hbuf[:e - s]
             for k, (src, _) in enumerate(sources):
-                torch.index_select(src, 0, idx[k][s:e], out=g[k])
-            hc = hbuf[:e - s]
-        torch.addmm(b1, g[0], w1s[0].t(), out=hc)
-        for k in range(1, f):
-            hc.addmm_(g[k], w1s[k].t())
+                torch.index_select(src, 0, idx[k][s:e], out=g[:, k])
+        torch.addmm(b1, g.view(e - s, f * c), w1b.t(), out=hc)
         hc.clamp_min_(0)
         torch.addmm(b2, hc, w2.t(), out=dx[s:e])
     if save:
-        return dx, gath, hid
+        return dx, gath.view(n, f * c), hid
     return dx, None, None
 
 
 # -------------------------------------------------------------------------------- one step
-def _step_nograd(plan: _Plan, xp: torch.Tensor, fire, w1s, b1, w2, b2) -> torch.Tensor:
-    """One step without autograd, updating ``xp`` in place (the MLP has read all it needs from
-    it before the scatter)."""
+def _step(plan: _Plan, xp: torch.Tensor, fire, w1b, b1, w2, b2, save: bool):
+    """One step on the padded state ``xp`` (b x (H+2) x (W+2) x C), updated in place.
+
+    The MLP reads everything it needs from ``xp`` before the scatter, so in place is safe.
+    Returns None, or with ``save`` the step's record for the backward:
+    (pidx, life or None, gathered bands n x F*C, hidden activations n x hidden).
+    """
     pidx, pre = plan.active(xp, fire)
     sources = plan.perceive(xp)
-    dx, _, _ = _mlp_rows(plan, sources, pidx, w1s, b1, w2, b2, save=False)
+    dx, gath, hid = _mlp_rows(plan, sources, pidx, w1b, b1, w2, b2, save=save)
     del sources
-    xp.view(plan.np, plan.c).index_add_(0, pidx, dx)
-    _finish(plan, xp, pre)
-    return xp
+    xp.view(plan.np, plan.c).index_put_((pidx,), dx, accumulate=True)
+    life = _finish(plan, xp, pre)
+    return (pidx, life, gath, hid) if save else None
 
 
 def _finish(plan: _Plan, xn: torch.Tensor, pre):
@@ -432,65 +489,218 @@ def _finish(plan: _Plan, xn: torch.Tensor, pre):
     return life
 
 
-class _Step(torch.autograd.Function):
-    """One NCA step on the padded channels-last state, with a handwritten backward."""
+def _step_backward(plan: _Plan, g: torch.Tensor, record, w1b, w2, acc, gx):
+    """Backward of one step: ``g`` (grad of the step's output, padded; consumed) -> ``gx``
+    (grad of its input, padded), or only the weight gradients when ``gx`` is None.
+
+    Weight gradients are accumulated into ``acc`` = [gw1, gb1, gw2, gb2] in a fixed order
+    (chunks in order), so every run, checkpointed or not, sums them identically.
+    """
+    pidx, life, gath, hid = record
+    if plan.circular:
+        plan.fold_halo(g)
+    inner = g[:, 1:-1, 1:-1]
+    if life is not None:
+        inner.mul_(life.unsqueeze(-1))
+    if gx is not None:          # the identity path x' = x + ..., halo zero for the adjoint
+        gx[:, 0].zero_()
+        gx[:, -1].zero_()
+        gx[:, 1:-1, 0].zero_()
+        gx[:, 1:-1, -1].zero_()
+        gx[:, 1:-1, 1:-1].copy_(inner)
+    gdx = g.view(plan.np, plan.c).index_select(0, pidx)
+    gw1, gb1, gw2, gb2 = acc
+    gbands = plan.scratch("gbands", gath.shape) if gx is not None else None
+    ghb = plan.scratch("grad_hidden", (min(plan.chunk, max(pidx.numel(), 1)), hid.shape[1]))
+    for s in range(0, pidx.numel(), plan.chunk):
+        e = min(s + plan.chunk, pidx.numel())
+        gd, hc, gh = gdx[s:e], hid[s:e], ghb[:e - s]
+        gw2.addmm_(gd.t(), hc)
+        torch.mm(gd, w2, out=gh)
+        torch.ops.aten.threshold_backward.grad_input(gh, hc, 0, grad_input=gh)
+        gb1.add_(gh.sum(0))
+        gw1.addmm_(gh.t(), gath[s:e])
+        if gbands is not None:
+            torch.mm(gh, w1b, out=gbands[s:e])
+    gb2.add_(gdx.sum(0))
+    if gx is not None:
+        plan.perceive_adjoint(gx, pidx, gbands.view(pidx.numel(), len(plan.bands), plan.c))
+
+
+# -------------------------------------------------------------------- parts and the workers
+class _Part:
+    """The images b0 .. b1-1 of the batch, run start to end by one thread with its own plan.
+
+    Images are independent, so parts need no synchronisation within a rollout: one join per
+    forward and one per backward, instead of an OpenMP barrier per op (hundreds per step),
+    which is what made 2-thread intra-op runs collapse when other processes share the cores.
+    """
+
+    def __init__(self, config, b0, b1, h, w, c, dtype, device, steps, seed, first_step,
+                 segment):
+        self.b0, self.b1 = b0, b1
+        self.plan = _Plan(config, (b1 - b0, h, w, c), dtype, device)
+        self.cells = (b1 - b0) * h * w
+        self.cell0 = b0 * h * w
+        self.steps, self.seed, self.first_step = steps, seed, first_step
+        self.fire_rate = config.fire_rate
+        self.segment = segment
+        self.masks = None
+
+    def _fire(self, t0: int, n: int) -> torch.Tensor:
+        """Update masks of steps t0 .. t0+n-1 (relative to first_step): n x b x H x W bool."""
+        p = self.plan
+        out = torch.empty(n, self.cells, dtype=torch.bool, device=p.device)
+        _mask_block(out, self.cell0, self.fire_rate, self.seed, self.first_step + t0)
+        return out.view(n, p.b, p.h, p.w)
+
+    def forward_nograd(self, xp, weights):
+        block = max(1, (1 << 22) // max(self.cells, 1))      # bounds mask memory on long runs
+        for t0 in range(0, self.steps, block):
+            fire = self._fire(t0, min(block, self.steps - t0))
+            for t in range(fire.shape[0]):
+                _step(self.plan, xp, fire[t], *weights, save=False)
+
+    def forward_train(self, xp, weights):
+        """Runs the steps in place on ``xp``. Returns what the backward needs, flat: the masks,
+        then every step's record (no checkpointing) or the states at segment starts."""
+        masks = self._fire(0, self.steps)
+        saved = [masks]
+        for t in range(self.steps):
+            if self.segment is None:
+                pidx, life, gath, hid = _step(self.plan, xp, masks[t], *weights, save=True)
+                saved += [pidx, life if life is not None else pidx[:0], gath, hid]
+            else:
+                if t % self.segment == 0:
+                    saved.append(xp.clone())
+                _step(self.plan, xp, masks[t], *weights, save=False)
+        return saved
+
+    def backward(self, gout, saved, weights, need_x):
+        """Grad of the part's padded input (or None) and its weight-gradient sums, from what
+        ``forward_train`` returned (as unpacked by autograd)."""
+        w1b, b1, w2, b2 = weights
+        masks, rest = saved[0], saved[1:]
+        acc = [torch.zeros_like(w1b), torch.zeros_like(b1), torch.zeros_like(w2),
+               torch.zeros_like(b2)]
+        g = self.plan.scratch("grad_a", gout.shape)
+        g.copy_(gout)
+        other = self.plan.scratch("grad_b", gout.shape)
+        has_life = self.plan.thr is not None
+        seg = self.segment or self.steps
+        for s0 in reversed(range(0, self.steps, seg)):
+            s1 = min(self.steps, s0 + seg)
+            if self.segment is None:
+                records = {t: (rest[4 * t], rest[4 * t + 1] if has_life else None,
+                               rest[4 * t + 2], rest[4 * t + 3]) for t in range(s0, s1)}
+            else:       # recompute the segment from its first state, keeping its records
+                xp = rest[s0 // seg].clone()
+                records = {t: _step(self.plan, xp, masks[t], *weights, save=True)
+                           for t in range(s0, s1)}
+                del xp
+            for t in reversed(range(s0, s1)):
+                gx = other if (t > 0 or need_x) else None
+                _step_backward(self.plan, g, records.pop(t), w1b, w2, acc, gx)
+                if gx is None:
+                    g = None
+                    break
+                g, other = gx, g
+        return (g.clone() if g is not None else None), acc
+
+
+_POOL = {"size": 0, "executor": None}
+_POOL_LOCK = threading.Lock()
+
+
+def _executor(size: int) -> ThreadPoolExecutor:
+    """A pool of ``size`` threads whose torch ops run single-threaded (their own OpenMP and MKL
+    thread counts are 1; the caller's are left as they were)."""
+    with _POOL_LOCK:
+        if _POOL["size"] != size:
+            if _POOL["executor"] is not None:
+                _POOL["executor"].shutdown(wait=True)
+            caller = torch.get_num_threads()
+            ready = threading.Barrier(size)
+
+            def init():
+                torch.get_num_threads()     # this thread's lazy init first, or it would redo it
+                torch.set_num_threads(1)    # thread-local OpenMP and MKL counts, and a global
+                ready.wait()
+
+            ex = ThreadPoolExecutor(size, thread_name_prefix="nca_fast_cpu", initializer=init)
+            for f in [ex.submit(lambda: None) for _ in range(size)]:
+                f.result()
+            torch.set_num_threads(caller)   # puts the global default back for later threads
+            _POOL.update(size=size, executor=ex)
+        return _POOL["executor"]
+
+
+def _parallel(fn, parts):
+    """fn(part) for every part, under no_grad: in this thread when there is one part, else on
+    the pool (grad mode is thread-local, so the workers set it themselves)."""
+    def run(part):
+        with torch.no_grad():
+            return fn(part)
+
+    if len(parts) == 1:
+        return [run(parts[0])]
+    return list(_executor(len(parts)).map(run, parts))
+
+
+def _split(batch: int, device: torch.device) -> List[Tuple[int, int]]:
+    """Image ranges, one per thread: as many as torch's thread count allows on a CPU."""
+    k = min(batch, torch.get_num_threads()) if device.type == "cpu" else 1
+    k = max(k, 1)
+    bounds = [batch * i // k for i in range(k + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+class _Rollout(torch.autograd.Function):
+    """The whole rollout as one autograd node; parts run in parallel, steps in sequence.
+
+    Everything kept for backward goes through save_for_backward, so saved-tensor hooks (memory
+    accounting, offloading) see it all.
+    """
 
     @staticmethod
-    def forward(ctx, xp, fire, w1s, b1, w2, b2, plan):
-        pidx, pre = plan.active(xp, fire)
-        sources = plan.perceive(xp)
-        dx, gath, hid = _mlp_rows(plan, sources, pidx, w1s, b1, w2, b2, save=True)
-        del sources
-        xn = xp.clone()
-        xn.view(plan.np, plan.c).index_add_(0, pidx, dx)
-        life = _finish(plan, xn, pre)
-        ctx.plan = plan
-        ctx.has_life = life is not None
-        ctx.save_for_backward(pidx, life if life is not None else pidx, gath, hid, w1s, w2)
-        return xn
+    def forward(ctx, xp, w1b, b1, w2, b2, parts):
+        weights = (w1b, b1, w2, b2)
+        out = xp.clone()
+        saved = _parallel(lambda p: p.forward_train(out[p.b0:p.b1], weights), parts)
+        ctx.parts = parts
+        ctx.counts = [len(sv) for sv in saved]
+        ctx.save_for_backward(w1b, b1, w2, b2, *[t for sv in saved for t in sv])
+        return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, gout):
-        plan = ctx.plan
-        pidx, life, gath, hid, w1s, w2 = ctx.saved_tensors
+        tensors = ctx.saved_tensors
+        weights = tensors[:4]
+        per_part, i = [], 4
+        for n in ctx.counts:
+            per_part.append(tensors[i:i + n])
+            i += n
+        need_x = ctx.needs_input_grad[0]
         gout = gout.contiguous()
-        if plan.circular:
-            gout = gout.clone()
-            plan.fold_halo(gout)
-        gx = torch.zeros_like(gout)
-        inner = gout[:, 1:-1, 1:-1]
-        if ctx.has_life:
-            torch.mul(inner, life.unsqueeze(-1), out=gx[:, 1:-1, 1:-1])
-        else:
-            gx[:, 1:-1, 1:-1].copy_(inner)
-        n, f = pidx.numel(), w1s.shape[0]
-        gdx = gx.view(plan.np, plan.c).index_select(0, pidx)
-        gw1 = torch.zeros_like(w1s)
-        gw2 = torch.zeros_like(w2)
-        gb1 = torch.zeros(w1s.shape[1], dtype=w1s.dtype, device=w1s.device)
-        gbands = torch.empty_like(gath)
-        for s in range(0, n, plan.chunk):
-            e = min(s + plan.chunk, n)
-            gd, hc = gdx[s:e], hid[s:e]
-            gw2.addmm_(gd.t(), hc)
-            gh = torch.mm(gd, w2)
-            torch.ops.aten.threshold_backward.grad_input(gh, hc, 0, grad_input=gh)
-            gb1.add_(gh.sum(0))
-            for k in range(f):
-                gw1[k].addmm_(gh.t(), gath[k, s:e])
-                torch.mm(gh, w1s[k], out=gbands[k, s:e])
-        gb2 = gdx.sum(0)
-        plan.perceive_adjoint(gx, pidx, gbands)
-        return gx, None, gw1, gb1, gw2, gb2, None
+        res = _parallel(lambda p: p.backward(gout[p.b0:p.b1], per_part[ctx.parts.index(p)],
+                                             weights, need_x), ctx.parts)
+        gx = torch.cat([r[0] for r in res]) if need_x else None
+        total = res[0][1]
+        for r in res[1:]:                   # a fixed order: part 0, 1, ...
+            total = [a + b for a, b in zip(total, r[1])]
+        return (gx, *total, None)
 
 
 # ------------------------------------------------------------------------------ the rollout
 def _band_weights(plan: _Plan, w1: torch.Tensor) -> torch.Tensor:
-    """w1 (hidden x F*C, interleaved c*F + k) -> F x hidden x C, times each band's scale."""
+    """w1 (hidden x F*C, interleaved c*F + k) -> hidden x F*C band-major (k*C + c), each band
+    times its scale (differentiable: computed once per rollout)."""
     hidden = w1.shape[0]
     f = len(plan.bands)
     scale = torch.tensor([b.scale for b in plan.bands], dtype=w1.dtype, device=w1.device)
-    return (w1.view(hidden, plan.c, f).permute(2, 0, 1) * scale.view(f, 1, 1)).contiguous()
+    w = w1.view(hidden, plan.c, f).permute(0, 2, 1) * scale.view(1, f, 1)
+    return w.reshape(hidden, f * plan.c).contiguous()
 
 
 def _pad(x: torch.Tensor, circular: bool) -> torch.Tensor:
@@ -514,38 +724,32 @@ def rollout(model, x: torch.Tensor, steps: int, *, seed: int, first_step: int = 
 
     Equal (to rounding) to ``nca_fast.reference.rollout`` with the same seed; differentiable
     with respect to ``x`` and the model's weights. segment: None, or the number of steps per
-    ``torch.utils.checkpoint`` segment (only segment inputs are kept; the gradients are bitwise
-    the same as without). Returns a new tensor in ``x``'s memory format (x itself for 0 steps).
+    checkpoint segment: only each segment's first state is kept and the segment is recomputed
+    during backward; gradients are bitwise those of segment=None. Returns a new tensor in
+    ``x``'s memory format (``x`` itself for 0 steps).
+
+    On a CPU the batch is split into up to ``torch.get_num_threads()`` parts run by
+    single-threaded worker threads (a batch of 1 runs in the calling thread).
     """
+    check_seed(seed)
     if steps == 0:
         return x
     cfg = model.config
     w1, b1, w2, b2 = model.weights()
     b, c, h, w = x.shape
-    plan = _Plan(cfg, (b, h, w, c), x.dtype, x.device)
-    fire = update_masks(b, h, w, fire_rate=cfg.fire_rate, seed=seed, first_step=first_step,
-                        steps=steps, device=x.device)
+    ranges = _split(b, x.device)
+    if segment is not None and segment >= steps:
+        segment = steps
+    parts = [_Part(cfg, b0, b1_, h, w, c, x.dtype, x.device, steps, seed, first_step, segment)
+             for b0, b1_ in ranges]
     params = (w1, b1, w2, b2)
     grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    w1b = _band_weights(parts[0].plan, w1)
+    xp = _pad(x, parts[0].plan.circular)
     if not grad:
         with torch.no_grad():
-            w1s = _band_weights(plan, w1)
-            xp = _pad(x, plan.circular)
-            for t in range(steps):
-                xp = _step_nograd(plan, xp, fire[t], w1s, b1, w2, b2)
+            weights = (w1b, b1, w2, b2)
+            _parallel(lambda p: p.forward_nograd(xp[p.b0:p.b1], weights), parts)
             return _unpad(xp, x)
-    w1s = _band_weights(plan, w1)
-    xp = _pad(x, plan.circular)
-
-    def run(xp, w1s, b1, w2, b2, t0, n):
-        for t in range(t0, t0 + n):
-            xp = _Step.apply(xp, fire[t], w1s, b1, w2, b2, plan)
-        return xp
-
-    if segment is None:
-        xp = run(xp, w1s, b1, w2, b2, 0, steps)
-    else:
-        for t0 in range(0, steps, segment):
-            xp = _checkpoint(run, xp, w1s, b1, w2, b2, t0, min(segment, steps - t0),
-                             use_reentrant=False, preserve_rng_state=False)
+    xp = _Rollout.apply(xp, w1b, b1, w2, b2, parts)
     return _unpad(xp, x)
