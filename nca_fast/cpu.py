@@ -408,13 +408,34 @@ class _Plan:
         g[:, 1:-1, 1].add_(g[:, 1:-1, w + 1])
 
     def active(self, xp: torch.Tensor, fire: torch.Tensor):
-        """(pidx, pre): padded flat indices of the cells that fire and are alive, and pre."""
-        pre = self.alive(xp) if self.thr is not None else None
+        """(pidx, pre): padded flat indices of the cells to update, and the pre-alive mask.
+
+        A cell that fires while dead is zeroed at the end of the step, but its updated alpha
+        still counts in its neighbours' post-alive max-pool, so the cells updated are those
+        that fire within one cell of a pre-alive cell (the update of any other fired cell
+        reaches nothing that survives the step).
+        """
         act = self._active            # its halo stays False
-        if pre is None:
+        if self.thr is None:
             act[:, 1:-1, 1:-1] = fire
+            return act.view(-1).nonzero().squeeze(1), None
+        pre = self.alive(xp)
+        near = self.scratch("pre_padded", (self.b, self.hp, self.wp), torch.bool)
+        near[:, 1:-1, 1:-1] = pre
+        if self.circular:
+            self.fill_halo(near)
         else:
-            torch.logical_and(fire, pre, out=act[:, 1:-1, 1:-1])
+            near[:, 0] = False
+            near[:, -1] = False
+            near[:, :, 0] = False
+            near[:, :, -1] = False
+        v = self.scratch("pre_dilated_v", (self.b, self.h, self.wp), torch.bool)
+        torch.logical_or(near[:, :-2], near[:, 2:], out=v)
+        v |= near[:, 1:-1]
+        d = act[:, 1:-1, 1:-1]
+        torch.logical_or(v[:, :, :-2], v[:, :, 2:], out=d)
+        d |= v[:, :, 1:-1]
+        d &= fire
         return act.view(-1).nonzero().squeeze(1), pre
 
 

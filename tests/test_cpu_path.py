@@ -234,6 +234,40 @@ def test_gradcheck_fp64():
                                          fast_mode=True)
 
 
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_dead_cells_that_fire_count_in_the_post_mask(padding):
+    """A dead cell (pre-alive false) that fires is zeroed at the end of the step, but its
+    updated alpha enters its neighbours' post-alive max-pool: skipping its update changes
+    which neighbours survive. Strong weights and sparse alpha make that happen here (checked),
+    and the fast path must still equal the reference."""
+    import torch.nn.functional as F
+    cfg = NCAConfig(channels=4, hidden=8, alpha_channel=0, padding=padding)
+    hits = 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        model = NCA(cfg)
+        with torch.no_grad():
+            model.w1.weight.normal_(0, 2.0)
+            model.w1.bias.normal_(0, 1.0)
+            model.w2.weight.normal_(0, 1.0)
+            model.w2.bias.normal_(0, 0.3)
+        g = torch.Generator().manual_seed(seed)
+        x = torch.rand(2, 4, 6, 7, generator=g) - 0.5
+        x[:, 0] = (torch.rand(2, 6, 7, generator=g) < 0.15).float() * 0.5
+        w = model.weights()
+        with torch.no_grad():
+            want = reference.rollout(x, *w, cfg, 1, seed)
+            got = rollout(model, x, 1, seed=seed)
+            pre = reference.alive(x, cfg.alive_threshold, padding, 0)
+            mask = update_mask(2, 6, 7, fire_rate=cfg.fire_rate, seed=seed, step=0) > 0
+            filters = torch.tensor(cfg.filters)
+            upd = x + reference.dense(reference.perceive(x, filters, padding), *w) * mask
+            near = F.max_pool2d(reference.pad1(pre.float(), padding), 3, stride=1) > 0
+        hits += int((mask & ~pre & near & (upd[:, :1] > cfg.alive_threshold)).sum())
+        _close(got, want, torch.float32, "state", f"state, seed {seed}")
+    assert hits > 0, "no dead cell fired next to a live one: the case is not exercised"
+
+
 # --------------------------------------------------------------- checkpointing, no-grad path
 @pytest.mark.parametrize("padding,threshold", [("zeros", 0.1), ("circular", None)])
 def test_checkpoint_segments_bitwise(padding, threshold):
@@ -310,6 +344,31 @@ def test_module_forward_with_frames_and_first_step():
     assert len(frames) == 4
     _close(y, want, torch.float32, "state", "final state")
     _close(frames[1], mid, torch.float32, "state", "frame at step 3")
+
+
+@pytest.mark.parametrize("batch,segment", [(2, None), (3, 2), (5, None)])
+def test_worker_threads_equal_reference(batch, segment):
+    """With 2 threads the batch is split into parts run by worker threads (uneven splits for
+    odd batches); states, gradients, checkpoint bitwise equality and no-grad must hold."""
+    cfg = NCAConfig(channels=16, hidden=32, padding="circular" if batch == 3 else "zeros")
+    model = _model(cfg, torch.float32)
+    x = _state(cfg, batch, 9, 13, torch.float32)
+    target = torch.rand(x.shape, generator=torch.Generator().manual_seed(5))
+    want_y, want_g = _grads(_reference(model, cfg), model, x, target)
+    torch.set_num_threads(2)
+    try:
+        got_y, got_g = _grads(_fast(model, segment=segment), model, x, target)
+        plain_y, plain_g = _grads(_fast(model), model, x, target)
+        with torch.no_grad():
+            nograd_y = rollout(model, x, STEPS, seed=SEED)
+    finally:
+        torch.set_num_threads(1)
+    _close(got_y, want_y, torch.float32, "state", "state")
+    for name in want_g:
+        _close(got_g[name], want_g[name], torch.float32, "grad", f"grad {name}")
+        assert torch.equal(got_g[name], plain_g[name])
+    assert torch.equal(nograd_y, got_y)
+    assert torch.get_num_threads() == 1, "the worker pool changed the caller's thread count"
 
 
 def test_zero_steps_and_no_active_cells():
