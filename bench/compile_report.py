@@ -67,7 +67,7 @@ N_CELLS = 1024 * 1024 * 8
 ALPHA_CHANNEL = 3
 ARCHS = (90, 80)
 PRECISION_NAMES = {0: "ieee", 1: "tf32", 2: "bf16"}
-KERNEL_NAMES = ("fwd", "bwd", "bwd_input")
+KERNEL_NAMES = ("fwd", "bwd_gp", "bwd_weights", "bwd_input")
 # Largest dynamic shared memory one block may opt in to, bytes (CUDA programming guide,
 # "Technical Specifications per Compute Capability": 227 KB on 9.0, 163 KB on 8.0).
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -81,7 +81,8 @@ MAX_WORKERS = 2
 class Variant:
     """One compiled specialisation of a kernel.
 
-    kernel: "fwd" (_nca_step_fwd_kernel), "bwd" (_nca_step_bwd_kernel) or "bwd_input"
+    kernel: "fwd" (_nca_step_fwd_kernel), "bwd_gp" (_nca_step_bwd_gp_kernel), "bwd_weights"
+    (_nca_step_bwd_weights_kernel) or "bwd_input"
     (_nca_step_bwd_input_kernel, which has no dense layer: hidden, precision and alive are 0).
     arch: compute capability, 90 (compiled as sm_90a) or 80.
     """
@@ -162,7 +163,7 @@ def all_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL_N
                         if "bwd_input" in kernels:
                             for q in (False, True):
                                 out.append(_transpose(arch, c, f, q, circ, i64))
-                        for kernel in ("fwd", "bwd"):
+                        for kernel in ("fwd", "bwd_gp", "bwd_weights"):
                             if kernel not in kernels:
                                 continue
                             for hid in cfg.SUPPORTED_HIDDEN:
@@ -178,7 +179,7 @@ def quick_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL
     """A representative subset (22 per arch): every switch, precision and size extreme once."""
     out = []
     for arch in archs:
-        for k in ("fwd", "bwd"):
+        for k in ("fwd", "bwd_gp", "bwd_weights"):
             out += [
                 _dense(k, arch, 16, 128, 3, 1, True, True),       # the default, mid-rollout
                 _dense(k, arch, 16, 128, 3, 1, False, True),      # first step of a rollout
@@ -205,15 +206,18 @@ def ci_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL_NA
         out += [
             _dense("fwd", arch, 16, 128, 3, 1, True, True),
             _dense("fwd", arch, 16, 128, 3, 2, False, False),
-            _dense("bwd", arch, 16, 128, 3, 1, True, True),
-            _dense("bwd", arch, 16, 128, 3, 2, False, True),
+            _dense("bwd_gp", arch, 16, 128, 3, 1, True, True),
+            _dense("bwd_weights", arch, 16, 128, 3, 1, True, True),
+            _dense("bwd_gp", arch, 16, 128, 3, 2, False, True),
+            _dense("bwd_weights", arch, 16, 128, 3, 2, False, True),
             _dense("fwd", arch, 32, 256, 4, 2, True, True),
             _dense("fwd", arch, 16, 128, 3, 1, True, True, False, True),
             _transpose(arch, 16, 3, True),
             _transpose(arch, 32, 4, True, False, True),
         ]
         if arch >= 90:
-            out.append(_dense("bwd", arch, 32, 256, 4, 1, True, True))
+            out.append(_dense("bwd_gp", arch, 32, 256, 4, 1, True, True))
+            out.append(_dense("bwd_weights", arch, 32, 256, 4, 1, True, True))
     return [v for v in out if v.kernel in kernels]
 
 
@@ -222,7 +226,8 @@ SUBSETS = {"all": all_variants, "quick": quick_variants, "ci": ci_variants}
 
 # ------------------------------------------------------------------------------ kernel loading
 _KERNEL_FUNCS = {"fwd": ("step_fwd", "_nca_step_fwd_kernel"),
-                 "bwd": ("step_bwd", "_nca_step_bwd_kernel"),
+                 "bwd_gp": ("step_bwd", "_nca_step_bwd_gp_kernel"),
+                 "bwd_weights": ("step_bwd", "_nca_step_bwd_weights_kernel"),
                  "bwd_input": ("step_bwd", "_nca_step_bwd_input_kernel")}
 
 
@@ -269,12 +274,23 @@ def launch_config(v: Variant, configs):
     if configs.interpreting():
         raise RuntimeError("launch_config: TRITON_INTERPRET=1 would select interpreter tiles")
     if v.kernel == "fwd":
-        cfg = configs.select_forward(N_CELLS, v.channels, v.hidden, v.filters, None)
-    elif v.kernel == "bwd":
-        cfg = configs.select_backward(N_CELLS, v.channels, v.hidden, v.filters, None)
+        cfg = configs.select_forward(N_CELLS, v.channels, v.hidden, v.filters, None,
+                                     PRECISION_NAMES[v.precision])
+    elif v.kernel in ("bwd_gp", "bwd_weights"):
+        select = configs.select_backward if v.kernel == "bwd_gp" else configs.select_weights
+        cfg = select(N_CELLS, v.channels, v.hidden, v.filters, None, PRECISION_NAMES[v.precision])
     else:
         cfg = configs.select_transpose(N_CELLS, v.channels, v.filters)
+    _HC[v] = cfg.hidden_chunk
     return cfg.block_m, cfg.num_warps, cfg.num_stages
+
+
+_HC: Dict["Variant", int] = {}
+
+
+def _hidden_chunk(v: Variant) -> int:
+    """The hidden-layer chunk (HC) the launcher passes for ``v`` (set by launch_config)."""
+    return _HC[v]
 
 
 def signature(v: Variant, fn, block_m: int):
@@ -287,11 +303,15 @@ def signature(v: Variant, fn, block_m: int):
                     w1_ptr="*fp32", b1_ptr="*fp32", w2_ptr="*fp32", b2_ptr="*fp32",
                     filt_ptr="*fp32", seed="i64", step="i32", fire_threshold="i32", thr="fp32",
                     n_cells=size, HW=size, H=size, W=size),
-        "bwd": dict(r_ptr="*fp32", q_ptr=q_type, g_ptr="*fp32", gp_ptr="*fp32", part_ptr="*fp32",
-                    w1_ptr="*fp32", b1_ptr="*fp32", w2_ptr="*fp32", filt_ptr="*fp32",
-                    seed="i64", step="i32", fire_threshold="i32", thr="fp32",
-                    n_cells=size, n_programs="i32", tiles_per_program="i32",
-                    HW=size, H=size, W=size),
+        "bwd_gp": dict(r_ptr="*fp32", q_ptr=q_type, g_ptr="*fp32", gp_ptr="*fp32",
+                       w1_ptr="*fp32", b1_ptr="*fp32", w2_ptr="*fp32", filt_ptr="*fp32",
+                       seed="i64", step="i32", fire_threshold="i32", thr="fp32",
+                       n_cells=size, HW=size, H=size, W=size),
+        "bwd_weights": dict(r_ptr="*fp32", q_ptr=q_type, g_ptr="*fp32", part_ptr="*fp32",
+                            w1_ptr="*fp32", b1_ptr="*fp32", w2_ptr="*fp32", filt_ptr="*fp32",
+                            seed="i64", step="i32", fire_threshold="i32", thr="fp32",
+                            n_cells=size, n_programs="i32", tiles_per_program="i32",
+                            HW=size, H=size, W=size),
         "bwd_input": dict(r_ptr="*fp32", q_ptr=q_type, g_ptr="*fp32", gp_ptr="*fp32",
                           gr_ptr="*fp32", filt_ptr="*fp32", thr="fp32",
                           n_cells=size, HW=size, H=size, W=size),
@@ -299,7 +319,8 @@ def signature(v: Variant, fn, block_m: int):
     constexprs = dict(C=v.channels, NF=v.filters, ALPHA=ALPHA_CHANNEL, BLOCK_M=block_m,
                       HAS_Q=v.has_q, CIRCULAR=v.circular, INT64=v.int64)
     if v.dense:
-        constexprs.update(HID=v.hidden, ALIVE=v.alive, PRECISION=v.precision)
+        constexprs.update(HID=v.hidden, ALIVE=v.alive, PRECISION=v.precision,
+                          HC=_hidden_chunk(v))
     names = list(fn.arg_names)
     missing = set(names) - set(types) - set(constexprs)
     extra = (set(types) | set(constexprs)) - set(names)
@@ -569,7 +590,7 @@ def compile_variant(v: Variant) -> Result:
 
 def _cost(v: Variant) -> float:
     """Rough relative compile time, to start the slowest compiles first."""
-    return ((3.0 if v.dense and v.precision == 0 else 1.0) * (2.0 if v.kernel == "bwd" else 1.0)
+    return ((3.0 if v.dense and v.precision == 0 else 1.0) * (2.0 if v.kernel.startswith("bwd_") and v.dense else 1.0)
             * (1.0 + v.hidden / 128) * v.channels * v.filters)
 
 

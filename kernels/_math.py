@@ -113,8 +113,8 @@ def _perceive(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok, H, W, thr,
     else:
         pre = row_ok
     for tap in tl.static_range(9):
-        dy: tl.constexpr = tap // 3 - 1
-        dx: tl.constexpr = tap % 3 - 1
+        dy = tap // 3 - 1              # constexpr: tap is
+        dx = tap % 3 - 1
         ny, nx, ok = _neighbour(y, x, dy, dx, H, W, CIRCULAR)
         ok = ok & row_ok
         nb = base + ny * W + nx
@@ -149,3 +149,27 @@ def _cells(pid, BLOCK_M: tl.constexpr, n_cells, HW, W, INT64: tl.constexpr):
     y = rem // W
     x = rem - y * W
     return cell, b * HW, y, x, row_ok
+
+
+@triton.jit
+def _hidden_chunk(p0, p1, p2, p3, w1_ptr, b1_ptr, j0, C: tl.constexpr, HID: tl.constexpr,
+                  HC: tl.constexpr, NF: tl.constexpr, PRECISION: tl.constexpr):
+    """Pre-activation of hidden units j0 .. j0+HC: sum_k p_k @ W1_k[:, chunk] + b1[chunk].
+
+    The hidden layer is walked in chunks of HC so that only [M, HC] activations and [C, HC]
+    weight slices are live at once (registers and shared memory stay bounded for hidden 256).
+    Returns (h_pre [M, HC], the chunk's W1_k slices w0..w3 [C, HC] for the backward).
+    """
+    cols = tl.arange(0, C)
+    hh = j0 + tl.arange(0, HC)
+    offs = cols[:, None] * HID + hh[None, :]
+    w0 = tl.load(w1_ptr + offs)
+    w1 = tl.load(w1_ptr + C * HID + offs)
+    w2 = tl.load(w1_ptr + 2 * C * HID + offs)
+    h = _mm(p0, w0, PRECISION) + _mm(p1, w1, PRECISION) + _mm(p2, w2, PRECISION)
+    if NF == 4:
+        w3 = tl.load(w1_ptr + 3 * C * HID + offs)
+        h += _mm(p3, w3, PRECISION)
+    else:
+        w3 = w0
+    return h + tl.load(b1_ptr + hh)[None, :], w0, w1, w2, w3

@@ -1,4 +1,8 @@
-"""Launch configurations: small named selectors, one reason per choice (no autotune lists)."""
+"""Launch configurations: small named selectors, one reason per choice (no autotune lists).
+
+Register budgets below come from the ahead-of-time compile report (bench/compile_report.py,
+ptxas for sm_90a and sm_80): every configuration selected here must compile without spills.
+"""
 from __future__ import annotations
 
 import os
@@ -18,7 +22,8 @@ class StepConfig:
     num_warps: int
     num_stages: int
     int64: bool       # 64-bit cell offsets
-    programs: int     # backward: persistent programs (= weight-gradient partial sums)
+    programs: int     # backward weight kernel: persistent programs (= partial sums per chunk)
+    hidden_chunk: int  # hidden units per chunk of the dense layers
 
 
 def interpreting() -> bool:
@@ -39,44 +44,78 @@ def _sm_count(device) -> int:
     return 4
 
 
+def hidden_chunk(channels: int, hidden: int, num_filters: int) -> int:
+    """64 hidden units at a time keeps [BLOCK_M, 64] activations and F [C, 64] weight slices
+    live; the widest inputs (F*C = 128) take 32 so the backward's accumulators fit too."""
+    return min(hidden, 64 if channels * num_filters <= 64 else 32)
+
+
+def _tile(channels, num_filters, precision):
+    """(BLOCK_M, num_warps) of the dense kernels.
+
+    64 cells: one warpgroup's wgmma M on sm_90a (32-row tiles fall back to mma.sync there).
+    Wide inputs (F*C = 96 or 128) keep F perception tiles [64, C] live: 8 warps spread them.
+    "ieee" dots run on CUDA cores as FMA chains holding whole operand tiles: 32 cells.
+    """
+    warps = 4 if channels * num_filters <= 64 else 8
+    return (32 if precision == "ieee" else 64), warps
+
+
 def select_forward(n_cells: int, channels: int, hidden: int, num_filters: int,
-                   device=None) -> StepConfig:
+                   device=None, precision: str = "tf32") -> StepConfig:
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
+    hc = hidden_chunk(channels, hidden, num_filters)
     if interpreting():
         # The interpreter pays per program, not per cell: few, large tiles.
         block = min(8192, max(16, _next_pow2(n_cells)))
-        return StepConfig(block, 4, 1, int64, 1)
-    # 128 cells x hidden 128 fp32 activations = 64 KB of registers at 4 warps: the largest tile
-    # that keeps h on-chip; wider hidden layers halve the tile to stay spill-free.
-    block = 128 if hidden <= 128 else 64
-    warps = 4 if hidden * channels <= 128 * 16 else 8
-    return StepConfig(block, warps, 2, int64, 1)
+        return StepConfig(block, 4, 1, int64, 1, hc)
+    # (at 128 cells the default variant spilled 164-260 B at 255 registers)
+    block, warps = _tile(channels, num_filters, precision)
+    return StepConfig(block, warps, 2, int64, 1, hc)
 
 
 def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
-                    device=None) -> StepConfig:
+                    device=None, precision: str = "tf32") -> StepConfig:
+    """The perception-gradient kernel (grid: tiles)."""
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
+    hc = hidden_chunk(channels, hidden, num_filters)
+    if interpreting():
+        return StepConfig(min(4096, max(16, _next_pow2(n_cells))), 4, 1, int64, 1, hc)
+    block, warps = _tile(channels, num_filters, precision)
+    return StepConfig(block, warps, 1, int64, 1, hc)
+
+
+def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
+                   device=None, precision: str = "tf32") -> StepConfig:
+    """The weight-gradient kernel (grid: programs x hidden chunks), each program accumulating
+    its chunk's F*C*HC + HC*C gradients in registers across its tiles."""
+    int64 = needs_int64(n_cells, channels, hidden, num_filters)
+    # wide inputs: 16-unit chunks (32 spilled 280 B at C=32, F=4, hidden 256 on sm_90a; 16
+    # still spills 56 B there, 8 loses wgmma: see bench/NOTES.md, known limits)
+    hc = min(hidden, 16) if channels * num_filters > 64 else hidden_chunk(channels, hidden,
+                                                                          num_filters)
+    chunks = hidden // hc
     if interpreting():
         block = min(4096, max(16, _next_pow2(n_cells)))
         tiles = -(-n_cells // block)
-        return StepConfig(block, 4, 1, int64, min(tiles, 2))
-    # Weight-gradient accumulators (F*C*hidden + hidden*C floats) live in registers for the
-    # whole persistent loop: spread them over enough warps to keep <= ~64 per thread.
-    acc = num_filters * channels * hidden + hidden * channels
-    warps = 4
-    while warps < 16 and acc / (warps * 32) > 64:
-        warps *= 2
-    block = 64
+        return StepConfig(block, 4, 1, int64, min(tiles, 2), hc)
+    block, _ = _tile(channels, num_filters, precision)
     tiles = -(-n_cells // block)
-    return StepConfig(block, warps, 1, int64, max(1, min(tiles, 2 * _sm_count(device))))
+    # 8 warps: the accumulators on top of the recomputed forward spilled 72 B at 4 warps.
+    # ~4 resident programs per SM over all chunks: enough to fill the GPU, few enough that the
+    # [programs, ...] partial sums stay small (a few MB).
+    programs = max(1, min(tiles, 4 * _sm_count(device) // chunks))
+    return StepConfig(block, 8, 1, int64, programs, hc)
 
 
 def select_transpose(n_cells: int, channels: int, num_filters: int) -> StepConfig:
     int64 = needs_int64(n_cells, channels, 0, num_filters)
     if interpreting():
-        return StepConfig(min(8192, max(16, _next_pow2(n_cells))), 4, 1, int64, 1)
-    # Pure gather-stencil: memory bound, 128 cells x C per program is plenty of loads in flight.
-    return StepConfig(128, 4, 2, int64, 1)
+        return StepConfig(min(8192, max(16, _next_pow2(n_cells))), 4, 1, int64, 1, 0)
+    # Pure gather-stencil, memory bound: 128 cells x C per program keeps loads in flight; the
+    # widest rows (C = 32, F = 4) take 8 warps (132 B of spills at 4 warps on sm_80).
+    warps = 8 if channels * num_filters > 64 else 4
+    return StepConfig(128, warps, 2, int64, 1, 0)
 
 
 def _next_pow2(n: int) -> int:

@@ -12,13 +12,21 @@ With ``g = dL/d out`` for the raw update ``out = x + dx * fire`` of step_fwd:
     gx[j] = g[j] + sum_taps sum_k f_k[tap] * gp_k[j - tap]        (transposed stencil)
     gr[j] = gx[j] * keep[j]                           (the deferred alive mask is a constant)
 
-Kernel 1 (``_nca_step_bwd_kernel``) is persistent: a fixed number of programs walk the tiles in
-a fixed order and each accumulates its weight-gradient partial sums in registers, written once
-to its own slot of a [programs, ...] buffer that the launcher sums. No atomics: the same inputs
-give bitwise the same gradients. It writes gp to a scratch buffer, because the transposed
-stencil of a cell needs gp of its 8 neighbours, which other programs compute; kernel 2
-(``_nca_step_bwd_input_kernel``) gathers it. Scratch traffic: F*C*4 bytes per cell written and
-read once (192 B at the defaults), on top of the recomputed forward's 64 B read.
+Three kernels, none with atomics, so the same inputs give bitwise the same gradients:
+
+1. ``_nca_step_bwd_gp_kernel`` (grid: tiles) recomputes perception and the hidden layer chunk by
+   chunk and writes gp to a scratch buffer: the transposed stencil of a cell needs gp of its 8
+   neighbours, which other programs compute.
+2. ``_nca_step_bwd_weights_kernel`` (grid: programs x hidden chunks) is persistent: program
+   (p, c) walks tiles p, p + P, ... in a fixed order and accumulates the gradients of hidden
+   chunk c in registers, written once to its own slot of a [P, ...] buffer that the launcher
+   sums in a fixed order. Splitting by chunk keeps the accumulators at F*C*HC + HC*C floats
+   (the whole-hidden version spilled on every variant); the price is recomputing perception
+   once per chunk.
+3. ``_nca_step_bwd_input_kernel`` (grid: tiles) gathers gp through the transposed stencil, adds
+   the identity path and applies the deferred alive mask.
+
+Scratch traffic: F*C*4 bytes per cell written and read once (192 B at the defaults).
 """
 from __future__ import annotations
 
@@ -27,105 +35,130 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._math import _alpha_hot, _cells, _fire, _mm, _neighbour, _perceive, _post_alive
+from ._math import (_alpha_hot, _cells, _fire, _hidden_chunk, _mm, _neighbour, _perceive,
+                    _post_alive)
 from .step_fwd import check_shapes
 
 
 @triton.jit
-def _nca_step_bwd_kernel(
+def _nca_step_bwd_gp_kernel(
     # state and incoming gradient
     r_ptr,          # [B*H*W, C] stored input state of the step
     q_ptr,          # [B*H*W] uint8 pending pre-mask bits (HAS_Q)
     g_ptr,          # [B*H*W, C] dL/d out
-    gp_ptr,         # [B*H*W, F, C] out: perception gradient (scratch for kernel 2)
-    part_ptr,       # [programs, PART] out: weight-gradient partial sums per program
+    gp_ptr,         # [B*H*W, F, C] out: perception gradient (scratch for the input kernel)
     # parameters
     w1_ptr, b1_ptr, w2_ptr, filt_ptr,   # [F, C, HID], [HID], [HID, C], [F, 9]
     # step
     seed, step, fire_threshold, thr,
     # sizes
-    n_cells, n_programs, tiles_per_program, HW, H, W,
+    n_cells, HW, H, W,
     C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr, ALPHA: tl.constexpr,
-    BLOCK_M: tl.constexpr, HAS_Q: tl.constexpr, ALIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr, HC: tl.constexpr, HAS_Q: tl.constexpr, ALIVE: tl.constexpr,
     CIRCULAR: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    cell, base, y, x, row_ok = _cells(pid, BLOCK_M, n_cells, HW, W, INT64)
     cols = tl.arange(0, C)
-    hid = tl.arange(0, HID)
     dtype = r_ptr.dtype.element_ty
 
-    # ---- weights, loaded once per persistent program
-    w1_offs = cols[:, None] * HID + hid[None, :]
-    w1_0 = tl.load(w1_ptr + w1_offs)
-    w1_1 = tl.load(w1_ptr + C * HID + w1_offs)
-    w1_2 = tl.load(w1_ptr + 2 * C * HID + w1_offs)
-    if NF == 4:
-        w1_3 = tl.load(w1_ptr + 3 * C * HID + w1_offs)
-    else:
-        w1_3 = tl.zeros_like(w1_0)
-    b1 = tl.load(b1_ptr + hid)
-    w2 = tl.load(w2_ptr + hid[:, None] * C + cols[None, :])
+    # ---- recompute the forward's perception and mask
+    p0, p1, p2, p3, center, pre = _perceive(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok, H, W,
+                                            thr, C, NF, ALPHA, HAS_Q, ALIVE, CIRCULAR)
+    fire = _fire(seed, cell, step, fire_threshold, INT64)
+    g = tl.load(g_ptr + cell[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.0)
+    gdx = tl.where(fire[:, None], g, 0.0).to(dtype)
 
-    # ---- weight-gradient accumulators (registers, whole loop)
-    dw1_0 = tl.zeros([C, HID], dtype=dtype)
-    dw1_1 = tl.zeros([C, HID], dtype=dtype)
-    dw1_2 = tl.zeros([C, HID], dtype=dtype)
-    dw1_3 = tl.zeros([C, HID], dtype=dtype)
-    dw2 = tl.zeros([HID, C], dtype=dtype)
-    db1 = tl.zeros([HID], dtype=dtype)
+    # ---- per hidden chunk: gh = (gdx W2^T) * relu'(h_pre);  gp_k += gh W1_k^T
+    gp0 = tl.zeros([BLOCK_M, C], dtype=dtype)
+    gp1 = tl.zeros_like(gp0)
+    gp2 = tl.zeros_like(gp0)
+    gp3 = tl.zeros_like(gp0)
+    for j0 in range(0, HID, HC):
+        h_pre, w0, w1, w2, w3 = _hidden_chunk(p0, p1, p2, p3, w1_ptr, b1_ptr, j0, C, HID, HC,
+                                              NF, PRECISION)
+        hh = j0 + tl.arange(0, HC)
+        w2c = tl.load(w2_ptr + hh[:, None] * C + cols[None, :])
+        gh = tl.where(h_pre > 0, _mm(gdx, tl.trans(w2c), PRECISION), 0.0).to(dtype)
+        gp0 += _mm(gh, tl.trans(w0), PRECISION)
+        gp1 += _mm(gh, tl.trans(w1), PRECISION)
+        gp2 += _mm(gh, tl.trans(w2), PRECISION)
+        if NF == 4:
+            gp3 += _mm(gh, tl.trans(w3), PRECISION)
+
+    # ---- perception gradient to scratch
+    offs = cell[:, None] * (NF * C) + cols[None, :]
+    tl.store(gp_ptr + offs, gp0, mask=row_ok[:, None])
+    tl.store(gp_ptr + offs + C, gp1, mask=row_ok[:, None])
+    tl.store(gp_ptr + offs + 2 * C, gp2, mask=row_ok[:, None])
+    if NF == 4:
+        tl.store(gp_ptr + offs + 3 * C, gp3, mask=row_ok[:, None])
+
+
+@triton.jit
+def _nca_step_bwd_weights_kernel(
+    r_ptr, q_ptr, g_ptr,                # as in the gp kernel
+    part_ptr,       # [programs, PART] out: this program's partial weight gradients
+    w1_ptr, b1_ptr, w2_ptr, filt_ptr,
+    seed, step, fire_threshold, thr,
+    n_cells, n_programs, tiles_per_program, HW, H, W,
+    C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr, ALPHA: tl.constexpr,
+    BLOCK_M: tl.constexpr, HC: tl.constexpr, HAS_Q: tl.constexpr, ALIVE: tl.constexpr,
+    CIRCULAR: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+):
+    """Program (pid, chunk) walks tiles pid, pid + n_programs, ... and accumulates, in
+    registers, the gradients of hidden units chunk*HC .. +HC: dW1_k[:, chunk], dW2[chunk, :],
+    db1[chunk] (and db2, in chunk 0's programs). PART = F*C*HID + HID*C + HID + C."""
+    pid = tl.program_id(0)
+    j0 = tl.program_id(1) * HC
+    cols = tl.arange(0, C)
+    hh = j0 + tl.arange(0, HC)
+    dtype = r_ptr.dtype.element_ty
+    w2c = tl.load(w2_ptr + hh[:, None] * C + cols[None, :])
+
+    dw1_0 = tl.zeros([C, HC], dtype=dtype)
+    dw1_1 = tl.zeros([C, HC], dtype=dtype)
+    dw1_2 = tl.zeros([C, HC], dtype=dtype)
+    dw1_3 = tl.zeros([C, HC], dtype=dtype)
+    dw2 = tl.zeros([HC, C], dtype=dtype)
+    db1 = tl.zeros([HC], dtype=dtype)
     db2 = tl.zeros([C], dtype=dtype)
 
     for i in range(0, tiles_per_program):
         # tiles past the end have no cells in range: every load is masked, nothing accumulates
-        tile = pid + i * n_programs
-        cell, base, y, x, row_ok = _cells(tile, BLOCK_M, n_cells, HW, W, INT64)
-
-        # ---- recompute the forward: perceive, hidden layer, mask
+        cell, base, y, x, row_ok = _cells(pid + i * n_programs, BLOCK_M, n_cells, HW, W, INT64)
         p0, p1, p2, p3, center, pre = _perceive(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok,
                                                 H, W, thr, C, NF, ALPHA, HAS_Q, ALIVE, CIRCULAR)
-        h_pre = _mm(p0, w1_0, PRECISION) + _mm(p1, w1_1, PRECISION) + _mm(p2, w1_2, PRECISION)
-        if NF == 4:
-            h_pre += _mm(p3, w1_3, PRECISION)
-        h_pre += b1[None, :]
-        h = tl.maximum(h_pre, 0.0).to(dtype)
         fire = _fire(seed, cell, step, fire_threshold, INT64)
-
-        # ---- dense layer 2 backward
         g = tl.load(g_ptr + cell[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.0)
         gdx = tl.where(fire[:, None], g, 0.0).to(dtype)
+        h_pre, _, _, _, _ = _hidden_chunk(p0, p1, p2, p3, w1_ptr, b1_ptr, j0, C, HID, HC, NF,
+                                          PRECISION)
+        h = tl.maximum(h_pre, 0.0).to(dtype)
+        gh = tl.where(h_pre > 0, _mm(gdx, tl.trans(w2c), PRECISION), 0.0).to(dtype)
         db2 += tl.sum(gdx, axis=0)
         dw2 += _mm(tl.trans(h), gdx, PRECISION)
-
-        # ---- ReLU and dense layer 1 backward
-        gh = tl.where(h_pre > 0, _mm(gdx, tl.trans(w2), PRECISION), 0.0).to(dtype)
         db1 += tl.sum(gh, axis=0)
         dw1_0 += _mm(tl.trans(p0), gh, PRECISION)
         dw1_1 += _mm(tl.trans(p1), gh, PRECISION)
         dw1_2 += _mm(tl.trans(p2), gh, PRECISION)
-
-        # ---- perception gradient to scratch
-        gp_offs = cell[:, None] * (NF * C) + cols[None, :]
-        tl.store(gp_ptr + gp_offs, _mm(gh, tl.trans(w1_0), PRECISION), mask=row_ok[:, None])
-        tl.store(gp_ptr + gp_offs + C, _mm(gh, tl.trans(w1_1), PRECISION), mask=row_ok[:, None])
-        tl.store(gp_ptr + gp_offs + 2 * C, _mm(gh, tl.trans(w1_2), PRECISION),
-                 mask=row_ok[:, None])
         if NF == 4:
             dw1_3 += _mm(tl.trans(p3), gh, PRECISION)
-            tl.store(gp_ptr + gp_offs + 3 * C, _mm(gh, tl.trans(w1_3), PRECISION),
-                     mask=row_ok[:, None])
 
-    # ---- this program's partial sums, written once
+    # ---- this program's partial sums, written once into its own slot
     part = part_ptr + pid.to(tl.int64) * (NF * C * HID + HID * C + HID + C)
-    tl.store(part + w1_offs, dw1_0)
-    tl.store(part + C * HID + w1_offs, dw1_1)
-    tl.store(part + 2 * C * HID + w1_offs, dw1_2)
+    offs = cols[:, None] * HID + hh[None, :]
+    tl.store(part + offs, dw1_0)
+    tl.store(part + C * HID + offs, dw1_1)
+    tl.store(part + 2 * C * HID + offs, dw1_2)
     if NF == 4:
-        tl.store(part + 3 * C * HID + w1_offs, dw1_3)
+        tl.store(part + 3 * C * HID + offs, dw1_3)
     part = part + NF * C * HID
-    tl.store(part + hid[:, None] * C + cols[None, :], dw2)
+    tl.store(part + hh[:, None] * C + cols[None, :], dw2)
     part = part + HID * C
-    tl.store(part + hid, db1)
-    tl.store(part + HID + cols, db2)
+    tl.store(part + hh, db1)
+    if j0 == 0:
+        tl.store(part + HID + cols, db2)
 
 
 @triton.jit
@@ -147,8 +180,8 @@ def _nca_step_bwd_input_kernel(
 
     # ---- transposed stencil: cell j received f_k[tap] * x[j] from the cell j - tap
     for tap in tl.static_range(9):
-        dy: tl.constexpr = tap // 3 - 1
-        dx: tl.constexpr = tap % 3 - 1
+        dy = tap // 3 - 1              # constexpr: tap is
+        dx = tap % 3 - 1
         sy, sx, ok = _neighbour(y, x, -dy, -dx, H, W, CIRCULAR)
         ok = ok & row_ok
         src = (base + sy * W + sx)[:, None] * (NF * C) + cols[None, :]
@@ -182,30 +215,34 @@ def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters,
     r, g = r.contiguous(), g.contiguous()
     n = B * H * W
     thr = float(alive_threshold) if alive else 0.0
-    cfg = configs.select_backward(n, C, HID, F_, r.device)
-    n_tiles = triton.cdiv(n, cfg.block_m)
+    gcfg = configs.select_backward(n, C, HID, F_, r.device, precision)
+    wcfg = configs.select_weights(n, C, HID, F_, r.device, precision)
     part_size = F_ * C * HID + HID * C + HID + C
-    parts = torch.empty((cfg.programs, part_size), dtype=r.dtype, device=r.device)
+    parts = torch.empty((wcfg.programs, part_size), dtype=r.dtype, device=r.device)
     gp = torch.empty((n, F_, C), dtype=r.dtype, device=r.device)
-    w1k, filters = w1k.contiguous(), filters.contiguous()
+    w1k, b1, w2t, filters = w1k.contiguous(), b1.contiguous(), w2t.contiguous(), filters.contiguous()
     qq = q if q is not None else r
-    _nca_step_bwd_kernel[(cfg.programs,)](
-        r, qq, g, gp, parts,
-        w1k, b1.contiguous(), w2t.contiguous(), filters,
+    common = dict(C=C, HID=HID, NF=F_, ALPHA=alpha_channel, HAS_Q=q is not None, ALIVE=alive,
+                  CIRCULAR=circular, PRECISION=configs.PRECISION_CODES[precision])
+    _nca_step_bwd_gp_kernel[(triton.cdiv(n, gcfg.block_m),)](
+        r, qq, g, gp, w1k, b1, w2t, filters,
+        seed, step, fire_threshold, thr, n, H * W, H, W,
+        BLOCK_M=gcfg.block_m, HC=gcfg.hidden_chunk, INT64=gcfg.int64,
+        num_warps=gcfg.num_warps, num_stages=gcfg.num_stages, **common)
+    n_tiles = triton.cdiv(n, wcfg.block_m)
+    _nca_step_bwd_weights_kernel[(wcfg.programs, HID // wcfg.hidden_chunk)](
+        r, qq, g, parts, w1k, b1, w2t, filters,
         seed, step, fire_threshold, thr,
-        n, cfg.programs, triton.cdiv(n_tiles, cfg.programs), H * W, H, W,
-        C=C, HID=HID, NF=F_, ALPHA=alpha_channel, BLOCK_M=cfg.block_m,
-        HAS_Q=q is not None, ALIVE=alive, CIRCULAR=circular,
-        PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+        n, wcfg.programs, triton.cdiv(n_tiles, wcfg.programs), H * W, H, W,
+        BLOCK_M=wcfg.block_m, HC=wcfg.hidden_chunk, INT64=wcfg.int64,
+        num_warps=wcfg.num_warps, num_stages=wcfg.num_stages, **common)
     grad_r = torch.empty_like(r) if grad_r is None else grad_r
     tcfg = configs.select_transpose(n, C, F_)
     _nca_step_bwd_input_kernel[(triton.cdiv(n, tcfg.block_m),)](
         r, qq, g, gp, grad_r, filters,
         thr, n, H * W, H, W,
         C=C, NF=F_, ALPHA=alpha_channel, BLOCK_M=tcfg.block_m,
-        HAS_Q=q is not None, CIRCULAR=circular, INT64=tcfg.int64 or cfg.int64,
+        HAS_Q=q is not None, CIRCULAR=circular, INT64=tcfg.int64 or gcfg.int64,
         num_warps=tcfg.num_warps, num_stages=tcfg.num_stages,
     )
     total = parts.sum(0)

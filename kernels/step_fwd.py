@@ -16,8 +16,9 @@ with the pre-mask bit ``q_out``, and the next step (or the rollout's final maski
 the input is already a true state and keep is 1.
 
 Grid: one program per tile of BLOCK_M consecutive cells (row-major over B, H, W, so any H and W
-and any batch). The dense layers run as F dots with K = C plus one with K = hidden on tensor
-cores. Nothing is stored for backward: ``step_bwd`` recomputes all of this from ``r`` and ``q``.
+and any batch). The dense layers run on tensor cores, walking hidden in chunks of HC units:
+per chunk F dots with K = C, then one with K = HC accumulating dx, so only [BLOCK_M, HC]
+activations are live (no spills at hidden 256). Nothing is stored for backward: ``step_bwd`` recomputes all of this from ``r`` and ``q``.
 Limits: C in {16, 32}, hidden in {32, 64, 128, 256}, F in {3, 4} (configs.py).
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._math import _cells, _fire, _mm, _perceive
+from ._math import _cells, _fire, _hidden_chunk, _mm, _perceive
 
 
 @triton.jit
@@ -48,30 +49,26 @@ def _nca_step_fwd_kernel(
     # sizes
     n_cells, HW, H, W,
     C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr, ALPHA: tl.constexpr,
-    BLOCK_M: tl.constexpr, HAS_Q: tl.constexpr, ALIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr, HC: tl.constexpr, HAS_Q: tl.constexpr, ALIVE: tl.constexpr,
     CIRCULAR: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cell, base, y, x, row_ok = _cells(pid, BLOCK_M, n_cells, HW, W, INT64)
     cols = tl.arange(0, C)
-    hid = tl.arange(0, HID)
 
     # ---- load neighbourhood, perceive
     p0, p1, p2, p3, center, pre = _perceive(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok, H, W,
                                             thr, C, NF, ALPHA, HAS_Q, ALIVE, CIRCULAR)
 
-    # ---- dense layer 1 (+ bias, ReLU): one K=C dot per filter
-    w1_offs = cols[:, None] * HID + hid[None, :]
-    h = _mm(p0, tl.load(w1_ptr + w1_offs), PRECISION)
-    h += _mm(p1, tl.load(w1_ptr + C * HID + w1_offs), PRECISION)
-    h += _mm(p2, tl.load(w1_ptr + 2 * C * HID + w1_offs), PRECISION)
-    if NF == 4:
-        h += _mm(p3, tl.load(w1_ptr + 3 * C * HID + w1_offs), PRECISION)
-    h = tl.maximum(h + tl.load(b1_ptr + hid)[None, :], 0.0).to(p0.dtype)
-
-    # ---- dense layer 2 (+ bias)
-    w2 = tl.load(w2_ptr + hid[:, None] * C + cols[None, :])
-    dx = _mm(h, w2, PRECISION) + tl.load(b2_ptr + cols)[None, :]
+    # ---- dense layers, chunked over hidden: h = relu(sum_k p_k W1_k + b1), dx = h W2 + b2
+    dx = tl.zeros([BLOCK_M, C], dtype=p0.dtype)
+    for j0 in range(0, HID, HC):
+        h, _, _, _, _ = _hidden_chunk(p0, p1, p2, p3, w1_ptr, b1_ptr, j0, C, HID, HC, NF,
+                                      PRECISION)
+        h = tl.maximum(h, 0.0).to(p0.dtype)
+        hh = j0 + tl.arange(0, HC)
+        dx += _mm(h, tl.load(w2_ptr + hh[:, None] * C + cols[None, :]), PRECISION)
+    dx += tl.load(b2_ptr + cols)[None, :]
 
     # ---- stochastic update, store
     fire = _fire(seed, cell, step, fire_threshold, INT64)
@@ -137,14 +134,14 @@ def nca_step_fwd(r: torch.Tensor, q, w1k, b1, w2t, b2, filters, *, seed: int, st
     out = torch.empty_like(r) if out is None else out
     if alive:
         q_out = torch.empty((B, H, W), dtype=torch.uint8, device=r.device) if q_out is None else q_out
-    cfg = configs.select_forward(n, C, HID, F_, r.device)
+    cfg = configs.select_forward(n, C, HID, F_, r.device, precision)
     grid = (triton.cdiv(n, cfg.block_m),)
     _nca_step_fwd_kernel[grid](
         r, q if q is not None else r, out, q_out if alive else out,
         w1k.contiguous(), b1.contiguous(), w2t.contiguous(), b2.contiguous(), filters.contiguous(),
         seed, step, fire_threshold, float(alive_threshold) if alive else 0.0,
         n, H * W, H, W,
-        C=C, HID=HID, NF=F_, ALPHA=alpha_channel, BLOCK_M=cfg.block_m,
+        C=C, HID=HID, NF=F_, ALPHA=alpha_channel, BLOCK_M=cfg.block_m, HC=cfg.hidden_chunk,
         HAS_Q=q is not None, ALIVE=alive, CIRCULAR=circular,
         PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -9,7 +9,7 @@ launch configuration the launchers pick, and must:
 - issue tensor-core instructions for tf32 and bf16 dense layers (wgmma.mma_async on sm_90a,
   mma.sync on sm_80). "ieee" is exact fp32 and has none by design.
 
-Default run: the CI subset (17 variants, ``compile_report.ci_variants``; about 100 CPU-seconds,
+Default run: the CI subset (22 variants, ``compile_report.ci_variants``; about 100 CPU-seconds,
 two compiles at a time). ``--runslow`` adds every other variant the launchers can pick (2351
 compiles, ~5 CPU-seconds each: hours on 2 cores; select with -k, e.g. -k "sm_90a and fwd").
 """
@@ -57,7 +57,21 @@ def ci_results():
     return {r.variant: r for r in results}
 
 
-@pytest.mark.parametrize("variant", CI_VARIANTS, ids=_id)
+# Known, measured limits (bench/NOTES.md "Known limits"): strict, so a fix turns them into
+# failures that demand removing the mark. Every other assertion of these variants still holds.
+KNOWN_SPILLS = {
+    cr.Variant("bwd_weights", 90, 32, 256, 4, 1, True, True, False, False):
+        "largest weight-gradient kernel spills 56 B on sm_90a at 255 registers (HC=16; HC=8 "
+        "compiles clean but loses wgmma)",
+}
+
+
+def _ci_param(v):
+    marks = [pytest.mark.xfail(strict=True, reason=KNOWN_SPILLS[v])] if v in KNOWN_SPILLS else []
+    return pytest.param(v, marks=marks, id=_id(v))
+
+
+@pytest.mark.parametrize("variant", [_ci_param(v) for v in CI_VARIANTS])
 def test_ci_variant_compiles_to_fast_code(ci_results, variant):
     assert_fast_code(ci_results[variant])
 
@@ -73,7 +87,7 @@ def test_ci_subset_covers_the_required_cases():
         assert {(v.has_q, v.alive) for v in defaults} == {(False, False), (False, True),
                                                           (True, True)}
         largest = {v.kernel for v in dense if (v.channels, v.hidden, v.filters) == (32, 256, 4)}
-        assert largest == ({"fwd", "bwd"} if arch >= 90 else {"fwd"})
+        assert largest == ({"fwd", "bwd_gp", "bwd_weights"} if arch >= 90 else {"fwd"})
         assert any(v.int64 for v in dense) and any(v.int64 for v in vs if not v.dense)
 
 
