@@ -10,7 +10,7 @@ launch configuration the launchers pick, and must:
   mma.sync on sm_80). "ieee" is exact fp32 and has none by design.
 
 Default run: the CI subset (22 variants, ``compile_report.ci_variants``; about 100 CPU-seconds,
-two compiles at a time). ``--runslow`` adds every other variant the launchers can pick (2351
+two compiles at a time). ``--runslow`` adds every other variant the launchers can pick (3498
 compiles, ~5 CPU-seconds each: hours on 2 cores; select with -k, e.g. -k "sm_90a and fwd").
 """
 from __future__ import annotations
@@ -112,7 +112,7 @@ def test_every_variant_compiles_to_fast_code(every_result, variant):
 # ----------------------------------------------------------------- the report's own parsing
 def test_enumeration_is_every_valid_combination():
     every = cr.all_variants()
-    assert len(every) == len(set(every)) == 2 * (2 * 576 + 32)
+    assert len(every) == len(set(every)) == 2 * (3 * 576 + 32)   # 3 dense kernels, 2 archs
     assert not any(v.has_q and not v.alive for v in every if v.dense)
     assert _CI <= set(every) and set(cr.quick_variants()) <= set(every)
     with pytest.raises(ValueError, match="has_q"):
