@@ -1,6 +1,7 @@
 """Side-by-side CPU timing: nca_fast's torch backend against a plain PyTorch eager port.
 
     python bench/cpu_speed.py [--repeats 7] [--steps 64] [--batch 8] [--size 72] [--threads N]
+                              [--scenario alive|grow]
 
 The eager port is the style of the common PyTorch NCA ports: NCHW, perception by
 ``F.conv2d(groups=C)`` with the filters repeated per channel, two ``nn.Conv2d`` 1x1 layers,
@@ -12,10 +13,17 @@ sensitive to other processes; spin-waiting threads count in it).
 
 Modes: ``forward`` is a 64-step rollout under ``torch.no_grad()``; ``train`` is one training
 iteration: the rollout with gradients, MSE loss on RGBA, backward, Adam step.
+
+Scenarios: ``alive`` (default) starts from a fully alive random grid with small random weights:
+the worst case for nca_fast, which only computes the cells that fire near live ones. ``grow``
+starts from the seed with the published lizard model (../shared/data/distill/ex1_lizard.json),
+as a training rollout of the article does: the live region grows from one cell.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import pathlib
 import statistics
 import sys
 import time
@@ -24,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nca_fast import NCA, NCAConfig
+from nca_fast import NCA, NCAConfig, load_distill
+
+DISTILL = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "distill"
 
 
 class EagerNCA(nn.Module):
@@ -58,14 +68,18 @@ class EagerNCA(nn.Module):
         return x
 
 
-def make_models(config: NCAConfig, seed: int = 0):
-    """The fast NCA and the eager port with the same weights (W2 non-zero, so cells change)."""
+def make_models(config: NCAConfig, seed: int = 0, distill=None):
+    """The fast NCA and the eager port with the same weights: random (W2 non-zero, so cells
+    change) or a published model's."""
     torch.manual_seed(seed)
-    fast = NCA(config, backend="torch")
-    with torch.no_grad():
-        fast.w2.weight.normal_(0.0, 0.02)
-        fast.w2.bias.normal_(0.0, 0.002)
-    eager = EagerNCA(config)
+    if distill is not None:
+        fast = load_distill(distill, backend="torch")
+    else:
+        fast = NCA(config, backend="torch")
+        with torch.no_grad():
+            fast.w2.weight.normal_(0.0, 0.02)
+            fast.w2.bias.normal_(0.0, 0.002)
+    eager = EagerNCA(fast.config)
     eager.load_state_dict({k: v for k, v in fast.state_dict().items()}, strict=False)
     return fast, eager
 
@@ -92,12 +106,21 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=72)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--modes", default="forward,train")
+    ap.add_argument("--scenario", choices=("alive", "grow"), default="alive")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = NCAConfig()
-    fast, eager = make_models(config)
-    x0 = live_state(config, args.batch, args.size, args.size)
+    if args.scenario == "grow":
+        path = DISTILL / "ex1_lizard.json"
+        if not path.is_file():
+            print(f"error: --scenario grow needs {path} (../shared absent)", file=sys.stderr)
+            return 2
+        fast, eager = make_models(config, distill=path)
+        x0 = fast.seed_state(args.batch, args.size, args.size)
+    else:
+        fast, eager = make_models(config)
+        x0 = live_state(config, args.batch, args.size, args.size)
     target = torch.rand(args.batch, 4, args.size, args.size, generator=torch.Generator().manual_seed(2))
     opt_fast = torch.optim.Adam(fast.parameters(), lr=1e-9)
     opt_eager = torch.optim.Adam(eager.parameters(), lr=1e-9)
@@ -128,8 +151,8 @@ def main(argv=None) -> int:
         alive = (F.max_pool2d(y[:, 3:4], 3, 1, 1) > 0.1).float().mean().item()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{args.batch} x {args.size}x{args.size}, C={config.channels}, hidden={config.hidden}, "
-          f"{steps} steps, {args.repeats} interleaved repeats; alive fraction at the end "
-          f"{alive:.2f}")
+          f"{steps} steps, {args.repeats} interleaved repeats, scenario {args.scenario}; alive "
+          f"fraction at the end {alive:.2f}; load average {os.getloadavg()[0]:.1f} before")
     modes = args.modes.split(",")
     pairs = {"forward": (fwd_eager, fwd_fast), "train": (train_eager, train_fast)}
     for mode in modes:           # warm-up: first-call allocations, oneDNN primitive creation
@@ -141,6 +164,7 @@ def main(argv=None) -> int:
             e, f = pairs[mode]
             res[(mode, "eager")].append(timed(e))
             res[(mode, "fast")].append(timed(f))
+    print(f"load average after: {os.getloadavg()[0]:.1f} (other processes share these cores)")
     print(f"{'mode':8} {'provider':14} {'wall s (min..max)':>24} {'cpu s':>8}")
     for mode in modes:
         for prov, name in (("eager", "torch eager"), ("fast", "nca_fast torch")):

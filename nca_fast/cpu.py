@@ -30,9 +30,12 @@ No ``torch.compile``: see bench/NOTES.md for the measurements behind these choic
 """
 from __future__ import annotations
 
+import functools
 import sys
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -190,6 +193,7 @@ class _Band:
         return len(self.terms) == 1
 
 
+@functools.lru_cache(maxsize=64)
 def _perception_plan(filters) -> Tuple[Tuple[_Pattern, ...], Tuple[_Band, ...]]:
     """Split each 3x3 filter into shared row patterns and a vertical combination of them.
 
@@ -276,6 +280,9 @@ class _Plan:
         self.chunk = max(256, _CHUNK_BYTES // (esize * hidden)) // 64 * 64 if cpu else 1 << 62
         self._scratch = {}
         self._active = torch.zeros(b, self.hp, self.wp, dtype=torch.bool, device=device)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._scratch.values())
 
     def scratch(self, name, shape, dtype=None) -> torch.Tensor:
         """A buffer reused across steps (contents undefined). Fresh multi-MB allocations cost
@@ -549,6 +556,42 @@ def _step_backward(plan: _Plan, g: torch.Tensor, record, w1b, w2, acc, gx):
 
 
 # -------------------------------------------------------------------- parts and the workers
+class _PlanCache:
+    """Plans (with their scratch buffers) kept between rollouts, keyed by shape and config.
+
+    A plan is borrowed only while one forward or backward pass runs, so concurrent rollouts
+    get separate plans; least recently used plans are dropped past ``max_bytes`` of scratch.
+    Fresh multi-MB buffers cost their page faults again on each call (``frames=1`` calls the
+    rollout once per step).
+    """
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = max_bytes
+        self.lock = threading.Lock()
+        self.free = OrderedDict()
+
+    @contextmanager
+    def borrow(self, key, make):
+        with self.lock:
+            plans = self.free.get(key)
+            plan = plans.pop() if plans else None
+        if plan is None:
+            plan = make()
+        try:
+            yield plan
+        finally:
+            with self.lock:
+                self.free.setdefault(key, []).append(plan)
+                self.free.move_to_end(key)
+                total = sum(p.nbytes() for ps in self.free.values() for p in ps)
+                while total > self.max_bytes and self.free:
+                    _, dropped = self.free.popitem(last=False)
+                    total -= sum(p.nbytes() for p in dropped)
+
+
+_PLANS = _PlanCache()
+
+
 class _Part:
     """The images b0 .. b1-1 of the batch, run start to end by one thread with its own plan.
 
@@ -560,41 +603,45 @@ class _Part:
     def __init__(self, config, b0, b1, h, w, c, dtype, device, steps, seed, first_step,
                  segment):
         self.b0, self.b1 = b0, b1
-        self.plan = _Plan(config, (b1 - b0, h, w, c), dtype, device)
+        self.key = (config, b1 - b0, h, w, c, dtype, device)
         self.cells = (b1 - b0) * h * w
         self.cell0 = b0 * h * w
         self.steps, self.seed, self.first_step = steps, seed, first_step
         self.fire_rate = config.fire_rate
         self.segment = segment
-        self.masks = None
 
-    def _fire(self, t0: int, n: int) -> torch.Tensor:
+    def plan(self):
+        config, b, h, w, c, dtype, device = self.key
+        return _PLANS.borrow(self.key, lambda: _Plan(config, (b, h, w, c), dtype, device))
+
+    def _fire(self, t0: int, n: int, plan: _Plan) -> torch.Tensor:
         """Update masks of steps t0 .. t0+n-1 (relative to first_step): n x b x H x W bool."""
-        p = self.plan
-        out = torch.empty(n, self.cells, dtype=torch.bool, device=p.device)
+        out = torch.empty(n, self.cells, dtype=torch.bool, device=plan.device)
         _mask_block(out, self.cell0, self.fire_rate, self.seed, self.first_step + t0)
-        return out.view(n, p.b, p.h, p.w)
+        return out.view(n, plan.b, plan.h, plan.w)
 
     def forward_nograd(self, xp, weights):
-        block = max(1, (1 << 22) // max(self.cells, 1))      # bounds mask memory on long runs
-        for t0 in range(0, self.steps, block):
-            fire = self._fire(t0, min(block, self.steps - t0))
-            for t in range(fire.shape[0]):
-                _step(self.plan, xp, fire[t], *weights, save=False)
+        with self.plan() as plan:
+            block = max(1, (1 << 22) // max(self.cells, 1))     # bounds mask memory
+            for t0 in range(0, self.steps, block):
+                fire = self._fire(t0, min(block, self.steps - t0), plan)
+                for t in range(fire.shape[0]):
+                    _step(plan, xp, fire[t], *weights, save=False)
 
     def forward_train(self, xp, weights):
         """Runs the steps in place on ``xp``. Returns what the backward needs, flat: the masks,
         then every step's record (no checkpointing) or the states at segment starts."""
-        masks = self._fire(0, self.steps)
-        saved = [masks]
-        for t in range(self.steps):
-            if self.segment is None:
-                pidx, life, gath, hid = _step(self.plan, xp, masks[t], *weights, save=True)
-                saved += [pidx, life if life is not None else pidx[:0], gath, hid]
-            else:
-                if t % self.segment == 0:
-                    saved.append(xp.clone())
-                _step(self.plan, xp, masks[t], *weights, save=False)
+        with self.plan() as plan:
+            masks = self._fire(0, self.steps, plan)
+            saved = [masks]
+            for t in range(self.steps):
+                if self.segment is None:
+                    pidx, life, gath, hid = _step(plan, xp, masks[t], *weights, save=True)
+                    saved += [pidx, life if life is not None else pidx[:0], gath, hid]
+                else:
+                    if t % self.segment == 0:
+                        saved.append(xp.clone())
+                    _step(plan, xp, masks[t], *weights, save=False)
         return saved
 
     def backward(self, gout, saved, weights, need_x):
@@ -604,29 +651,31 @@ class _Part:
         masks, rest = saved[0], saved[1:]
         acc = [torch.zeros_like(w1b), torch.zeros_like(b1), torch.zeros_like(w2),
                torch.zeros_like(b2)]
-        g = self.plan.scratch("grad_a", gout.shape)
-        g.copy_(gout)
-        other = self.plan.scratch("grad_b", gout.shape)
-        has_life = self.plan.thr is not None
-        seg = self.segment or self.steps
-        for s0 in reversed(range(0, self.steps, seg)):
-            s1 = min(self.steps, s0 + seg)
-            if self.segment is None:
-                records = {t: (rest[4 * t], rest[4 * t + 1] if has_life else None,
-                               rest[4 * t + 2], rest[4 * t + 3]) for t in range(s0, s1)}
-            else:       # recompute the segment from its first state, keeping its records
-                xp = rest[s0 // seg].clone()
-                records = {t: _step(self.plan, xp, masks[t], *weights, save=True)
-                           for t in range(s0, s1)}
-                del xp
-            for t in reversed(range(s0, s1)):
-                gx = other if (t > 0 or need_x) else None
-                _step_backward(self.plan, g, records.pop(t), w1b, w2, acc, gx)
-                if gx is None:
-                    g = None
-                    break
-                g, other = gx, g
-        return (g.clone() if g is not None else None), acc
+        with self.plan() as plan:
+            g = plan.scratch("grad_a", gout.shape)
+            g.copy_(gout)
+            other = plan.scratch("grad_b", gout.shape)
+            has_life = plan.thr is not None
+            seg = self.segment or self.steps
+            for s0 in reversed(range(0, self.steps, seg)):
+                s1 = min(self.steps, s0 + seg)
+                if self.segment is None:
+                    records = {t: (rest[4 * t], rest[4 * t + 1] if has_life else None,
+                                   rest[4 * t + 2], rest[4 * t + 3]) for t in range(s0, s1)}
+                else:       # recompute the segment from its first state, keeping its records
+                    xp = rest[s0 // seg].clone()
+                    records = {t: _step(plan, xp, masks[t], *weights, save=True)
+                               for t in range(s0, s1)}
+                    del xp
+                for t in reversed(range(s0, s1)):
+                    gx = other if (t > 0 or need_x) else None
+                    _step_backward(plan, g, records.pop(t), w1b, w2, acc, gx)
+                    if gx is None:
+                        g = None
+                        break
+                    g, other = gx, g
+            grad = g.clone() if g is not None else None
+        return grad, acc
 
 
 _POOL = {"size": 0, "executor": None}
@@ -656,16 +705,16 @@ def _executor(size: int) -> ThreadPoolExecutor:
         return _POOL["executor"]
 
 
-def _parallel(fn, parts):
-    """fn(part) for every part, under no_grad: in this thread when there is one part, else on
-    the pool (grad mode is thread-local, so the workers set it themselves)."""
-    def run(part):
+def _parallel(fn, items):
+    """fn(item) for every item, under no_grad: in this thread when there is one, else on the
+    pool (grad mode is thread-local, so the workers set it themselves)."""
+    def run(item):
         with torch.no_grad():
-            return fn(part)
+            return fn(item)
 
-    if len(parts) == 1:
-        return [run(parts[0])]
-    return list(_executor(len(parts)).map(run, parts))
+    if len(items) == 1:
+        return [run(items[0])]
+    return list(_executor(len(items)).map(run, items))
 
 
 def _split(batch: int, device: torch.device) -> List[Tuple[int, int]]:
@@ -704,8 +753,9 @@ class _Rollout(torch.autograd.Function):
             i += n
         need_x = ctx.needs_input_grad[0]
         gout = gout.contiguous()
-        res = _parallel(lambda p: p.backward(gout[p.b0:p.b1], per_part[ctx.parts.index(p)],
-                                             weights, need_x), ctx.parts)
+        res = _parallel(lambda item: item[0].backward(gout[item[0].b0:item[0].b1], item[1],
+                                                      weights, need_x),
+                        list(zip(ctx.parts, per_part)))
         gx = torch.cat([r[0] for r in res]) if need_x else None
         total = res[0][1]
         for r in res[1:]:                   # a fixed order: part 0, 1, ...
@@ -714,14 +764,15 @@ class _Rollout(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------ the rollout
-def _band_weights(plan: _Plan, w1: torch.Tensor) -> torch.Tensor:
+def _band_weights(config, w1: torch.Tensor) -> torch.Tensor:
     """w1 (hidden x F*C, interleaved c*F + k) -> hidden x F*C band-major (k*C + c), each band
     times its scale (differentiable: computed once per rollout)."""
     hidden = w1.shape[0]
-    f = len(plan.bands)
-    scale = torch.tensor([b.scale for b in plan.bands], dtype=w1.dtype, device=w1.device)
-    w = w1.view(hidden, plan.c, f).permute(0, 2, 1) * scale.view(1, f, 1)
-    return w.reshape(hidden, f * plan.c).contiguous()
+    _, bands = _perception_plan(config.filters)
+    f, c = len(bands), config.channels
+    scale = torch.tensor([b.scale for b in bands], dtype=w1.dtype, device=w1.device)
+    w = w1.view(hidden, c, f).permute(0, 2, 1) * scale.view(1, f, 1)
+    return w.reshape(hidden, f * c).contiguous()
 
 
 def _pad(x: torch.Tensor, circular: bool) -> torch.Tensor:
@@ -765,8 +816,8 @@ def rollout(model, x: torch.Tensor, steps: int, *, seed: int, first_step: int = 
              for b0, b1_ in ranges]
     params = (w1, b1, w2, b2)
     grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-    w1b = _band_weights(parts[0].plan, w1)
-    xp = _pad(x, parts[0].plan.circular)
+    w1b = _band_weights(cfg, w1)
+    xp = _pad(x, cfg.padding == "circular")
     if not grad:
         with torch.no_grad():
             weights = (w1b, b1, w2, b2)
