@@ -7,24 +7,28 @@ This module computes the same numbers with far less work:
 * Layout. The state is kept between steps as a padded channels-last grid ``B x (H+2) x (W+2) x C``
   (a cell's C channels contiguous, a one-cell halo that is zero or wraps), so a 3x3 neighbour is a
   fixed row offset and the dense layers are plain ``cells x C`` matmuls.
-* Only the cells that change are computed. A cell contributes ``dx`` only where its update mask
-  fires *and* it is alive before the step (a cell that is dead before the step is zeroed whatever
-  ``dx`` is). Those cells (about half at fire_rate 0.5) are gathered by index; the MLP runs on
-  them alone, in row chunks small enough that the ``cells x hidden`` activations stay in L2.
+* Only the cells that matter are computed: those whose mask fires within one cell of a live
+  (pre-alive) cell. Any other cell's update is zeroed by the alive mask and reaches no survivor's
+  post-alive max-pool. At fire_rate 0.5 that is at most half the grid. The cells are gathered by
+  index and the MLP runs on them alone, in row chunks small enough that the ``cells x hidden``
+  activations stay in L2; relu is an in-place clamp on the chunk.
 * Perception without a convolution. Each 3x3 filter is split into row patterns (a horizontal
   pass shared between filters, e.g. Sobel-x's [-1, 0, 1] and Sobel-y's [1, 2, 1]) and a vertical
   pass, each one or two full-grid adds with contiguous inner runs. A filter that is a pure shift
   (the identity) costs nothing: its band is gathered straight from the state. The filter's scale
-  (Sobel's 1/8) is folded into the first layer's weights. The first layer is then
-  ``h = b1 + sum_k band_k[cells] @ W1_k^T`` over the F bands.
-* Masks. All update masks of a run of steps come from one vectorised Philox pass over a
-  (step, cell) grid (``update_masks``), bit-identical to ``nca_fast.rng.update_mask``.
-* Backward. One ``torch.autograd.Function`` per step with a handwritten backward: the gathered
-  bands and hidden activations of the active cells are saved (a fraction of what autograd keeps
-  for the port), the weight gradients are accumulated chunk by chunk in a fixed order
-  (deterministic), and perception's adjoint replays the same passes transposed. Under
-  ``segment=k`` the steps run inside non-reentrant ``torch.utils.checkpoint`` segments: the
-  autograd graph is the same, so gradients are bitwise those of the un-checkpointed run.
+  (Sobel's 1/8) is folded into the first layer's weights, permuted band-major, so the first
+  layer is one K = F*C matmul on the gathered bands.
+* Masks. All update masks of a rollout come from one vectorised Philox pass over a (step, cell)
+  grid (``update_masks``), bit-identical to ``nca_fast.rng.update_mask``.
+* Threads. The batch is split into up to ``torch.get_num_threads()`` parts, each run start to
+  end by a worker thread whose torch ops are single-threaded: images are independent, so a
+  forward or backward pass joins once instead of meeting an OpenMP barrier at every op.
+* Backward. The whole rollout is one autograd node with a handwritten backward: the gathered
+  bands and hidden activations of the computed cells are saved (far less than autograd keeps for
+  the port), weight gradients are accumulated chunk by chunk in a fixed order (deterministic),
+  and perception's adjoint replays the same passes transposed. With ``segment=k`` only each
+  segment's first state is kept and the segment is recomputed by the same code, so gradients
+  are bitwise those of the run without checkpoints.
 
 No ``torch.compile``: see bench/NOTES.md for the measurements behind these choices.
 """
@@ -306,12 +310,14 @@ class _Plan:
         return bufs[k], 0
 
     def perceive(self, xp: torch.Tensor):
-        """The F bands' sources: list of (B*(H+2)*(W+2) x C tensor, row offset of the gather).
+        """The F bands' sources: list of (b*(H+2)*(W+2) x C tensor, row offset of the gather),
+        for the b images of ``xp`` (all of the part's, or a block of them).
 
         Computes the buffers that patterns and bands need, interior columns (patterns: all rows)
         only; their halo entries are never gathered.
         """
         w = self.w
+        rows = xp.shape[0] * self.hp * self.wp
         pbufs = {}
         for k, pat in enumerate(self.patterns):
             if pat.view_dx is None:
@@ -323,7 +329,7 @@ class _Plan:
         for j, (band, off) in enumerate(zip(self.bands, self.band_offsets)):
             if band.view:
                 src, _ = self._pattern_slice(band.terms[0].src, xp, pbufs)
-                sources.append((src.view(self.np, self.c), off))
+                sources.append((src.view(rows, self.c), off))
                 continue
             buf = self.scratch(("band", j), xp.shape)
             srcs = []
@@ -332,7 +338,7 @@ class _Plan:
                 srcs.append((src[:, 1 + t.shift:1 + t.shift + self.h, 1 + dx:1 + dx + w],
                              t.coef))
             _accumulate(buf[:, 1:-1, 1:-1], srcs)
-            sources.append((buf.view(self.np, self.c), 0))
+            sources.append((buf.view(rows, self.c), 0))
         return sources
 
     # -------------------------------------------------------------- adjoint perception
@@ -447,32 +453,29 @@ class _Plan:
 
 
 # --------------------------------------------------------------------------------- the MLP
-def _mlp_rows(plan: _Plan, sources, pidx, w1b, b1, w2, b2, save: bool):
-    """dx (n x C) for the cells ``pidx``; with ``save``, also the gathered bands (n x F*C,
-    band-major per cell) and hidden activations (n x hidden) that the backward needs.
+def _mlp_rows(plan: _Plan, sources, pidx, w1b, b1, w2, b2, dx, gath=None, hid=None):
+    """dx (n x C) for the cells ``pidx`` (flat indices into the sources' rows); with ``gath``
+    (n x F x C) and ``hid`` (n x hidden), also keeps the gathered bands and the hidden
+    activations that the backward needs.
 
     The bands are gathered into one n x F*C block so the first layer is a single K = F*C matmul
-    (three K = C matmuls were slower); without ``save`` the block and the hidden activations
+    (three K = C matmuls were slower); without ``gath`` the block and the hidden activations
     are per-chunk scratch that stays in cache.
     """
     n = pidx.numel()
     f, c = len(sources), plan.c
     hidden = w1b.shape[0]
     idx = [pidx + off if off else pidx for _, off in sources]
-    if save:
-        gath = torch.empty(n, f, c, dtype=plan.dtype, device=plan.device)
+    if gath is not None:
         for k, (src, _) in enumerate(sources):
             torch.index_select(src, 0, idx[k], out=gath[:, k])
-        hid = torch.empty(n, hidden, dtype=plan.dtype, device=plan.device)
-        dx = plan.scratch("dx", (n, c))
     else:
         step = min(plan.chunk, max(n, 1))
         gbuf = plan.scratch("gather", (step, f, c))
         hbuf = plan.scratch("hidden", (step, hidden))
-        dx = plan.scratch("dx", (n, c))
     for s in range(0, n, plan.chunk):
         e = min(s + plan.chunk, n)
-        if save:
+        if gath is not None:
             g, hc = gath[s:e], hid[s:e]
         else:
             g, hc = gbuf[:e - s], hbuf[:e - s]
@@ -481,9 +484,6 @@ def _mlp_rows(plan: _Plan, sources, pidx, w1b, b1, w2, b2, save: bool):
         torch.addmm(b1, g.view(e - s, f * c), w1b.t(), out=hc)
         hc.clamp_min_(0)
         torch.addmm(b2, hc, w2.t(), out=dx[s:e])
-    if save:
-        return dx, gath.view(n, f * c), hid
-    return dx, None, None
 
 
 # -------------------------------------------------------------------------------- one step
@@ -491,16 +491,21 @@ def _step(plan: _Plan, xp: torch.Tensor, fire, w1b, b1, w2, b2, save: bool):
     """One step on the padded state ``xp`` (b x (H+2) x (W+2) x C), updated in place.
 
     The MLP reads everything it needs from ``xp`` before the scatter, so in place is safe.
-    Returns None, or with ``save`` the step's record for the backward:
+    (Perceiving and updating an image at a time, so that the bands are still in cache when
+    gathered, measured 5-10% slower: more, smaller ops.) Returns None, or with ``save`` the
+    step's record for the backward:
     (pidx, life or None, gathered bands n x F*C, hidden activations n x hidden).
     """
     pidx, pre = plan.active(xp, fire)
-    sources = plan.perceive(xp)
-    dx, gath, hid = _mlp_rows(plan, sources, pidx, w1b, b1, w2, b2, save=save)
-    del sources
+    n, f = pidx.numel(), len(plan.bands)
+    dx = plan.scratch("dx", (n, plan.c))
+    gath = torch.empty(n, f, plan.c, dtype=plan.dtype, device=plan.device) if save else None
+    hid = torch.empty(n, w1b.shape[0], dtype=plan.dtype, device=plan.device) if save else None
+    if n:
+        _mlp_rows(plan, plan.perceive(xp), pidx, w1b, b1, w2, b2, dx, gath, hid)
     xp.view(plan.np, plan.c).index_put_((pidx,), dx, accumulate=True)
     life = _finish(plan, xp, pre)
-    return (pidx, life, gath, hid) if save else None
+    return (pidx, life, gath.view(n, f * plan.c), hid) if save else None
 
 
 def _finish(plan: _Plan, xn: torch.Tensor, pre):
@@ -641,7 +646,9 @@ class _Part:
                 else:
                     if t % self.segment == 0:
                         saved.append(xp.clone())
-                    _step(plan, xp, masks[t], *weights, save=False)
+                    # The same code path as the recompute in backward (records dropped), so
+                    # both produce bitwise the same states whatever MKL does with alignment.
+                    _step(plan, xp, masks[t], *weights, save=True)
         return saved
 
     def backward(self, gout, saved, weights, need_x):

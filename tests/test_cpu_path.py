@@ -310,7 +310,9 @@ def test_no_grad_path_equals_grad_path(padding, threshold):
     y1 = rollout(model, x.clone().requires_grad_(True), STEPS, seed=SEED)
     assert y1.requires_grad and not y0.requires_grad
     assert torch.equal(x, x_before), "the no-grad path wrote into its input"
-    assert torch.equal(y0, y1.detach())
+    # Same arithmetic, but from per-chunk scratch instead of the saved buffers: equal to
+    # rounding (bitwise here; MKL does not promise alignment-independent results).
+    _close(y0, y1.detach(), torch.float32, "state", "no-grad vs grad state")
     _close(y0, reference.rollout(x, *model.weights(), cfg, STEPS, SEED).detach(),
            torch.float32, "state", "state")
 
@@ -367,7 +369,7 @@ def test_worker_threads_equal_reference(batch, segment):
     for name in want_g:
         _close(got_g[name], want_g[name], torch.float32, "grad", f"grad {name}")
         assert torch.equal(got_g[name], plain_g[name])
-    assert torch.equal(nograd_y, got_y)
+    _close(nograd_y, got_y, torch.float32, "state", "no-grad vs grad state")
     assert torch.get_num_threads() == 1, "the worker pool changed the caller's thread count"
 
 
