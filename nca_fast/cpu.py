@@ -35,6 +35,7 @@ No ``torch.compile``: see bench/NOTES.md for the measurements behind these choic
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import threading
 from collections import OrderedDict
@@ -685,16 +686,17 @@ class _Part:
         return grad, acc
 
 
-_POOL = {"size": 0, "executor": None}
+_POOL = {"size": 0, "executor": None, "pid": None}
 _POOL_LOCK = threading.Lock()
 
 
 def _executor(size: int) -> ThreadPoolExecutor:
     """A pool of ``size`` threads whose torch ops run single-threaded (their own OpenMP and MKL
-    thread counts are 1; the caller's are left as they were)."""
+    thread counts are 1; the caller's are left as they were). Rebuilt after a fork, whose
+    child has none of the parent's threads."""
     with _POOL_LOCK:
-        if _POOL["size"] != size:
-            if _POOL["executor"] is not None:
+        if _POOL["size"] != size or _POOL["pid"] != os.getpid():
+            if _POOL["executor"] is not None and _POOL["pid"] == os.getpid():
                 _POOL["executor"].shutdown(wait=True)
             caller = torch.get_num_threads()
             ready = threading.Barrier(size)
@@ -708,7 +710,7 @@ def _executor(size: int) -> ThreadPoolExecutor:
             for f in [ex.submit(lambda: None) for _ in range(size)]:
                 f.result()
             torch.set_num_threads(caller)   # puts the global default back for later threads
-            _POOL.update(size=size, executor=ex)
+            _POOL.update(size=size, executor=ex, pid=os.getpid())
         return _POOL["executor"]
 
 
