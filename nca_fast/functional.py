@@ -184,11 +184,52 @@ def rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: 
     if steps == 0:
         return x
     seg = 1 if segment is None else int(segment)
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, w1, b1, w2, b2)):
+        seg = steps                  # nothing will call backward: keep no intermediate state
+    check_fits(x, steps, seg, filters.shape[0], alive_threshold is not None)
     out, _, _, _ = torch.ops.nca_fast.rollout(
         x, w1, b1, w2, b2, filters, seed, first_step, steps, seg, float(fire_rate),
         _NO_ALIVE if alive_threshold is None else float(alive_threshold), alpha_channel,
         circular, precision)
     return out
+
+
+def rollout_bytes(shape, steps: int, segment: int, num_filters: int, alive: bool,
+                  element_size: int = 4) -> int:
+    """Device bytes a rollout of a B x C x H x W state allocates at its peak (backward included):
+    the states kept for backward, two working states, the output, the mask bytes, and the
+    backward's perception-gradient scratch (F*C per cell) with its incoming and outgoing
+    gradients."""
+    b, c, h, w = shape
+    cells = b * h * w
+    state = cells * c * element_size
+    saved = (steps - 1) // segment
+    recompute = min(segment, steps) if segment > 1 else 0
+    mask = cells if alive else 0
+    forward = (saved + 3) * (state + mask)
+    backward = cells * num_filters * c * element_size + 3 * state + recompute * (state + mask)
+    return forward + backward
+
+
+def _free_bytes(device: torch.device) -> Optional[int]:
+    if device.type != "cuda":
+        return None                 # host memory: the allocator reports its own errors
+    free, _total = torch.cuda.mem_get_info(device)
+    return free
+
+
+def check_fits(x: Tensor, steps: int, segment: int, num_filters: int, alive: bool) -> None:
+    """Fail before launching anything when the rollout cannot fit the device's free memory."""
+    free = _free_bytes(x.device)
+    if free is None:
+        return
+    need = rollout_bytes(tuple(x.shape), steps, segment, num_filters, alive, x.element_size())
+    if need > free:
+        gib = 2.0 ** 30
+        raise torch.cuda.OutOfMemoryError(
+            f"x: a rollout of {steps} steps on a {'x'.join(map(str, x.shape))} state needs about "
+            f"{need / gib:.1f} GiB on {x.device}, but {free / gib:.1f} GiB are free; use "
+            f"checkpoint='sqrt' (or a longer segment), fewer steps or a smaller grid")
 
 
 def nca_rollout(model, x: Tensor, steps: int, *, seed: int, first_step: int = 0,

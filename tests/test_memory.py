@@ -82,3 +82,32 @@ def test_checkpointed_gradients_are_bitwise_equal():
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
             assert torch.equal(a, b)
+
+
+def test_grid_too_large_fails_before_launching(monkeypatch):
+    from nca_fast import functional
+
+    model = NCA(NCAConfig(hidden=32, precision="ieee"), backend="triton").to(DEVICE)
+    x = model.seed_state(1, 64, 64).requires_grad_()
+    launched = []
+    monkeypatch.setattr(functional._Steps, "fwd", lambda *a, **k: launched.append(1))
+    monkeypatch.setattr(functional, "_free_bytes", lambda device: 10 * 2**20)   # 10 MiB free
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="checkpoint='sqrt'"):
+        model(x, 100, seed=0)
+    assert not launched
+    # the estimate is what the design keeps: 99 saved states of 64 B + 1 B per cell, and more
+    need = functional.rollout_bytes((1, 16, 64, 64), 100, 1, 3, True)
+    assert need >= 99 * 65 * 64 * 64
+    sqrt = functional.rollout_bytes((1, 16, 64, 64), 100, 10, 3, True)
+    assert sqrt < need / 3
+    # issue 4's target: 1024 x 1024, 1,000 steps, checkpoint="sqrt" (segment 32) under 40 GB
+    assert functional.rollout_bytes((1, 16, 1024, 1024), 1000, 32, 3, True) < 40e9
+
+
+def test_no_grad_rollout_keeps_no_states():
+    model = NCA(NCAConfig(hidden=32, precision="ieee"), backend="triton").to(DEVICE)
+    x = model.seed_state(1, 4, 4)
+    with torch.no_grad():
+        a = model(x, 5, seed=3)
+    b = model(x.requires_grad_(), 5, seed=3)
+    assert torch.equal(a, b.detach())
