@@ -640,7 +640,8 @@ class Trainer:
         o = self.opts
         model = self.model
         save_model(model, self.run_dir / "model.safetensors", self.training_metadata())
-        write_loss_outputs(self.losses, self.run_dir, lr_drop_at=o.lr_drop_at)
+        write_loss_outputs(self.losses, self.run_dir, lr_drop_at=o.lr_drop_at,
+                           levels=o.loss_levels)
         ext = ".mp4" if o.mp4 else ".gif"
         every = max(1, o.video_steps // 96)
         scale = max(1, 256 // self.grid)
@@ -670,7 +671,7 @@ def save_model(model: NCA, path: pathlib.Path, training: dict) -> pathlib.Path:
 
 
 def write_loss_outputs(losses: Sequence[float], run_dir: pathlib.Path, *,
-                       lr_drop_at: Optional[int] = None) -> None:
+                       lr_drop_at: Optional[int] = None, levels: int = 1) -> None:
     """``loss.csv`` (step, loss) and ``loss.png`` (log-scale curve with a running mean)."""
     buf = _pyio.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -698,7 +699,7 @@ def write_loss_outputs(losses: Sequence[float], run_dir: pathlib.Path, *,
     if losses and min(losses) > 0:
         ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("MSE (RGBA)")
+    ax.set_ylabel("MSE (RGBA)" if levels == 1 else f"MSE (RGBA), mean of {levels} levels")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
