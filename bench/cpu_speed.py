@@ -1,7 +1,7 @@
 """Side-by-side CPU timing: nca_fast's torch backend against a plain PyTorch eager port.
 
     python bench/cpu_speed.py [--repeats 7] [--steps 64] [--batch 8] [--size 72] [--threads N]
-                              [--scenario alive|grow]
+                              [--scenario alive|grow|grown]
 
 The eager port is the style of the common PyTorch NCA ports: NCHW, perception by
 ``F.conv2d(groups=C)`` with the filters repeated per channel, two ``nn.Conv2d`` 1x1 layers,
@@ -17,7 +17,9 @@ iteration: the rollout with gradients, MSE loss on RGBA, backward, Adam step.
 Scenarios: ``alive`` (default) starts from a fully alive random grid with small random weights:
 the worst case for nca_fast, which only computes the cells that fire near live ones. ``grow``
 starts from the seed with the published lizard model (../shared/data/distill/ex1_lizard.json),
-as a training rollout of the article does: the live region grows from one cell.
+as a training rollout of the article's first experiment does: the live region grows from one
+cell. ``grown`` starts from the lizard grown for 128 steps, like a pool sample of the second
+and third experiments.
 """
 from __future__ import annotations
 
@@ -106,18 +108,22 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=72)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--modes", default="forward,train")
-    ap.add_argument("--scenario", choices=("alive", "grow"), default="alive")
+    ap.add_argument("--scenario", choices=("alive", "grow", "grown"), default="alive")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = NCAConfig()
-    if args.scenario == "grow":
+    if args.scenario in ("grow", "grown"):
         path = DISTILL / "ex1_lizard.json"
         if not path.is_file():
-            print(f"error: --scenario grow needs {path} (../shared absent)", file=sys.stderr)
+            print(f"error: --scenario {args.scenario} needs {path} (../shared absent)",
+                  file=sys.stderr)
             return 2
         fast, eager = make_models(config, distill=path)
         x0 = fast.seed_state(args.batch, args.size, args.size)
+        if args.scenario == "grown":
+            with torch.no_grad():
+                x0 = fast(x0, 128, seed=11)
     else:
         fast, eager = make_models(config)
         x0 = live_state(config, args.batch, args.size, args.size)

@@ -51,8 +51,8 @@ from .rng import check_seed, fire_threshold
 _M32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
-# Elements of the (step, cell) counter grid hashed per pass: int64 buffers of 1 MiB stay in L2.
-_MASK_CHUNK = 1 << 17
+# Elements of the (step, cell) counter grid hashed per pass: int64 buffers of 512 KiB (L2).
+_MASK_CHUNK = 1 << 16
 # Bytes of hidden activations per MLP chunk on a CPU (the 2 cores' L2 together).
 _CHUNK_BYTES = 1 << 20
 
@@ -124,7 +124,8 @@ def _mask_block(out: torch.Tensor, cell0: int, fire_rate: float, seed: int,
         s = min(per, steps - t0)
         c0, c2 = (b[:s * n] for b in cur)
         c0l, c2l = _halves(c0)[0], _halves(c2)[0]
-        pb, pa, pb_old, pa_old = (b[:s * n] for b in prods)
+        # (buffer, its low half, its high half), made once per chunk: views cost time too.
+        pb, pa, pb_old, pa_old = ((b[:s * n],) + _halves(b[:s * n]) for b in prods)
         for i in range(s):
             step = (first_step + t0 + i) & _M32
             hi1, lo1 = (step * _ROUND_B) >> 32, (step * _ROUND_B) & _M32     # round 1, per step
@@ -134,25 +135,25 @@ def _mask_block(out: torch.Tensor, cell0: int, fire_rate: float, seed: int,
             torch.bitwise_xor(pb2_hi, _s32(lo1 ^ keys[1][0]), out=c0l[rows])
             torch.bitwise_xor(c3_r1, _s32(((p >> 32) & _M32) ^ keys[1][1]), out=c2l[rows])
             # c3 after round 2 is the per-step low word of p, kept where round 3 reads c3.
-            pa_old.view(s, n)[i].fill_(p & _M32)
+            pa_old[0].view(s, n)[i].fill_(p & _M32)
         # Round 3: c1 is per cell (pb2_lo), c3 per step (held in pa_old's rows).
-        torch.mul(c2, _ROUND_B, out=pb)
-        torch.mul(c0, _ROUND_A, out=pa)
-        torch.bitwise_xor(_halves(pb)[1].view(s, n), pb2_lo, out=c0l.view(s, n))
+        torch.mul(c2, _ROUND_B, out=pb[0])
+        torch.mul(c0, _ROUND_A, out=pa[0])
+        torch.bitwise_xor(pb[2].view(s, n), pb2_lo, out=c0l.view(s, n))
         c0l.bitwise_xor_(_s32(keys[2][0]))
-        torch.bitwise_xor(_halves(pa)[1], _halves(pa_old)[0], out=c2l)
+        torch.bitwise_xor(pa[2], pa_old[1], out=c2l)
         c2l.bitwise_xor_(_s32(keys[2][1]))
         for r in range(3, 10):
             pb, pb_old = pb_old, pb
             pa, pa_old = pa_old, pa
-            torch.mul(c2, _ROUND_B, out=pb)
+            torch.mul(c2, _ROUND_B, out=pb[0])
             last = r == 9
             if not last:                    # the last round's c2 is never read
-                torch.mul(c0, _ROUND_A, out=pa)
-            torch.bitwise_xor(_halves(pb)[1], _halves(pb_old)[0], out=c0l)
+                torch.mul(c0, _ROUND_A, out=pa[0])
+            torch.bitwise_xor(pb[2], pb_old[1], out=c0l)
             c0l.bitwise_xor_(_s32(keys[r][0]))
             if not last:
-                torch.bitwise_xor(_halves(pa)[1], _halves(pa_old)[0], out=c2l)
+                torch.bitwise_xor(pa[2], pa_old[1], out=c2l)
                 c2l.bitwise_xor_(_s32(keys[r][1]))
         # Fires when the top 24 bits are below thr, i.e. the (zero-extended) word < thr * 256.
         torch.lt(c0.view(s, n), thr << 8, out=out[t0:t0 + s])
@@ -312,7 +313,7 @@ class _Plan:
 
     def perceive(self, xp: torch.Tensor):
         """The F bands' sources: list of (b*(H+2)*(W+2) x C tensor, row offset of the gather),
-        for the b images of ``xp`` (all of the part's, or a block of them).
+        for the b images of ``xp``.
 
         Computes the buffers that patterns and bands need, interior columns (patterns: all rows)
         only; their halo entries are never gathered.
