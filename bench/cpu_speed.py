@@ -110,6 +110,13 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="forward,train")
     ap.add_argument("--scenario", choices=("alive", "grow", "grown"), default="alive")
     args = ap.parse_args(argv)
+    for name in ("repeats", "steps", "batch", "size", "threads"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            ap.error(f"--{name}: expected a positive integer, got {v}")
+    modes = args.modes.split(",")
+    if not modes or any(m not in ("forward", "train") for m in modes):
+        ap.error(f"--modes: expected a comma-separated subset of forward,train, got {args.modes!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = NCAConfig()
@@ -127,7 +134,9 @@ def main(argv=None) -> int:
     else:
         fast, eager = make_models(config)
         x0 = live_state(config, args.batch, args.size, args.size)
-    target = torch.rand(args.batch, 4, args.size, args.size, generator=torch.Generator().manual_seed(2))
+    target = torch.rand(args.batch, 4, args.size, args.size,
+                        generator=torch.Generator().manual_seed(2))
+    # A real Adam step, at a learning rate too small to change the workload between repeats.
     opt_fast = torch.optim.Adam(fast.parameters(), lr=1e-9)
     opt_eager = torch.optim.Adam(eager.parameters(), lr=1e-9)
     steps = args.steps
@@ -159,7 +168,6 @@ def main(argv=None) -> int:
           f"{args.batch} x {args.size}x{args.size}, C={config.channels}, hidden={config.hidden}, "
           f"{steps} steps, {args.repeats} interleaved repeats, scenario {args.scenario}; alive "
           f"fraction at the end {alive:.2f}; load average {os.getloadavg()[0]:.1f} before")
-    modes = args.modes.split(",")
     pairs = {"forward": (fwd_eager, fwd_fast), "train": (train_eager, train_fast)}
     for mode in modes:           # warm-up: first-call allocations, oneDNN primitive creation
         for fn in pairs[mode]:
@@ -185,7 +193,8 @@ def main(argv=None) -> int:
         pair = [a / b for a, b in zip(ew, fw)]
         print(f"{mode:8} speed-up: wall {statistics.median(ew) / statistics.median(fw):.2f}x "
               f"(per-pair median {statistics.median(pair):.2f}x, range "
-              f"{min(pair):.2f}..{max(pair):.2f}), cpu {statistics.median(ec) / statistics.median(fc):.2f}x")
+              f"{min(pair):.2f}..{max(pair):.2f}), "
+              f"cpu {statistics.median(ec) / statistics.median(fc):.2f}x")
     return 0
 
 
