@@ -259,7 +259,6 @@ class _Plan:
 
     def __init__(self, config, shape, dtype, device):
         b, h, w, c = shape
-        self.cfg = config
         self.b, self.h, self.w, self.c = b, h, w, c
         self.hp, self.wp = h + 2, w + 2
         self.np = b * self.hp * self.wp
