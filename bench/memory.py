@@ -35,7 +35,8 @@ import torch
 
 from bench.providers import PROVIDER_NAMES, Provider, TorchRunner, get_providers, make_weights
 from bench.throughput import (RESULTS, Case, Recorder, UsageError, _Parser, _split, environment,
-                              measure_case, prepare_out, resolve_device, run_check, write_csv)
+                              measure_case, prepare_out, resolve_device, run_check, save_figure,
+                              write_csv)
 from nca_fast import NCAConfig
 
 SWEEPS = {
@@ -161,7 +162,6 @@ def plot_sweeps(rows: Sequence[dict], path) -> pathlib.Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from nca_fast.io import atomic_write
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     env = rows[0] if rows else {}
@@ -195,14 +195,7 @@ def plot_sweeps(rows: Sequence[dict], path) -> pathlib.Path:
             else:
                 ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center",
                         transform=ax.transAxes)
-    fig.suptitle(f"{env.get('device', '')} | torch {env.get('torch', '')} | triton "
-                 f"{env.get('triton', '')} | {env.get('commit', '')} | {env.get('date', '')}",
-                 fontsize=8)
-    fig.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path, env)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

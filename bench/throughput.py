@@ -566,7 +566,6 @@ def plot(rows: Sequence[dict], path) -> pathlib.Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from nca_fast.io import atomic_write
 
     modes = [m for m in ("forward", "train") if any(
         r["mode"] == m and r["metric"] == "cell_steps_per_s" for r in rows)]
@@ -600,6 +599,16 @@ def plot(rows: Sequence[dict], path) -> pathlib.Path:
         ax.set_ylabel("cell-steps / s (median)")
         ax.set_title(f"{mode}")
         ax.legend(fontsize=7)
+    return save_figure(fig, path, env)
+
+
+def save_figure(fig, path, env):
+    """Title ``fig`` with the run's device, versions, commit and date; write it atomically as
+    PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    from nca_fast.io import atomic_write
+
     fig.suptitle(f"{env.get('device', '')} | torch {env.get('torch', '')} | triton "
                  f"{env.get('triton', '')} | {env.get('commit', '')} | {env.get('date', '')}",
                  fontsize=8)

@@ -18,11 +18,7 @@ BACKENDS = ("auto", "torch", "triton")
 def triton_usable(device: torch.device) -> bool:
     """True when the Triton kernels can run on tensors of ``device``."""
     if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return False
-        return True
+        return _has_triton()
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and _has_triton()
 
 
