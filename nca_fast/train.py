@@ -79,6 +79,9 @@ class TrainOptions:
     checkpoint: activation checkpointing of the rollout (None, "sqrt" or a segment length).
     accumulate: micro-batches per step per process (gradient accumulation). save_every: steps
     between checkpoints. video_steps: length of the output videos (None: 2 * rollout_max).
+    init: a model file (nca_fast .safetensors or a Distill JSON) whose weights start the run
+    instead of a fresh initialisation (a size curriculum: train small, then larger from it); its
+    channels, hidden units and fire rate must equal the run's.
     """
 
     target: Optional[str] = None
@@ -111,6 +114,7 @@ class TrainOptions:
     mp4: bool = False
     threads: Optional[int] = None
     out: Optional[str] = None
+    init: Optional[str] = None
 
     def __post_init__(self):
         def bad(name, expected):
@@ -162,6 +166,8 @@ class TrainOptions:
             resolve_checkpoint(self.checkpoint, 2)
         except ValueError as e:
             raise ValueError(f"checkpoint: {e}") from None
+        if self.init is not None and (not isinstance(self.init, str) or not self.init):
+            bad("init", "a model file path or None")
         if self.loss_levels > 1 and self.grid >> (self.loss_levels - 1) < 1:
             raise ValueError(f"loss_levels: {self.loss_levels} levels halve a {self.grid}-cell "
                              f"grid below one cell; use at most {self.grid.bit_length()}")
@@ -224,6 +230,22 @@ PRESETS: Dict[str, dict] = {
     "hires": dict(size=128, batch=4, pool_size=256, checkpoint="sqrt", loss_levels=3,
                   curriculum=0.3, save_every=250),
 }
+
+
+def _warm_start(model: NCA, path: str) -> None:
+    """Copy the weights of the model file ``path`` into ``model`` (same architecture)."""
+    init = nio.load_any(path, backend="torch")
+    a, b = dataclasses.asdict(init.config), dataclasses.asdict(model.config)
+    a.pop("precision", None)
+    b.pop("precision", None)
+    diff = {k: (a[k], b[k]) for k in b if a.get(k) != b[k]}
+    if diff:
+        shown = ", ".join(f"{k}={v[0]!r} (run: {v[1]!r})" for k, v in diff.items())
+        raise ValueError(f"init: {path} has a different architecture: {shown}; give the run the "
+                         "same --channels / --hidden / --fire-rate")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(dict(init.named_parameters())[name])
 
 
 # =========================================================================== distributed
@@ -400,6 +422,8 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(o.seed)
             model = NCA(o.model_config(), backend=o.backend)
+        if o.init is not None:
+            _warm_start(model, o.init)
         self.model = model.to(self.device)
         self.net = self.model
         if self.dist.enabled:
@@ -812,6 +836,8 @@ def build_parser(prog: str = "nca-fast train") -> argparse.ArgumentParser:
     a("--fire-rate", type=float, help="default 0.5")
     a("--precision", choices=PRECISIONS, help="dense-layer operands in the Triton kernels "
       "(default tf32; the torch backend computes in fp32)")
+    a("--init", metavar="MODEL", help="start from this model's weights (.safetensors or a "
+      "Distill JSON) instead of a fresh initialisation: train small, then larger from it")
     a("--seed", type=int, help="seed of every random choice (default 0)")
     a("--backend", choices=BACKENDS, help="NCA backend (default auto)")
     a("--device", choices=DEVICES, help="default auto (cuda when available)")
@@ -865,6 +891,8 @@ def options_from_args(ns: argparse.Namespace) -> TrainOptions:
     if merged.get("target") is not None:
         # config.json must still find the image when the run is resumed from another folder.
         merged["target"] = str(pathlib.Path(merged["target"]).expanduser().absolute())
+    if merged.get("init") is not None:
+        merged["init"] = str(pathlib.Path(merged["init"]).expanduser().absolute())
     return TrainOptions(**merged)
 
 

@@ -3,6 +3,7 @@
 Every run here is tiny (grids of 6 to 12 cells, a few steps): the point is the bookkeeping, not
 the quality of the model. The DDP check lives in test_ddp.py.
 """
+import dataclasses
 import json
 import os
 import pathlib
@@ -311,6 +312,39 @@ def test_cli_refuses_to_overwrite_a_run(tmp_path, capsys):
     train(TrainOptions(**TINY, experiment="grow", steps=1, save_every=1), run_dir=tmp_path)
     rc = cli_main(["--out", str(tmp_path), "--size", "8", "--steps", "1"])
     assert rc == 2 and "--resume" in capsys.readouterr().err
+
+
+def test_init_starts_from_the_given_weights_and_trains_on(tmp_path):
+    """--init: a size curriculum. The run starts at the file's weights (not a fresh draw) and a
+    resumed run does not re-apply them over the checkpoint."""
+    small = train(TrainOptions(**TINY, experiment="grow", steps=2, seed=3), run_dir=tmp_path / "a")
+    path = str(tmp_path / "a" / "model.safetensors")
+    start = _weights(nca_fast.load(path))
+    opts = TrainOptions(**dict(TINY, size=12, pad=2), experiment="grow", steps=2, seed=4,
+                        init=path, save_every=1)
+    tr = Trainer(opts, tmp_path / "b", progress=False)
+    assert all(torch.equal(v, start[k]) for k, v in _weights(tr.model).items())
+    fresh = Trainer(dataclasses.replace(opts, init=None), tmp_path / "c", progress=False)
+    assert not torch.equal(_weights(fresh.model)["w1.weight"], start["w1.weight"])
+    done = train(opts, run_dir=tmp_path / "b")
+    assert not torch.equal(_weights(done.model)["w1.weight"], start["w1.weight"])   # trained on
+    again = Trainer(opts, tmp_path / "b", progress=False)
+    again.load_checkpoint()
+    assert again.step == 2
+    assert all(torch.equal(v, w) for (k, v), w in
+               zip(_weights(again.model).items(), _weights(done.model).values()))
+    assert small.model.config.hidden == 32
+
+
+def test_init_with_another_architecture_names_the_argument(tmp_path, capsys):
+    train(TrainOptions(**TINY, experiment="grow", steps=1), run_dir=tmp_path / "a")
+    path = str(tmp_path / "a" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"init: .*hidden=32 \(run: 64\)"):
+        Trainer(TrainOptions(**dict(TINY, hidden=64), init=path), tmp_path / "b")
+    rc = cli_main(["--init", str(tmp_path / "missing.safetensors"), "--size", "8",
+                   "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "missing.safetensors" in err and len(err.splitlines()) == 1
 
 
 def test_presets_fill_defaults_and_explicit_options_win():
