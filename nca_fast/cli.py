@@ -14,6 +14,10 @@ from typing import List, Optional
 
 PROG = "nca-fast"
 DEFAULT_MODEL = pathlib.Path(__file__).resolve().parent / "assets" / "default_model.safetensors"
+# The shipped model grows its 24-cell flower (trained on a 32-cell grid): 40 cells frame it
+# (assets/default_model.json, grow_hint). Other models get the article's 72.
+DEFAULT_GROW_SIZE = 40
+ARTICLE_GRID = 72
 USAGE_ERROR = 2
 
 
@@ -62,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", metavar="PATH",
                    help="model file: saved by nca_fast (.safetensors) or a Distill export "
                         "(ex*_NAME.json); default: the model shipped with the package")
-    g.add_argument("--size", type=_positive_int, default=72, help="grid side in cells (72)")
+    g.add_argument("--size", type=_positive_int, default=None,
+                   help="grid side in cells (default: the grid the shipped model is drawn for, "
+                        f"{DEFAULT_GROW_SIZE}, with no --model; 72, the article's, with one)")
     g.add_argument("--steps", type=_non_negative_int, default=96, help="NCA steps (96)")
     g.add_argument("--seed", type=_non_negative_int, default=0,
                    help="key of the update masks and of the damage circle (0)")
@@ -140,6 +146,8 @@ def grow(args: argparse.Namespace) -> int:
         except ImportError:
             raise UsageError(f"--out {out}: MP4 needs imageio-ffmpeg: pip install "
                              f"nca-fast[video] (or write a .gif)") from None
+    if args.size is None:
+        args.size = DEFAULT_GROW_SIZE if args.model is None else ARTICLE_GRID
     scale = args.scale if args.scale is not None else max(1, 288 // args.size)
 
     x = model.seed_state(1, args.size, args.size)

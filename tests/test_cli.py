@@ -135,6 +135,10 @@ def test_default_model_grows(tmp_path):
     out = tmp_path / "d.gif"
     assert cli.main(["grow", "--size", "32", "--steps", "4", "--quiet", "--out", str(out)]) == 0
     assert out.exists() and out.with_suffix(".png").exists()
+    # No --size: the grid the shipped model is drawn for (40 cells x 7 pixels).
+    assert cli.main(["grow", "--steps", "2", "--quiet", "--out", str(out)]) == 0
+    from PIL import Image
+    assert Image.open(out.with_suffix(".png")).size == (cli.DEFAULT_GROW_SIZE * 7,) * 2 == (280, 280)
 
 
 @pytest.mark.parametrize("args", [["grow", "--size", "0"], ["grow", "--steps", "-1"],
