@@ -159,9 +159,11 @@ class TrainOptions:
                 and self.rollout_max <= self.rollout_min):
             raise ValueError(f"rollout: expected rollout_min < rollout_max, got "
                              f"[{self.rollout_min}, {self.rollout_max})")
-        if self.experiment != "grow" and self.replace + self.damage > self.batch:
+        # damage only applies to "regenerate"; "persist" only resets samples.
+        damaged = self.damage if self.experiment == "regenerate" else 0
+        if self.experiment != "grow" and self.replace + damaged > self.batch:
             raise ValueError(f"replace + damage: expected at most batch={self.batch} samples, "
-                             f"got {self.replace} + {self.damage}")
+                             f"got {self.replace} + {damaged}")
         try:
             resolve_checkpoint(self.checkpoint, 2)
         except ValueError as e:

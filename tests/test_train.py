@@ -79,6 +79,14 @@ def test_bad_options_name_the_field(field, value):
         TrainOptions(**{**TINY, field: value})
 
 
+def test_damage_counts_against_the_batch_only_when_regenerating():
+    small = {**TINY, "batch": 2}
+    with pytest.raises(ValueError, match=r"replace \+ damage.*1 \+ 3"):
+        TrainOptions(**small, experiment="regenerate")
+    assert TrainOptions(**small, experiment="persist").damage == 3     # unused: no error
+    TrainOptions(**small, experiment="regenerate", damage=1)
+
+
 def test_circle_damage_mask():
     m = T.circle_keep_mask(9, 9, (0.0, 0.0), 0.3)
     assert m[4, 4] == 0 and m[0, 0] == 1 and m[0, 8] == 1 and m[8, 8] == 1
