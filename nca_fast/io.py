@@ -13,7 +13,7 @@ import os
 import pathlib
 import secrets
 import struct
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -93,22 +93,39 @@ def _fsync_folder(folder: pathlib.Path) -> None:
 
 
 # --------------------------------------------------------------------------- our model format
-def save(model: NCA, path: PathLike) -> pathlib.Path:
+def save(model: NCA, path: PathLike, *, metadata: Optional[Dict[str, str]] = None) -> pathlib.Path:
     """Write ``model`` to one ``.safetensors`` file at ``path``, atomically.
 
     The file holds the tensors ``w1.weight`` (hidden x F*C x 1 x 1), ``w1.bias`` (hidden),
     ``w2.weight`` (C x hidden x 1 x 1) and ``w2.bias`` (C) as in ``model.state_dict()``, and the
     metadata entries ``nca_fast_config`` (the ``NCAConfig`` as JSON) and ``format_version``.
+    ``metadata``: more string entries to store with them (e.g. how the model was trained); read
+    them back with ``read_metadata``.
     """
     from safetensors.torch import save as st_save
 
     if not isinstance(model, NCA):
         raise TypeError(f"model: expected an nca_fast.NCA, got {type(model).__name__}")
+    extra = dict(metadata or {})
+    for k, v in extra.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"metadata: expected str keys and values, got {k!r}: "
+                            f"{type(v).__name__}")
+        if k in (CONFIG_KEY, VERSION_KEY):
+            raise ValueError(f"metadata: {k!r} is reserved for the model's own entries")
     state = model.state_dict()
     tensors = {k: state[k].detach().to("cpu").contiguous() for k in PARAM_NAMES}
-    metadata = {CONFIG_KEY: model.config.to_json(), VERSION_KEY: FORMAT_VERSION}
+    metadata = {**extra, CONFIG_KEY: model.config.to_json(), VERSION_KEY: FORMAT_VERSION}
     data = st_save(tensors, metadata=metadata)
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def read_metadata(path: PathLike) -> Dict[str, str]:
+    """The safetensors metadata of a model file: its config, format version and the entries
+    given to ``save(..., metadata=...)``. Reads only the header."""
+    path = pathlib.Path(path)
+    return dict(_safetensors_header(path, _read_bytes(path, "model file")).get("__metadata__")
+                or {})
 
 
 def load(path: PathLike, *, backend: str = "auto") -> NCA:

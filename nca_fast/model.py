@@ -118,10 +118,11 @@ class NCA(nn.Module):
             from .cpu import rollout as run
         return _rollout_with_frames(run, self, x, steps, seed, segment, frames, first_step)
 
-    def save(self, path) -> None:
-        """Write the weights (safetensors) and the config (JSON) to ``path``, atomically."""
+    def save(self, path, *, metadata=None) -> None:
+        """Write the weights (safetensors) and the config (JSON) to ``path``, atomically;
+        ``metadata``: more str -> str entries for the file (``nca_fast.io.read_metadata``)."""
         from .io import save
-        save(self, path)
+        save(self, path, metadata=metadata)
 
     # ------------------------------------------------------------------ helpers
     def weights(self):

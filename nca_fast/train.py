@@ -657,7 +657,8 @@ class Trainer:
                 "rollout": [o.rollout_min, o.rollout_max], "steps": self.step, "seed": o.seed,
                 "final_loss": self.losses[-1] if self.losses else None,
                 "train_wall_s": round(self.elapsed, 1), "train_cpu_s": round(self.cpu_time, 1),
-                "target": str(o.target) if o.target is not None else "default_target.png"}
+                "target": str(o.target) if o.target is not None else "default_target.png",
+                "init": o.init}
 
     def write_outputs(self) -> None:
         """Final model, loss curve, videos (rank 0 only)."""
@@ -687,13 +688,8 @@ class Trainer:
 
 
 def save_model(model: NCA, path: pathlib.Path, training: dict) -> pathlib.Path:
-    """``io.save`` the model; the training metadata goes into the file when io.save takes it."""
-    import inspect
-
-    params = inspect.signature(nio.save).parameters
-    if "metadata" in params:
-        return nio.save(model, path, metadata={TRAINING_KEY: json.dumps(training)})
-    return nio.save(model, path)
+    """``io.save`` the model with the run's training metadata (``io.read_metadata`` shows it)."""
+    return nio.save(model, path, metadata={TRAINING_KEY: json.dumps(training)})
 
 
 def write_loss_outputs(losses: Sequence[float], run_dir: pathlib.Path, *,

@@ -62,6 +62,21 @@ def test_file_is_plain_safetensors_with_config_metadata(tmp_path):
     assert NCAConfig.from_dict(json.loads(meta["nca_fast_config"])) == model.config
 
 
+def test_extra_metadata_round_trips_and_reserved_keys_are_refused(tmp_path):
+    model = _random_model()
+    path = tmp_path / "m.safetensors"
+    model.save(path, metadata={"trained_by": "test", "steps": "12"})
+    meta = nio.read_metadata(path)
+    assert meta["trained_by"] == "test" and meta["steps"] == "12"
+    assert NCAConfig.from_dict(json.loads(meta["nca_fast_config"])) == model.config
+    assert torch.equal(nio.load(path).w1.weight, model.w1.weight)
+    with pytest.raises(ValueError, match="metadata: 'format_version' is reserved"):
+        nio.save(model, tmp_path / "x.safetensors", metadata={"format_version": "9"})
+    with pytest.raises(TypeError, match="metadata: expected str"):
+        nio.save(model, tmp_path / "y.safetensors", metadata={"steps": 12})
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+
+
 def test_load_any_dispatches(tmp_path, distill_dir):
     model = _random_model()
     ours = tmp_path / "weights.bin"                  # extension says nothing: content decides

@@ -298,6 +298,9 @@ def test_cli_writes_every_promised_file(tmp_path, capsys):
     assert rows[0] == "step,loss" and len(rows) == 4
     model = nca_fast.load(out / "model.safetensors")
     assert model.config.hidden == 32
+    training = json.loads(nca_fast.io.read_metadata(out / "model.safetensors")[T.TRAINING_KEY])
+    assert training["steps"] == 3 and training["grid"] == 12
+    assert training["final_loss"] == pytest.approx(float(rows[-1].split(",")[1]))
     with Image.open(out / "growth.gif") as im:
         assert im.n_frames > 2 and im.size[0] >= 12
     with Image.open(out / "loss.png") as im:
