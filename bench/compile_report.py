@@ -270,7 +270,7 @@ def load_kernels(kernels_dir: Path = KERNELS_DIR):
 
 
 def launch_config(v: Variant, configs):
-    """(BLOCK_M, num_warps, num_stages) the launcher picks for ``v`` on a GPU."""
+    """(BLOCK_M, num_warps, num_stages, maxnreg) the launcher picks for ``v`` on a GPU."""
     if configs.interpreting():
         raise RuntimeError("launch_config: TRITON_INTERPRET=1 would select interpreter tiles")
     if v.kernel == "fwd":
@@ -281,16 +281,16 @@ def launch_config(v: Variant, configs):
         cfg = select(N_CELLS, v.channels, v.hidden, v.filters, None, PRECISION_NAMES[v.precision])
     else:
         cfg = configs.select_transpose(N_CELLS, v.channels, v.filters)
-    _HC[v] = cfg.hidden_chunk
-    return cfg.block_m, cfg.num_warps, cfg.num_stages
+    _CFG[v] = cfg
+    return cfg.block_m, cfg.num_warps, cfg.num_stages, getattr(cfg, "maxnreg", None)
 
 
-_HC: Dict["Variant", int] = {}
+_CFG: Dict["Variant", object] = {}
 
 
 def _hidden_chunk(v: Variant) -> int:
     """The hidden-layer chunk (HC) the launcher passes for ``v`` (set by launch_config)."""
-    return _HC[v]
+    return _CFG[v].hidden_chunk
 
 
 def signature(v: Variant, fn, block_m: int):
@@ -321,6 +321,8 @@ def signature(v: Variant, fn, block_m: int):
     if v.dense:
         constexprs.update(HID=v.hidden, ALIVE=v.alive, PRECISION=v.precision,
                           HC=_hidden_chunk(v))
+    else:
+        constexprs.update(UNROLL=_CFG[v].unroll_taps)
     names = list(fn.arg_names)
     missing = set(names) - set(types) - set(constexprs)
     extra = (set(types) | set(constexprs)) - set(names)
@@ -343,6 +345,7 @@ class Result:
     block_m: int = 0
     num_warps: int = 0
     num_stages: int = 0
+    maxnreg: Optional[int] = None  # register ceiling the launcher passes (None: ptxas's choice)
     status: str = "ok"            # "ok" or "error"
     error: str = ""
     registers: int = -1
@@ -399,7 +402,8 @@ class Result:
                     C=v.channels, hidden=v.hidden or "-", F=v.filters,
                     precision=PRECISION_NAMES[v.precision] if v.dense else "-",
                     switches=v.switches(), BLOCK_M=self.block_m, warps=self.num_warps,
-                    stages=self.num_stages, status=self.status, registers=self.registers,
+                    stages=self.num_stages, maxnreg=self.maxnreg, status=self.status,
+                    registers=self.registers,
                     spill_stores=self.spill_stores, spill_loads=self.spill_loads,
                     stack=self.stack, smem=self.smem, wgmma=self.wgmma, mma_sync=self.mma_sync,
                     tensor_core=self.tensor_core, widest_load=self.widest_load,
@@ -559,7 +563,7 @@ def compile_variant(v: Variant) -> Result:
 
     configs, funcs = _STATE["configs"], _STATE["funcs"]
     res = Result(v)
-    res.block_m, res.num_warps, res.num_stages = launch_config(v, configs)
+    res.block_m, res.num_warps, res.num_stages, res.maxnreg = launch_config(v, configs)
     fn = funcs[v.kernel]
     sig, constexprs, attrs = signature(v, fn, res.block_m)
     start, cpu = time.perf_counter(), _cpu_time()
@@ -570,7 +574,8 @@ def compile_variant(v: Variant) -> Result:
                                                 attrs=attrs),
                                       target=GPUTarget("cuda", v.arch, 32),
                                       options=dict(num_warps=res.num_warps,
-                                                   num_stages=res.num_stages))
+                                                   num_stages=res.num_stages,
+                                                   maxnreg=res.maxnreg))
     except Exception as exc:  # a kernel that does not compile is a finding, not a crash
         res.status, res.error = "error", _short_error(exc)
         res.seconds, res.cpu_seconds = time.perf_counter() - start, _cpu_time() - cpu

@@ -16,17 +16,29 @@ PREC_BF16 = 2
 
 
 @triton.jit
-def _neighbour(y, x, dy, dx, H, W, CIRCULAR: tl.constexpr):
-    """Row and column of the cell at offset (dy, dx), and whether it exists.
+def _wrap(v, n):
+    """``v mod n`` for v in [-2, n + 1] (a coordinate plus an offset in [-2, 2]), n >= 1.
 
-    Under circular padding the grid is a torus: every neighbour exists. Offsets are in [-2, 2],
-    so adding 2*H (2*W) keeps the operand of ``%`` non-negative whatever the sign convention.
+    Two conditional adds and subtracts instead of ``%``: a runtime-divisor remainder costs ~20
+    instructions (a 64-bit one a division subroutine), and a grid may be a single cell wide.
+    """
+    v = tl.where(v < 0, v + n, v)
+    v = tl.where(v < 0, v + n, v)
+    v = tl.where(v >= n, v - n, v)
+    return tl.where(v >= n, v - n, v)
+
+
+@triton.jit
+def _neighbour(y, x, dy, dx, H, W, CIRCULAR: tl.constexpr):
+    """Row and column of the cell at offset (dy, dx), in [-2, 2], and whether it exists.
+
+    Under circular padding the grid is a torus: every neighbour exists.
     """
     ny = y + dy
     nx = x + dx
     if CIRCULAR:
-        ny = (ny + 2 * H) % H
-        nx = (nx + 2 * W) % W
+        ny = _wrap(ny, H)
+        nx = _wrap(nx, W)
         ok = ny >= 0
     else:
         ok = (ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)
@@ -64,9 +76,11 @@ def _mm(a, b, PRECISION: tl.constexpr):
 @triton.jit
 def _alpha_hot(r_ptr, base, y, x, row_ok, H, W, thr,
                C: tl.constexpr, ALPHA: tl.constexpr, CIRCULAR: tl.constexpr, R: tl.constexpr):
-    """[M, 32] bool: raw alpha > thr on the (2R+1)^2 window around each cell (R = 1 or 2).
+    """[M] int32 bit set: bit j is raw alpha > thr at offset (j // 5 - 2, j % 5 - 2) from each
+    cell, on the (2R+1)^2 window (R = 1 or 2); bits outside it are 0.
 
-    Column j stands for offset (j // 5 - 2, j % 5 - 2); columns outside the window are False.
+    One word per cell rather than an [M, 32] tile: a few registers across the taps, and a tap's
+    mask test (``_post_alive``) is an AND instead of a reduction over the window.
     """
     j = tl.arange(0, 32)
     ey = j // 5 - 2
@@ -75,32 +89,48 @@ def _alpha_hot(r_ptr, base, y, x, row_ok, H, W, thr,
     ny, nx, ok = _neighbour(y[:, None], x[:, None], ey[None, :], ex[None, :], H, W, CIRCULAR)
     ok = ok & in_win[None, :] & row_ok[:, None]
     a = tl.load(r_ptr + (base[:, None] + ny * W + nx) * C + ALPHA, mask=ok, other=0.0)
-    return ok & (a > thr)
+    return tl.sum(tl.where(ok & (a > thr), 1 << j[None, :], 0), axis=1)
 
 
 @triton.jit
 def _post_alive(hot, dy, dx):
-    """[M] bool: any hot cell in the 3x3 window around offset (dy, dx) of the 5x5 ``hot``."""
-    j = tl.arange(0, 32)
-    ey = j // 5 - 2
-    ex = j % 5 - 2
-    sel = (j < 25) & (ey - dy <= 1) & (dy - ey <= 1) & (ex - dx <= 1) & (dx - ex <= 1)
-    return tl.max(tl.where(sel[None, :] & hot, 1, 0), axis=1) > 0
+    """[M] bool: any bit of ``hot`` (``_alpha_hot``) set on the 3x3 window around offset
+    (dy, dx), dy and dx in [-1, 1]. 7399 = bits 0-2, 5-7, 10-12: the 3x3 window at the corner."""
+    return (hot & (7399 << ((dy + 1) * 5 + dx + 1))) != 0
+
+
+@triton.jit
+def _tap(r_ptr, q_ptr, hot, base, y, x, row_ok, dy, dx, H, W,
+         C: tl.constexpr, HAS_Q: tl.constexpr, CIRCULAR: tl.constexpr):
+    """The true state of every cell's neighbour at (dy, dx) [M, C], and whether it exists [M].
+
+    The stored state may still owe the previous step's alive mask (HAS_Q): then the true state
+    of a neighbour n is ``r[n] * (q[n] and any(r_alpha > thr on the 3x3 around n))``, read off
+    ``hot``, raw alpha > thr on the 5x5 window around each cell (``_alpha_hot``).
+    """
+    cols = tl.arange(0, C)
+    ny, nx, ok = _neighbour(y, x, dy, dx, H, W, CIRCULAR)
+    ok = ok & row_ok
+    nb = base + ny * W + nx
+    v = tl.load(r_ptr + nb[:, None] * C + cols[None, :], mask=ok[:, None], other=0.0)
+    if HAS_Q:
+        qn = tl.load(q_ptr + nb, mask=ok, other=0) != 0
+        keep = ok & qn & _post_alive(hot, dy, dx)
+        v = tl.where(keep[:, None], v, 0.0)
+    return v, ok
 
 
 @triton.jit
 def _perceive(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok, H, W, thr,
               C: tl.constexpr, NF: tl.constexpr, ALPHA: tl.constexpr,
               HAS_Q: tl.constexpr, ALIVE: tl.constexpr, CIRCULAR: tl.constexpr):
-    """Gather a tile's 3x3 neighbourhoods and apply the filter bank.
+    """Gather a tile's 3x3 neighbourhoods and apply the filter bank (taps unrolled).
 
-    The stored state may still owe the previous step's alive mask (HAS_Q): then the true state
-    of a neighbour n is ``r[n] * (q[n] and any(r_alpha > thr on the 3x3 around n))``, which needs
-    raw alpha on the 5x5 window around each cell. Returns the F perception tiles p0..p3
-    ([M, C] each; p3 is zero when NF == 3), the cell's own true state [M, C], and the pre-update
-    alive mask [M] (all True when alive masking is off).
+    Returns the F perception tiles p0..p3 ([M, C] each; p3 is zero when NF == 3), the cell's own
+    true state [M, C], and the pre-update alive mask [M] (all True when alive masking is off).
     """
     cols = tl.arange(0, C)
+    hot = row_ok
     if HAS_Q:
         hot = _alpha_hot(r_ptr, base, y, x, row_ok, H, W, thr, C, ALPHA, CIRCULAR, 2)
     p0 = tl.zeros([y.shape[0], C], dtype=r_ptr.dtype.element_ty)
@@ -115,14 +145,7 @@ def _perceive(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok, H, W, thr,
     for tap in tl.static_range(9):
         dy = tap // 3 - 1              # constexpr: tap is
         dx = tap % 3 - 1
-        ny, nx, ok = _neighbour(y, x, dy, dx, H, W, CIRCULAR)
-        ok = ok & row_ok
-        nb = base + ny * W + nx
-        v = tl.load(r_ptr + nb[:, None] * C + cols[None, :], mask=ok[:, None], other=0.0)
-        if HAS_Q:
-            qn = tl.load(q_ptr + nb, mask=ok, other=0) != 0
-            keep = ok & qn & _post_alive(hot, dy, dx)
-            v = tl.where(keep[:, None], v, 0.0)
+        v, ok = _tap(r_ptr, q_ptr, hot, base, y, x, row_ok, dy, dx, H, W, C, HAS_Q, CIRCULAR)
         if ALIVE:
             a = tl.sum(tl.where(cols[None, :] == ALPHA, v, 0.0), axis=1)
             pre = pre | (ok & (a > thr))
@@ -137,18 +160,55 @@ def _perceive(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok, H, W, thr,
 
 
 @triton.jit
+def _perceive_rolled(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok, H, W, thr,
+                     C: tl.constexpr, NF: tl.constexpr, ALPHA: tl.constexpr,
+                     HAS_Q: tl.constexpr, CIRCULAR: tl.constexpr):
+    """The perception tiles p0..p3 of ``_perceive`` alone, the taps in a loop that is not
+    unrolled: for kernels that perceive tile after tile (a persistent loop), where unrolled
+    taps keep all F*9 filter weights in registers across the tiles (36 at F = 4). The same
+    products are summed in the same order, so the result is bitwise that of ``_perceive``.
+    """
+    hot = row_ok
+    if HAS_Q:
+        hot = _alpha_hot(r_ptr, base, y, x, row_ok, H, W, thr, C, ALPHA, CIRCULAR, 2)
+    p0 = tl.zeros([y.shape[0], C], dtype=r_ptr.dtype.element_ty)
+    p1 = tl.zeros_like(p0)
+    p2 = tl.zeros_like(p0)
+    p3 = tl.zeros_like(p0)
+    for tap in range(9):
+        v, ok = _tap(r_ptr, q_ptr, hot, base, y, x, row_ok, tap // 3 - 1, tap % 3 - 1, H, W,
+                     C, HAS_Q, CIRCULAR)
+        p0 += tl.load(filt_ptr + 0 * 9 + tap) * v
+        p1 += tl.load(filt_ptr + 1 * 9 + tap) * v
+        p2 += tl.load(filt_ptr + 2 * 9 + tap) * v
+        if NF == 4:
+            p3 += tl.load(filt_ptr + 3 * 9 + tap) * v
+    return p0, p1, p2, p3
+
+
+@triton.jit
 def _cells(pid, BLOCK_M: tl.constexpr, n_cells, HW, W, INT64: tl.constexpr):
-    """Flat cell indices of tile ``pid`` and their (grid base, row, column, in range)."""
+    """Flat cell indices of tile ``pid`` and their (grid base, row, column, in range).
+
+    Row, column and the position inside a grid are int32 even with INT64: one grid holds fewer
+    than 2**31 - BLOCK_M cells (the launchers check ``grid_fits_int32``), so only the flat index
+    and the grid base are 64-bit, and the one 64-bit division is a scalar per tile.
+    """
+    offs = tl.arange(0, BLOCK_M)
     if INT64:
-        cell = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        start = pid.to(tl.int64) * BLOCK_M
+        b0 = start // HW
+        t = (start - b0 * HW).to(tl.int32) + offs     # < HW + BLOCK_M: fits int32
+        cell = start + offs
     else:
-        cell = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = cell < n_cells
-    b = cell // HW
-    rem = cell - b * HW
-    y = rem // W
-    x = rem - y * W
-    return cell, b * HW, y, x, row_ok
+        t = pid * BLOCK_M + offs
+        cell = t
+    hw = tl.cast(HW, tl.int32)
+    w = tl.cast(W, tl.int32)
+    rem = t - (t // hw) * hw
+    y = rem // w
+    x = rem - y * w
+    return cell, cell - rem, y, x, cell < n_cells
 
 
 @triton.jit

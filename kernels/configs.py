@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 # Shapes the kernels are written and verified for. C and hidden are tl.dot dimensions
 # (powers of two, >= 16 for bf16 operands on tensor cores); F is unrolled in the kernels.
@@ -14,6 +15,10 @@ SUPPORTED_CHANNELS = (16, 32)
 SUPPORTED_HIDDEN = (32, 64, 128, 256)
 SUPPORTED_FILTERS = (3, 4)
 PRECISION_CODES = {"ieee": 0, "tf32": 1, "bf16": 2}
+# Cells of one grid (H*W): the kernels index inside a grid in int32 (only the flat index over the
+# batch is 64-bit), and a tile may start up to 8,192 cells (the largest, interpreted tile) before
+# a grid's end. A grid this large would hold 128 GiB of state at C = 16.
+MAX_GRID_CELLS = 2**31 - 8192
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,8 @@ class StepConfig:
     int64: bool       # 64-bit cell offsets
     programs: int     # backward weight kernel: persistent programs (= partial sums per chunk)
     hidden_chunk: int  # hidden units per chunk of the dense layers
+    unroll_taps: bool = True  # bwd_input: the 9 taps unrolled, or in a loop
+    maxnreg: Optional[int] = None  # register ceiling for ptxas (None: ptxas picks)
 
 
 def interpreting() -> bool:
@@ -82,7 +89,7 @@ def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
     if interpreting():
         return StepConfig(min(4096, max(16, _next_pow2(n_cells))), 4, 1, int64, 1, hc)
     block, warps = _tile(channels, num_filters, precision)
-    return StepConfig(block, warps, 1, int64, 1, hc)
+    return StepConfig(block, warps, 1, int64, 1, min(hc, 32))
 
 
 def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
@@ -110,12 +117,17 @@ def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
 
 def select_transpose(n_cells: int, channels: int, num_filters: int) -> StepConfig:
     int64 = needs_int64(n_cells, channels, 0, num_filters)
+    # Wide rows (F*C > 64) walk the taps in a loop: unrolled, their 36 gp loads and 36 filter
+    # weights were scheduled together and spilled at 255 registers (C = 32, F = 4, circular,
+    # 64-bit: 4 B on sm_80 at 8 warps, 20 B on sm_90a at 4 warps); in a loop 123-143 registers.
+    # Narrow rows keep the unrolled taps (constexpr offsets: fewer instructions, 94 registers).
+    unroll = channels * num_filters <= 64
     if interpreting():
-        return StepConfig(min(8192, max(16, _next_pow2(n_cells))), 4, 1, int64, 1, 0)
+        return StepConfig(min(8192, max(16, _next_pow2(n_cells))), 4, 1, int64, 1, 0, unroll)
     # Pure gather-stencil, memory bound: 128 cells x C per program keeps loads in flight; the
     # widest rows (C = 32, F = 4) take 8 warps (132 B of spills at 4 warps on sm_80).
     warps = 8 if channels * num_filters > 64 else 4
-    return StepConfig(128, warps, 2, int64, 1, 0)
+    return StepConfig(128, warps, 2, int64, 1, 0, unroll)
 
 
 def _next_pow2(n: int) -> int:

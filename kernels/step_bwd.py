@@ -36,7 +36,7 @@ import triton.language as tl
 
 from . import configs
 from ._math import (_alpha_hot, _cells, _fire, _hidden_chunk, _mm, _neighbour, _perceive,
-                    _post_alive)
+                    _perceive_rolled, _post_alive)
 from .step_fwd import check_shapes
 
 
@@ -58,6 +58,8 @@ def _nca_step_bwd_gp_kernel(
     CIRCULAR: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    H = tl.cast(H, tl.int32)      # one grid fits int32 (configs.MAX_GRID_CELLS)
+    W = tl.cast(W, tl.int32)
     cell, base, y, x, row_ok = _cells(pid, BLOCK_M, n_cells, HW, W, INT64)
     cols = tl.arange(0, C)
     dtype = r_ptr.dtype.element_ty
@@ -110,6 +112,8 @@ def _nca_step_bwd_weights_kernel(
     registers, the gradients of hidden units chunk*HC .. +HC: dW1_k[:, chunk], dW2[chunk, :],
     db1[chunk] (and db2, in chunk 0's programs). PART = F*C*HID + HID*C + HID + C."""
     pid = tl.program_id(0)
+    H = tl.cast(H, tl.int32)      # one grid fits int32 (configs.MAX_GRID_CELLS)
+    W = tl.cast(W, tl.int32)
     j0 = tl.program_id(1) * HC
     cols = tl.arange(0, C)
     hh = j0 + tl.arange(0, HC)
@@ -127,8 +131,8 @@ def _nca_step_bwd_weights_kernel(
     for i in range(0, tiles_per_program):
         # tiles past the end have no cells in range: every load is masked, nothing accumulates
         cell, base, y, x, row_ok = _cells(pid + i * n_programs, BLOCK_M, n_cells, HW, W, INT64)
-        p0, p1, p2, p3, center, pre = _perceive(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok,
-                                                H, W, thr, C, NF, ALPHA, HAS_Q, ALIVE, CIRCULAR)
+        p0, p1, p2, p3 = _perceive_rolled(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok, H, W,
+                                          thr, C, NF, ALPHA, HAS_Q, CIRCULAR)
         fire = _fire(seed, cell, step, fire_threshold, INT64)
         g = tl.load(g_ptr + cell[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.0)
         gdx = tl.where(fire[:, None], g, 0.0).to(dtype)
@@ -162,6 +166,20 @@ def _nca_step_bwd_weights_kernel(
 
 
 @triton.jit
+def _transposed_tap(acc, gp_ptr, filt_ptr, base, y, x, row_ok, tap, H, W,
+                    C: tl.constexpr, NF: tl.constexpr, CIRCULAR: tl.constexpr):
+    """acc + sum_k f_k[tap] * gp_k of the cell that reached each cell through ``tap``."""
+    cols = tl.arange(0, C)
+    sy, sx, ok = _neighbour(y, x, 1 - tap // 3, 1 - tap % 3, H, W, CIRCULAR)
+    ok = ok & row_ok
+    src = (base + sy * W + sx)[:, None] * (NF * C) + cols[None, :]
+    for k in tl.static_range(NF):
+        gp = tl.load(gp_ptr + src + k * C, mask=ok[:, None], other=0.0)
+        acc += tl.load(filt_ptr + k * 9 + tap) * gp
+    return acc
+
+
+@triton.jit
 def _nca_step_bwd_input_kernel(
     r_ptr,          # [B*H*W, C] stored input state (for the deferred alive mask)
     q_ptr,          # [B*H*W] uint8 pending pre-mask bits (HAS_Q)
@@ -172,22 +190,24 @@ def _nca_step_bwd_input_kernel(
     thr, n_cells, HW, H, W,
     C: tl.constexpr, NF: tl.constexpr, ALPHA: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_Q: tl.constexpr, CIRCULAR: tl.constexpr, INT64: tl.constexpr,
+    UNROLL: tl.constexpr,     # taps unrolled (constexpr offsets) or in a loop (configs.py)
 ):
     pid = tl.program_id(0)
+    H = tl.cast(H, tl.int32)      # one grid fits int32 (configs.MAX_GRID_CELLS)
+    W = tl.cast(W, tl.int32)
     cell, base, y, x, row_ok = _cells(pid, BLOCK_M, n_cells, HW, W, INT64)
     cols = tl.arange(0, C)
     acc = tl.load(g_ptr + cell[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.0)
 
     # ---- transposed stencil: cell j received f_k[tap] * x[j] from the cell j - tap
-    for tap in tl.static_range(9):
-        dy = tap // 3 - 1              # constexpr: tap is
-        dx = tap % 3 - 1
-        sy, sx, ok = _neighbour(y, x, -dy, -dx, H, W, CIRCULAR)
-        ok = ok & row_ok
-        src = (base + sy * W + sx)[:, None] * (NF * C) + cols[None, :]
-        for k in tl.static_range(NF):
-            gp = tl.load(gp_ptr + src + k * C, mask=ok[:, None], other=0.0)
-            acc += tl.load(filt_ptr + k * 9 + tap) * gp
+    if UNROLL:
+        for tap in tl.static_range(9):
+            acc = _transposed_tap(acc, gp_ptr, filt_ptr, base, y, x, row_ok, tap, H, W, C, NF,
+                                  CIRCULAR)
+    else:
+        for tap in range(9):
+            acc = _transposed_tap(acc, gp_ptr, filt_ptr, base, y, x, row_ok, tap, H, W, C, NF,
+                                  CIRCULAR)
 
     # ---- the deferred alive mask the forward applied on load
     if HAS_Q:
@@ -228,14 +248,14 @@ def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters,
         r, qq, g, gp, w1k, b1, w2t, filters,
         seed, step, fire_threshold, thr, n, H * W, H, W,
         BLOCK_M=gcfg.block_m, HC=gcfg.hidden_chunk, INT64=gcfg.int64,
-        num_warps=gcfg.num_warps, num_stages=gcfg.num_stages, **common)
+        num_warps=gcfg.num_warps, num_stages=gcfg.num_stages, maxnreg=gcfg.maxnreg, **common)
     n_tiles = triton.cdiv(n, wcfg.block_m)
     _nca_step_bwd_weights_kernel[(wcfg.programs, HID // wcfg.hidden_chunk)](
         r, qq, g, parts, w1k, b1, w2t, filters,
         seed, step, fire_threshold, thr,
         n, wcfg.programs, triton.cdiv(n_tiles, wcfg.programs), H * W, H, W,
         BLOCK_M=wcfg.block_m, HC=wcfg.hidden_chunk, INT64=wcfg.int64,
-        num_warps=wcfg.num_warps, num_stages=wcfg.num_stages, **common)
+        num_warps=wcfg.num_warps, num_stages=wcfg.num_stages, maxnreg=wcfg.maxnreg, **common)
     grad_r = torch.empty_like(r) if grad_r is None else grad_r
     tcfg = configs.select_transpose(n, C, F_)
     _nca_step_bwd_input_kernel[(triton.cdiv(n, tcfg.block_m),)](
@@ -243,7 +263,8 @@ def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters,
         thr, n, H * W, H, W,
         C=C, NF=F_, ALPHA=alpha_channel, BLOCK_M=tcfg.block_m,
         HAS_Q=q is not None, CIRCULAR=circular, INT64=tcfg.int64 or gcfg.int64,
-        num_warps=tcfg.num_warps, num_stages=tcfg.num_stages,
+        UNROLL=tcfg.unroll_taps,
+        num_warps=tcfg.num_warps, num_stages=tcfg.num_stages, maxnreg=tcfg.maxnreg,
     )
     total = parts.sum(0)
     o = 0

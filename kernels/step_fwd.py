@@ -53,6 +53,8 @@ def _nca_step_fwd_kernel(
     CIRCULAR: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    H = tl.cast(H, tl.int32)      # one grid fits int32 (configs.MAX_GRID_CELLS)
+    W = tl.cast(W, tl.int32)
     cell, base, y, x, row_ok = _cells(pid, BLOCK_M, n_cells, HW, W, INT64)
     cols = tl.arange(0, C)
 
@@ -87,6 +89,9 @@ def check_shapes(r, w1k, b1, w2t, b2, filters):
     if w1k.dim() != 3 or w1k.shape[1] != C:
         raise ValueError(f"w1k: expected [F, C={C}, hidden], got {tuple(w1k.shape)}")
     F_, _, HID = w1k.shape
+    if H * W > configs.MAX_GRID_CELLS:
+        raise ValueError(f"r: a {H} x {W} grid has more than {configs.MAX_GRID_CELLS} cells, the "
+                         f"kernels' int32 in-grid index; use backend='torch'")
     if C not in configs.SUPPORTED_CHANNELS:
         raise ValueError(f"channels: the Triton kernels support C in "
                          f"{configs.SUPPORTED_CHANNELS}, got {C}; use backend='torch'")
@@ -144,6 +149,6 @@ def nca_step_fwd(r: torch.Tensor, q, w1k, b1, w2t, b2, filters, *, seed: int, st
         C=C, HID=HID, NF=F_, ALPHA=alpha_channel, BLOCK_M=cfg.block_m, HC=cfg.hidden_chunk,
         HAS_Q=q is not None, ALIVE=alive, CIRCULAR=circular,
         PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )
     return out, (q_out if alive else None)

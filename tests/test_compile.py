@@ -57,21 +57,7 @@ def ci_results():
     return {r.variant: r for r in results}
 
 
-# Known, measured limits (bench/NOTES.md "Known limits"): strict, so a fix turns them into
-# failures that demand removing the mark. Every other assertion of these variants still holds.
-KNOWN_SPILLS = {
-    cr.Variant("bwd_weights", 90, 32, 256, 4, 1, True, True, False, False):
-        "largest weight-gradient kernel spills 56 B on sm_90a at 255 registers (HC=16; HC=8 "
-        "compiles clean but loses wgmma)",
-}
-
-
-def _ci_param(v):
-    marks = [pytest.mark.xfail(strict=True, reason=KNOWN_SPILLS[v])] if v in KNOWN_SPILLS else []
-    return pytest.param(v, marks=marks, id=_id(v))
-
-
-@pytest.mark.parametrize("variant", [_ci_param(v) for v in CI_VARIANTS])
+@pytest.mark.parametrize("variant", CI_VARIANTS, ids=_id)
 def test_ci_variant_compiles_to_fast_code(ci_results, variant):
     assert_fast_code(ci_results[variant])
 
