@@ -88,7 +88,7 @@ def _alpha_hot(r_ptr, base, y, x, row_ok, H, W, thr,
     in_win = (j < 25) & (ey >= -R) & (ey <= R) & (ex >= -R) & (ex <= R)
     ny, nx, ok = _neighbour(y[:, None], x[:, None], ey[None, :], ex[None, :], H, W, CIRCULAR)
     ok = ok & in_win[None, :] & row_ok[:, None]
-    a = tl.load(r_ptr + (base[:, None] + ny * W + nx) * C + ALPHA, mask=ok, other=0.0)
+    a = tl.load(r_ptr + (base + ny * W + nx) * C + ALPHA, mask=ok, other=0.0)
     return tl.sum(tl.where(ok & (a > thr), 1 << j[None, :], 0), axis=1)
 
 
@@ -187,28 +187,29 @@ def _perceive_rolled(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok, H, W, thr,
 
 
 @triton.jit
-def _cells(pid, BLOCK_M: tl.constexpr, n_cells, HW, W, INT64: tl.constexpr):
-    """Flat cell indices of tile ``pid`` and their (grid base, row, column, in range).
+def _cells(tile, BLOCK_M: tl.constexpr, n_cells, HW, W, INT64: tl.constexpr):
+    """Flat cell indices of tile ``tile`` [M] and their (grid base, row, column, in range).
 
-    Row, column and the position inside a grid are int32 even with INT64: one grid holds fewer
-    than 2**31 - BLOCK_M cells (the launchers check ``grid_fits_int32``), so only the flat index
-    and the grid base are 64-bit, and the one 64-bit division is a scalar per tile.
+    Tiles never straddle two grids: grid b takes tiles b*T .. b*T + T - 1, T = cdiv(HW, BLOCK_M),
+    its last one partial. So the grid is one scalar division per tile, and row and column come
+    from the int32 position inside the grid (one grid holds fewer than 2**31 - BLOCK_M cells,
+    configs.MAX_GRID_CELLS): no per-cell division by HW, and with INT64 no 64-bit division at
+    all (ptxas makes that a subroutine call, which spilled around it). Tiles past the last grid
+    (the weight kernel's loop) have no cell in range.
     """
-    offs = tl.arange(0, BLOCK_M)
-    if INT64:
-        start = pid.to(tl.int64) * BLOCK_M
-        b0 = start // HW
-        t = (start - b0 * HW).to(tl.int32) + offs     # < HW + BLOCK_M: fits int32
-        cell = start + offs
-    else:
-        t = pid * BLOCK_M + offs
-        cell = t
     hw = tl.cast(HW, tl.int32)
     w = tl.cast(W, tl.int32)
-    rem = t - (t // hw) * hw
-    y = rem // w
-    x = rem - y * w
-    return cell, cell - rem, y, x, cell < n_cells
+    per_grid = (hw + BLOCK_M - 1) // BLOCK_M
+    b = tile // per_grid
+    pos = (tile - b * per_grid) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if INT64:
+        base = b.to(tl.int64) * hw
+    else:
+        base = b * hw
+    cell = base + pos
+    y = pos // w
+    x = pos - y * w
+    return cell, base, y, x, (pos < hw) & (cell < n_cells)
 
 
 @triton.jit
@@ -233,3 +234,15 @@ def _hidden_chunk(p0, p1, p2, p3, w1_ptr, b1_ptr, j0, C: tl.constexpr, HID: tl.c
     else:
         w3 = w0
     return h + tl.load(b1_ptr + hh)[None, :], w0, w1, w2, w3
+
+
+@triton.jit
+def _concat_filters(p0, p1, p2, p3):
+    """[M, 4C]: column k*C + c holds p_k[:, c] (the perception row in W1's row order).
+
+    One [4C, HC] weight-gradient dot P^T @ gh instead of F [C, HC] ones: its M = 4C >= 64 makes
+    it a wgmma on sm_90a (M = C fell back to register-operand mma.sync); 4C pads F = 3.
+    """
+    z = tl.join(tl.join(p0, p1), tl.join(p2, p3))      # [M, C, 2, 2]: [m, c, i, j] = p_{2j+i}
+    z = tl.permute(z, (0, 3, 2, 1))                     # [m, j, i, c]
+    return tl.reshape(z, (p0.shape[0], 4 * p0.shape[1]))

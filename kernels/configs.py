@@ -33,6 +33,11 @@ class StepConfig:
     maxnreg: Optional[int] = None  # register ceiling for ptxas (None: ptxas picks)
 
 
+def n_tiles(batch: int, grid_cells: int, block_m: int) -> int:
+    """Programs of a tiled kernel: tiles never straddle two grids (``_math._cells``)."""
+    return batch * (-(-grid_cells // block_m))
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -68,28 +73,45 @@ def _tile(channels, num_filters, precision):
     return (32 if precision == "ieee" else 64), warps
 
 
+def _maxnreg(precision):
+    """The ptxas register ceiling of the dense kernels.
+
+    "ieee" (FMA dots): uncapped (255). Left to itself, ptxas holds these kernels to 80
+    registers at 8 warps or 128 at 4 (an occupancy target) and spills 4-20 B (11 of the 96
+    circular, 64-bit, mid-rollout variants); uncapped, all spill-free. Tensor-core precisions:
+    ptxas's own choice. Uncapping them made ptxas fill all 255 registers and spill where it had
+    fitted (bwd_gp sm_80 C = 32 hidden 32 F = 4 bf16: 222 registers, none spilled -> 24 B).
+    """
+    return 255 if precision == "ieee" else None
+
+
 def select_forward(n_cells: int, channels: int, hidden: int, num_filters: int,
                    device=None, precision: str = "tf32") -> StepConfig:
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     hc = hidden_chunk(channels, hidden, num_filters)
+    if precision == "ieee":
+        # [32, 64] FMA chunks still spilled 4 B uncapped (sm_80, C = 16, hidden 128)
+        hc = min(hc, 32)
     if interpreting():
         # The interpreter pays per program, not per cell: few, large tiles.
         block = min(8192, max(16, _next_pow2(n_cells)))
         return StepConfig(block, 4, 1, int64, 1, hc)
     # (at 128 cells the default variant spilled 164-260 B at 255 registers)
     block, warps = _tile(channels, num_filters, precision)
-    return StepConfig(block, warps, 2, int64, 1, hc)
+    return StepConfig(block, warps, 2, int64, 1, hc, maxnreg=_maxnreg(precision))
 
 
 def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
                     device=None, precision: str = "tf32") -> StepConfig:
     """The perception-gradient kernel (grid: tiles)."""
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
-    hc = hidden_chunk(channels, hidden, num_filters)
+    # 32-unit chunks: gh and F gp dots per chunk; at 64 it spilled 4 B at 255 registers on sm_80
+    # (C = 16, hidden 256, F = 3, tf32, circular + 64-bit), at 32 it takes 182 (127 on sm_90a).
+    hc = min(hidden, 32)
     if interpreting():
         return StepConfig(min(4096, max(16, _next_pow2(n_cells))), 4, 1, int64, 1, hc)
     block, warps = _tile(channels, num_filters, precision)
-    return StepConfig(block, warps, 1, int64, 1, min(hc, 32))
+    return StepConfig(block, warps, 1, int64, 1, hc, maxnreg=_maxnreg(precision))
 
 
 def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
@@ -97,8 +119,8 @@ def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
     """The weight-gradient kernel (grid: programs x hidden chunks), each program accumulating
     its chunk's F*C*HC + HC*C gradients in registers across its tiles."""
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
-    # wide inputs: 16-unit chunks (32 spilled 280 B at C=32, F=4, hidden 256 on sm_90a; 16
-    # still spills 56 B there, 8 loses wgmma: see bench/NOTES.md, known limits)
+    # wide inputs: 16-unit chunks (C = 32, F = 4, tf32, sm_90a, circular + 64-bit: 32 spills
+    # 24 B at 255 registers; 16 fits; 8 lost wgmma when measured before, bench/NOTES.md)
     hc = min(hidden, 16) if channels * num_filters > 64 else hidden_chunk(channels, hidden,
                                                                           num_filters)
     chunks = hidden // hc
@@ -112,7 +134,7 @@ def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
     # ~4 resident programs per SM over all chunks: enough to fill the GPU, few enough that the
     # [programs, ...] partial sums stay small (a few MB).
     programs = max(1, min(tiles, 4 * _sm_count(device) // chunks))
-    return StepConfig(block, 8, 1, int64, programs, hc)
+    return StepConfig(block, 8, 1, int64, programs, hc, maxnreg=_maxnreg(precision))
 
 
 def select_transpose(n_cells: int, channels: int, num_filters: int) -> StepConfig:
@@ -127,7 +149,10 @@ def select_transpose(n_cells: int, channels: int, num_filters: int) -> StepConfi
     # Pure gather-stencil, memory bound: 128 cells x C per program keeps loads in flight; the
     # widest rows (C = 32, F = 4) take 8 warps (132 B of spills at 4 warps on sm_80).
     warps = 8 if channels * num_filters > 64 else 4
-    return StepConfig(128, warps, 2, int64, 1, 0, unroll)
+    # ptxas caps the rolled variant at 64-80 registers on its own (occupancy) and spills 4-16 B
+    # (sm_80 C = 32 F = 3, 4 with Q; sm_90a F = 4 Q+i64); uncapped it takes 96-127, no spills.
+    # The unrolled one must not be uncapped: it then fills 255 registers and spills 4-32 B.
+    return StepConfig(128, warps, 2, int64, 1, 0, unroll, None if unroll else 255)
 
 
 def _next_pow2(n: int) -> int:

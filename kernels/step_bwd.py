@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._math import (_alpha_hot, _cells, _fire, _hidden_chunk, _mm, _neighbour, _perceive,
-                    _perceive_rolled, _post_alive)
+from ._math import (_alpha_hot, _cells, _concat_filters, _fire, _hidden_chunk, _mm, _neighbour,
+                    _perceive, _perceive_rolled, _post_alive)
 from .step_fwd import check_shapes
 
 
@@ -120,10 +120,9 @@ def _nca_step_bwd_weights_kernel(
     dtype = r_ptr.dtype.element_ty
     w2c = tl.load(w2_ptr + hh[:, None] * C + cols[None, :])
 
-    dw1_0 = tl.zeros([C, HC], dtype=dtype)
-    dw1_1 = tl.zeros([C, HC], dtype=dtype)
-    dw1_2 = tl.zeros([C, HC], dtype=dtype)
-    dw1_3 = tl.zeros([C, HC], dtype=dtype)
+    kc = tl.arange(0, 4 * C)
+    kok = kc < NF * C
+    dw1 = tl.zeros([4 * C, HC], dtype=dtype)
     dw2 = tl.zeros([HC, C], dtype=dtype)
     db1 = tl.zeros([HC], dtype=dtype)
     db2 = tl.zeros([C], dtype=dtype)
@@ -143,20 +142,11 @@ def _nca_step_bwd_weights_kernel(
         db2 += tl.sum(gdx, axis=0)
         dw2 += _mm(tl.trans(h), gdx, PRECISION)
         db1 += tl.sum(gh, axis=0)
-        dw1_0 += _mm(tl.trans(p0), gh, PRECISION)
-        dw1_1 += _mm(tl.trans(p1), gh, PRECISION)
-        dw1_2 += _mm(tl.trans(p2), gh, PRECISION)
-        if NF == 4:
-            dw1_3 += _mm(tl.trans(p3), gh, PRECISION)
+        dw1 += _mm(tl.trans(_concat_filters(p0, p1, p2, p3)), gh, PRECISION)
 
     # ---- this program's partial sums, written once into its own slot
     part = part_ptr + pid.to(tl.int64) * (NF * C * HID + HID * C + HID + C)
-    offs = cols[:, None] * HID + hh[None, :]
-    tl.store(part + offs, dw1_0)
-    tl.store(part + C * HID + offs, dw1_1)
-    tl.store(part + 2 * C * HID + offs, dw1_2)
-    if NF == 4:
-        tl.store(part + 3 * C * HID + offs, dw1_3)
+    tl.store(part + kc[:, None] * HID + hh[None, :], dw1, mask=kok[:, None])
     part = part + NF * C * HID
     tl.store(part + hh[:, None] * C + cols[None, :], dw2)
     part = part + HID * C
@@ -244,21 +234,21 @@ def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters,
     qq = q if q is not None else r
     common = dict(C=C, HID=HID, NF=F_, ALPHA=alpha_channel, HAS_Q=q is not None, ALIVE=alive,
                   CIRCULAR=circular, PRECISION=configs.PRECISION_CODES[precision])
-    _nca_step_bwd_gp_kernel[(triton.cdiv(n, gcfg.block_m),)](
+    _nca_step_bwd_gp_kernel[(configs.n_tiles(B, H * W, gcfg.block_m),)](
         r, qq, g, gp, w1k, b1, w2t, filters,
         seed, step, fire_threshold, thr, n, H * W, H, W,
         BLOCK_M=gcfg.block_m, HC=gcfg.hidden_chunk, INT64=gcfg.int64,
         num_warps=gcfg.num_warps, num_stages=gcfg.num_stages, maxnreg=gcfg.maxnreg, **common)
-    n_tiles = triton.cdiv(n, wcfg.block_m)
+    w_tiles = configs.n_tiles(B, H * W, wcfg.block_m)
     _nca_step_bwd_weights_kernel[(wcfg.programs, HID // wcfg.hidden_chunk)](
         r, qq, g, parts, w1k, b1, w2t, filters,
         seed, step, fire_threshold, thr,
-        n, wcfg.programs, triton.cdiv(n_tiles, wcfg.programs), H * W, H, W,
+        n, wcfg.programs, triton.cdiv(w_tiles, wcfg.programs), H * W, H, W,
         BLOCK_M=wcfg.block_m, HC=wcfg.hidden_chunk, INT64=wcfg.int64,
         num_warps=wcfg.num_warps, num_stages=wcfg.num_stages, maxnreg=wcfg.maxnreg, **common)
     grad_r = torch.empty_like(r) if grad_r is None else grad_r
     tcfg = configs.select_transpose(n, C, F_)
-    _nca_step_bwd_input_kernel[(triton.cdiv(n, tcfg.block_m),)](
+    _nca_step_bwd_input_kernel[(configs.n_tiles(B, H * W, tcfg.block_m),)](
         r, qq, g, gp, grad_r, filters,
         thr, n, H * W, H, W,
         C=C, NF=F_, ALPHA=alpha_channel, BLOCK_M=tcfg.block_m,

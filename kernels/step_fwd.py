@@ -140,7 +140,7 @@ def nca_step_fwd(r: torch.Tensor, q, w1k, b1, w2t, b2, filters, *, seed: int, st
     if alive:
         q_out = torch.empty((B, H, W), dtype=torch.uint8, device=r.device) if q_out is None else q_out
     cfg = configs.select_forward(n, C, HID, F_, r.device, precision)
-    grid = (triton.cdiv(n, cfg.block_m),)
+    grid = (configs.n_tiles(B, H * W, cfg.block_m),)
     _nca_step_fwd_kernel[grid](
         r, q if q is not None else r, out, q_out if alive else out,
         w1k.contiguous(), b1.contiguous(), w2t.contiguous(), b2.contiguous(), filters.contiguous(),
