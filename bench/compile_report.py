@@ -2,8 +2,9 @@
 
 Every kernel variant the launchers in ``kernels/`` can pick is compiled with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` for sm_90a (Hopper) and
-sm_80 (Ampere), with the launch configuration (BLOCK_M, num_warps, num_stages) that
-``kernels/configs.py`` returns for a GPU. Per variant the report reads:
+sm_80 (Ampere), with the launch configuration (BLOCK_M, num_warps, num_stages, the ptxas register
+ceiling ``maxnreg``, hidden chunk, tap unrolling) that ``kernels/configs.py`` returns for a GPU.
+Per variant the report reads:
 
 - from ``ptxas -v`` (the ptxas that ships with triton, run by triton's own cubin stage, with
   triton's flags): registers per thread, spill stores / loads and stack frame, in bytes;
@@ -67,7 +68,8 @@ N_CELLS = 1024 * 1024 * 8
 ALPHA_CHANNEL = 3
 ARCHS = (90, 80)
 PRECISION_NAMES = {0: "ieee", 1: "tf32", 2: "bf16"}
-KERNEL_NAMES = ("fwd", "bwd_gp", "bwd_weights", "bwd_input")
+KERNEL_NAMES = ("fwd", "bwd_gp", "bwd_weights", "bwd_input", "bwd_keep")
+DENSE_KERNELS = ("fwd", "bwd_gp", "bwd_weights")
 # Largest dynamic shared memory one block may opt in to, bytes (CUDA programming guide,
 # "Technical Specifications per Compute Capability": 227 KB on 9.0, 163 KB on 8.0).
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -82,8 +84,9 @@ class Variant:
     """One compiled specialisation of a kernel.
 
     kernel: "fwd" (_nca_step_fwd_kernel), "bwd_gp" (_nca_step_bwd_gp_kernel), "bwd_weights"
-    (_nca_step_bwd_weights_kernel) or "bwd_input"
-    (_nca_step_bwd_input_kernel, which has no dense layer: hidden, precision and alive are 0).
+    (_nca_step_bwd_weights_kernel), "bwd_input" (_nca_step_bwd_input_kernel) or "bwd_keep"
+    (_nca_step_bwd_keep_kernel); the last two have no dense layer: hidden and precision are 0
+    (and filters, for bwd_keep, which runs only with pending bits).
     arch: compute capability, 90 (compiled as sm_90a) or 80.
     """
 
@@ -103,12 +106,12 @@ class Variant:
             raise ValueError(f"kernel: expected one of {KERNEL_NAMES}, got {self.kernel!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch: expected one of {ARCHS}, got {self.arch!r}")
-        if self.has_q and not self.alive and self.kernel != "bwd_input":
+        if self.has_q and not self.alive and self.dense:
             raise ValueError("has_q: pending pre-mask bits exist only with alive masking on")
 
     @property
     def dense(self) -> bool:
-        return self.kernel != "bwd_input"
+        return self.kernel in DENSE_KERNELS
 
     def switches(self) -> str:
         names = [("Q", self.has_q), ("A", self.alive and self.dense), ("circ", self.circular),
@@ -128,6 +131,10 @@ def _dense(kernel, arch, c, hid, f, prec, has_q, alive, circ=False, i64=False) -
 
 def _transpose(arch, c, f, has_q, circ=False, i64=False) -> Variant:
     return Variant("bwd_input", arch, c, 0, f, 0, has_q, has_q, circ, i64)
+
+
+def _keep(arch, c, circ=False, i64=False) -> Variant:
+    return Variant("bwd_keep", arch, c, 0, 0, 0, True, True, circ, i64)
 
 
 def load_configs(kernels_dir: Path = KERNELS_DIR):
@@ -150,13 +157,16 @@ def load_configs(kernels_dir: Path = KERNELS_DIR):
 def all_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL_NAMES,
                  kernels_dir: Path = KERNELS_DIR) -> List[Variant]:
     """Every variant the launchers can pick, over the shapes and precisions configs.py declares
-    supported: 576 per dense kernel and 32 transposes per arch at C {16, 32}, hidden
-    {32, 64, 128, 256}, F {3, 4}, three precisions."""
+    supported: 576 per dense kernel, 32 transposes and 8 keep-mask kernels per arch at C
+    {16, 32}, hidden {32, 64, 128, 256}, F {3, 4}, three precisions."""
     cfg = load_configs(kernels_dir)
     masks = ((False, False), (False, True), (True, True))        # (HAS_Q, ALIVE)
     out = []
     for arch in archs:
         for c in cfg.SUPPORTED_CHANNELS:
+            if "bwd_keep" in kernels:
+                out += [_keep(arch, c, circ, i64) for circ in (False, True)
+                        for i64 in (False, True)]
             for f in cfg.SUPPORTED_FILTERS:
                 for circ in (False, True):
                     for i64 in (False, True):
@@ -176,7 +186,7 @@ def all_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL_N
 
 def quick_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL_NAMES,
                    kernels_dir: Path = KERNELS_DIR) -> List[Variant]:
-    """A representative subset (22 per arch): every switch, precision and size extreme once."""
+    """A representative subset (33 per arch): every switch, precision and size extreme once."""
     out = []
     for arch in archs:
         for k in ("fwd", "bwd_gp", "bwd_weights"):
@@ -192,13 +202,14 @@ def quick_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL
                 _dense(k, arch, 16, 128, 3, 1, True, True, True, True),
             ]
         out += [_transpose(arch, 16, 3, True), _transpose(arch, 16, 3, False),
-                _transpose(arch, 32, 4, True), _transpose(arch, 16, 3, True, True, True)]
+                _transpose(arch, 32, 4, True), _transpose(arch, 16, 3, True, True, True),
+                _keep(arch, 16), _keep(arch, 32, True, True)]
     return [v for v in out if v.kernel in kernels]
 
 
 def ci_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL_NAMES,
                 kernels_dir: Path = KERNELS_DIR) -> List[Variant]:
-    """The CI subset (9 on sm_90a, 8 on sm_80): tf32 and bf16 at the defaults with alive off /
+    """The CI subset (13 on sm_90a, 11 on sm_80): tf32 and bf16 at the defaults with alive off /
     on / pending bits, spread over both dense kernels rather than crossed; the largest shapes
     (the largest backward, the slowest compile, on sm_90a only); INT64."""
     out = []
@@ -214,6 +225,7 @@ def ci_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL_NA
             _dense("fwd", arch, 16, 128, 3, 1, True, True, False, True),
             _transpose(arch, 16, 3, True),
             _transpose(arch, 32, 4, True, False, True),
+            _keep(arch, 32, True, True),
         ]
         if arch >= 90:
             out.append(_dense("bwd_gp", arch, 32, 256, 4, 1, True, True))
@@ -228,7 +240,8 @@ SUBSETS = {"all": all_variants, "quick": quick_variants, "ci": ci_variants}
 _KERNEL_FUNCS = {"fwd": ("step_fwd", "_nca_step_fwd_kernel"),
                  "bwd_gp": ("step_bwd", "_nca_step_bwd_gp_kernel"),
                  "bwd_weights": ("step_bwd", "_nca_step_bwd_weights_kernel"),
-                 "bwd_input": ("step_bwd", "_nca_step_bwd_input_kernel")}
+                 "bwd_input": ("step_bwd", "_nca_step_bwd_input_kernel"),
+                 "bwd_keep": ("step_bwd", "_nca_step_bwd_keep_kernel")}
 
 
 def load_kernels(kernels_dir: Path = KERNELS_DIR):
@@ -279,8 +292,10 @@ def launch_config(v: Variant, configs):
     elif v.kernel in ("bwd_gp", "bwd_weights"):
         select = configs.select_backward if v.kernel == "bwd_gp" else configs.select_weights
         cfg = select(N_CELLS, v.channels, v.hidden, v.filters, None, PRECISION_NAMES[v.precision])
-    else:
+    elif v.kernel == "bwd_input":
         cfg = configs.select_transpose(N_CELLS, v.channels, v.filters)
+    else:
+        cfg = configs.select_keep(N_CELLS, v.channels)
     _CFG[v] = cfg
     return cfg.block_m, cfg.num_warps, cfg.num_stages, getattr(cfg, "maxnreg", None)
 
@@ -303,25 +318,30 @@ def signature(v: Variant, fn, block_m: int):
                     w1_ptr="*fp32", b1_ptr="*fp32", w2_ptr="*fp32", b2_ptr="*fp32",
                     filt_ptr="*fp32", seed="i64", step="i32", fire_threshold="i32", thr="fp32",
                     n_cells=size, HW=size, H=size, W=size),
-        "bwd_gp": dict(r_ptr="*fp32", q_ptr=q_type, g_ptr="*fp32", gp_ptr="*fp32",
+        "bwd_gp": dict(r_ptr="*fp32", keep_ptr=q_type, g_ptr="*fp32", gp_ptr="*fp32",
                        w1_ptr="*fp32", b1_ptr="*fp32", w2_ptr="*fp32", filt_ptr="*fp32",
-                       seed="i64", step="i32", fire_threshold="i32", thr="fp32",
+                       seed="i64", step="i32", fire_threshold="i32",
                        n_cells=size, HW=size, H=size, W=size),
-        "bwd_weights": dict(r_ptr="*fp32", q_ptr=q_type, g_ptr="*fp32", part_ptr="*fp32",
+        "bwd_weights": dict(r_ptr="*fp32", keep_ptr=q_type, g_ptr="*fp32", part_ptr="*fp32",
                             w1_ptr="*fp32", b1_ptr="*fp32", w2_ptr="*fp32", filt_ptr="*fp32",
-                            seed="i64", step="i32", fire_threshold="i32", thr="fp32",
+                            seed="i64", step="i32", fire_threshold="i32",
                             n_cells=size, n_programs="i32", tiles_per_program="i32",
-                            HW=size, H=size, W=size),
-        "bwd_input": dict(r_ptr="*fp32", q_ptr=q_type, g_ptr="*fp32", gp_ptr="*fp32",
-                          gr_ptr="*fp32", filt_ptr="*fp32", thr="fp32",
-                          n_cells=size, HW=size, H=size, W=size),
+                            HW=size, H=size, W=size, n_taps="i32"),
+        "bwd_input": dict(keep_ptr=q_type, g_ptr="*fp32", gp_ptr="*fp32", gr_ptr="*fp32",
+                          filt_ptr="*fp32", n_cells=size, HW=size, H=size, W=size),
+        "bwd_keep": dict(r_ptr="*fp32", q_ptr="*u8", keep_ptr="*u8", thr="fp32",
+                         n_cells=size, HW=size, H=size, W=size),
     }[v.kernel]
-    constexprs = dict(C=v.channels, NF=v.filters, ALPHA=ALPHA_CHANNEL, BLOCK_M=block_m,
-                      HAS_Q=v.has_q, CIRCULAR=v.circular, INT64=v.int64)
+    constexprs = dict(C=v.channels, BLOCK_M=block_m, CIRCULAR=v.circular, INT64=v.int64)
+    if v.kernel != "bwd_keep":
+        constexprs.update(NF=v.filters, HAS_Q=v.has_q)
+    if v.kernel in ("fwd", "bwd_keep"):
+        constexprs.update(ALPHA=ALPHA_CHANNEL)
     if v.dense:
-        constexprs.update(HID=v.hidden, ALIVE=v.alive, PRECISION=v.precision,
-                          HC=_hidden_chunk(v))
-    else:
+        constexprs.update(HID=v.hidden, PRECISION=v.precision, HC=_hidden_chunk(v))
+    if v.kernel == "fwd":
+        constexprs.update(ALIVE=v.alive)
+    if v.kernel == "bwd_input":
         constexprs.update(UNROLL=_CFG[v].unroll_taps)
     names = list(fn.arg_names)
     missing = set(names) - set(types) - set(constexprs)

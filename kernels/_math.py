@@ -101,12 +101,14 @@ def _post_alive(hot, dy, dx):
 
 @triton.jit
 def _tap(r_ptr, q_ptr, hot, base, y, x, row_ok, dy, dx, H, W,
-         C: tl.constexpr, HAS_Q: tl.constexpr, CIRCULAR: tl.constexpr):
+         C: tl.constexpr, HAS_Q: tl.constexpr, KEEP: tl.constexpr, CIRCULAR: tl.constexpr):
     """The true state of every cell's neighbour at (dy, dx) [M, C], and whether it exists [M].
 
     The stored state may still owe the previous step's alive mask (HAS_Q): then the true state
-    of a neighbour n is ``r[n] * (q[n] and any(r_alpha > thr on the 3x3 around n))``, read off
-    ``hot``, raw alpha > thr on the 5x5 window around each cell (``_alpha_hot``).
+    of a neighbour n is ``r[n] * keep[n]``, keep = ``q[n] and any(r_alpha > thr on the 3x3
+    around n)``. With KEEP, ``q_ptr`` holds keep itself (the backward computes it once per cell,
+    ``step_bwd._nca_step_bwd_keep_kernel``); otherwise ``q`` and ``hot``, raw alpha > thr on the
+    5x5 window around each cell (``_alpha_hot``).
     """
     cols = tl.arange(0, C)
     ny, nx, ok = _neighbour(y, x, dy, dx, H, W, CIRCULAR)
@@ -114,8 +116,9 @@ def _tap(r_ptr, q_ptr, hot, base, y, x, row_ok, dy, dx, H, W,
     nb = base + ny * W + nx
     v = tl.load(r_ptr + nb[:, None] * C + cols[None, :], mask=ok[:, None], other=0.0)
     if HAS_Q:
-        qn = tl.load(q_ptr + nb, mask=ok, other=0) != 0
-        keep = ok & qn & _post_alive(hot, dy, dx)
+        keep = ok & (tl.load(q_ptr + nb, mask=ok, other=0) != 0)
+        if not KEEP:
+            keep = keep & _post_alive(hot, dy, dx)
         v = tl.where(keep[:, None], v, 0.0)
     return v, ok
 
@@ -123,15 +126,17 @@ def _tap(r_ptr, q_ptr, hot, base, y, x, row_ok, dy, dx, H, W,
 @triton.jit
 def _perceive(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok, H, W, thr,
               C: tl.constexpr, NF: tl.constexpr, ALPHA: tl.constexpr,
-              HAS_Q: tl.constexpr, ALIVE: tl.constexpr, CIRCULAR: tl.constexpr):
+              HAS_Q: tl.constexpr, KEEP: tl.constexpr, ALIVE: tl.constexpr,
+              CIRCULAR: tl.constexpr):
     """Gather a tile's 3x3 neighbourhoods and apply the filter bank (taps unrolled).
 
     Returns the F perception tiles p0..p3 ([M, C] each; p3 is zero when NF == 3), the cell's own
     true state [M, C], and the pre-update alive mask [M] (all True when alive masking is off).
+    HAS_Q, KEEP: as in ``_tap``.
     """
     cols = tl.arange(0, C)
     hot = row_ok
-    if HAS_Q:
+    if HAS_Q and not KEEP:
         hot = _alpha_hot(r_ptr, base, y, x, row_ok, H, W, thr, C, ALPHA, CIRCULAR, 2)
     p0 = tl.zeros([y.shape[0], C], dtype=r_ptr.dtype.element_ty)
     p1 = tl.zeros_like(p0)
@@ -145,7 +150,8 @@ def _perceive(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok, H, W, thr,
     for tap in tl.static_range(9):
         dy = tap // 3 - 1              # constexpr: tap is
         dx = tap % 3 - 1
-        v, ok = _tap(r_ptr, q_ptr, hot, base, y, x, row_ok, dy, dx, H, W, C, HAS_Q, CIRCULAR)
+        v, ok = _tap(r_ptr, q_ptr, hot, base, y, x, row_ok, dy, dx, H, W, C, HAS_Q, KEEP,
+                     CIRCULAR)
         if ALIVE:
             a = tl.sum(tl.where(cols[None, :] == ALPHA, v, 0.0), axis=1)
             pre = pre | (ok & (a > thr))
@@ -160,24 +166,24 @@ def _perceive(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok, H, W, thr,
 
 
 @triton.jit
-def _perceive_rolled(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok, H, W, thr,
-                     C: tl.constexpr, NF: tl.constexpr, ALPHA: tl.constexpr,
-                     HAS_Q: tl.constexpr, CIRCULAR: tl.constexpr):
-    """The perception tiles p0..p3 of ``_perceive`` alone, the taps in a loop that is not
-    unrolled: for kernels that perceive tile after tile (a persistent loop), where unrolled
-    taps keep all F*9 filter weights in registers across the tiles (36 at F = 4). The same
-    products are summed in the same order, so the result is bitwise that of ``_perceive``.
+def _perceive_rolled(r_ptr, keep_ptr, filt_ptr, base, y, x, row_ok, H, W, n_taps,
+                     C: tl.constexpr, NF: tl.constexpr, HAS_Q: tl.constexpr,
+                     CIRCULAR: tl.constexpr):
+    """The perception tiles p0..p3 of ``_perceive`` alone, from keep bits (HAS_Q, KEEP), the
+    taps in a loop that is not unrolled: for kernels that perceive tile after tile (a
+    persistent loop), where unrolled taps have all 9 neighbour loads and F*9 filter weights in
+    flight at once (224 live registers measured in the weight kernel, C = 32, F = 4).
+    ``n_taps`` is 9, passed at run time: with a constant trip count LLVM unrolls the loop
+    again. The same products are summed in the same order, so the result is bitwise that of
+    ``_perceive``.
     """
-    hot = row_ok
-    if HAS_Q:
-        hot = _alpha_hot(r_ptr, base, y, x, row_ok, H, W, thr, C, ALPHA, CIRCULAR, 2)
     p0 = tl.zeros([y.shape[0], C], dtype=r_ptr.dtype.element_ty)
     p1 = tl.zeros_like(p0)
     p2 = tl.zeros_like(p0)
     p3 = tl.zeros_like(p0)
-    for tap in range(9):
-        v, ok = _tap(r_ptr, q_ptr, hot, base, y, x, row_ok, tap // 3 - 1, tap % 3 - 1, H, W,
-                     C, HAS_Q, CIRCULAR)
+    for tap in range(n_taps):
+        v, ok = _tap(r_ptr, keep_ptr, row_ok, base, y, x, row_ok, tap // 3 - 1, tap % 3 - 1,
+                     H, W, C, HAS_Q, True, CIRCULAR)
         p0 += tl.load(filt_ptr + 0 * 9 + tap) * v
         p1 += tl.load(filt_ptr + 1 * 9 + tap) * v
         p2 += tl.load(filt_ptr + 2 * 9 + tap) * v

@@ -155,5 +155,13 @@ def select_transpose(n_cells: int, channels: int, num_filters: int) -> StepConfi
     return StepConfig(128, warps, 2, int64, 1, 0, unroll, None if unroll else 255)
 
 
+def select_keep(n_cells: int, channels: int) -> StepConfig:
+    """The backward's deferred-mask kernel: a 3x3 alpha gather per cell, no dense layer."""
+    int64 = needs_int64(n_cells, channels, 0, 1)
+    if interpreting():
+        return StepConfig(min(8192, max(16, _next_pow2(n_cells))), 4, 1, int64, 1, 0)
+    return StepConfig(128, 4, 1, int64, 1, 0)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())

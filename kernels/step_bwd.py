@@ -20,11 +20,14 @@ Three kernels, none with atomics, so the same inputs give bitwise the same gradi
 2. ``_nca_step_bwd_weights_kernel`` (grid: programs x hidden chunks) is persistent: program
    (p, c) walks tiles p, p + P, ... in a fixed order and accumulates the gradients of hidden
    chunk c in registers, written once to its own slot of a [P, ...] buffer that the launcher
-   sums in a fixed order. Splitting by chunk keeps the accumulators at F*C*HC + HC*C floats
+   sums in a fixed order. Splitting by chunk keeps the accumulators at 4*C*HC + HC*C floats
    (the whole-hidden version spilled on every variant); the price is recomputing perception
-   once per chunk.
+   once per chunk. Its perception walks the taps in a loop (``_perceive_rolled``: unrolled, the
+   F*9 filter weights stay in registers across the tile loop), and dW1 is one dot P^T @ gh with
+   P = [M, 4C] the F perception tiles side by side (a wgmma on sm_90a; F = 3 pads a zero tile).
 3. ``_nca_step_bwd_input_kernel`` (grid: tiles) gathers gp through the transposed stencil, adds
-   the identity path and applies the deferred alive mask.
+   the identity path and applies the deferred alive mask; wide rows (F*C > 64) walk the taps
+   in a loop (configs.select_transpose).
 
 Scratch traffic: F*C*4 bytes per cell written and read once (192 B at the defaults).
 """
@@ -44,17 +47,17 @@ from .step_fwd import check_shapes
 def _nca_step_bwd_gp_kernel(
     # state and incoming gradient
     r_ptr,          # [B*H*W, C] stored input state of the step
-    q_ptr,          # [B*H*W] uint8 pending pre-mask bits (HAS_Q)
+    keep_ptr,       # [B*H*W] uint8 the deferred alive mask it owes (HAS_Q; the keep kernel)
     g_ptr,          # [B*H*W, C] dL/d out
     gp_ptr,         # [B*H*W, F, C] out: perception gradient (scratch for the input kernel)
     # parameters
     w1_ptr, b1_ptr, w2_ptr, filt_ptr,   # [F, C, HID], [HID], [HID, C], [F, 9]
     # step
-    seed, step, fire_threshold, thr,
+    seed, step, fire_threshold,
     # sizes
     n_cells, HW, H, W,
-    C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr, ALPHA: tl.constexpr,
-    BLOCK_M: tl.constexpr, HC: tl.constexpr, HAS_Q: tl.constexpr, ALIVE: tl.constexpr,
+    C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr,
+    BLOCK_M: tl.constexpr, HC: tl.constexpr, HAS_Q: tl.constexpr,
     CIRCULAR: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -65,8 +68,8 @@ def _nca_step_bwd_gp_kernel(
     dtype = r_ptr.dtype.element_ty
 
     # ---- recompute the forward's perception and mask
-    p0, p1, p2, p3, center, pre = _perceive(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok, H, W,
-                                            thr, C, NF, ALPHA, HAS_Q, ALIVE, CIRCULAR)
+    p0, p1, p2, p3, _, _ = _perceive(r_ptr, keep_ptr, filt_ptr, base, y, x, row_ok, H, W, 0.0,
+                                     C, NF, 0, HAS_Q, True, False, CIRCULAR)
     fire = _fire(seed, cell, step, fire_threshold, INT64)
     g = tl.load(g_ptr + cell[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.0)
     gdx = tl.where(fire[:, None], g, 0.0).to(dtype)
@@ -99,13 +102,14 @@ def _nca_step_bwd_gp_kernel(
 
 @triton.jit
 def _nca_step_bwd_weights_kernel(
-    r_ptr, q_ptr, g_ptr,                # as in the gp kernel
+    r_ptr, keep_ptr, g_ptr,             # as in the gp kernel
     part_ptr,       # [programs, PART] out: this program's partial weight gradients
     w1_ptr, b1_ptr, w2_ptr, filt_ptr,
-    seed, step, fire_threshold, thr,
+    seed, step, fire_threshold,
     n_cells, n_programs, tiles_per_program, HW, H, W,
-    C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr, ALPHA: tl.constexpr,
-    BLOCK_M: tl.constexpr, HC: tl.constexpr, HAS_Q: tl.constexpr, ALIVE: tl.constexpr,
+    n_taps,         # 9: a run-time value, so that the compiler keeps the tap loop rolled
+    C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr,
+    BLOCK_M: tl.constexpr, HC: tl.constexpr, HAS_Q: tl.constexpr,
     CIRCULAR: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
 ):
     """Program (pid, chunk) walks tiles pid, pid + n_programs, ... and accumulates, in
@@ -130,11 +134,10 @@ def _nca_step_bwd_weights_kernel(
     for i in range(0, tiles_per_program):
         # tiles past the end have no cells in range: every load is masked, nothing accumulates
         cell, base, y, x, row_ok = _cells(pid + i * n_programs, BLOCK_M, n_cells, HW, W, INT64)
-        p0, p1, p2, p3 = _perceive_rolled(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok, H, W,
-                                          thr, C, NF, ALPHA, HAS_Q, CIRCULAR)
-        fire = _fire(seed, cell, step, fire_threshold, INT64)
-        g = tl.load(g_ptr + cell[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.0)
-        gdx = tl.where(fire[:, None], g, 0.0).to(dtype)
+        p0, p1, p2, p3 = _perceive_rolled(r_ptr, keep_ptr, filt_ptr, base, y, x, row_ok, H, W,
+                                          n_taps, C, NF, HAS_Q, CIRCULAR)
+        fire = _fire(seed, cell, step, fire_threshold, INT64) & row_ok
+        gdx = tl.load(g_ptr + cell[:, None] * C + cols[None, :], mask=fire[:, None], other=0.0)
         h_pre, _, _, _, _ = _hidden_chunk(p0, p1, p2, p3, w1_ptr, b1_ptr, j0, C, HID, HC, NF,
                                           PRECISION)
         h = tl.maximum(h_pre, 0.0).to(dtype)
@@ -171,14 +174,13 @@ def _transposed_tap(acc, gp_ptr, filt_ptr, base, y, x, row_ok, tap, H, W,
 
 @triton.jit
 def _nca_step_bwd_input_kernel(
-    r_ptr,          # [B*H*W, C] stored input state (for the deferred alive mask)
-    q_ptr,          # [B*H*W] uint8 pending pre-mask bits (HAS_Q)
+    keep_ptr,       # [B*H*W] uint8 the deferred alive mask of the input (HAS_Q)
     g_ptr,          # [B*H*W, C] dL/d out (the identity path)
     gp_ptr,         # [B*H*W, F, C] perception gradient from kernel 1
     gr_ptr,         # [B*H*W, C] out: dL/d r
     filt_ptr,       # [F, 9]
-    thr, n_cells, HW, H, W,
-    C: tl.constexpr, NF: tl.constexpr, ALPHA: tl.constexpr, BLOCK_M: tl.constexpr,
+    n_cells, HW, H, W,
+    C: tl.constexpr, NF: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_Q: tl.constexpr, CIRCULAR: tl.constexpr, INT64: tl.constexpr,
     UNROLL: tl.constexpr,     # taps unrolled (constexpr offsets) or in a loop (configs.py)
 ):
@@ -201,11 +203,31 @@ def _nca_step_bwd_input_kernel(
 
     # ---- the deferred alive mask the forward applied on load
     if HAS_Q:
-        hot = _alpha_hot(r_ptr, base, y, x, row_ok, H, W, thr, C, ALPHA, CIRCULAR, 1)
-        keep = (tl.load(q_ptr + cell, mask=row_ok, other=0) != 0) & _post_alive(hot, 0, 0)
+        keep = tl.load(keep_ptr + cell, mask=row_ok, other=0) != 0
         acc = tl.where(keep[:, None], acc, 0.0)
     tl.store(gr_ptr + cell[:, None] * C + cols[None, :], acc.to(gr_ptr.dtype.element_ty),
              mask=row_ok[:, None])
+
+
+@triton.jit
+def _nca_step_bwd_keep_kernel(
+    r_ptr,          # [B*H*W, C] stored input state of the step
+    q_ptr,          # [B*H*W] uint8 pending pre-mask bits
+    keep_ptr,       # [B*H*W] uint8 out: the deferred alive mask, q and any(alpha > thr on 3x3)
+    thr, n_cells, HW, H, W,
+    C: tl.constexpr, ALPHA: tl.constexpr, BLOCK_M: tl.constexpr,
+    CIRCULAR: tl.constexpr, INT64: tl.constexpr,
+):
+    """keep[i] = q[i] and any(r_alpha > thr on the 3x3 around i): the mask ``step_fwd`` applied
+    to each cell of its input on load, computed once per cell for the three kernels above
+    (which would each gather a 5x5 alpha window per cell, the weight kernel once per chunk)."""
+    pid = tl.program_id(0)
+    H = tl.cast(H, tl.int32)      # one grid fits int32 (configs.MAX_GRID_CELLS)
+    W = tl.cast(W, tl.int32)
+    cell, base, y, x, row_ok = _cells(pid, BLOCK_M, n_cells, HW, W, INT64)
+    hot = _alpha_hot(r_ptr, base, y, x, row_ok, H, W, thr, C, ALPHA, CIRCULAR, 1)
+    keep = (tl.load(q_ptr + cell, mask=row_ok, other=0) != 0) & _post_alive(hot, 0, 0)
+    tl.store(keep_ptr + cell, keep.to(tl.uint8), mask=row_ok)
 
 
 def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters, *, seed: int,
@@ -221,37 +243,45 @@ def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters,
     if tuple(g.shape) != (B, H, W, C) or g.dtype != r.dtype or g.device != r.device:
         raise ValueError(f"g: expected a {r.dtype} [B, H, W, C] = {(B, H, W, C)} gradient on "
                          f"{r.device}, got {g.dtype} {tuple(g.shape)} on {g.device}")
-    alive = alive_threshold is not None
+    if alive_threshold is None and q is not None:
+        raise ValueError("q: pre-mask bits given but alive masking is off")
     r, g = r.contiguous(), g.contiguous()
     n = B * H * W
-    thr = float(alive_threshold) if alive else 0.0
     gcfg = configs.select_backward(n, C, HID, F_, r.device, precision)
     wcfg = configs.select_weights(n, C, HID, F_, r.device, precision)
+    tcfg = configs.select_transpose(n, C, F_)
     part_size = F_ * C * HID + HID * C + HID + C
     parts = torch.empty((wcfg.programs, part_size), dtype=r.dtype, device=r.device)
     gp = torch.empty((n, F_, C), dtype=r.dtype, device=r.device)
     w1k, b1, w2t, filters = w1k.contiguous(), b1.contiguous(), w2t.contiguous(), filters.contiguous()
-    qq = q if q is not None else r
-    common = dict(C=C, HID=HID, NF=F_, ALPHA=alpha_channel, HAS_Q=q is not None, ALIVE=alive,
-                  CIRCULAR=circular, PRECISION=configs.PRECISION_CODES[precision])
+    keep = r                           # any pointer: unread without pending bits
+    if q is not None:
+        keep = torch.empty_like(q)
+        kcfg = configs.select_keep(n, C)
+        _nca_step_bwd_keep_kernel[(configs.n_tiles(B, H * W, kcfg.block_m),)](
+            r, q, keep, float(alive_threshold), n, H * W, H, W,
+            C=C, ALPHA=alpha_channel, BLOCK_M=kcfg.block_m, CIRCULAR=circular,
+            INT64=kcfg.int64, num_warps=kcfg.num_warps, num_stages=kcfg.num_stages,
+            maxnreg=kcfg.maxnreg)
+    common = dict(C=C, HID=HID, NF=F_, HAS_Q=q is not None, CIRCULAR=circular,
+                  PRECISION=configs.PRECISION_CODES[precision])
     _nca_step_bwd_gp_kernel[(configs.n_tiles(B, H * W, gcfg.block_m),)](
-        r, qq, g, gp, w1k, b1, w2t, filters,
-        seed, step, fire_threshold, thr, n, H * W, H, W,
+        r, keep, g, gp, w1k, b1, w2t, filters,
+        seed, step, fire_threshold, n, H * W, H, W,
         BLOCK_M=gcfg.block_m, HC=gcfg.hidden_chunk, INT64=gcfg.int64,
         num_warps=gcfg.num_warps, num_stages=gcfg.num_stages, maxnreg=gcfg.maxnreg, **common)
     w_tiles = configs.n_tiles(B, H * W, wcfg.block_m)
     _nca_step_bwd_weights_kernel[(wcfg.programs, HID // wcfg.hidden_chunk)](
-        r, qq, g, parts, w1k, b1, w2t, filters,
-        seed, step, fire_threshold, thr,
-        n, wcfg.programs, triton.cdiv(w_tiles, wcfg.programs), H * W, H, W,
+        r, keep, g, parts, w1k, b1, w2t, filters,
+        seed, step, fire_threshold,
+        n, wcfg.programs, triton.cdiv(w_tiles, wcfg.programs), H * W, H, W, 9,
         BLOCK_M=wcfg.block_m, HC=wcfg.hidden_chunk, INT64=wcfg.int64,
         num_warps=wcfg.num_warps, num_stages=wcfg.num_stages, maxnreg=wcfg.maxnreg, **common)
     grad_r = torch.empty_like(r) if grad_r is None else grad_r
-    tcfg = configs.select_transpose(n, C, F_)
     _nca_step_bwd_input_kernel[(configs.n_tiles(B, H * W, tcfg.block_m),)](
-        r, qq, g, gp, grad_r, filters,
-        thr, n, H * W, H, W,
-        C=C, NF=F_, ALPHA=alpha_channel, BLOCK_M=tcfg.block_m,
+        keep, g, gp, grad_r, filters,
+        n, H * W, H, W,
+        C=C, NF=F_, BLOCK_M=tcfg.block_m,
         HAS_Q=q is not None, CIRCULAR=circular, INT64=tcfg.int64 or gcfg.int64,
         UNROLL=tcfg.unroll_taps,
         num_warps=tcfg.num_warps, num_stages=tcfg.num_stages, maxnreg=tcfg.maxnreg,

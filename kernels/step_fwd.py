@@ -15,11 +15,14 @@ with the pre-mask bit ``q_out``, and the next step (or the rollout's final maski
 ``keep`` when it loads. With ``HAS_Q`` off (the first step of a rollout, or alive masking off)
 the input is already a true state and keep is 1.
 
-Grid: one program per tile of BLOCK_M consecutive cells (row-major over B, H, W, so any H and W
-and any batch). The dense layers run on tensor cores, walking hidden in chunks of HC units:
-per chunk F dots with K = C, then one with K = HC accumulating dx, so only [BLOCK_M, HC]
-activations are live (no spills at hidden 256). Nothing is stored for backward: ``step_bwd`` recomputes all of this from ``r`` and ``q``.
-Limits: C in {16, 32}, hidden in {32, 64, 128, 256}, F in {3, 4} (configs.py).
+Grid: one program per tile of BLOCK_M consecutive cells of one grid (row-major over H, W; a
+grid's last tile is partial, tiles never straddle two grids, so a cell's row and column come
+from an int32 position without a per-cell division by H*W). The dense layers run on tensor
+cores, walking hidden in chunks of HC units: per chunk F dots with K = C, then one with K = HC
+accumulating dx, so only [BLOCK_M, HC] activations are live (no spills at hidden 256). Nothing
+is stored for backward: ``step_bwd`` recomputes all of this from ``r`` and ``q``.
+Limits: C in {16, 32}, hidden in {32, 64, 128, 256}, F in {3, 4}; one grid below 2**31 - 8192
+cells (configs.py).
 """
 from __future__ import annotations
 
@@ -60,7 +63,7 @@ def _nca_step_fwd_kernel(
 
     # ---- load neighbourhood, perceive
     p0, p1, p2, p3, center, pre = _perceive(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok, H, W,
-                                            thr, C, NF, ALPHA, HAS_Q, ALIVE, CIRCULAR)
+                                            thr, C, NF, ALPHA, HAS_Q, False, ALIVE, CIRCULAR)
 
     # ---- dense layers, chunked over hidden: h = relu(sum_k p_k W1_k + b1), dx = h W2 + b2
     dx = tl.zeros([BLOCK_M, C], dtype=p0.dtype)
