@@ -124,25 +124,21 @@ def _tap(r_ptr, q_ptr, hot, base, y, x, row_ok, dy, dx, H, W,
 
 
 @triton.jit
-def _perceive(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok, H, W, thr,
+def _perceive(r_ptr, q_ptr, hot, filt_ptr, base, y, x, row_ok, H, W, thr,
               C: tl.constexpr, NF: tl.constexpr, ALPHA: tl.constexpr,
               HAS_Q: tl.constexpr, KEEP: tl.constexpr, ALIVE: tl.constexpr,
               CIRCULAR: tl.constexpr):
     """Gather a tile's 3x3 neighbourhoods and apply the filter bank (taps unrolled).
 
-    Returns the F perception tiles p0..p3 ([M, C] each; p3 is zero when NF == 3), the cell's own
-    true state [M, C], and the pre-update alive mask [M] (all True when alive masking is off).
-    HAS_Q, KEEP: as in ``_tap``.
+    Returns the F perception tiles p0..p3 ([M, C] each; p3 is zero when NF == 3) and the
+    pre-update alive mask [M] (all True when alive masking is off). HAS_Q, KEEP, ``hot``: as in
+    ``_tap`` (``hot`` unread unless HAS_Q and not KEEP).
     """
     cols = tl.arange(0, C)
-    hot = row_ok
-    if HAS_Q and not KEEP:
-        hot = _alpha_hot(r_ptr, base, y, x, row_ok, H, W, thr, C, ALPHA, CIRCULAR, 2)
     p0 = tl.zeros([y.shape[0], C], dtype=r_ptr.dtype.element_ty)
     p1 = tl.zeros_like(p0)
     p2 = tl.zeros_like(p0)
     p3 = tl.zeros_like(p0)
-    center = tl.zeros_like(p0)
     if ALIVE:
         pre = row_ok & (y < 0)  # nothing alive yet: the taps below set it
     else:
@@ -160,9 +156,7 @@ def _perceive(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok, H, W, thr,
         p2 += tl.load(filt_ptr + 2 * 9 + tap) * v
         if NF == 4:
             p3 += tl.load(filt_ptr + 3 * 9 + tap) * v
-        if tap == 4:
-            center = v
-    return p0, p1, p2, p3, center, pre
+    return p0, p1, p2, p3, pre
 
 
 @triton.jit

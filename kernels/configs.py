@@ -98,7 +98,14 @@ def select_forward(n_cells: int, channels: int, hidden: int, num_filters: int,
         return StepConfig(block, 4, 1, int64, 1, hc)
     # (at 128 cells the default variant spilled 164-260 B at 255 registers)
     block, warps = _tile(channels, num_filters, precision)
-    return StepConfig(block, warps, 2, int64, 1, hc, maxnreg=_maxnreg(precision))
+    maxnreg = _maxnreg(precision)
+    if warps == 8 and hidden > hc:
+        # wide inputs with a chunk loop: left to itself ptxas holds the kernel to 128 registers
+        # (2 blocks of 8 warps) and spills 4-12 B outside the loop (sm_80, C = 32, hidden 256,
+        # alive masking, circular); uncapped it takes 169-215. With a single chunk (hidden 32)
+        # uncapping made it fill all 255 and spill 8-16 B (bf16, F = 4, 64-bit), so not there.
+        maxnreg = 255
+    return StepConfig(block, warps, 2, int64, 1, hc, maxnreg=maxnreg)
 
 
 def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,

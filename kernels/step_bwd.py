@@ -68,8 +68,8 @@ def _nca_step_bwd_gp_kernel(
     dtype = r_ptr.dtype.element_ty
 
     # ---- recompute the forward's perception and mask
-    p0, p1, p2, p3, _, _ = _perceive(r_ptr, keep_ptr, filt_ptr, base, y, x, row_ok, H, W, 0.0,
-                                     C, NF, 0, HAS_Q, True, False, CIRCULAR)
+    p0, p1, p2, p3, _ = _perceive(r_ptr, keep_ptr, row_ok, filt_ptr, base, y, x, row_ok, H, W,
+                                  0.0, C, NF, 0, HAS_Q, True, False, CIRCULAR)
     fire = _fire(seed, cell, step, fire_threshold, INT64)
     g = tl.load(g_ptr + cell[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.0)
     gdx = tl.where(fire[:, None], g, 0.0).to(dtype)

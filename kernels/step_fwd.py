@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._math import _cells, _fire, _hidden_chunk, _mm, _perceive
+from ._math import _alpha_hot, _cells, _fire, _hidden_chunk, _mm, _perceive, _post_alive
 
 
 @triton.jit
@@ -62,8 +62,11 @@ def _nca_step_fwd_kernel(
     cols = tl.arange(0, C)
 
     # ---- load neighbourhood, perceive
-    p0, p1, p2, p3, center, pre = _perceive(r_ptr, q_ptr, filt_ptr, base, y, x, row_ok, H, W,
-                                            thr, C, NF, ALPHA, HAS_Q, False, ALIVE, CIRCULAR)
+    hot = row_ok
+    if HAS_Q:
+        hot = _alpha_hot(r_ptr, base, y, x, row_ok, H, W, thr, C, ALPHA, CIRCULAR, 2)
+    p0, p1, p2, p3, pre = _perceive(r_ptr, q_ptr, hot, filt_ptr, base, y, x, row_ok, H, W, thr,
+                                    C, NF, ALPHA, HAS_Q, False, ALIVE, CIRCULAR)
 
     # ---- dense layers, chunked over hidden: h = relu(sum_k p_k W1_k + b1), dx = h W2 + b2
     dx = tl.zeros([BLOCK_M, C], dtype=p0.dtype)
@@ -75,7 +78,12 @@ def _nca_step_fwd_kernel(
         dx += _mm(h, tl.load(w2_ptr + hh[:, None] * C + cols[None, :]), PRECISION)
     dx += tl.load(b2_ptr + cols)[None, :]
 
-    # ---- stochastic update, store
+    # ---- stochastic update, store. The cell's own true state is read again (an L1 hit) rather
+    # than held in registers across the dense layers.
+    center = tl.load(r_ptr + cell[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.0)
+    if HAS_Q:
+        keep = (tl.load(q_ptr + cell, mask=row_ok, other=0) != 0) & _post_alive(hot, 0, 0)
+        center = tl.where(keep[:, None], center, 0.0)
     fire = _fire(seed, cell, step, fire_threshold, INT64)
     out = center + tl.where(fire[:, None], dx, 0.0)
     tl.store(out_ptr + cell[:, None] * C + cols[None, :], out.to(out_ptr.dtype.element_ty),
