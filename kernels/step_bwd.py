@@ -1,7 +1,7 @@
 """Backward of one NCA step, handwritten: gradients for the stored state and every weight.
 
 Nothing from the forward is kept but its input ``r`` (and the pending pre-mask bits ``q``):
-both kernels recompute the neighbourhood, perception, hidden layer and update mask exactly as
+the kernels recompute the neighbourhood, perception, hidden layer and update mask exactly as
 ``step_fwd`` did (same helpers in ``_math``, same Philox counter), so they need no activations.
 
 With ``g = dL/d out`` for the raw update ``out = x + dx * fire`` of step_fwd:
@@ -12,8 +12,12 @@ With ``g = dL/d out`` for the raw update ``out = x + dx * fire`` of step_fwd:
     gx[j] = g[j] + sum_taps sum_k f_k[tap] * gp_k[j - tap]        (transposed stencil)
     gr[j] = gx[j] * keep[j]                           (the deferred alive mask is a constant)
 
-Three kernels, none with atomics, so the same inputs give bitwise the same gradients:
+Four kernels, none with atomics, so the same inputs give bitwise the same gradients:
 
+0. ``_nca_step_bwd_keep_kernel`` (grid: tiles; only when the input owes a mask) writes
+   keep = q and any(alpha > thr on the 3x3), one byte per cell: the others read keep[n] where
+   the forward gathers a 5x5 alpha window per cell (25 more live registers in the weight kernel,
+   which would do it once per hidden chunk).
 1. ``_nca_step_bwd_gp_kernel`` (grid: tiles) recomputes perception and the hidden layer chunk by
    chunk and writes gp to a scratch buffer: the transposed stencil of a cell needs gp of its 8
    neighbours, which other programs compute.
@@ -22,14 +26,17 @@ Three kernels, none with atomics, so the same inputs give bitwise the same gradi
    chunk c in registers, written once to its own slot of a [P, ...] buffer that the launcher
    sums in a fixed order. Splitting by chunk keeps the accumulators at 4*C*HC + HC*C floats
    (the whole-hidden version spilled on every variant); the price is recomputing perception
-   once per chunk. Its perception walks the taps in a loop (``_perceive_rolled``: unrolled, the
-   F*9 filter weights stay in registers across the tile loop), and dW1 is one dot P^T @ gh with
-   P = [M, 4C] the F perception tiles side by side (a wgmma on sm_90a; F = 3 pads a zero tile).
+   once per chunk. Its perception walks the taps in a loop (``_perceive_rolled``: unrolled,
+   every tap's loads and the F*9 filter weights are in flight at once), and dW1 is one dot
+   P^T @ gh with P = [M, 4C] the F perception tiles side by side (a wgmma on sm_90a; F = 3 pads
+   a zero tile).
 3. ``_nca_step_bwd_input_kernel`` (grid: tiles) gathers gp through the transposed stencil, adds
    the identity path and applies the deferred alive mask; wide rows (F*C > 64) walk the taps
    in a loop (configs.select_transpose).
 
-Scratch traffic: F*C*4 bytes per cell written and read once (192 B at the defaults).
+Scratch traffic: F*C*4 bytes per cell written and read once (192 B at the defaults). With
+pending bits the keep kernel adds, per cell, q (1 B) and the 32-byte sector holding alpha read,
+1 B written; the other kernels read that byte where they read q.
 """
 from __future__ import annotations
 
