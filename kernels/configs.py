@@ -99,6 +99,10 @@ def select_forward(n_cells: int, channels: int, hidden: int, num_filters: int,
     # (at 128 cells the default variant spilled 164-260 B at 255 registers)
     block, warps = _tile(channels, num_filters, precision)
     maxnreg = _maxnreg(precision)
+    if precision == "ieee" and warps == 8:
+        # FMA dots over the widest inputs: [32, 32] chunks took 254 registers and spilled 8 B
+        # (sm_90a, C = 32, hidden 32, F = 4, alive masking, 64-bit); [32, 16]: 109-156, none.
+        hc = min(hc, 16)
     if warps == 8 and hidden > hc:
         # wide inputs with a chunk loop: left to itself ptxas holds the kernel to 128 registers
         # (2 blocks of 8 warps) and spills 4-12 B outside the loop (sm_80, C = 32, hidden 256,
