@@ -122,6 +122,10 @@ def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
     if interpreting():
         return StepConfig(min(4096, max(16, _next_pow2(n_cells))), 4, 1, int64, 1, hc)
     block, warps = _tile(channels, num_filters, precision)
+    if warps == 8 and hidden == hc:
+        # wide inputs, a single chunk: ptxas unrolls it whole (sm_80, C = 32, hidden 32, F = 4,
+        # bf16: 255 registers, 24-32 B spilled); two 16-unit chunks take 177-180, none spilled.
+        hc = 16
     return StepConfig(block, warps, 1, int64, 1, hc, maxnreg=_maxnreg(precision))
 
 
