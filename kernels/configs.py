@@ -124,8 +124,9 @@ def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
     block, warps = _tile(channels, num_filters, precision)
     if warps == 8 and hidden == hc:
         # wide inputs, a single chunk: ptxas unrolls it whole (sm_80, C = 32, hidden 32, F = 4,
-        # bf16: 255 registers, 24-32 B spilled); two 16-unit chunks take 177-180, none spilled.
-        hc = 16
+        # bf16: 255 registers, 24-32 B spilled). Two 16-unit chunks, uncapped: 127-255
+        # registers, none spilled (capped by ptxas itself at 128, F = 3 bf16 spilled 8 B).
+        return StepConfig(block, warps, 1, int64, 1, 16, maxnreg=255)
     return StepConfig(block, warps, 1, int64, 1, hc, maxnreg=_maxnreg(precision))
 
 
