@@ -209,9 +209,10 @@ def quick_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL
 
 def ci_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL_NAMES,
                 kernels_dir: Path = KERNELS_DIR) -> List[Variant]:
-    """The CI subset (13 on sm_90a, 11 on sm_80): tf32 and bf16 at the defaults with alive off /
+    """The CI subset (14 on sm_90a, 12 on sm_80): tf32 and bf16 at the defaults with alive off /
     on / pending bits, spread over both dense kernels rather than crossed; the largest shapes
-    (the largest backward, the slowest compile, on sm_90a only); INT64."""
+    (the largest backward, the slowest compile, on sm_90a only); INT64; two variants that
+    spilled before their configs changed (regressions)."""
     out = []
     for arch in archs:
         out += [
@@ -230,6 +231,11 @@ def ci_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL_NA
         if arch >= 90:
             out.append(_dense("bwd_gp", arch, 32, 256, 4, 1, True, True))
             out.append(_dense("bwd_weights", arch, 32, 256, 4, 1, True, True))
+            # spilled 8 B before "ieee" took 16-unit chunks over the widest inputs
+            out.append(_dense("fwd", arch, 32, 32, 4, 0, False, True, False, True))
+        else:
+            # spilled 24 B before the widest single-chunk perception gradient took two chunks
+            out.append(_dense("bwd_gp", arch, 32, 32, 4, 2, True, True))
     return [v for v in out if v.kernel in kernels]
 
 
