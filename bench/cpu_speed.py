@@ -1,11 +1,12 @@
 """Side-by-side CPU timing: nca_fast's torch backend against a plain PyTorch eager port.
 
-    python bench/cpu_speed.py [--repeats 7] [--steps 64] [--batch 8] [--size 72] [--threads N]
+    python -m bench.cpu_speed [--repeats 7] [--steps 64] [--batch 8] [--size 72] [--threads N]
                               [--scenario alive|grow|grown]
 
-The eager port is the style of the common PyTorch NCA ports: NCHW, perception by
-``F.conv2d(groups=C)`` with the filters repeated per channel, two ``nn.Conv2d`` 1x1 layers,
-``torch.rand`` update mask, ``F.max_pool2d`` alive masks. Both run the article's configuration
+The eager port (``bench.providers.EagerNCA``, the benchmark suite's baseline) is the style of
+the common PyTorch NCA ports: NCHW, perception by ``F.conv2d(groups=C)`` with the filters
+repeated per channel, two ``nn.Conv2d`` 1x1 layers, ``torch.rand`` update mask,
+``F.max_pool2d`` alive masks. Both run the article's configuration
 from the same state and weights. Measurements are interleaved (eager, fast, eager, fast, ...) so
 that load from other processes on the machine hits both alike; the figures are medians over the
 repeats, with the spread (min..max), in wall-clock and in process CPU time (CPU time is less
@@ -32,42 +33,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from bench.providers import EagerNCA, Weights
 from nca_fast import NCA, NCAConfig, load_distill
 
 DISTILL = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "distill"
-
-
-class EagerNCA(nn.Module):
-    """The plain port: what a straightforward PyTorch NCA looks like (zero padding, alive on)."""
-
-    def __init__(self, config: NCAConfig):
-        super().__init__()
-        c = config.channels
-        self.config = config
-        self.w1 = nn.Conv2d(config.perception_size, config.hidden, 1)
-        self.w2 = nn.Conv2d(config.hidden, c, 1)
-        bank = torch.tensor(config.filters, dtype=torch.float32)
-        self.register_buffer("bank", bank.repeat(c, 1, 1).unsqueeze(1))
-
-    def alive(self, x):
-        a = x[:, self.config.alpha_channel:self.config.alpha_channel + 1]
-        return F.max_pool2d(a, 3, stride=1, padding=1) > self.config.alive_threshold
-
-    def step(self, x):
-        pre = self.alive(x)
-        p = F.conv2d(x, self.bank, padding=1, groups=x.shape[1])
-        dx = self.w2(F.relu(self.w1(p)))
-        b, _, h, w = x.shape
-        m = (torch.rand(b, 1, h, w, device=x.device) < self.config.fire_rate).to(x.dtype)
-        x = x + dx * m
-        return x * (pre & self.alive(x)).to(x.dtype)
-
-    def forward(self, x, steps):
-        for _ in range(steps):
-            x = self.step(x)
-        return x
 
 
 def make_models(config: NCAConfig, seed: int = 0, distill=None):
@@ -81,8 +51,7 @@ def make_models(config: NCAConfig, seed: int = 0, distill=None):
         with torch.no_grad():
             fast.w2.weight.normal_(0.0, 0.02)
             fast.w2.bias.normal_(0.0, 0.002)
-    eager = EagerNCA(fast.config)
-    eager.load_state_dict({k: v for k, v in fast.state_dict().items()}, strict=False)
+    eager = EagerNCA(fast.config).load(Weights(*(p.detach().clone() for p in fast.weights())))
     return fast, eager
 
 
