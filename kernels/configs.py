@@ -109,6 +109,10 @@ def select_forward(n_cells: int, channels: int, hidden: int, num_filters: int,
         # alive masking, circular); uncapped it takes 169-215. With a single chunk (hidden 32)
         # uncapping made it fill all 255 and spill 8-16 B (bf16, F = 4, 64-bit), so not there.
         maxnreg = 255
+    if precision != "ieee" and channels * num_filters == 64 and hidden > hc:
+        # C = 16, F = 4 with a chunk loop: ptxas held sm_80 tf32 hidden 128 (alive, circular,
+        # 64-bit) to 168 registers and spilled 12 B; uncapped, 127-255 and none spilled.
+        maxnreg = 255
     return StepConfig(block, warps, 2, int64, 1, hc, maxnreg=maxnreg)
 
 
@@ -130,6 +134,10 @@ def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
     if precision == "bf16" and channels * num_filters == 64 and hidden <= 64:
         # ptxas held sm_80 C = 16 F = 4 bf16 to 128 registers and spilled 4-8 B (hidden 32, 64);
         # uncapped, none spilled (hidden 64: 194-202 registers on sm_80, 139-159 on sm_90a).
+        return StepConfig(block, warps, 1, int64, 1, hc, maxnreg=255)
+    if precision == "tf32" and hidden == hc:
+        # one 32-unit chunk: ptxas held sm_80 C = 16 F = 3 (alive, circular, 64-bit) to 96
+        # registers and spilled 4 B; uncapped, 128-168 and none spilled (C = 16, F = 3 and 4).
         return StepConfig(block, warps, 1, int64, 1, hc, maxnreg=255)
     return StepConfig(block, warps, 1, int64, 1, hc, maxnreg=_maxnreg(precision))
 
