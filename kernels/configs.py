@@ -79,7 +79,8 @@ def _maxnreg(precision):
     "ieee" (FMA dots): uncapped (255). Left to itself, ptxas holds these kernels to 80
     registers at 8 warps or 128 at 4 (an occupancy target) and spills 4-20 B (11 of the 96
     circular, 64-bit, mid-rollout variants); uncapped, all spill-free. Tensor-core precisions:
-    ptxas's own choice. Uncapping them made ptxas fill all 255 registers and spill where it had
+    ptxas's own choice, except where a ``select_*`` rule below uncaps a class it was measured to
+    spill in (bench/NOTES.md, section 6). Uncapping them made ptxas fill all 255 registers and spill where it had
     fitted (bwd_gp sm_80 C = 32 hidden 32 F = 4 bf16: 222 registers, none spilled -> 24 B).
     """
     return 255 if precision == "ieee" else None
