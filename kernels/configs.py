@@ -80,8 +80,9 @@ def _maxnreg(precision):
     registers at 8 warps or 128 at 4 (an occupancy target) and spills 4-20 B (11 of the 96
     circular, 64-bit, mid-rollout variants); uncapped, all spill-free. Tensor-core precisions:
     ptxas's own choice, except where a ``select_*`` rule below uncaps a class it was measured to
-    spill in (bench/NOTES.md, section 6). Uncapping them made ptxas fill all 255 registers and spill where it had
-    fitted (bwd_gp sm_80 C = 32 hidden 32 F = 4 bf16: 222 registers, none spilled -> 24 B).
+    spill in (bench/NOTES.md, section 6). Uncapping them all made ptxas fill all 255 registers
+    and spill where it had fitted (bwd_gp sm_80 C = 32 hidden 32 F = 4 bf16: 222 registers,
+    none spilled -> 24 B).
     """
     return 255 if precision == "ieee" else None
 
@@ -132,20 +133,21 @@ def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
     if interpreting():
         return StepConfig(min(4096, max(16, _next_pow2(n_cells))), 4, 1, int64, 1, hc)
     block, warps = _tile(channels, num_filters, precision)
+    maxnreg = _maxnreg(precision)
     if warps == 8 and hidden == hc:
         # wide inputs, a single chunk: ptxas unrolls it whole (sm_80, C = 32, hidden 32, F = 4,
         # bf16: 255 registers, 24-32 B spilled). Two 16-unit chunks, uncapped: 127-255
         # registers, none spilled (capped by ptxas itself at 128, F = 3 bf16 spilled 8 B).
-        return StepConfig(block, warps, 1, int64, 1, 16, maxnreg=255)
-    if precision == "bf16" and channels * num_filters == 64 and hidden <= 64:
+        hc, maxnreg = 16, 255
+    elif precision == "bf16" and channels * num_filters == 64 and hidden <= 64:
         # ptxas held sm_80 C = 16 F = 4 bf16 to 128 registers and spilled 4-8 B (hidden 32, 64);
         # uncapped, none spilled (hidden 64: 194-202 registers on sm_80, 139-159 on sm_90a).
-        return StepConfig(block, warps, 1, int64, 1, hc, maxnreg=255)
-    if precision == "tf32" and hidden == hc:
+        maxnreg = 255
+    elif precision == "tf32" and hidden == hc:
         # one 32-unit chunk: ptxas held sm_80 C = 16 F = 3 (alive, circular, 64-bit) to 96
         # registers and spilled 4 B; uncapped, 128-168 and none spilled (C = 16, F = 3 and 4).
-        return StepConfig(block, warps, 1, int64, 1, hc, maxnreg=255)
-    return StepConfig(block, warps, 1, int64, 1, hc, maxnreg=_maxnreg(precision))
+        maxnreg = 255
+    return StepConfig(block, warps, 1, int64, 1, hc, maxnreg=maxnreg)
 
 
 def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
