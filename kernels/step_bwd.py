@@ -1,8 +1,9 @@
-"""Backward of one NCA step, handwritten: gradients for the stored state and every weight.
+"""Backward of one NCA step, handwritten: gradients for the stored state and every weight (v2).
 
-Nothing from the forward is kept but its input ``r`` (and the pending pre-mask bits ``q``):
-the kernels recompute the neighbourhood, perception, hidden layer and update mask exactly as
-``step_fwd`` did (same helpers in ``_math``, same Philox counter), so they need no activations.
+Nothing from the forward is kept but its input ``r`` and one 16-bit word per cell that the
+forward computed anyway (``nca_step_fwd(..., cw_out=)``): which of the 9 neighbours the deferred
+alive mask kept, and whether the cell fired. So the backward recomputes the perception and the
+hidden layer, but not the masks or the random numbers.
 
 With ``g = dL/d out`` for the raw update ``out = x + dx * fire`` of step_fwd:
 
@@ -12,31 +13,26 @@ With ``g = dL/d out`` for the raw update ``out = x + dx * fire`` of step_fwd:
     gx[j] = g[j] + sum_taps sum_k f_k[tap] * gp_k[j - tap]        (transposed stencil)
     gr[j] = gx[j] * keep[j]                           (the deferred alive mask is a constant)
 
-Four kernels, none with atomics, so the same inputs give bitwise the same gradients:
+Three kernels, no atomics (the same inputs give bitwise the same gradients):
 
-0. ``_nca_step_bwd_keep_kernel`` (grid: tiles; only when the input owes a mask) writes
-   keep = q and any(alpha > thr on the 3x3), one byte per cell: the others read keep[n] where
-   the forward gathers a 5x5 alpha window per cell (25 more live registers in the weight kernel,
-   which would do it once per hidden chunk).
-1. ``_nca_step_bwd_gp_kernel`` (grid: tiles) recomputes perception and the hidden layer chunk by
-   chunk and writes gp to a scratch buffer: the transposed stencil of a cell needs gp of its 8
-   neighbours, which other programs compute.
-2. ``_nca_step_bwd_weights_kernel`` (grid: programs x hidden chunks) is persistent: program
-   (p, c) walks tiles p, p + P, ... in a fixed order and accumulates the gradients of hidden
-   chunk c in registers, written once to its own slot of a [P, ...] buffer that the launcher
-   sums in a fixed order. Splitting by chunk keeps the accumulators at 4*C*HC + HC*C floats
-   (the whole-hidden version spilled on every variant); the price is recomputing perception
-   once per chunk. Its perception walks the taps in a loop (``_perceive_rolled``: unrolled,
-   every tap's loads and the F*9 filter weights are in flight at once), and dW1 is one dot
-   P^T @ gh with P = [M, 4C] the F perception tiles side by side (a wgmma on sm_90a; F = 3 pads
-   a zero tile).
-3. ``_nca_step_bwd_input_kernel`` (grid: tiles) gathers gp through the transposed stencil, adds
-   the identity path and applies the deferred alive mask; wide rows (F*C > 64) walk the taps
-   in a loop (configs.select_transpose).
+1. ``_nca_step_bwd_gp_kernel`` (persistent, 2-D tiles, 4 warps): the perception and the hidden
+   layer again, gh, and gp to a scratch buffer (the transposed stencil of a cell needs the gp of
+   its 8 neighbours, which other programs compute). For a named bank the identity path rides in
+   gp's first slot (g + gp_0: the identity filter has its centre tap only).
+2. ``_nca_step_bwd_weights_kernel`` (persistent, 2-D tiles, 8 warps): the weight gradients of a
+   step, accumulated in registers across the program's tiles and added once at its end to the
+   program's own row of a [programs, PART] buffer that the rollout sums once, in a fixed order.
+   Hidden units are the MMA's M dimension (h^T = W1^T p^T): the two warpgroups take half the
+   hidden units each, and gh^T, h^T are already in registers as the A operands of dW1^T = gh^T p
+   and dW2 = h^T gdx. Fused with the transposed stencil of the *next* step (NEXT): that
+   computes this step's g = dL/d out from the next step's gp, so g is written once and never
+   read back here.
+3. ``_nca_step_bwd_input_kernel``: the transposed stencil alone, for the rollout's first step
+   (the gradient of its input).
 
-Scratch traffic: F*C*4 bytes per cell written and read once (192 B at the defaults). With
-pending bits the keep kernel adds, per cell, q (1 B) and the 32-byte sector holding alpha read,
-1 B written; the other kernels read that byte where they read q.
+The weight kernel could not join the gp kernel: the weight-gradient accumulators, the operands
+of five dots and the hoisted shared-memory descriptors of their k-steps need more than 255
+registers a thread (bench/NOTES.md, section 4).
 """
 from __future__ import annotations
 
@@ -45,206 +41,464 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._math import (_alpha_hot, _cells, _concat_filters, _fire, _hidden_chunk, _mm, _neighbour,
-                    _perceive, _perceive_rolled, _post_alive)
-from .step_fwd import check_shapes
+from ._tile import (_as_k_operand, _bank, _concat4, _k_order, _k_rows, _load_taps, _loop_zero,
+                    _mm, _nb, _plain_bits, _tap_bit, _tile_cells, _tile_next, _tile_start,
+                    _w1_rows)
+from .step_fwd import check_shapes, nca_step_fwd, persistent_grid
+
+
+# ------------------------------------------------------------------------------ weight layouts
+@triton.jit
+def _w1t_rows(w1_ptr, j0, C: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr,
+              NF: tl.constexpr, BANK: tl.constexpr, PRECISION: tl.constexpr):
+    """[HC, 4C]: W1 (scaled as ``_w1_rows`` scales it) transposed, hidden units in the K order of
+    ``_as_k_operand``; the constant column's row is zero (nothing flows back into a constant)."""
+    k = tl.arange(0, 4 * C)
+    hh = j0 + _k_order(tl.arange(0, HC), PRECISION)
+    w = tl.load(w1_ptr + k[None, :] * HID + hh[:, None], mask=(k < NF * C)[None, :], other=0.0)
+    if BANK != 0:
+        scale = tl.where((k >= C) & (k < 3 * C), 0.125, 1.0)
+        if BANK == 3:
+            scale = tl.where(k >= 3 * C, 0.0625, scale)
+        w = w * scale[None, :]
+    return w
+
+
+@triton.jit
+def _w2_cols(w2_ptr, j0, C: tl.constexpr, HC: tl.constexpr):
+    """[C, HC]: W2 for hidden units j0 .. j0 + HC (w2_ptr holds W2^T, [HID, C])."""
+    return tl.load(w2_ptr + (j0 + tl.arange(0, HC))[None, :] * C + tl.arange(0, C)[:, None])
+
+
+@triton.jit
+def _w1_cols(w1_ptr, b1_ptr, C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr,
+             BANK: tl.constexpr):
+    """[HID, 4C]: ``_w1_rows`` of every hidden unit, transposed (hidden units as rows)."""
+    k = tl.arange(0, 4 * C)
+    hh = tl.arange(0, HID)
+    w = tl.load(w1_ptr + k[None, :] * HID + hh[:, None], mask=(k < NF * C)[None, :], other=0.0)
+    if BANK != 0:
+        scale = tl.where((k >= C) & (k < 3 * C), 0.125, 1.0)
+        if BANK == 3:
+            scale = tl.where(k >= 3 * C, 0.0625, scale)
+        w = w * scale[None, :]
+    if NF == 3:
+        w = tl.where((k == 3 * C)[None, :], tl.load(b1_ptr + hh)[:, None], w)
+    return w
+
+
+# ---------------------------------------------------------------------------- 1. the gp kernel
+@triton.jit
+def _gp_chunk(pc, gdx, ones, w1c, bc, w1tc, w2c, gp, NF: tl.constexpr, PRECISION: tl.constexpr):
+    """gp + gh @ W1^T over one hidden chunk: the chunk's pre-activation again, then gh."""
+    hp = _mm(pc, w1c, tl.zeros([pc.shape[0], w1c.shape[1]], dtype=gdx.dtype), PRECISION)
+    if NF == 4:
+        hp = _mm(ones, bc, hp, PRECISION)
+    gh = tl.where(hp > 0, _mm(gdx, w2c, tl.zeros_like(hp), PRECISION), 0.0)
+    return _mm(_as_k_operand(gh, PRECISION), w1tc, gp, PRECISION)
 
 
 @triton.jit
 def _nca_step_bwd_gp_kernel(
-    # state and incoming gradient
-    r_ptr,          # [B*H*W, C] stored input state of the step
-    keep_ptr,       # [B*H*W] uint8 the deferred alive mask it owes (HAS_Q; the keep kernel)
+    r_ptr,          # [B*H*W, C] the step's stored input state
+    cw_ptr,         # [B*H*W] int16 the step's cell words (nca_step_fwd cw_out)
     g_ptr,          # [B*H*W, C] dL/d out
-    gp_ptr,         # [B*H*W, F, C] out: perception gradient (scratch for the input kernel)
-    # parameters
-    w1_ptr, b1_ptr, w2_ptr, filt_ptr,   # [F, C, HID], [HID], [HID, C], [F, 9]
-    # step
-    seed, step, fire_threshold,
-    # sizes
-    n_cells, HW, H, W,
+    gp_ptr,         # [B*H*W, F, C] out: perception gradient (slot 0 + g for a named bank)
+    w1_ptr, b1_ptr, w2_ptr,     # [F, C, HID], [HID], [HID, C]
+    filt_ptr,                   # [F, 9] (BANK == 0)
+    H, W, tiles_x, tiles_y, n_tiles, step_b, step_y, step_x,
     C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr,
-    BLOCK_M: tl.constexpr, HC: tl.constexpr, HAS_Q: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, HC: tl.constexpr, BANK: tl.constexpr,
     CIRCULAR: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    H = tl.cast(H, tl.int32)      # one grid fits int32 (configs.MAX_GRID_CELLS)
-    W = tl.cast(W, tl.int32)
-    cell, base, y, x, row_ok = _cells(pid, BLOCK_M, n_cells, HW, W, INT64)
+    M: tl.constexpr = TH * TW
+    NCH: tl.constexpr = HID // HC
     cols = tl.arange(0, C)
     dtype = r_ptr.dtype.element_ty
+    # ---- parameters, once per program (up to 4 hidden chunks)
+    ones = (tl.where(cols[None, :] == 0, 1.0, 0.0) + tl.zeros([M, C], dtype=tl.float32)).to(dtype)
+    w1a = _w1_rows(w1_ptr, b1_ptr, 0, C, HID, HC, NF, BANK).to(dtype)
+    ba = _bias_rows_t(b1_ptr, 0, C, HC).to(dtype)
+    wta = _w1t_rows(w1_ptr, 0, C, HID, HC, NF, BANK, PRECISION).to(dtype)
+    w2a = _w2_cols(w2_ptr, 0, C, HC)
+    if NCH >= 2:
+        w1b = _w1_rows(w1_ptr, b1_ptr, HC, C, HID, HC, NF, BANK).to(dtype)
+        bb = _bias_rows_t(b1_ptr, HC, C, HC).to(dtype)
+        wtb = _w1t_rows(w1_ptr, HC, C, HID, HC, NF, BANK, PRECISION).to(dtype)
+        w2b = _w2_cols(w2_ptr, HC, C, HC)
+    if NCH == 4:
+        w1c = _w1_rows(w1_ptr, b1_ptr, 2 * HC, C, HID, HC, NF, BANK).to(dtype)
+        bc = _bias_rows_t(b1_ptr, 2 * HC, C, HC).to(dtype)
+        wtc = _w1t_rows(w1_ptr, 2 * HC, C, HID, HC, NF, BANK, PRECISION).to(dtype)
+        w2c = _w2_cols(w2_ptr, 2 * HC, C, HC)
+        w1d = _w1_rows(w1_ptr, b1_ptr, 3 * HC, C, HID, HC, NF, BANK).to(dtype)
+        bd = _bias_rows_t(b1_ptr, 3 * HC, C, HC).to(dtype)
+        wtd = _w1t_rows(w1_ptr, 3 * HC, C, HID, HC, NF, BANK, PRECISION).to(dtype)
+        w2d = _w2_cols(w2_ptr, 3 * HC, C, HC)
 
-    # ---- recompute the forward's perception and mask
-    p0, p1, p2, p3, _ = _perceive(r_ptr, keep_ptr, row_ok, filt_ptr, base, y, x, row_ok, H, W,
-                                  0.0, C, NF, 0, HAS_Q, True, False, CIRCULAR)
-    fire = _fire(seed, cell, step, fire_threshold, INT64)
-    g = tl.load(g_ptr + cell[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.0)
-    gdx = tl.where(fire[:, None], g, 0.0).to(dtype)
+    pid = tl.program_id(0)
+    b, ty, tx = _tile_start(pid, tiles_x, tiles_y * tiles_x)
+    for tile in range(pid, n_tiles, tl.num_programs(0)):
+        base, y, x, ok = _tile_cells(b, ty, tx, H, W, TH, TW, INT64)
+        cell = base + y * W + x
+        cw = tl.load(cw_ptr + cell).to(tl.int32)
+        lz = _loop_zero(tx)
+        cl = tl.arange(0, C) + lz                       # index tensors built in the loop
 
-    # ---- per hidden chunk: gh = (gdx W2^T) * relu'(h_pre);  gp_k += gh W1_k^T
-    gp0 = tl.zeros([BLOCK_M, C], dtype=dtype)
-    gp1 = tl.zeros_like(gp0)
-    gp2 = tl.zeros_like(gp0)
-    gp3 = tl.zeros_like(gp0)
-    for j0 in range(0, HID, HC):
-        h_pre, w0, w1, w2, w3 = _hidden_chunk(p0, p1, p2, p3, w1_ptr, b1_ptr, j0, C, HID, HC,
-                                              NF, PRECISION)
-        hh = j0 + tl.arange(0, HC)
-        w2c = tl.load(w2_ptr + hh[:, None] * C + cols[None, :])
-        gh = tl.where(h_pre > 0, _mm(gdx, tl.trans(w2c), PRECISION), 0.0).to(dtype)
-        gp0 += _mm(gh, tl.trans(w0), PRECISION)
-        gp1 += _mm(gh, tl.trans(w1), PRECISION)
-        gp2 += _mm(gh, tl.trans(w2), PRECISION)
+        # ---- the forward's perception again: [M, 4C], a constant-1 column after F = 3
+        v0, v1, v2, v3, v4, v5, v6, v7, v8 = _load_taps(r_ptr, cw, base, y, x, H, W, lz, C,
+                                                        CIRCULAR, True)
+        p0, p1, p2, p3 = _bank(v0, v1, v2, v3, v4, v5, v6, v7, v8, filt_ptr, NF, BANK)
+        if NF == 3:
+            p3 = tl.where((cl[None, :] == 0) & (cw >= 0)[:, None], 1.0, 0.0).to(dtype)
+        pc = _concat4(p0, p1, p2, p3)
+
+        # ---- the update's gradient: the cells that fired (and are in the grid)
+        g = tl.load(g_ptr + cell[:, None] * C + cl[None, :])
+        gdx = tl.where(((cw & 512) != 0)[:, None] & ok[:, None], g, 0.0).to(dtype)
+        if BANK != 0:
+            # the identity path joins gp's first slot: the accumulator starts at [g, 0, 0, 0]
+            zero = tl.where(cl[None, :] < 0, g, 0.0)
+            gp = _concat4(tl.where(ok[:, None], g, 0.0), zero, zero, zero)
+        else:
+            gp = tl.zeros([M, 4 * C], dtype=dtype)
+
+        # ---- hidden chunks: gp += gh @ W1^T
+        gp = _gp_chunk(pc, gdx, ones, w1a, ba, wta, w2a, gp, NF, PRECISION)
+        if NCH >= 2:
+            gp = _gp_chunk(pc, gdx, ones, w1b, bb, wtb, w2b, gp, NF, PRECISION)
+        if NCH == 4:
+            gp = _gp_chunk(pc, gdx, ones, w1c, bc, wtc, w2c, gp, NF, PRECISION)
+            gp = _gp_chunk(pc, gdx, ones, w1d, bd, wtd, w2d, gp, NF, PRECISION)
+
+        # ---- perception gradient to scratch, [cell, k, c]
+        kc = tl.arange(0, 4 * C) + lz
+        tl.store(gp_ptr + cell[:, None] * (NF * C) + kc[None, :], gp,
+                 mask=ok[:, None] & (kc < NF * C)[None, :])
+        b, ty, tx = _tile_next(b, ty, tx, step_b, step_y, step_x, tiles_x, tiles_y)
+
+
+@triton.jit
+def _bias_rows_t(b1_ptr, j0, C: tl.constexpr, HC: tl.constexpr):
+    """[C, HC]: b1 in the first row, zeros (the K block of a constant-1 column)."""
+    k = tl.arange(0, C)
+    hh = j0 + tl.arange(0, HC)
+    return tl.where((k == 0)[:, None], tl.load(b1_ptr + hh)[None, :], 0.0)
+
+
+# ------------------------------------------------------------------- transposed stencil helpers
+@triton.jit
+def _gp_taps(gp_ptr, bits, base, y, x, H, W, lz, k: tl.constexpr,
+             C: tl.constexpr, NF: tl.constexpr, CIRCULAR: tl.constexpr):
+    """gp_k of the 9 neighbours [M, C] of every cell, zero where the neighbour does not exist."""
+    cols = tl.arange(0, C) + lz
+    bits = bits[:, None]
+    if CIRCULAR:
+        p = gp_ptr + k * C + cols[None, :]
+        n0, _ = _nb(y, x, -1, -1, H, W, CIRCULAR)
+        n1, _ = _nb(y, x, -1, 0, H, W, CIRCULAR)
+        n2, _ = _nb(y, x, -1, 1, H, W, CIRCULAR)
+        n3, _ = _nb(y, x, 0, -1, H, W, CIRCULAR)
+        n4, _ = _nb(y, x, 0, 0, H, W, CIRCULAR)
+        n5, _ = _nb(y, x, 0, 1, H, W, CIRCULAR)
+        n6, _ = _nb(y, x, 1, -1, H, W, CIRCULAR)
+        n7, _ = _nb(y, x, 1, 0, H, W, CIRCULAR)
+        n8, _ = _nb(y, x, 1, 1, H, W, CIRCULAR)
+        z0 = tl.load(p + (base + n0)[:, None] * (NF * C))
+        z1 = tl.load(p + (base + n1)[:, None] * (NF * C))
+        z2 = tl.load(p + (base + n2)[:, None] * (NF * C))
+        z3 = tl.load(p + (base + n3)[:, None] * (NF * C))
+        z4 = tl.load(p + (base + n4)[:, None] * (NF * C))
+        z5 = tl.load(p + (base + n5)[:, None] * (NF * C))
+        z6 = tl.load(p + (base + n6)[:, None] * (NF * C))
+        z7 = tl.load(p + (base + n7)[:, None] * (NF * C))
+        z8 = tl.load(p + (base + n8)[:, None] * (NF * C))
+    else:
+        p = gp_ptr + (base + y * W + x)[:, None] * (NF * C) + k * C + cols[None, :]
+        pu = p - W * (NF * C)
+        pd = p + W * (NF * C)
+        z0 = tl.load(pu - NF * C, mask=(bits & _tap_bit(0)) != 0, other=0.0)
+        z1 = tl.load(pu, mask=(bits & _tap_bit(1)) != 0, other=0.0)
+        z2 = tl.load(pu + NF * C, mask=(bits & _tap_bit(2)) != 0, other=0.0)
+        z3 = tl.load(p - NF * C, mask=(bits & _tap_bit(3)) != 0, other=0.0)
+        z4 = tl.load(p)
+        z5 = tl.load(p + NF * C, mask=(bits & _tap_bit(5)) != 0, other=0.0)
+        z6 = tl.load(pd - NF * C, mask=(bits & _tap_bit(6)) != 0, other=0.0)
+        z7 = tl.load(pd, mask=(bits & _tap_bit(7)) != 0, other=0.0)
+        z8 = tl.load(pd + NF * C, mask=(bits & _tap_bit(8)) != 0, other=0.0)
+    return z0, z1, z2, z3, z4, z5, z6, z7, z8
+
+
+@triton.jit
+def _transposed(z0, z1, z2, z3, z4, z5, z6, z7, z8, filt_ptr, k: tl.constexpr):
+    """sum_taps f_k[tap] * z[-tap]: the filter flipped (the cell at -tap received tap's weight)."""
+    f = filt_ptr + k * 9
+    return (tl.load(f + 8) * z0 + tl.load(f + 7) * z1 + tl.load(f + 6) * z2
+            + tl.load(f + 5) * z3 + tl.load(f + 4) * z4 + tl.load(f + 3) * z5
+            + tl.load(f + 2) * z6 + tl.load(f + 1) * z7 + tl.load(f + 0) * z8)
+
+
+@triton.jit
+def _input_grad(gp_ptr, cw_ptr, g_ptr, filt_ptr, base, y, x, cell, H, W, lz,
+                C: tl.constexpr, NF: tl.constexpr, BANK: tl.constexpr,
+                CIRCULAR: tl.constexpr):
+    """dL/d r [M, C] of the tile's cells: the transposed stencil of gp, the identity path and
+    the deferred alive mask (cw bit 4: the cell's own keep)."""
+    cl = tl.arange(0, C) + lz
+    bits = _plain_bits(gp_ptr, base, y, x, H, W, 0.0, C, 0, False, CIRCULAR)
+    keep = (tl.load(cw_ptr + cell).to(tl.int32) & 16) != 0
+    if BANK == 0:
+        acc = tl.load(g_ptr + cell[:, None] * C + cl[None, :])
+        for k in tl.static_range(NF):
+            z0, z1, z2, z3, z4, z5, z6, z7, z8 = _gp_taps(gp_ptr, bits, base, y, x, H, W, lz,
+                                                          k, C, NF, CIRCULAR)
+            acc += _transposed(z0, z1, z2, z3, z4, z5, z6, z7, z8, filt_ptr, k)
+    else:
+        # slot 0 holds g + gp_0 (the identity: its centre tap only); 8 x Sobel, flipped
+        acc = tl.load(gp_ptr + cell[:, None] * (NF * C) + cl[None, :])
+        z0, z1, z2, z3, z4, z5, z6, z7, z8 = _gp_taps(gp_ptr, bits, base, y, x, H, W, lz, 1,
+                                                      C, NF, CIRCULAR)
+        acc -= ((z2 - z0) + (z8 - z6)) + 2.0 * (z5 - z3)
+        z0, z1, z2, z3, z4, z5, z6, z7, z8 = _gp_taps(gp_ptr, bits, base, y, x, H, W, lz, 2,
+                                                      C, NF, CIRCULAR)
+        acc -= ((z6 - z0) + (z8 - z2)) + 2.0 * (z7 - z1)
         if NF == 4:
-            gp3 += _mm(gh, tl.trans(w3), PRECISION)
-
-    # ---- perception gradient to scratch
-    offs = cell[:, None] * (NF * C) + cols[None, :]
-    tl.store(gp_ptr + offs, gp0, mask=row_ok[:, None])
-    tl.store(gp_ptr + offs + C, gp1, mask=row_ok[:, None])
-    tl.store(gp_ptr + offs + 2 * C, gp2, mask=row_ok[:, None])
-    if NF == 4:
-        tl.store(gp_ptr + offs + 3 * C, gp3, mask=row_ok[:, None])
+            z0, z1, z2, z3, z4, z5, z6, z7, z8 = _gp_taps(gp_ptr, bits, base, y, x, H, W, lz, 3,
+                                                          C, NF, CIRCULAR)
+            acc += ((z0 + z2) + (z6 + z8)) + 2.0 * ((z1 + z3) + (z5 + z7)) - 12.0 * z4
+    return tl.where(keep[:, None], acc, 0.0)
 
 
+# ------------------------------------------------------------------------ 2. the weight kernel
 @triton.jit
 def _nca_step_bwd_weights_kernel(
-    r_ptr, keep_ptr, g_ptr,             # as in the gp kernel
-    part_ptr,       # [programs, PART] out: this program's partial weight gradients
+    # this step
+    r_ptr,          # [B*H*W, C] the step's stored input state
+    cw_ptr,         # [B*H*W] int16 the step's cell words
+    g_ptr,          # [B*H*W, C] dL/d out of this step: read, or written when NEXT
+    part_ptr,       # [programs, PART] in/out: each program adds its sums to its own row
+    # the next step (NEXT): its perception gradient, cell words, dL/d out (BANK == 0 only)
+    gpn_ptr, cwn_ptr, gn_ptr,
+    # parameters
     w1_ptr, b1_ptr, w2_ptr, filt_ptr,
-    seed, step, fire_threshold,
-    n_cells, n_programs, tiles_per_program, HW, H, W,
-    n_taps,         # 9: a run-time value, so that the compiler keeps the tap loop rolled
+    H, W, tiles_x, tiles_y, n_tiles, step_b, step_y, step_x,
     C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr,
-    BLOCK_M: tl.constexpr, HC: tl.constexpr, HAS_Q: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, BANK: tl.constexpr, NEXT: tl.constexpr,
     CIRCULAR: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
 ):
-    """Program (pid, chunk) walks tiles pid, pid + n_programs, ... and accumulates, in
-    registers, the gradients of hidden units chunk*HC .. +HC: dW1_k[:, chunk], dW2[chunk, :],
-    db1[chunk] (and db2, in chunk 0's programs). PART = F*C*HID + HID*C + HID + C."""
-    pid = tl.program_id(0)
-    H = tl.cast(H, tl.int32)      # one grid fits int32 (configs.MAX_GRID_CELLS)
-    W = tl.cast(W, tl.int32)
-    j0 = tl.program_id(1) * HC
+    """PART = 4C*HID (dW1 as [4C, HID], rows k*C + c; with F = 3 row 3C is db1) + HID*C (dW2^T)
+    + C (db2) + HID (db1 when F = 4). dW1's filter rows carry the scale ``_w1_rows`` folds into
+    W1 for a named bank; the launcher takes it out."""
+    M: tl.constexpr = TH * TW
     cols = tl.arange(0, C)
-    hh = j0 + tl.arange(0, HC)
     dtype = r_ptr.dtype.element_ty
-    w2c = tl.load(w2_ptr + hh[:, None] * C + cols[None, :])
 
-    kc = tl.arange(0, 4 * C)
-    kok = kc < NF * C
-    dw1 = tl.zeros([4 * C, HC], dtype=dtype)
-    dw2 = tl.zeros([HC, C], dtype=dtype)
-    db1 = tl.zeros([HC], dtype=dtype)
-    db2 = tl.zeros([C], dtype=dtype)
+    # ---- parameters, once per program: hidden units as rows
+    w1t = _w1_cols(w1_ptr, b1_ptr, C, HID, NF, BANK).to(dtype)            # [HID, 4C]
+    w2t = tl.load(w2_ptr + tl.arange(0, HID)[:, None] * C + cols[None, :])  # [HID, C]
+    if NF == 4:
+        b1c = tl.where((cols == 0)[None, :], tl.load(b1_ptr + tl.arange(0, HID))[:, None],
+                       0.0).to(dtype)                                       # [HID, C]
+        ones_t = (tl.where((cols == 0)[:, None], 1.0, 0.0)
+                  + tl.zeros([C, M], dtype=tl.float32)).to(dtype)          # [C, M]
+    dw1 = tl.zeros([HID, 4 * C], dtype=dtype)
+    dw2 = tl.zeros([HID, C], dtype=dtype)
+    db1 = tl.zeros([HID], dtype=dtype)
+    db2 = tl.zeros([M, C], dtype=dtype)
 
-    for i in range(0, tiles_per_program):
-        # tiles past the end have no cells in range: every load is masked, nothing accumulates
-        cell, base, y, x, row_ok = _cells(pid + i * n_programs, BLOCK_M, n_cells, HW, W, INT64)
-        p0, p1, p2, p3 = _perceive_rolled(r_ptr, keep_ptr, filt_ptr, base, y, x, row_ok, H, W,
-                                          n_taps, C, NF, HAS_Q, CIRCULAR)
-        fire = _fire(seed, cell, step, fire_threshold, INT64) & row_ok
-        gdx = tl.load(g_ptr + cell[:, None] * C + cols[None, :], mask=fire[:, None], other=0.0)
-        h_pre, _, _, _, _ = _hidden_chunk(p0, p1, p2, p3, w1_ptr, b1_ptr, j0, C, HID, HC, NF,
-                                          PRECISION)
-        h = tl.maximum(h_pre, 0.0).to(dtype)
-        gh = tl.where(h_pre > 0, _mm(gdx, tl.trans(w2c), PRECISION), 0.0).to(dtype)
-        db2 += tl.sum(gdx, axis=0)
-        dw2 += _mm(tl.trans(h), gdx, PRECISION)
-        db1 += tl.sum(gh, axis=0)
-        dw1 += _mm(tl.trans(_concat_filters(p0, p1, p2, p3)), gh, PRECISION)
+    pid = tl.program_id(0)
+    b, ty, tx = _tile_start(pid, tiles_x, tiles_y * tiles_x)
+    for tile in range(pid, n_tiles, tl.num_programs(0)):
+        base, y, x, ok = _tile_cells(b, ty, tx, H, W, TH, TW, INT64)
+        cell = base + y * W + x
+        lz = _loop_zero(tx)
+        cl = tl.arange(0, C) + lz
 
-    # ---- this program's partial sums, written once into its own slot
-    part = part_ptr + pid.to(tl.int64) * (NF * C * HID + HID * C + HID + C)
-    tl.store(part + kc[:, None] * HID + hh[None, :], dw1, mask=kok[:, None])
-    part = part + NF * C * HID
-    tl.store(part + hh[:, None] * C + cols[None, :], dw2)
-    part = part + HID * C
-    tl.store(part + hh, db1)
-    if j0 == 0:
-        tl.store(part + HID + cols, db2)
+        # ---- dL/d out of this step: the next step's input gradient, or given
+        if NEXT:
+            g = _input_grad(gpn_ptr, cwn_ptr, gn_ptr, filt_ptr, base, y, x, cell, H, W, lz,
+                            C, NF, BANK, CIRCULAR)
+            tl.store(g_ptr + cell[:, None] * C + cl[None, :], g.to(g_ptr.dtype.element_ty),
+                     mask=ok[:, None])
+        else:
+            g = tl.load(g_ptr + cell[:, None] * C + cl[None, :])
+        cw = tl.load(cw_ptr + cell).to(tl.int32)
+        gdx = tl.where(((cw & 512) != 0)[:, None] & ok[:, None], g, 0.0).to(dtype)
+        db2 += gdx
+
+        # ---- the forward's perception again
+        v0, v1, v2, v3, v4, v5, v6, v7, v8 = _load_taps(r_ptr, cw, base, y, x, H, W, lz, C,
+                                                        CIRCULAR, True)
+        p0, p1, p2, p3 = _bank(v0, v1, v2, v3, v4, v5, v6, v7, v8, filt_ptr, NF, BANK)
+        if NF == 3:
+            p3 = tl.where((cl[None, :] == 0) & (cw >= 0)[:, None], 1.0, 0.0).to(dtype)
+        pc = _concat4(p0, p1, p2, p3)
+
+        # ---- hidden units as rows: h^T = W1^T p^T, gh^T = (W2^T gdx^T) * (h_pre > 0)
+        hp = _mm(w1t, tl.trans(pc), tl.zeros([HID, M], dtype=dtype), PRECISION)
+        if NF == 4:
+            hp = _mm(b1c, ones_t, hp, PRECISION)
+        live = hp > 0
+        gh = tl.where(live, _mm(w2t, tl.trans(gdx), tl.zeros_like(hp), PRECISION), 0.0)
+        # the cells are the K of the weight-gradient dots: gh^T and h^T are their register
+        # operands as they are (the K order of _as_k_operand), the rows of p and gdx follow it
+        dw1 = _mm(_as_k_operand(gh, PRECISION), _k_rows(pc, PRECISION), dw1, PRECISION)
+        dw2 = _mm(_as_k_operand(tl.where(live, hp, 0.0), PRECISION), _k_rows(gdx, PRECISION),
+                  dw2, PRECISION)
+        if NF == 4:
+            db1 += tl.sum(gh, axis=1)
+        b, ty, tx = _tile_next(b, ty, tx, step_b, step_y, step_x, tiles_x, tiles_y)
+
+    # ---- this program's sums, added to its own row
+    part = part_ptr + pid.to(tl.int64) * (4 * C * HID + HID * C + C + HID)
+    hh = tl.arange(0, HID)
+    kk = tl.arange(0, 4 * C)
+    p = part + kk[None, :] * HID + hh[:, None]
+    tl.store(p, tl.load(p) + dw1)
+    p = part + 4 * C * HID + hh[:, None] * C + cols[None, :]
+    tl.store(p, tl.load(p) + dw2)
+    p = part + 4 * C * HID + HID * C + cols
+    tl.store(p, tl.load(p) + tl.sum(db2, axis=0))
+    if NF == 4:
+        p = part + 4 * C * HID + HID * C + C + hh
+        tl.store(p, tl.load(p) + db1)
 
 
-@triton.jit
-def _transposed_tap(acc, gp_ptr, filt_ptr, base, y, x, row_ok, tap, H, W,
-                    C: tl.constexpr, NF: tl.constexpr, CIRCULAR: tl.constexpr):
-    """acc + sum_k f_k[tap] * gp_k of the cell that reached each cell through ``tap``."""
-    cols = tl.arange(0, C)
-    sy, sx, ok = _neighbour(y, x, 1 - tap // 3, 1 - tap % 3, H, W, CIRCULAR)
-    ok = ok & row_ok
-    src = (base + sy * W + sx)[:, None] * (NF * C) + cols[None, :]
-    for k in tl.static_range(NF):
-        gp = tl.load(gp_ptr + src + k * C, mask=ok[:, None], other=0.0)
-        acc += tl.load(filt_ptr + k * 9 + tap) * gp
-    return acc
-
-
+# ------------------------------------------------------------------------- 3. the input kernel
 @triton.jit
 def _nca_step_bwd_input_kernel(
-    keep_ptr,       # [B*H*W] uint8 the deferred alive mask of the input (HAS_Q)
-    g_ptr,          # [B*H*W, C] dL/d out (the identity path)
-    gp_ptr,         # [B*H*W, F, C] perception gradient from kernel 1
+    gp_ptr,         # [B*H*W, F, C] perception gradient from _nca_step_bwd_gp_kernel
+    cw_ptr,         # [B*H*W] int16 the step's cell words (bit 4: the cell's own deferred mask)
+    g_ptr,          # [B*H*W, C] dL/d out (read only for a bank given as data, BANK == 0)
     gr_ptr,         # [B*H*W, C] out: dL/d r
-    filt_ptr,       # [F, 9]
-    n_cells, HW, H, W,
-    C: tl.constexpr, NF: tl.constexpr, BLOCK_M: tl.constexpr,
-    HAS_Q: tl.constexpr, CIRCULAR: tl.constexpr, INT64: tl.constexpr,
-    UNROLL: tl.constexpr,     # taps unrolled (constexpr offsets) or in a loop (configs.py)
+    filt_ptr,       # [F, 9] (BANK == 0)
+    H, W, tiles_x, tiles_y, n_tiles, step_b, step_y, step_x,
+    C: tl.constexpr, NF: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    BANK: tl.constexpr, CIRCULAR: tl.constexpr, INT64: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    H = tl.cast(H, tl.int32)      # one grid fits int32 (configs.MAX_GRID_CELLS)
-    W = tl.cast(W, tl.int32)
-    cell, base, y, x, row_ok = _cells(pid, BLOCK_M, n_cells, HW, W, INT64)
-    cols = tl.arange(0, C)
-    acc = tl.load(g_ptr + cell[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.0)
-
-    # ---- transposed stencil: cell j received f_k[tap] * x[j] from the cell j - tap
-    if UNROLL:
-        for tap in tl.static_range(9):
-            acc = _transposed_tap(acc, gp_ptr, filt_ptr, base, y, x, row_ok, tap, H, W, C, NF,
-                                  CIRCULAR)
-    else:
-        for tap in range(9):
-            acc = _transposed_tap(acc, gp_ptr, filt_ptr, base, y, x, row_ok, tap, H, W, C, NF,
-                                  CIRCULAR)
-
-    # ---- the deferred alive mask the forward applied on load
-    if HAS_Q:
-        keep = tl.load(keep_ptr + cell, mask=row_ok, other=0) != 0
-        acc = tl.where(keep[:, None], acc, 0.0)
-    tl.store(gr_ptr + cell[:, None] * C + cols[None, :], acc.to(gr_ptr.dtype.element_ty),
-             mask=row_ok[:, None])
+    b, ty, tx = _tile_start(pid, tiles_x, tiles_y * tiles_x)
+    for tile in range(pid, n_tiles, tl.num_programs(0)):
+        base, y, x, ok = _tile_cells(b, ty, tx, H, W, TH, TW, INT64)
+        cell = base + y * W + x
+        lz = _loop_zero(tx)
+        acc = _input_grad(gp_ptr, cw_ptr, g_ptr, filt_ptr, base, y, x, cell, H, W, lz,
+                          C, NF, BANK, CIRCULAR)
+        cl = tl.arange(0, C) + lz
+        tl.store(gr_ptr + cell[:, None] * C + cl[None, :], acc.to(gr_ptr.dtype.element_ty),
+                 mask=ok[:, None])
+        b, ty, tx = _tile_next(b, ty, tx, step_b, step_y, step_x, tiles_x, tiles_y)
 
 
-@triton.jit
-def _nca_step_bwd_keep_kernel(
-    r_ptr,          # [B*H*W, C] stored input state of the step
-    q_ptr,          # [B*H*W] uint8 pending pre-mask bits
-    keep_ptr,       # [B*H*W] uint8 out: the deferred alive mask, q and any(alpha > thr on 3x3)
-    thr, n_cells, HW, H, W,
-    C: tl.constexpr, ALPHA: tl.constexpr, BLOCK_M: tl.constexpr,
-    CIRCULAR: tl.constexpr, INT64: tl.constexpr,
-):
-    """keep[i] = q[i] and any(r_alpha > thr on the 3x3 around i): the mask ``step_fwd`` applied
-    to each cell of its input on load, computed once per cell for the three kernels above
-    (which would each gather a 5x5 alpha window per cell, the weight kernel once per chunk)."""
-    pid = tl.program_id(0)
-    H = tl.cast(H, tl.int32)      # one grid fits int32 (configs.MAX_GRID_CELLS)
-    W = tl.cast(W, tl.int32)
-    cell, base, y, x, row_ok = _cells(pid, BLOCK_M, n_cells, HW, W, INT64)
-    hot = _alpha_hot(r_ptr, base, y, x, row_ok, H, W, thr, C, ALPHA, CIRCULAR, 1)
-    keep = (tl.load(q_ptr + cell, mask=row_ok, other=0) != 0) & _post_alive(hot, 0, 0)
-    tl.store(keep_ptr + cell, keep.to(tl.uint8), mask=row_ok)
+# --------------------------------------------------------------------------------- launchers
+def part_size(C: int, HID: int) -> int:
+    """Floats per program in the weight-gradient buffer of ``nca_step_bwd``."""
+    return 4 * C * HID + HID * C + C + HID
+
+
+def weight_grads(parts: torch.Tensor, C: int, HID: int, F_: int, bank: int):
+    """(dw1k [F, C, HID], db1 [HID], dw2t [HID, C], db2 [C]) from a [programs, PART] buffer,
+    summed over programs in a fixed order, the scale ``_w1_rows`` folds into W1 taken out."""
+    total = parts.sum(0)
+    dw1 = total[:4 * C * HID].view(4 * C, HID)
+    o = 4 * C * HID
+    dw2t = total[o:o + HID * C].view(HID, C).clone()
+    db2 = total[o + HID * C:o + HID * C + C].clone()
+    db1 = dw1[3 * C].clone() if F_ == 3 else total[o + HID * C + C:].clone()
+    dw1k = dw1[:F_ * C].view(F_, C, HID).clone()
+    if bank != 0:
+        dw1k[1:3] *= 0.125
+        if bank == 3:
+            dw1k[3] *= 0.0625
+    return dw1k, db1, dw2t, db2
+
+
+def new_parts(B: int, H: int, W: int, C: int, HID: int, F_: int, device, precision: str,
+              dtype=torch.float32) -> torch.Tensor:
+    """A zeroed weight-gradient buffer for ``nca_step_bwd`` (one row per program)."""
+    cfg = configs.select_weights(B * H * W, C, HID, F_, device, precision)
+    programs, *_ = persistent_grid(B, H, W, cfg)
+    return torch.zeros((programs, part_size(C, HID)), dtype=dtype, device=device)
+
+
+def cell_words(r, q, w1k, b1, w2t, b2, filters, **kw) -> torch.Tensor:
+    """The int16 [B, H, W] cell words of a step (as ``nca_step_fwd(cw_out=)`` saves them),
+    by running the step: for callers of ``nca_step_bwd`` that did not keep them."""
+    B, H, W, _ = r.shape
+    cw = torch.empty((B, H, W), dtype=torch.int16, device=r.device)
+    nca_step_fwd(r, q, w1k, b1, w2t, b2, filters, cw_out=cw, **kw)
+    return cw
+
+
+def _check_cw(cw, B, H, W):
+    if tuple(cw.shape) != (B, H, W) or cw.dtype != torch.int16:
+        raise ValueError(f"cw: expected int16 [B, H, W] = {(B, H, W)} cell words, got "
+                         f"{cw.dtype} {tuple(cw.shape)}")
+
+
+def bwd_gp(r, cw, g, w1k, b1, w2t, filters, *, circular: bool, precision: str, bank: int,
+           gp=None):
+    """Kernel 1: the perception gradient of a step, [B*H*W, F, C] (slot 0 + g, named banks)."""
+    B, H, W, C = r.shape
+    F_, _, HID = w1k.shape
+    cfg = configs.select_backward(B * H * W, C, HID, F_, r.device, precision)
+    programs, *sizes = persistent_grid(B, H, W, cfg)
+    gp = torch.empty((B * H * W, F_, C), dtype=r.dtype, device=r.device) if gp is None else gp
+    _nca_step_bwd_gp_kernel[(programs,)](
+        r, cw, g, gp, w1k, b1, w2t, filters,
+        H, W, *sizes,
+        C=C, HID=HID, NF=F_, TH=cfg.tile_h, TW=cfg.tile_w, HC=cfg.hidden_chunk, BANK=bank,
+        CIRCULAR=circular, PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
+    return gp
+
+
+def bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, *, circular: bool, precision: str,
+                bank: int, next_step=None):
+    """Kernel 2: add a step's weight gradients to ``parts``. next_step = (gp, cw, g) of the
+    following step: then this step's g is computed from them (and written into ``g``) first."""
+    B, H, W, C = r.shape
+    F_, _, HID = w1k.shape
+    cfg = configs.select_weights(B * H * W, C, HID, F_, r.device, precision)
+    programs, *sizes = persistent_grid(B, H, W, cfg)
+    if tuple(parts.shape) != (programs, part_size(C, HID)) or parts.dtype != r.dtype:
+        raise ValueError(f"parts: expected a {r.dtype} [{programs}, {part_size(C, HID)}] buffer "
+                         f"(new_parts), got {parts.dtype} {tuple(parts.shape)}")
+    gpn, cwn, gn = next_step if next_step is not None else (g, cw, g)
+    _nca_step_bwd_weights_kernel[(programs,)](
+        r, cw, g, parts, gpn, cwn, gn, w1k, b1, w2t, filters,
+        H, W, *sizes,
+        C=C, HID=HID, NF=F_, TH=cfg.tile_h, TW=cfg.tile_w, BANK=bank,
+        NEXT=next_step is not None, CIRCULAR=circular,
+        PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
+
+
+def bwd_input(gp, cw, g, filters, shape, *, circular: bool, bank: int, grad_r=None):
+    """Kernel 3: dL/d r of a step from its perception gradient (the transposed stencil)."""
+    B, H, W, C = shape
+    F_ = gp.shape[1]
+    cfg = configs.select_transpose(B * H * W, C, F_, gp.device)
+    programs, *sizes = persistent_grid(B, H, W, cfg)
+    grad_r = torch.empty(shape, dtype=gp.dtype, device=gp.device) if grad_r is None else grad_r
+    _nca_step_bwd_input_kernel[(programs,)](
+        gp, cw, g, grad_r, filters,
+        H, W, *sizes,
+        C=C, NF=F_, TH=cfg.tile_h, TW=cfg.tile_w, BANK=bank, CIRCULAR=circular,
+        INT64=cfg.int64, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        maxnreg=cfg.maxnreg)
+    return grad_r
 
 
 def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters, *, seed: int,
                  step: int, fire_threshold: int, alive_threshold, alpha_channel: int,
-                 circular: bool, precision: str, grad_r=None):
-    """Gradients of one step_fwd call. r, g: [B, H, W, C]; q: [B, H, W] uint8 or None.
+                 circular: bool, precision: str, bank: int = 0, cw=None, grad_r=None):
+    """Gradients of one step_fwd call, all three kernels. r, g: [B, H, W, C]; q: the input's
+    hq plane (or an unpadded [B, H, W] pre-mask) or None. cw: the step's int16 cell words from
+    ``nca_step_fwd(cw_out=)`` (computed here when None).
 
-    Returns (grad_r [B, H, W, C], dw1k [F, C, HID], db1 [HID], dw2t [HID, C], db2 [C]), the
-    weight gradients in the kernels' layouts (see step_fwd), summed over the programs' partials
-    in a fixed order.
+    Returns (grad_r [B, H, W, C], dw1k [F, C, HID], db1 [HID], dw2t [HID, C], db2 [C]). A rollout
+    calls the kernels itself (``bwd_gp``, ``bwd_weights``, ``bwd_input``) to chain the steps.
     """
     B, H, W, C, HID, F_ = check_shapes(r, w1k, b1, w2t, b2, filters)
     if tuple(g.shape) != (B, H, W, C) or g.dtype != r.dtype or g.device != r.device:
@@ -253,52 +507,17 @@ def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters,
     if alive_threshold is None and q is not None:
         raise ValueError("q: pre-mask bits given but alive masking is off")
     r, g = r.contiguous(), g.contiguous()
-    n = B * H * W
-    gcfg = configs.select_backward(n, C, HID, F_, r.device, precision)
-    wcfg = configs.select_weights(n, C, HID, F_, r.device, precision)
-    tcfg = configs.select_transpose(n, C, F_)
-    part_size = F_ * C * HID + HID * C + HID + C
-    parts = torch.empty((wcfg.programs, part_size), dtype=r.dtype, device=r.device)
-    gp = torch.empty((n, F_, C), dtype=r.dtype, device=r.device)
-    w1k, b1, w2t, filters = w1k.contiguous(), b1.contiguous(), w2t.contiguous(), filters.contiguous()
-    keep = r                           # any pointer: unread without pending bits
-    if q is not None:
-        keep = torch.empty_like(q)
-        kcfg = configs.select_keep(n, C)
-        _nca_step_bwd_keep_kernel[(configs.n_tiles(B, H * W, kcfg.block_m),)](
-            r, q, keep, float(alive_threshold), n, H * W, H, W,
-            C=C, ALPHA=alpha_channel, BLOCK_M=kcfg.block_m, CIRCULAR=circular,
-            INT64=kcfg.int64, num_warps=kcfg.num_warps, num_stages=kcfg.num_stages,
-            maxnreg=kcfg.maxnreg)
-    common = dict(C=C, HID=HID, NF=F_, HAS_Q=q is not None, CIRCULAR=circular,
-                  PRECISION=configs.PRECISION_CODES[precision])
-    _nca_step_bwd_gp_kernel[(configs.n_tiles(B, H * W, gcfg.block_m),)](
-        r, keep, g, gp, w1k, b1, w2t, filters,
-        seed, step, fire_threshold, n, H * W, H, W,
-        BLOCK_M=gcfg.block_m, HC=gcfg.hidden_chunk, INT64=gcfg.int64,
-        num_warps=gcfg.num_warps, num_stages=gcfg.num_stages, maxnreg=gcfg.maxnreg, **common)
-    w_tiles = configs.n_tiles(B, H * W, wcfg.block_m)
-    _nca_step_bwd_weights_kernel[(wcfg.programs, HID // wcfg.hidden_chunk)](
-        r, keep, g, parts, w1k, b1, w2t, filters,
-        seed, step, fire_threshold,
-        n, wcfg.programs, triton.cdiv(w_tiles, wcfg.programs), H * W, H, W, 9,
-        BLOCK_M=wcfg.block_m, HC=wcfg.hidden_chunk, INT64=wcfg.int64,
-        num_warps=wcfg.num_warps, num_stages=wcfg.num_stages, maxnreg=wcfg.maxnreg, **common)
-    grad_r = torch.empty_like(r) if grad_r is None else grad_r
-    _nca_step_bwd_input_kernel[(configs.n_tiles(B, H * W, tcfg.block_m),)](
-        keep, g, gp, grad_r, filters,
-        n, H * W, H, W,
-        C=C, NF=F_, BLOCK_M=tcfg.block_m,
-        HAS_Q=q is not None, CIRCULAR=circular, INT64=tcfg.int64 or gcfg.int64,
-        UNROLL=tcfg.unroll_taps,
-        num_warps=tcfg.num_warps, num_stages=tcfg.num_stages, maxnreg=tcfg.maxnreg,
-    )
-    total = parts.sum(0)
-    o = 0
-    dw1k = total[o:o + F_ * C * HID].view(F_, C, HID)
-    o += F_ * C * HID
-    dw2t = total[o:o + HID * C].view(HID, C)
-    o += HID * C
-    db1 = total[o:o + HID]
-    db2 = total[o + HID:o + HID + C]
-    return grad_r, dw1k, db1, dw2t, db2
+    w1k, b1, w2t, b2, filters = (t.contiguous() for t in (w1k, b1, w2t, b2, filters))
+    if cw is None:
+        cw = cell_words(r, q, w1k, b1, w2t, b2, filters, seed=seed, step=step,
+                        fire_threshold=fire_threshold, alive_threshold=alive_threshold,
+                        alpha_channel=alpha_channel, circular=circular, precision=precision,
+                        bank=bank)
+    _check_cw(cw, B, H, W)
+    kw = dict(circular=circular, precision=precision, bank=bank)
+    parts = new_parts(B, H, W, C, HID, F_, r.device, precision, r.dtype)
+    gp = bwd_gp(r, cw, g, w1k, b1, w2t, filters, **kw)
+    bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, **kw)
+    grad_r = bwd_input(gp, cw, g, filters, (B, H, W, C), circular=circular, bank=bank,
+                       grad_r=grad_r)
+    return (grad_r, *weight_grads(parts, C, HID, F_, bank))

@@ -1,28 +1,26 @@
-"""Forward of one NCA step, fused: one read of the state, one write.
+"""Forward of one NCA step, fused: one read of the state, one write (v2, persistent 2-D tiles).
 
-Maths (shared/docs/NCA_SPEC.md), per cell i of a channels-last state ``r [B*H*W, C]``:
+Maths (docs in nca_fast), per cell i of a channels-last state ``r [B*H*W, C]``:
 
-    x[n]   = r[n] * keep[n]            keep[n] = q[n] and any(r_alpha > thr on 3x3 around n)
+    x[n]   = r[n] * keep[n]        keep[n] = q[n] and any(r_alpha > thr on the 3x3 around n)
     p_k[i] = sum_taps f_k[tap] * x[i + tap]                                (k < F filters)
     h      = relu(sum_k p_k[i] @ W1_k + b1)                                W1_k: [C, hidden]
     dx     = h @ W2 + b2                                                   W2:   [hidden, C]
     out[i] = x[i] + dx * fire(seed, i, step)
-    q_out[i] = pre[i] = any(x_alpha > thr on 3x3 around i)
+    hq_out[i] = pre[i] | (out_alpha[i] > thr) << 1,   pre[i] = any(x_alpha > thr on the 3x3)
 
-The post-update alive mask needs the *updated* alpha of the 8 neighbours, which another program
-computes. It is deferred instead of recomputed on a halo: a step stores its raw update ``out``
-with the pre-mask bit ``q_out``, and the next step (or the rollout's final masking) applies
-``keep`` when it loads. With ``HAS_Q`` off (the first step of a rollout, or alive masking off)
-the input is already a true state and keep is 1.
+The post-update alive mask needs the updated alpha of the 8 neighbours, which other programs
+compute: it is deferred. A step stores its raw update ``out`` and one byte per cell, ``hq``: bit
+0 the pre-update mask ``q`` still owed, bit 1 ``hot`` = raw alpha above the threshold. The next
+step reads the hq bytes of the 5x5 window around each cell and derives from them, once per cell,
+a word of bits: which of the 9 neighbours exist and are kept, its own pre-update mask (a kept
+neighbour with alpha above the threshold is exactly ``q and hot`` there), and whether it fires.
 
-Grid: one program per tile of BLOCK_M consecutive cells of one grid (row-major over H, W; a
-grid's last tile is partial, tiles never straddle two grids, so a cell's row and column come
-from an int32 position without a per-cell division by H*W). The dense layers run on tensor
-cores, walking hidden in chunks of HC units: per chunk F dots with K = C, then one with K = HC
-accumulating dx, so only [BLOCK_M, HC] activations are live (no spills at hidden 256). Nothing
-is stored for backward: ``step_bwd`` recomputes all of this from ``r`` and ``q``.
-Limits: C in {16, 32}, hidden in {32, 64, 128, 256}, F in {3, 4}; one grid below 2**31 - 8192
-cells (configs.py).
+Grid: persistent programs walk tiles of TH x TW cells of one grid; the weights are loaded once
+per program. Per tile: the cell words in a one-cell-per-thread layout (the 25 window bytes, one
+Philox call per cell), the 9 neighbour rows as masked loads, the filter bank (constexpr for the
+named banks: the Sobel taps' zeros skipped), two dense layers on tensor cores (the bias of the
+first folded into its K as a constant-1 column), the update, the store.
 """
 from __future__ import annotations
 
@@ -31,65 +29,99 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._math import _alpha_hot, _cells, _fire, _hidden_chunk, _mm, _perceive, _post_alive
+from ._tile import (_bank, _bias_rows, _concat4, _fire_bit, _hq_index, _load_taps, _loop_zero, _mlp_chunk,
+                    _pack_cw, _plain_bits, _tile_cells, _tile_next, _tile_start, _w1_rows, _w2_rows,
+                    _window_bits)
 
 
 @triton.jit
 def _nca_step_fwd_kernel(
     # state
     r_ptr,          # [B*H*W, C] stored state (raw update of the previous step, or a true state)
-    q_ptr,          # [B*H*W] uint8 pre-mask bits the stored state still owes (HAS_Q)
+    hq_ptr,         # [B, H+4, W+4] uint8 hq bytes of r (HAS_Q): bit 0 pending pre-mask, 1 hot
     out_ptr,        # [B*H*W, C] this step's raw update
-    q_out_ptr,      # [B*H*W] uint8 this step's pre-mask bits (ALIVE)
+    hq_out_ptr,     # [B, H+4, W+4] uint8 this step's hq bytes (ALIVE; the border stays zero)
+    cw_out_ptr,     # [B*H*W] int16 the cells' words for the backward (SAVE_CW): taps, fire
     # parameters
     w1_ptr,         # [F, C, HID]  W1_k[c, j] = w1[j, c*F + k]
     b1_ptr,         # [HID]
     w2_ptr,         # [HID, C]     transpose of w2
     b2_ptr,         # [C]
-    filt_ptr,       # [F, 9] filter taps, row-major 3x3
+    filt_ptr,       # [F, 9] filter taps, row-major 3x3 (read when BANK == 0)
     # step
     seed, step, fire_threshold, thr,
-    # sizes
-    n_cells, HW, H, W,
+    # sizes: tiles of TH x TW cells, tiles_y x tiles_x per grid; the persistent programs step
+    # num_programs = step_b * tiles_y * tiles_x + step_y * tiles_x + step_x tiles at a time
+    H, W, tiles_x, tiles_y, n_tiles, step_b, step_y, step_x,
     C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr, ALPHA: tl.constexpr,
-    BLOCK_M: tl.constexpr, HC: tl.constexpr, HAS_Q: tl.constexpr, ALIVE: tl.constexpr,
-    CIRCULAR: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, HC: tl.constexpr, BANK: tl.constexpr,
+    HAS_Q: tl.constexpr, ALIVE: tl.constexpr, CIRCULAR: tl.constexpr, PRECISION: tl.constexpr,
+    INT64: tl.constexpr, SAVE_CW: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    H = tl.cast(H, tl.int32)      # one grid fits int32 (configs.MAX_GRID_CELLS)
-    W = tl.cast(W, tl.int32)
-    cell, base, y, x, row_ok = _cells(pid, BLOCK_M, n_cells, HW, W, INT64)
+    M: tl.constexpr = TH * TW
+    NCH: tl.constexpr = HID // HC
     cols = tl.arange(0, C)
+    dtype = r_ptr.dtype.element_ty
+    # ---- parameters, once per program (up to 4 hidden chunks)
+    ones = (tl.where(cols[None, :] == 0, 1.0, 0.0) + tl.zeros([M, C], dtype=tl.float32)).to(dtype)
+    w1a = _w1_rows(w1_ptr, b1_ptr, 0, C, HID, HC, NF, BANK).to(dtype)
+    ba = _bias_rows(b1_ptr, 0, C, HC).to(dtype)
+    w2a = _w2_rows(w2_ptr, 0, C, HC, PRECISION)
+    if NCH >= 2:
+        w1b = _w1_rows(w1_ptr, b1_ptr, HC, C, HID, HC, NF, BANK).to(dtype)
+        bb = _bias_rows(b1_ptr, HC, C, HC).to(dtype)
+        w2b = _w2_rows(w2_ptr, HC, C, HC, PRECISION)
+    if NCH == 4:
+        w1c = _w1_rows(w1_ptr, b1_ptr, 2 * HC, C, HID, HC, NF, BANK).to(dtype)
+        bc = _bias_rows(b1_ptr, 2 * HC, C, HC).to(dtype)
+        w2c = _w2_rows(w2_ptr, 2 * HC, C, HC, PRECISION)
+        w1d = _w1_rows(w1_ptr, b1_ptr, 3 * HC, C, HID, HC, NF, BANK).to(dtype)
+        bd = _bias_rows(b1_ptr, 3 * HC, C, HC).to(dtype)
+        w2d = _w2_rows(w2_ptr, 3 * HC, C, HC, PRECISION)
+    b2 = tl.load(b2_ptr + cols)
 
-    # ---- load neighbourhood, perceive
-    hot = row_ok
-    if HAS_Q:
-        hot = _alpha_hot(r_ptr, base, y, x, row_ok, H, W, thr, C, ALPHA, CIRCULAR, 2)
-    p0, p1, p2, p3, pre = _perceive(r_ptr, q_ptr, hot, filt_ptr, base, y, x, row_ok, H, W, thr,
-                                    C, NF, ALPHA, HAS_Q, False, ALIVE, CIRCULAR)
+    pid = tl.program_id(0)
+    b, ty, tx = _tile_start(pid, tiles_x, tiles_y * tiles_x)
+    for tile in range(pid, n_tiles, tl.num_programs(0)):
+        base, y, x, ok = _tile_cells(b, ty, tx, H, W, TH, TW, INT64)
+        cell = base + y * W + x
 
-    # ---- dense layers, chunked over hidden: h = relu(sum_k p_k W1_k + b1), dx = h W2 + b2
-    dx = tl.zeros([BLOCK_M, C], dtype=p0.dtype)
-    for j0 in range(0, HID, HC):
-        h, _, _, _, _ = _hidden_chunk(p0, p1, p2, p3, w1_ptr, b1_ptr, j0, C, HID, HC, NF,
-                                      PRECISION)
-        h = tl.maximum(h, 0.0).to(p0.dtype)
-        hh = j0 + tl.arange(0, HC)
-        dx += _mm(h, tl.load(w2_ptr + hh[:, None] * C + cols[None, :]), PRECISION)
-    dx += tl.load(b2_ptr + cols)[None, :]
+        # ---- per-cell word: neighbours kept, pre-update mask (bit 0), fire (bit 1)
+        if HAS_Q:
+            cw = _window_bits(hq_ptr, b, y, x, H, W, CIRCULAR, INT64)
+        else:
+            cw = _plain_bits(r_ptr, base, y, x, H, W, thr, C, ALPHA, ALIVE, CIRCULAR)
+        cw |= _fire_bit(seed, cell, step, fire_threshold, INT64) << 1
+        if SAVE_CW:
+            tl.store(cw_out_ptr + cell, _pack_cw(cw).to(tl.int16), mask=ok)
 
-    # ---- stochastic update, store. The cell's own true state is read again (an L1 hit) rather
-    # than held in registers across the dense layers.
-    center = tl.load(r_ptr + cell[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.0)
-    if HAS_Q:
-        keep = (tl.load(q_ptr + cell, mask=row_ok, other=0) != 0) & _post_alive(hot, 0, 0)
-        center = tl.where(keep[:, None], center, 0.0)
-    fire = _fire(seed, cell, step, fire_threshold, INT64)
-    out = center + tl.where(fire[:, None], dx, 0.0)
-    tl.store(out_ptr + cell[:, None] * C + cols[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None])
-    if ALIVE:
-        tl.store(q_out_ptr + cell, pre.to(tl.uint8), mask=row_ok)
+        # ---- neighbourhood and perception: [M, 4C], a constant-1 column after F = 3 filters
+        lz = _loop_zero(tx)
+        v0, v1, v2, v3, v4, v5, v6, v7, v8 = _load_taps(r_ptr, cw, base, y, x, H, W, lz, C,
+                                                        CIRCULAR)
+        p0, p1, p2, p3 = _bank(v0, v1, v2, v3, v4, v5, v6, v7, v8, filt_ptr, NF, BANK)
+        if NF == 3:
+            p3 = (tl.where(cols[None, :] == 0, 1.0, 0.0) + tl.zeros_like(p3)).to(dtype)
+        pc = _concat4(p0, p1, p2, p3)
+
+        # ---- dense layers on tensor cores, hidden in chunks of HC
+        dx = _mlp_chunk(pc, ones, w1a, ba, w2a, tl.zeros([M, C], dtype=dtype), NF, PRECISION)
+        if NCH >= 2:
+            dx = _mlp_chunk(pc, ones, w1b, bb, w2b, dx, NF, PRECISION)
+        if NCH == 4:
+            dx = _mlp_chunk(pc, ones, w1c, bc, w2c, dx, NF, PRECISION)
+            dx = _mlp_chunk(pc, ones, w1d, bd, w2d, dx, NF, PRECISION)
+        dx += b2[None, :]
+
+        # ---- stochastic update, store
+        out = v4 + tl.where((cw & 2)[:, None] != 0, dx, 0.0)
+        tl.store(out_ptr + cell[:, None] * C + cols[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=ok[:, None])
+        if ALIVE:
+            a = tl.sum(tl.where(cols[None, :] == ALPHA, out, 0.0), axis=1)
+            hq = (cw & 1) | ((a > thr).to(tl.int32) << 1)
+            tl.store(hq_out_ptr + _hq_index(b, y, x, H, W, INT64), hq.to(tl.uint8), mask=ok)
+        b, ty, tx = _tile_next(b, ty, tx, step_b, step_y, step_x, tiles_x, tiles_y)
 
 
 def check_shapes(r, w1k, b1, w2t, b2, filters):
@@ -127,39 +159,72 @@ def check_shapes(r, w1k, b1, w2t, b2, filters):
     return B, H, W, C, HID, F_
 
 
+def hq_plane(B: int, H: int, W: int, device, n: int = 0) -> torch.Tensor:
+    """A zeroed hq plane [B, H + 4, W + 4] (or [n, B, H + 4, W + 4] when n > 0): the border must
+    be zero and stays so (the kernels write only the interior)."""
+    shape = (B, H + 4, W + 4) if n == 0 else (n, B, H + 4, W + 4)
+    return torch.zeros(shape, dtype=torch.uint8, device=device)
+
+
+def as_hq_plane(r: torch.Tensor, q: torch.Tensor, thr: float, alpha: int) -> torch.Tensor:
+    """The hq plane of a stored state r [B, H, W, C] that owes the pre-mask bits q [B, H, W]."""
+    B, H, W, _ = r.shape
+    plane = hq_plane(B, H, W, r.device)
+    plane[:, 2:-2, 2:-2] = (q != 0).to(torch.uint8) | ((r[..., alpha] > thr).to(torch.uint8) << 1)
+    return plane
+
+
+def persistent_grid(B: int, H: int, W: int, cfg):
+    """(programs, tiles_x, tiles_y, n_tiles, step_b, step_y, step_x) of a persistent launch."""
+    tiles_x = triton.cdiv(W, cfg.tile_w)
+    tiles_y = triton.cdiv(H, cfg.tile_h)
+    n_tiles = B * tiles_x * tiles_y
+    programs = max(1, min(n_tiles, cfg.programs))
+    step_b, rest = divmod(programs, tiles_x * tiles_y)
+    step_y, step_x = divmod(rest, tiles_x)
+    return programs, tiles_x, tiles_y, n_tiles, step_b, step_y, step_x
+
+
 def nca_step_fwd(r: torch.Tensor, q, w1k, b1, w2t, b2, filters, *, seed: int, step: int,
                  fire_threshold: int, alive_threshold, alpha_channel: int, circular: bool,
-                 precision: str, out=None, q_out=None):
-    """One fused step. r: [B, H, W, C] (made contiguous); q: [B, H, W] uint8 or None.
+                 precision: str, bank: int = 0, out=None, q_out=None, cw_out=None):
+    """One fused step. r: [B, H, W, C] (made contiguous); q: the hq plane of r
+    ([B, H + 4, W + 4] uint8, ``hq_plane``) or None for a state that owes no mask.
 
-    Returns (out [B, H, W, C], q_out [B, H, W] uint8, or None when alive masking is off).
-    ``out`` / ``q_out`` may be given (e.g. slices of a rollout's storage) to avoid allocation.
+    Returns (out [B, H, W, C], q_out: this step's hq plane, or None when alive masking is off).
+    ``out`` / ``q_out`` may be given (e.g. slices of a rollout's storage; a given q_out's
+    border must be zero). ``cw_out``: an int16 [B, H, W] tensor that receives the cells' words
+    for ``nca_step_bwd`` (which neighbours the step kept, which cells fired).
     """
     B, H, W, C, HID, F_ = check_shapes(r, w1k, b1, w2t, b2, filters)
     r = r.contiguous()
     alive = alive_threshold is not None
     if q is not None and not alive:
         raise ValueError("q: pre-mask bits given but alive masking is off")
-    if q is not None and (tuple(q.shape) != (B, H, W) or q.dtype != torch.uint8):
-        raise ValueError(f"q: expected a uint8 [B, H, W] = {(B, H, W)} tensor, got "
-                         f"{q.dtype} {tuple(q.shape)}")
+    if q is not None and q.dtype == torch.uint8 and tuple(q.shape) == (B, H, W):
+        q = as_hq_plane(r, q, alive_threshold, alpha_channel)
+    if q is not None and (tuple(q.shape) != (B, H + 4, W + 4) or q.dtype != torch.uint8):
+        raise ValueError(f"q: expected a uint8 hq plane [B, H + 4, W + 4] = "
+                         f"{(B, H + 4, W + 4)} (or pre-mask bits [B, H, W]), got {q.dtype} "
+                         f"{tuple(q.shape)}")
     if precision not in configs.PRECISION_CODES:
         raise ValueError(f"precision: expected one of {tuple(configs.PRECISION_CODES)}, "
                          f"got {precision!r}")
-    n = B * H * W
     out = torch.empty_like(r) if out is None else out
-    if alive:
-        q_out = torch.empty((B, H, W), dtype=torch.uint8, device=r.device) if q_out is None else q_out
-    cfg = configs.select_forward(n, C, HID, F_, r.device, precision)
-    grid = (configs.n_tiles(B, H * W, cfg.block_m),)
-    _nca_step_fwd_kernel[grid](
+    if alive and q_out is None:
+        q_out = hq_plane(B, H, W, r.device)
+    cfg = configs.select_forward(B * H * W, C, HID, F_, r.device, precision)
+    programs, *sizes = persistent_grid(B, H, W, cfg)
+    _nca_step_fwd_kernel[(programs,)](
         r, q if q is not None else r, out, q_out if alive else out,
+        cw_out if cw_out is not None else out,
         w1k.contiguous(), b1.contiguous(), w2t.contiguous(), b2.contiguous(), filters.contiguous(),
         seed, step, fire_threshold, float(alive_threshold) if alive else 0.0,
-        n, H * W, H, W,
-        C=C, HID=HID, NF=F_, ALPHA=alpha_channel, BLOCK_M=cfg.block_m, HC=cfg.hidden_chunk,
-        HAS_Q=q is not None, ALIVE=alive, CIRCULAR=circular,
+        H, W, *sizes,
+        C=C, HID=HID, NF=F_, ALPHA=alpha_channel, TH=cfg.tile_h, TW=cfg.tile_w,
+        HC=cfg.hidden_chunk, BANK=bank, HAS_Q=q is not None, ALIVE=alive, CIRCULAR=circular,
         PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64,
+        SAVE_CW=cw_out is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )
     return out, (q_out if alive else None)

@@ -33,12 +33,26 @@ def _kernel_weights(w1: Tensor, w2: Tensor, num_filters: int):
 
 
 def _final_keep(r: Tensor, q: Tensor, thr: float, alpha: int, circular: bool) -> Tensor:
-    """[B, H, W] uint8: the last step's deferred mask, q and any(alpha > thr on the 3x3)."""
+    """[B, H, W] uint8: the last step's deferred mask, q and any(alpha > thr on the 3x3);
+    q: the hq plane [B, H + 4, W + 4] (bit 0)."""
+    q = q[:, 2:-2, 2:-2]
     a = r[..., alpha].unsqueeze(1)
     a = F.pad(a, (1, 1, 1, 1), mode="circular") if circular else F.pad(
         a, (1, 1, 1, 1), value=float("-inf"))
     post = F.max_pool2d(a, 3, stride=1).squeeze(1) > thr
-    return (post & (q != 0)).to(torch.uint8)
+    return (post & ((q & 1) != 0)).to(torch.uint8)
+
+
+def _bank_code(filters: Tensor) -> int:
+    """The kernels' constexpr code of a named filter bank (0: taps read from memory)."""
+    from .config import FILTER_BANKS
+
+    taps = filters.detach().to("cpu", torch.float64).reshape(filters.shape[0], 9)
+    for code, name in ((1, "sobel"), (2, "sobel_laplacian"), (3, "sobel_laplacian16")):
+        bank = torch.tensor(FILTER_BANKS[name], dtype=torch.float64).reshape(-1, 9)
+        if bank.shape == taps.shape and torch.equal(bank, taps):
+            return code
+    return 0
 
 
 class _Steps:
@@ -46,53 +60,82 @@ class _Steps:
 
     def __init__(self, w1, b1, w2, b2, filters, seed, first_step, fire_rate, thr, alpha,
                  circular, precision):
-        from nca_fast.kernels.step_bwd import nca_step_bwd
-        from nca_fast.kernels.step_fwd import nca_step_fwd
+        from nca_fast.kernels import step_bwd, step_fwd
 
-        self._fwd, self._bwd = nca_step_fwd, nca_step_bwd
+        self._fwd, self._bwd, self._k = step_fwd.nca_step_fwd, step_bwd.nca_step_bwd, step_bwd
         nf = filters.shape[0]
         self.w1k, self.w2t = _kernel_weights(w1, w2, nf)
         self.b1, self.b2 = b1.contiguous(), b2.contiguous()
         self.filters = filters.reshape(nf, 9).contiguous()
+        self.bank = _bank_code(self.filters)
         self.kw = dict(seed=seed, fire_threshold=fire_threshold(fire_rate),
                        alive_threshold=None if thr == _NO_ALIVE else thr,
-                       alpha_channel=alpha, circular=circular, precision=precision)
+                       alpha_channel=alpha, circular=circular, precision=precision,
+                       bank=self.bank)
         self.first_step = first_step
 
-    def fwd(self, r, q, t, out=None, q_out=None):
+    def fwd(self, r, q, t, out=None, q_out=None, cw_out=None):
         return self._fwd(r, q, self.w1k, self.b1, self.w2t, self.b2, self.filters,
-                         step=self.first_step + t, out=out, q_out=q_out, **self.kw)
+                         step=self.first_step + t, out=out, q_out=q_out, cw_out=cw_out,
+                         **self.kw)
 
-    def bwd(self, r, q, g, t):
-        return self._bwd(r, q, g, self.w1k, self.b1, self.w2t, self.b2, self.filters,
-                         step=self.first_step + t, **self.kw)
+    def new_parts(self, r):
+        B, H, W, C = r.shape
+        return self._k.new_parts(B, H, W, C, self.w1k.shape[2], self.w1k.shape[0], r.device,
+                                 self.kw["precision"], r.dtype)
+
+    def gp(self, r, cw, g, out=None):
+        return self._k.bwd_gp(r, cw, g, self.w1k, self.b1, self.w2t, self.filters, gp=out,
+                              **self._bkw)
+
+    def weights(self, r, cw, g, parts, next_step=None):
+        self._k.bwd_weights(r, cw, g, parts, self.w1k, self.b1, self.w2t, self.filters,
+                            next_step=next_step, **self._bkw)
+
+    def input_grad(self, gp, cw, g):
+        return self._k.bwd_input(gp, cw, g, self.filters, tuple(g.shape),
+                                 circular=self.kw["circular"], bank=self.bank)
+
+    @property
+    def _bkw(self):
+        return dict(circular=self.kw["circular"], precision=self.kw["precision"],
+                    bank=self.bank)
+
+    def weight_grads(self, parts):
+        F_, C, HID = self.w1k.shape
+        return self._k.weight_grads(parts, C, HID, F_, self.bank)
 
 
 @torch.library.custom_op("nca_fast::rollout", mutates_args=())
 def _rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: Tensor,
              seed: int, first_step: int, steps: int, segment: int, fire_rate: float,
              alive_threshold: float, alpha_channel: int, circular: bool, precision: str,
-             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     ks = _Steps(w1, b1, w2, b2, filters, seed, first_step, fire_rate, alive_threshold,
                 alpha_channel, circular, precision)
     alive = alive_threshold != _NO_ALIVE
     B, C, H, W = x.shape
     n_saved = (steps - 1) // segment
     states = x.new_empty((n_saved, B, H, W, C))
-    qs = torch.empty((n_saved if alive else 0, B, H, W), dtype=torch.uint8, device=x.device)
+    qs = torch.zeros((n_saved if alive and segment > 1 else 0, B, H + 4, W + 4),
+                     dtype=torch.uint8, device=x.device)
+    # every step's cell words when nothing is recomputed (segment 1), for the backward
+    cws = torch.empty((steps if segment == 1 else 0, B, H, W), dtype=torch.int16,
+                      device=x.device)
     r, q = x.permute(0, 2, 3, 1).contiguous(), None
     for t in range(steps):
         saved = (t + 1) % segment == 0 and t + 1 < steps
         slot = (t + 1) // segment - 1
         r, q = ks.fwd(r, q, t, out=states[slot] if saved else None,
-                      q_out=qs[slot] if saved and alive else None)
+                      q_out=qs[slot] if saved and alive and segment > 1 else None,
+                      cw_out=cws[t] if segment == 1 else None)
     if alive:
         keep = _final_keep(r, q, alive_threshold, alpha_channel, circular)
         out = r * keep.unsqueeze(-1).to(r.dtype)
     else:
         keep = torch.empty((0,), dtype=torch.uint8, device=x.device)
         out = r.clone() if steps == 0 else r
-    return out.permute(0, 3, 1, 2), states, qs, keep
+    return out.permute(0, 3, 1, 2), states, qs, cws, keep
 
 
 @_rollout.register_fake
@@ -103,46 +146,69 @@ def _(x, w1, b1, w2, b2, filters, seed, first_step, steps, segment, fire_rate,
     n_saved = (steps - 1) // segment
     out = x.new_empty((B, H, W, C)).permute(0, 3, 1, 2)
     return (out, x.new_empty((n_saved, B, H, W, C)),
-            x.new_empty((n_saved if alive else 0, B, H, W), dtype=torch.uint8),
+            x.new_empty((n_saved if alive and segment > 1 else 0, B, H + 4, W + 4),
+                        dtype=torch.uint8),
+            x.new_empty((steps if segment == 1 else 0, B, H, W), dtype=torch.int16),
             x.new_empty((B, H, W) if alive else (0,), dtype=torch.uint8))
 
 
 @torch.library.custom_op("nca_fast::rollout_backward", mutates_args=())
 def _rollout_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-                      filters: Tensor, states: Tensor, qs: Tensor, keep: Tensor, seed: int,
-                      first_step: int, steps: int, segment: int, fire_rate: float,
+                      filters: Tensor, states: Tensor, qs: Tensor, cws: Tensor, keep: Tensor,
+                      seed: int, first_step: int, steps: int, segment: int, fire_rate: float,
                       alive_threshold: float, alpha_channel: int, circular: bool,
                       precision: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     ks = _Steps(w1, b1, w2, b2, filters, seed, first_step, fire_rate, alive_threshold,
                 alpha_channel, circular, precision)
     alive = alive_threshold != _NO_ALIVE
-    g = grad.permute(0, 2, 3, 1)
-    g = (g * keep.unsqueeze(-1).to(g.dtype)) if alive else g.contiguous()
-    totals: Optional[List[Tensor]] = None
-    x_r = x.permute(0, 2, 3, 1).contiguous()
-    for s in reversed(range((steps + segment - 1) // segment)):
-        t0, t1 = s * segment, min(steps, (s + 1) * segment)
-        r, q = (x_r, None) if s == 0 else (states[s - 1], qs[s - 1] if alive else None)
-        inputs = [(r, q)]
-        for t in range(t0, t1 - 1):          # recompute the segment (nothing when segment = 1)
-            r, q = ks.fwd(r, q, t)
-            inputs.append((r, q))
-        for t in reversed(range(t0, t1)):
-            r, q = inputs[t - t0]
-            g, *dw = ks.bwd(r, q, g, t)
-            totals = dw if totals is None else [a + b for a, b in zip(totals, dw)]
-    if totals is None:
+    if steps == 0:
         return (grad.clone(), torch.zeros_like(w1), torch.zeros_like(b1), torch.zeros_like(w2),
                 torch.zeros_like(b2))
-    dw1k, db1, dw2t, db2 = totals
-    hid, nf = w1.shape[0], filters.shape[0]
-    gw1 = dw1k.permute(2, 1, 0).reshape(hid, -1)
+    g = grad.permute(0, 2, 3, 1)
+    g = ((g * keep.unsqueeze(-1).to(g.dtype)) if alive else g).contiguous()
+    x_r = x.permute(0, 2, 3, 1).contiguous()
+    parts = ks.new_parts(x_r)
+    B, H, W, _ = x_r.shape
+    # Per step t, last to first: the weight kernel first computes g_t = dL/d out_t from step
+    # t + 1's perception gradient (fused transposed stencil) and adds step t's weight
+    # gradients; then the gp kernel writes step t's perception gradient. The input kernel
+    # turns step 0's into dL/d x.
+    later = None                         # (gp, cw, g) of step t + 1
+    g_bufs = [g, torch.empty_like(g)]    # g of step t, g of step t + 1 (ping-pong)
+    gp_bufs = [None, None]
+    for s in reversed(range((steps + segment - 1) // segment)):
+        t0, t1 = s * segment, min(steps, (s + 1) * segment)
+        if segment == 1:
+            inputs = [x_r if s == 0 else states[s - 1]]
+            words = cws[t0:t1]
+        else:
+            # recompute the segment from its first state: inputs and cell words of its steps
+            r, q = (x_r, None) if s == 0 else (states[s - 1], qs[s - 1] if alive else None)
+            inputs = []
+            words = torch.empty((t1 - t0, B, H, W), dtype=torch.int16, device=x.device)
+            for t in range(t0, t1):
+                inputs.append(r)
+                out = ks.fwd(r, q, t, cw_out=words[t - t0])
+                r, q = out
+        for t in reversed(range(t0, t1)):
+            r, cw = inputs[t - t0], words[t - t0]
+            if later is not None:
+                g = g_bufs[1] if later[2] is g_bufs[0] else g_bufs[0]
+            ks.weights(r, cw, g, parts, next_step=later)
+            k = t % 2
+            gp_bufs[k] = ks.gp(r, cw, g, gp_bufs[k])
+            later = (gp_bufs[k], cw, g)
+    gp, cw, g_last = later
+    g = ks.input_grad(gp, cw, g_last)
+    dw1k, db1, dw2t, db2 = ks.weight_grads(parts)
+    hid = w1.shape[0]
+    gw1 = dw1k.permute(2, 1, 0).reshape(hid, -1).contiguous()
     return g.permute(0, 3, 1, 2), gw1, db1, dw2t.t().contiguous(), db2
 
 
 @_rollout_backward.register_fake
-def _(grad, x, w1, b1, w2, b2, filters, states, qs, keep, seed, first_step, steps, segment,
-      fire_rate, alive_threshold, alpha_channel, circular, precision):
+def _(grad, x, w1, b1, w2, b2, filters, states, qs, cws, keep, seed, first_step, steps,
+      segment, fire_rate, alive_threshold, alpha_channel, circular, precision):
     B, C, H, W = x.shape
     gx = x.new_empty((B, H, W, C)).permute(0, 3, 1, 2)
     return gx, torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2), torch.empty_like(b2)
@@ -150,16 +216,16 @@ def _(grad, x, w1, b1, w2, b2, filters, states, qs, keep, seed, first_step, step
 
 def _setup_context(ctx, inputs, output):
     x, w1, b1, w2, b2, filters, *args = inputs
-    _, states, qs, keep = output
-    ctx.save_for_backward(x, w1, b1, w2, b2, filters, states, qs, keep)
+    _, states, qs, cws, keep = output
+    ctx.save_for_backward(x, w1, b1, w2, b2, filters, states, qs, cws, keep)
     ctx.args = args
-    ctx.mark_non_differentiable(states, qs, keep)
+    ctx.mark_non_differentiable(states, qs, cws, keep)
 
 
-def _backward(ctx, grad, _g_states, _g_qs, _g_keep):
-    x, w1, b1, w2, b2, filters, states, qs, keep = ctx.saved_tensors
+def _backward(ctx, grad, _g_states, _g_qs, _g_cws, _g_keep):
+    x, w1, b1, w2, b2, filters, states, qs, cws, keep = ctx.saved_tensors
     gx, gw1, gb1, gw2, gb2 = torch.ops.nca_fast.rollout_backward(
-        grad, x, w1, b1, w2, b2, filters, states, qs, keep, *ctx.args)
+        grad, x, w1, b1, w2, b2, filters, states, qs, cws, keep, *ctx.args)
     return (gx, gw1, gb1, gw2, gb2) + (None,) * (len(ctx.args) + 1)
 
 
@@ -187,7 +253,7 @@ def rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: 
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, w1, b1, w2, b2)):
         seg = steps                  # nothing will call backward: keep no intermediate state
     check_fits(x, steps, seg, filters.shape[0], alive_threshold is not None)
-    out, _, _, _ = torch.ops.nca_fast.rollout(
+    out, _, _, _, _ = torch.ops.nca_fast.rollout(
         x, w1, b1, w2, b2, filters, seed, first_step, steps, seg, float(fire_rate),
         _NO_ALIVE if alive_threshold is None else float(alive_threshold), alpha_channel,
         circular, precision)
@@ -197,17 +263,19 @@ def rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: 
 def rollout_bytes(shape, steps: int, segment: int, num_filters: int, alive: bool,
                   element_size: int = 4) -> int:
     """Device bytes a rollout of a B x C x H x W state allocates at its peak (backward included):
-    the states kept for backward, two working states, the output, the mask bytes, and the
-    backward's perception-gradient scratch (F*C per cell) with its incoming and outgoing
-    gradients."""
+    the states kept for backward (with their cell words, or hq planes at segment boundaries),
+    two working states and hq planes, the output and mask bytes, and the backward's scratch:
+    two perception-gradient buffers (F*C per cell), two incoming gradients, the outgoing one
+    and a recomputed segment."""
     b, c, h, w = shape
     cells = b * h * w
     state = cells * c * element_size
+    plane = b * (h + 4) * (w + 4) if alive else 0
     saved = (steps - 1) // segment
-    recompute = min(segment, steps) if segment > 1 else 0
-    mask = cells if alive else 0
-    forward = (saved + 3) * (state + mask)
-    backward = cells * num_filters * c * element_size + 3 * state + recompute * (state + mask)
+    words = 2 * cells * steps if segment == 1 else 0
+    recompute = min(segment, steps) * (state + 2 * cells) if segment > 1 else 0
+    forward = saved * (state + (plane if segment > 1 else 0)) + words + 3 * (state + plane)
+    backward = 2 * cells * num_filters * c * element_size + 3 * state + recompute
     return forward + backward
 
 

@@ -14,7 +14,7 @@ from nca_fast.config import filter_tensor
 from nca_fast.functional import rollout
 from nca_fast.kernels import configs
 from nca_fast.kernels.step_bwd import nca_step_bwd
-from nca_fast.kernels.step_fwd import nca_step_fwd
+from nca_fast.kernels.step_fwd import hq_plane, nca_step_fwd
 from tolerances import assert_close_verbose, tolerance
 
 CUDA = torch.cuda.is_available()
@@ -165,17 +165,29 @@ def test_every_element_written():
     x, *w = random_case(cfg, 2, 7, 9, seed=4)
     r = x.permute(0, 2, 3, 1).contiguous()
     params, kw = _launch_args(cfg, *w)
-    out = torch.full_like(r, float("nan"))
-    q_out = torch.full(r.shape[:3], 7, dtype=torch.uint8, device=DEVICE)
-    out, q = nca_step_fwd(r, None, *params, seed=1, step=0, out=out, q_out=q_out, **kw)
-    assert not out.isnan().any()
-    assert set(q.unique().tolist()) <= {0, 1}
-    out2 = torch.full_like(r, float("nan"))
-    out2, _ = nca_step_fwd(out, q, *params, seed=1, step=1, out=out2, **kw)
-    assert not out2.isnan().any()
+    B, H, W, _ = r.shape
+
+    def poisoned():
+        q = hq_plane(B, H, W, DEVICE)          # the border must be zero; the interior is not
+        q[:, 2:-2, 2:-2] = 7
+        return (torch.full_like(r, float("nan")), q,
+                torch.full((B, H, W), -1, dtype=torch.int16, device=DEVICE))
+
+    out, q_out, cw = poisoned()
+    out, q = nca_step_fwd(r, None, *params, seed=1, step=0, out=out, q_out=q_out, cw_out=cw, **kw)
+    out2, q_out2, cw2 = poisoned()
+    out2, q2 = nca_step_fwd(out, q, *params, seed=1, step=1, out=out2, q_out=q_out2, cw_out=cw2,
+                            **kw)
+    for o, hq, words in ((out, q, cw), (out2, q2, cw2)):
+        assert not o.isnan().any()
+        assert set(hq[:, 2:-2, 2:-2].unique().tolist()) <= {0, 1, 2, 3}
+        border = hq.clone()
+        border[:, 2:-2, 2:-2] = 0
+        assert not border.any(), "a kernel wrote into the hq plane's border"
+        assert ((words >= 0) & (words < 1024)).all()
     grad_r = torch.full_like(r, float("nan"))
     g = torch.randn_like(r)
-    grad_r, *dw = nca_step_bwd(out, q, g, *params, seed=1, step=1, grad_r=grad_r, **kw)
+    grad_r, *dw = nca_step_bwd(out, q, g, *params, seed=1, step=1, grad_r=grad_r, cw=cw2, **kw)
     assert not grad_r.isnan().any()
     assert all(not t.isnan().any() for t in dw)
 

@@ -1,0 +1,399 @@
+"""Tile helpers of the v2 kernels: 2-D tiles, per-cell bit words, constexpr filter banks."""
+import triton
+import triton.language as tl
+
+# Filter-bank codes (constexpr BANK): 0 = taps read from memory (any bank), 1 = "sobel"
+# (identity, Sobel-x / 8, Sobel-y / 8), 2 = "sobel_laplacian" (+ the unscaled Laplacian),
+# 3 = "sobel_laplacian16" (+ Laplacian / 16).
+
+# hq bytes live in a padded plane per grid, [B, H + 4, W + 4], whose 2-cell border is zero: a
+# 5x5 window under zero padding never leaves it and needs no bounds checks.
+HALO = 2
+
+# Bit positions of the per-cell word ``cw`` (the 3x3 neighbourhood in three 10-bit rows):
+# tap (dy, dx) at bit 10 * (dy + 1) + 2 * (dx + 2); bit 0: pre-update mask; bit 1: fire.
+
+
+@triton.jit
+def _tap_bit(t: tl.constexpr, PACKED: tl.constexpr = False):
+    """The bit of tap t = (dy + 1) * 3 + dx + 1 in ``cw`` (PACKED: in the saved 16-bit word)."""
+    if PACKED:
+        return 1 << t
+    else:
+        return 1 << (10 * (t // 3) + 2 * (t % 3) + 2)
+
+
+@triton.jit
+def _pack_cw(cw):
+    """The 16-bit word the forward saves for the backward: tap bits 0..8, fire at bit 9."""
+    r = cw >> 2
+    lo = (r & 1) | ((r >> 1) & 2) | ((r >> 2) & 4)           # each row: bits 0, 2, 4 -> 0, 1, 2
+    r = cw >> 12
+    mid = (r & 1) | ((r >> 1) & 2) | ((r >> 2) & 4)
+    r = cw >> 22
+    hi = (r & 1) | ((r >> 1) & 2) | ((r >> 2) & 4)
+    return lo | (mid << 3) | (hi << 6) | ((cw & 2) << 8)
+
+
+@triton.jit
+def _tile_start(tile, tiles_x, tiles_per_grid):
+    """(grid, tile row, tile column) of a tile index: two scalar divisions, once per program."""
+    b = tile // tiles_per_grid
+    t = tile - b * tiles_per_grid
+    ty = t // tiles_x
+    return b, ty, t - ty * tiles_x
+
+
+@triton.jit
+def _tile_next(b, ty, tx, step_b, step_y, step_x, tiles_x, tiles_y):
+    """(b, ty, tx) of the tile ``num_programs`` further on, by carries instead of divisions
+    (num_programs = step_b * tiles_y * tiles_x + step_y * tiles_x + step_x)."""
+    tx = tx + step_x
+    cx = tx >= tiles_x
+    tx = tl.where(cx, tx - tiles_x, tx)
+    ty = ty + step_y + cx.to(tl.int32)
+    cy = ty >= tiles_y
+    ty = tl.where(cy, ty - tiles_y, ty)
+    return b + step_b + cy.to(tl.int32), ty, tx
+
+
+@triton.jit
+def _tile_cells(b, ty, tx, H, W, TH: tl.constexpr, TW: tl.constexpr, INT64: tl.constexpr):
+    """Flat index of the grid's first cell, rows and columns [M] of the tile's cells, and which
+    are in the grid. Rows and columns past the grid's edge are clamped to it, so that every
+    address a tile computes is inside its grid; only the stores look at ``ok``."""
+    m = tl.arange(0, TH * TW)
+    y = ty * TH + m // TW
+    x = tx * TW + m % TW
+    ok = (y < H) & (x < W)
+    if INT64:
+        base = b.to(tl.int64) * (H * W)
+    else:
+        base = b * (H * W)
+    return base, tl.minimum(y, H - 1), tl.minimum(x, W - 1), ok
+
+
+@triton.jit
+def _wrap1(v, n):
+    """v mod n for v in [-2, n + 1], n >= 1 (two conditional steps each way)."""
+    v = tl.where(v < 0, v + n, v)
+    v = tl.where(v < 0, v + n, v)
+    v = tl.where(v >= n, v - n, v)
+    return tl.where(v >= n, v - n, v)
+
+
+@triton.jit
+def _hq_index(b, y, x, H, W, INT64: tl.constexpr):
+    """Index of cell (y, x) of grid b in the padded hq plane."""
+    if INT64:
+        return (b.to(tl.int64) * (H + 2 * 2) + (y + 2)) * (W + 2 * 2) + (x + 2)
+    else:
+        return (b * (H + 2 * 2) + (y + 2)) * (W + 2 * 2) + (x + 2)
+
+
+@triton.jit
+def _window_bits(hq_ptr, b, y, x, H, W, CIRCULAR: tl.constexpr, INT64: tl.constexpr):
+    """The per-cell word ``cw`` from the hq bytes of the 5x5 window around each cell: the tap
+    bits (the neighbour exists and its deferred alive mask keeps it: q there, and hot somewhere
+    on the 3x3 around it) and bit 0, the pre-update alive mask (a kept neighbour with alpha
+    above the threshold: q and hot there).
+
+    Each window row is packed into 10 bits, 2 per cell (bit 2k = q, 2k + 1 = hot, k = dx + 2).
+    Zero padding reads the padded plane without bounds checks; circular padding wraps the
+    window's rows and columns into the plane's interior.
+    """
+    if CIRCULAR:
+        r0 = _row_word_wrap(hq_ptr, b, _wrap1(y - 2, H), x, H, W, INT64)
+        r1 = _row_word_wrap(hq_ptr, b, _wrap1(y - 1, H), x, H, W, INT64)
+        r2 = _row_word_wrap(hq_ptr, b, y, x, H, W, INT64)
+        r3 = _row_word_wrap(hq_ptr, b, _wrap1(y + 1, H), x, H, W, INT64)
+        r4 = _row_word_wrap(hq_ptr, b, _wrap1(y + 2, H), x, H, W, INT64)
+    else:
+        row = hq_ptr + _hq_index(b, y - 2, x - 2, H, W, INT64)
+        wp = W + 2 * 2
+        r0 = _row_word(row)
+        r1 = _row_word(row + wp)
+        r2 = _row_word(row + 2 * wp)
+        r3 = _row_word(row + 3 * wp)
+        r4 = _row_word(row + 4 * wp)
+    # hot on the 3 columns around k, at bit 2k + 1
+    h0 = _hor3(r0 & 0x2AA)
+    h1 = _hor3(r1 & 0x2AA)
+    h2 = _hor3(r2 & 0x2AA)
+    h3 = _hor3(r3 & 0x2AA)
+    h4 = _hor3(r4 & 0x2AA)
+    # keep at (dy, k) = q there and hot on the 3x3 around: rows dy = -1, 0, 1 (k = 1..3)
+    k0 = ((h0 | h1 | h2) >> 1) & r1 & 0x54
+    k1 = ((h1 | h2 | h3) >> 1) & r2 & 0x54
+    k2 = ((h2 | h3 | h4) >> 1) & r3 & 0x54
+    pre = (((r1 & (r1 >> 1)) | (r2 & (r2 >> 1)) | (r3 & (r3 >> 1))) & 0x54) != 0
+    return k0 | (k1 << 10) | (k2 << 20) | pre.to(tl.int32)
+
+
+@triton.jit
+def _row_word(p):
+    """The 5 hq bytes at p .. p + 4 packed 2 bits each (byte k at bits 2k, 2k + 1)."""
+    w = tl.load(p).to(tl.int32)
+    w |= tl.load(p + 1).to(tl.int32) << 2
+    w |= tl.load(p + 2).to(tl.int32) << 4
+    w |= tl.load(p + 3).to(tl.int32) << 6
+    return w | (tl.load(p + 4).to(tl.int32) << 8)
+
+
+@triton.jit
+def _row_word_wrap(hq_ptr, b, y, x, H, W, INT64: tl.constexpr):
+    """``_row_word`` of row y around column x on a torus."""
+    row = hq_ptr + _hq_index(b, y, 0, H, W, INT64)
+    w = tl.load(row + _wrap1(x - 2, W)).to(tl.int32)
+    w |= tl.load(row + _wrap1(x - 1, W)).to(tl.int32) << 2
+    w |= tl.load(row + x).to(tl.int32) << 4
+    w |= tl.load(row + _wrap1(x + 1, W)).to(tl.int32) << 6
+    return w | (tl.load(row + _wrap1(x + 2, W)).to(tl.int32) << 8)
+
+
+@triton.jit
+def _hor3(v):
+    return v | (v << 2) | (v >> 2)
+
+
+@triton.jit
+def _nb(y, x, dy: tl.constexpr, dx: tl.constexpr, H, W, CIRCULAR: tl.constexpr):
+    """In-grid index of the cell at (dy, dx) from (y, x) and whether it exists."""
+    ny = y + dy
+    nx = x + dx
+    if CIRCULAR:
+        ny = _wrap1(ny, H)
+        nx = _wrap1(nx, W)
+        ok = ny >= 0
+    else:
+        ok = (ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)
+    return ny * W + nx, ok
+
+
+@triton.jit
+def _plain_bits(r_ptr, base, y, x, H, W, thr,
+                C: tl.constexpr, ALPHA: tl.constexpr, ALIVE: tl.constexpr,
+                CIRCULAR: tl.constexpr):
+    """``cw`` for an input that owes no mask (the first step of a rollout, or alive masking
+    off): the tap bits say the neighbour exists; bit 0 (ALIVE): alpha > thr on the 3x3."""
+    bits = tl.zeros_like(y)
+    for t in tl.static_range(9):
+        nb, ok = _nb(y, x, t // 3 - 1, t % 3 - 1, H, W, CIRCULAR)
+        bits |= tl.where(ok, _tap_bit(t), 0)
+        if ALIVE:
+            a = tl.load(r_ptr + (base + nb) * C + ALPHA, mask=ok, other=0.0)
+            bits |= (ok & (a > thr)).to(tl.int32)
+    return bits
+
+
+@triton.jit
+def _fire_bit(seed, cell, step, fire_threshold, INT64: tl.constexpr):
+    """1 where the cell updates: Philox4x32-10 keyed by seed, counter (cell lo, cell hi, step, 0);
+    the top 24 bits of the first word below ``fire_threshold`` (nca_fast.rng)."""
+    if INT64:
+        lo = (cell & 0xFFFFFFFF).to(tl.uint32)
+        hi = (cell >> 32).to(tl.uint32)
+    else:
+        lo = cell.to(tl.uint32)
+        hi = lo * 0
+    word, _, _, _ = tl.philox(seed, lo, hi, lo * 0 + step.to(tl.uint32), lo * 0)
+    return ((word >> 8).to(tl.int32) < fire_threshold).to(tl.int32)
+
+
+@triton.jit
+def _loop_zero(v):
+    """0 for a v >= 0 that the compiler cannot prove non-negative (a tile coordinate).
+
+    Index tensors built in a loop from constants alone are hoisted out of it and then held in
+    registers across every iteration ([M, 4C] offsets: 32 registers a thread); adding this
+    zero keeps them in the loop, where they fold into the address arithmetic.
+    """
+    return tl.minimum(v, 0) * 64        # a multiple of 64: keeps vectorised loads aligned
+
+
+@triton.jit
+def _load_taps(r_ptr, cw, base, y, x, H, W, lz,
+               C: tl.constexpr, CIRCULAR: tl.constexpr, PACKED: tl.constexpr = False):
+    """The 9 neighbour rows [M, C] of every cell, zero where the tap's bit of ``cw`` is clear.
+    lz: ``_loop_zero``."""
+    cols = tl.arange(0, C) + lz
+    cw = cw[:, None]
+    if CIRCULAR:
+        p = r_ptr + cols[None, :]
+        n0, _ = _nb(y, x, -1, -1, H, W, CIRCULAR)
+        n1, _ = _nb(y, x, -1, 0, H, W, CIRCULAR)
+        n2, _ = _nb(y, x, -1, 1, H, W, CIRCULAR)
+        n3, _ = _nb(y, x, 0, -1, H, W, CIRCULAR)
+        n4, _ = _nb(y, x, 0, 0, H, W, CIRCULAR)
+        n5, _ = _nb(y, x, 0, 1, H, W, CIRCULAR)
+        n6, _ = _nb(y, x, 1, -1, H, W, CIRCULAR)
+        n7, _ = _nb(y, x, 1, 0, H, W, CIRCULAR)
+        n8, _ = _nb(y, x, 1, 1, H, W, CIRCULAR)
+        v0 = tl.load(p + (base + n0)[:, None] * C, mask=(cw & _tap_bit(0, PACKED)) != 0, other=0.0)
+        v1 = tl.load(p + (base + n1)[:, None] * C, mask=(cw & _tap_bit(1, PACKED)) != 0, other=0.0)
+        v2 = tl.load(p + (base + n2)[:, None] * C, mask=(cw & _tap_bit(2, PACKED)) != 0, other=0.0)
+        v3 = tl.load(p + (base + n3)[:, None] * C, mask=(cw & _tap_bit(3, PACKED)) != 0, other=0.0)
+        v4 = tl.load(p + (base + n4)[:, None] * C, mask=(cw & _tap_bit(4, PACKED)) != 0, other=0.0)
+        v5 = tl.load(p + (base + n5)[:, None] * C, mask=(cw & _tap_bit(5, PACKED)) != 0, other=0.0)
+        v6 = tl.load(p + (base + n6)[:, None] * C, mask=(cw & _tap_bit(6, PACKED)) != 0, other=0.0)
+        v7 = tl.load(p + (base + n7)[:, None] * C, mask=(cw & _tap_bit(7, PACKED)) != 0, other=0.0)
+        v8 = tl.load(p + (base + n8)[:, None] * C, mask=(cw & _tap_bit(8, PACKED)) != 0, other=0.0)
+    else:
+        # three row pointers; the columns are constant offsets from them (+-C elements)
+        p = r_ptr + (base + y * W + x)[:, None] * C + cols[None, :]
+        pu = p - W * C
+        pd = p + W * C
+        v0 = tl.load(pu - C, mask=(cw & _tap_bit(0, PACKED)) != 0, other=0.0)
+        v1 = tl.load(pu, mask=(cw & _tap_bit(1, PACKED)) != 0, other=0.0)
+        v2 = tl.load(pu + C, mask=(cw & _tap_bit(2, PACKED)) != 0, other=0.0)
+        v3 = tl.load(p - C, mask=(cw & _tap_bit(3, PACKED)) != 0, other=0.0)
+        v4 = tl.load(p, mask=(cw & _tap_bit(4, PACKED)) != 0, other=0.0)
+        v5 = tl.load(p + C, mask=(cw & _tap_bit(5, PACKED)) != 0, other=0.0)
+        v6 = tl.load(pd - C, mask=(cw & _tap_bit(6, PACKED)) != 0, other=0.0)
+        v7 = tl.load(pd, mask=(cw & _tap_bit(7, PACKED)) != 0, other=0.0)
+        v8 = tl.load(pd + C, mask=(cw & _tap_bit(8, PACKED)) != 0, other=0.0)
+    return v0, v1, v2, v3, v4, v5, v6, v7, v8
+
+
+@triton.jit
+def _bank(v0, v1, v2, v3, v4, v5, v6, v7, v8, filt_ptr, NF: tl.constexpr, BANK: tl.constexpr):
+    """The F perception tiles p0..p3 [M, C] (p3 zero when F = 3) from the 9 taps."""
+    if BANK == 0:
+        p0 = (tl.load(filt_ptr + 0) * v0 + tl.load(filt_ptr + 1) * v1 + tl.load(filt_ptr + 2) * v2
+              + tl.load(filt_ptr + 3) * v3 + tl.load(filt_ptr + 4) * v4
+              + tl.load(filt_ptr + 5) * v5 + tl.load(filt_ptr + 6) * v6
+              + tl.load(filt_ptr + 7) * v7 + tl.load(filt_ptr + 8) * v8)
+        p1 = (tl.load(filt_ptr + 9) * v0 + tl.load(filt_ptr + 10) * v1
+              + tl.load(filt_ptr + 11) * v2 + tl.load(filt_ptr + 12) * v3
+              + tl.load(filt_ptr + 13) * v4 + tl.load(filt_ptr + 14) * v5
+              + tl.load(filt_ptr + 15) * v6 + tl.load(filt_ptr + 16) * v7
+              + tl.load(filt_ptr + 17) * v8)
+        p2 = (tl.load(filt_ptr + 18) * v0 + tl.load(filt_ptr + 19) * v1
+              + tl.load(filt_ptr + 20) * v2 + tl.load(filt_ptr + 21) * v3
+              + tl.load(filt_ptr + 22) * v4 + tl.load(filt_ptr + 23) * v5
+              + tl.load(filt_ptr + 24) * v6 + tl.load(filt_ptr + 25) * v7
+              + tl.load(filt_ptr + 26) * v8)
+        if NF == 4:
+            p3 = (tl.load(filt_ptr + 27) * v0 + tl.load(filt_ptr + 28) * v1
+                  + tl.load(filt_ptr + 29) * v2 + tl.load(filt_ptr + 30) * v3
+                  + tl.load(filt_ptr + 31) * v4 + tl.load(filt_ptr + 32) * v5
+                  + tl.load(filt_ptr + 33) * v6 + tl.load(filt_ptr + 34) * v7
+                  + tl.load(filt_ptr + 35) * v8)
+        else:
+            p3 = tl.zeros_like(v4)
+    else:
+        # 8 x the Sobel filters (their 1/8 and the Laplacian's 1/16 are folded into W1's rows,
+        # ``_w1_rows``): the two share the corner differences
+        a = v8 - v0
+        c = v2 - v6
+        p0 = v4
+        p1 = (a + c) + 2.0 * (v5 - v3)
+        p2 = (a - c) + 2.0 * (v7 - v1)
+        if BANK == 1:
+            p3 = tl.zeros_like(v4)
+        else:
+            p3 = ((v0 + v2) + (v6 + v8)) + 2.0 * ((v1 + v3) + (v5 + v7)) - 12.0 * v4
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _mm(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 (fp64 for checks) accumulation at the configured precision."""
+    if PRECISION == 2:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    elif PRECISION == 1:
+        return tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
+
+
+@triton.jit
+def _k_order(j, PRECISION: tl.constexpr):
+    """Which hidden unit sits at K position j of the second dense layer.
+
+    tf32: the first layer's accumulator is used as the second layer's register operand without
+    a shuffle. In an m64nNk8 accumulator a thread holds columns 2c, 2c + 1 of every group of 8;
+    a tf32 k8 operand fragment wants columns c, c + 4. Reading the groups as (c, e) -> 4e + c
+    (``_as_k_operand``) and ordering W2's rows the same way gives the same sum.
+    """
+    if PRECISION == 1:
+        return (j // 8) * 8 + (j % 4) * 2 + (j % 8) // 4
+    else:
+        return j
+
+
+@triton.jit
+def _as_k_operand(h, PRECISION: tl.constexpr):
+    if PRECISION == 1:
+        M: tl.constexpr = h.shape[0]
+        N: tl.constexpr = h.shape[1]
+        return tl.reshape(tl.permute(tl.reshape(h, (M, N // 8, 4, 2)), (0, 1, 3, 2)), (M, N))
+    else:
+        return h
+
+
+@triton.jit
+def _concat4(p0, p1, p2, p3):
+    """[M, 4C]: column k*C + c holds p_k[:, c] (the perception row in W1's row order), so the
+    first layer is one dot with K = 4C."""
+    z = tl.join(tl.join(p0, p1), tl.join(p2, p3))      # [M, C, 2, 2]: [m, c, i, j] = p_{2j+i}
+    z = tl.permute(z, (0, 3, 2, 1))                     # [m, j, i, c]
+    return tl.reshape(z, (p0.shape[0], 4 * p0.shape[1]))
+
+
+@triton.jit
+def _w1_rows(w1_ptr, b1_ptr, j0, C: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr,
+             NF: tl.constexpr, BANK: tl.constexpr):
+    """Hidden units j0 .. j0 + HC of W1 as [4C, HC], row k*C + c. With F = 3 the fourth block
+    holds b1 in its first row (the constant-1 column of ``_concat4``) and zeros. For a named
+    bank the rows of Sobel-x and -y carry the filters' 1/8 (and the Laplacian's 1/16), which
+    ``_bank`` leaves out: powers of two, so the products are exactly the same."""
+    k = tl.arange(0, 4 * C)
+    hh = j0 + tl.arange(0, HC)
+    w = tl.load(w1_ptr + k[:, None] * HID + hh[None, :], mask=(k < NF * C)[:, None], other=0.0)
+    if BANK != 0:
+        scale = tl.where((k >= C) & (k < 3 * C), 0.125, 1.0)
+        if BANK == 3:
+            scale = tl.where(k >= 3 * C, 0.0625, scale)
+        w = w * scale[:, None]
+    if NF == 3:
+        w = tl.where((k == 3 * C)[:, None], tl.load(b1_ptr + hh)[None, :], w)
+    return w
+
+
+@triton.jit
+def _bias_rows(b1_ptr, j0, C: tl.constexpr, HC: tl.constexpr):
+    """[C, HC]: b1 in the first row, zeros (the K block of a constant-1 column)."""
+    k = tl.arange(0, C)
+    hh = j0 + tl.arange(0, HC)
+    return tl.where((k == 0)[:, None], tl.load(b1_ptr + hh)[None, :], 0.0)
+
+
+@triton.jit
+def _w2_rows(w2_ptr, j0, C: tl.constexpr, HC: tl.constexpr, PRECISION: tl.constexpr):
+    """Rows j0 .. j0 + HC of W2^T [HID, C] in the K order of ``_as_k_operand``."""
+    kk = j0 + _k_order(tl.arange(0, HC), PRECISION)
+    return tl.load(w2_ptr + kk[:, None] * C + tl.arange(0, C)[None, :])
+
+
+@triton.jit
+def _mlp_chunk(pc, ones, w1c, bc, w2c, dx, NF: tl.constexpr, PRECISION: tl.constexpr):
+    """dx + relu(pc @ w1c [+ ones @ bc]) @ w2c for one hidden chunk (F = 4: bias as a K block
+    of its own)."""
+    acc = _mm(pc, w1c, tl.zeros([pc.shape[0], w1c.shape[1]], dtype=dx.dtype), PRECISION)
+    if NF == 4:
+        acc = _mm(ones, bc, acc, PRECISION)
+    h = _as_k_operand(tl.maximum(acc, 0.0), PRECISION)
+    return _mm(h, w2c, dx, PRECISION)
+
+
+@triton.jit
+def _k_rows(v, PRECISION: tl.constexpr):
+    """Rows of v [M, N] in the K order of ``_as_k_operand`` (for a B operand whose K runs over
+    cells: row 4e + c of each group of 8 holds row 2c + e)."""
+    if PRECISION == 1:
+        M: tl.constexpr = v.shape[0]
+        N: tl.constexpr = v.shape[1]
+        return tl.reshape(tl.permute(tl.reshape(v, (M // 8, 4, 2, N)), (0, 2, 1, 3)), (M, N))
+    else:
+        return v
