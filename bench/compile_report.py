@@ -1,39 +1,38 @@
 """Ahead-of-time compile report of the Triton step kernels, for GPUs this machine does not have.
 
-Every kernel variant the launchers in ``kernels/`` can pick is compiled with
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` for sm_90a (Hopper) and
-sm_80 (Ampere), with the launch configuration (BLOCK_M, num_warps, num_stages, the ptxas register
-ceiling ``maxnreg``, hidden chunk, tap unrolling) that ``kernels/configs.py`` returns for a GPU.
-Per variant the report reads:
+Every kernel variant the launchers in ``kernels/`` can pick is compiled for sm_90a (Hopper) and
+sm_80 (Ampere) exactly as the JIT would specialise it: the launcher is called on CPU tensors of a
+nominal 1 x 1024 x 1024 grid with ``JITFunction.run`` patched to record the launch instead of
+running it, and triton's own binder turns the recorded arguments into the ``ASTSource`` and
+options (launch configuration from ``kernels/configs.py``: tiles, warps, register ceiling,
+hidden chunk, persistent grid). Per variant the report reads:
 
-- from ``ptxas -v`` (the ptxas that ships with triton, run by triton's own cubin stage, with
-  triton's flags): registers per thread, spill stores / loads and stack frame, in bytes;
+- from ``ptxas -v`` (the ptxas that ships with triton, run by triton's own cubin stage):
+  registers per thread, spill stores / loads and stack frame, in bytes;
 - from triton's metadata: the shared memory the kernel allocates;
 - from the PTX: tensor-core instructions (``wgmma.mma_async`` on sm_90a, ``mma.sync`` on sm_80)
-  and the widest global load / store, in bytes (16 = ``ld.global.v4.b32``).
+  and the widest global load / store, in bytes (16 = ``ld.global.v4.b32``);
+- with ``--sass`` (sm_90a): SASS instructions by class, and the **executed** warp-instructions
+  per cell of the launch: the control-flow graph of the SASS, its loop's body counted once per
+  trip (a persistent program's tile loop runs once per tile it owns), forward branches on
+  their longer side, nothing after EXIT. The same count as ``shared/tools/sass_count.py``
+  makes for the default variants (tests/test_compile.py holds them within 2 %).
 
 A variant *fails* when it does not compile, spills, needs more registers or shared memory than
 the SM has for its launch, or (tf32 / bf16 kernels with dense layers) has no tensor-core
 instruction of its architecture. "ieee" precision is exact fp32 and has no tensor-core
 instruction by design.
 
-Signatures follow what the launchers pass: fp32 state pointers (``q`` pointers ``*u8`` when the
-kernel reads / writes them; the launcher passes the fp32 state in their place otherwise), 16-byte
-aligned as torch allocations are; seed ``i64`` (as for a seed >= 2**31; the JIT gives smaller
-seeds an i32 key), step and fire threshold ``i32``, thr ``fp32``, sizes ``i32`` (``i64`` with
-INT64). Sizes carry no divisibility hint (the general case; the JIT marks a size that is a multiple
-of 16, so a 1024-wide grid may compile slightly differently).
-
 Usage (from the repository root; no GPU, no CUDA driver needed)::
 
     python -m bench.compile_report --quick                 # representative subset, both archs
     python -m bench.compile_report --arch 90 --csv out.csv # every variant for sm_90a
     python -m bench.compile_report --subset ci --json r.json
-    python -m bench.compile_report --quick --arch 90 --kernel fwd --sass  # instruction mix
+    python -m bench.compile_report --subset defaults --sass  # executed counts, default model
 
-Every variant is 1184 compiles per architecture, 1-26 CPU-seconds each (about 5 typical): hours
-on 2 cores; --quick is 44 compiles. Each run compiles from scratch into a temporary triton cache
-that is deleted at exit. Exit status 1 when any variant fails.
+Every variant is 2,336 compiles per architecture, about 2-5 CPU-seconds each: hours on 2 cores;
+--quick is a few dozen. Each run compiles from scratch into a temporary triton cache that is
+deleted at exit. Exit status 1 when any variant fails.
 """
 from __future__ import annotations
 
@@ -57,19 +56,23 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS_DIR = ROOT / "kernels"
 
-# A grid large enough that the selectors pick their GPU tiles (8 Mi cells, 1024 x 1024 x 8) but
-# below the INT64 threshold; INT64 is a switch of its own below.
-N_CELLS = 1024 * 1024 * 8
+# The nominal launch: one 1024 x 1024 grid (the grid shared/tools/sass_count.py measures).
+GRID = (1, 1024, 1024)
+N_CELLS = GRID[0] * GRID[1] * GRID[2]
 ALPHA_CHANNEL = 3
 ARCHS = (90, 80)
 PRECISION_NAMES = {0: "ieee", 1: "tf32", 2: "bf16"}
-KERNEL_NAMES = ("fwd", "bwd_gp", "bwd_weights", "bwd_input", "bwd_keep")
+KERNEL_NAMES = ("fwd", "bwd_gp", "bwd_weights", "bwd_input")
 DENSE_KERNELS = ("fwd", "bwd_gp", "bwd_weights")
+# (filters, bank code) the launchers compile: 0 = taps read from memory (any bank), 1 = "sobel",
+# 2 = "sobel_laplacian" (and "sobel_laplacian16", the same code with W1 scaled).
+BANKS = ((3, 0), (3, 1), (4, 0), (4, 2))
+BANK_FILTERS = {1: "sobel", 2: "sobel_laplacian"}
 # Largest dynamic shared memory one block may opt in to, bytes (CUDA programming guide,
 # "Technical Specifications per Compute Capability": 227 KB on 9.0, 163 KB on 8.0).
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -84,10 +87,11 @@ class Variant:
     """One compiled specialisation of a kernel.
 
     kernel: "fwd" (_nca_step_fwd_kernel), "bwd_gp" (_nca_step_bwd_gp_kernel), "bwd_weights"
-    (_nca_step_bwd_weights_kernel), "bwd_input" (_nca_step_bwd_input_kernel) or "bwd_keep"
-    (_nca_step_bwd_keep_kernel); the last two have no dense layer: hidden and precision are 0
-    (and filters, for bwd_keep, which runs only with pending bits).
-    arch: compute capability, 90 (compiled as sm_90a) or 80.
+    (_nca_step_bwd_weights_kernel) or "bwd_input" (_nca_step_bwd_input_kernel; no dense layer:
+    hidden and precision are 0). bank: the filter-bank code (BANKS). has_q / alive: the
+    forward's input owes a mask / alive masking on (the backward kernels read cell words
+    instead). next: the weight kernel computes its g from the next step (the rollout's steps
+    but the last). arch: compute capability, 90 (compiled as sm_90a) or 80.
     """
 
     kernel: str
@@ -95,46 +99,44 @@ class Variant:
     channels: int
     hidden: int
     filters: int
+    bank: int
     precision: int
-    has_q: bool
-    alive: bool
-    circular: bool
-    int64: bool
+    has_q: bool = False
+    alive: bool = False
+    circular: bool = False
+    int64: bool = False
+    next: bool = False
 
     def __post_init__(self):
         if self.kernel not in KERNEL_NAMES:
             raise ValueError(f"kernel: expected one of {KERNEL_NAMES}, got {self.kernel!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch: expected one of {ARCHS}, got {self.arch!r}")
-        if self.has_q and not self.alive and self.dense:
+        if (self.filters, self.bank) not in BANKS:
+            raise ValueError(f"filters, bank: expected one of {BANKS}, got "
+                             f"{(self.filters, self.bank)}")
+        if self.has_q and not self.alive:
             raise ValueError("has_q: pending pre-mask bits exist only with alive masking on")
+        if (self.has_q or self.alive) and self.kernel != "fwd":
+            raise ValueError("has_q, alive: switches of the forward kernel only")
+        if self.next and self.kernel != "bwd_weights":
+            raise ValueError("next: a switch of the weight kernel only")
 
     @property
     def dense(self) -> bool:
         return self.kernel in DENSE_KERNELS
 
     def switches(self) -> str:
-        names = [("Q", self.has_q), ("A", self.alive and self.dense), ("circ", self.circular),
-                 ("i64", self.int64)]
+        names = [("Q", self.has_q), ("A", self.alive), ("next", self.next),
+                 ("circ", self.circular), ("i64", self.int64)]
         return "+".join(n for n, on in names if on) or "-"
 
     def label(self) -> str:
         prec = PRECISION_NAMES[self.precision] if self.dense else "-"
         arch = f"sm_{self.arch}{'a' if self.arch >= 90 else ''}"
+        bank = {0: "data", 1: "sobel", 2: "lap"}[self.bank]
         return (f"{self.kernel} {arch} C={self.channels} hidden={self.hidden} "
-                f"F={self.filters} {prec} {self.switches()}")
-
-
-def _dense(kernel, arch, c, hid, f, prec, has_q, alive, circ=False, i64=False) -> Variant:
-    return Variant(kernel, arch, c, hid, f, prec, has_q, alive, circ, i64)
-
-
-def _transpose(arch, c, f, has_q, circ=False, i64=False) -> Variant:
-    return Variant("bwd_input", arch, c, 0, f, 0, has_q, has_q, circ, i64)
-
-
-def _keep(arch, c, circ=False, i64=False) -> Variant:
-    return Variant("bwd_keep", arch, c, 0, 0, 0, True, True, circ, i64)
+                f"F={self.filters}:{bank} {prec} {self.switches()}")
 
 
 def load_configs(kernels_dir: Path = KERNELS_DIR):
@@ -157,97 +159,112 @@ def load_configs(kernels_dir: Path = KERNELS_DIR):
 def all_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL_NAMES,
                  kernels_dir: Path = KERNELS_DIR) -> List[Variant]:
     """Every variant the launchers can pick, over the shapes and precisions configs.py declares
-    supported: 576 per dense kernel, 32 transposes and 8 keep-mask kernels per arch at C
-    {16, 32}, hidden {32, 64, 128, 256}, F {3, 4}, three precisions."""
+    supported: per arch 1,152 forward, 384 perception-gradient, 768 weight and 32 input
+    kernels (C {16, 32}, hidden {32, 64, 128, 256}, the banks, three precisions)."""
     cfg = load_configs(kernels_dir)
-    masks = ((False, False), (False, True), (True, True))        # (HAS_Q, ALIVE)
+    masks = ((False, False), (False, True), (True, True))        # (has_q, alive)
     out = []
     for arch in archs:
         for c in cfg.SUPPORTED_CHANNELS:
-            if "bwd_keep" in kernels:
-                out += [_keep(arch, c, circ, i64) for circ in (False, True)
-                        for i64 in (False, True)]
-            for f in cfg.SUPPORTED_FILTERS:
+            for f, bank in BANKS:
                 for circ in (False, True):
                     for i64 in (False, True):
+                        common = dict(arch=arch, channels=c, filters=f, bank=bank,
+                                      circular=circ, int64=i64)
                         if "bwd_input" in kernels:
-                            for q in (False, True):
-                                out.append(_transpose(arch, c, f, q, circ, i64))
-                        for kernel in ("fwd", "bwd_gp", "bwd_weights"):
-                            if kernel not in kernels:
-                                continue
-                            for hid in cfg.SUPPORTED_HIDDEN:
-                                for prec in sorted(cfg.PRECISION_CODES.values()):
-                                    for q, alive in masks:
-                                        out.append(_dense(kernel, arch, c, hid, f, prec, q, alive,
-                                                          circ, i64))
+                            out.append(Variant("bwd_input", hidden=0, precision=0, **common))
+                        for hid in cfg.SUPPORTED_HIDDEN:
+                            for prec in sorted(cfg.PRECISION_CODES.values()):
+                                dense = dict(common, hidden=hid, precision=prec)
+                                if "fwd" in kernels:
+                                    out += [Variant("fwd", has_q=q, alive=a, **dense)
+                                            for q, a in masks]
+                                if "bwd_gp" in kernels:
+                                    out.append(Variant("bwd_gp", **dense))
+                                if "bwd_weights" in kernels:
+                                    out += [Variant("bwd_weights", next=n, **dense)
+                                            for n in (False, True)]
     return out
+
+
+def _v(kernel, arch, c, hid, f, bank, prec, **kw) -> Variant:
+    return Variant(kernel, arch, c, hid, f, bank, prec, **kw)
+
+
+def default_variants(archs: Sequence[int] = (90,), kernels: Sequence[str] = KERNEL_NAMES,
+                     kernels_dir: Path = KERNELS_DIR) -> List[Variant]:
+    """The kernels of one mid-rollout training step of the default model (C = 16, hidden 128,
+    "sobel", tf32, alive masking on): what shared/tools/sass_count.py measures."""
+    out = []
+    for arch in archs:
+        out += [_v("fwd", arch, 16, 128, 3, 1, 1, has_q=True, alive=True),
+                _v("bwd_gp", arch, 16, 128, 3, 1, 1),
+                _v("bwd_weights", arch, 16, 128, 3, 1, 1, next=True)]
+    return [v for v in out if v.kernel in kernels]
 
 
 def quick_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL_NAMES,
                    kernels_dir: Path = KERNELS_DIR) -> List[Variant]:
-    """A representative subset (33 per arch): every switch, precision and size extreme once."""
+    """A representative subset: every switch, bank, precision and size extreme once."""
     out = []
     for arch in archs:
-        for k in ("fwd", "bwd_gp", "bwd_weights"):
+        for k in DENSE_KERNELS:
+            sw = dict(has_q=True, alive=True) if k == "fwd" else {}
+            nx = dict(next=True) if k == "bwd_weights" else {}
             out += [
-                _dense(k, arch, 16, 128, 3, 1, True, True),       # the default, mid-rollout
-                _dense(k, arch, 16, 128, 3, 1, False, True),      # first step of a rollout
-                _dense(k, arch, 16, 128, 3, 1, False, False),     # alive masking off
-                _dense(k, arch, 16, 128, 3, 2, True, True),
-                _dense(k, arch, 16, 128, 3, 0, True, True),
-                _dense(k, arch, 32, 256, 4, 1, True, True),       # the largest shapes
-                _dense(k, arch, 32, 256, 4, 2, True, True),
-                _dense(k, arch, 16, 32, 3, 1, True, True),        # the smallest hidden layer
-                _dense(k, arch, 16, 128, 3, 1, True, True, True, True),
+                _v(k, arch, 16, 128, 3, 1, 1, **sw, **nx),        # the default, mid-rollout
+                _v(k, arch, 16, 128, 3, 1, 2, **sw, **nx),        # bf16
+                _v(k, arch, 16, 128, 3, 1, 0, **sw, **nx),        # ieee
+                _v(k, arch, 16, 128, 3, 0, 1, **sw, **nx),        # a bank given as data
+                _v(k, arch, 32, 256, 4, 2, 1, **sw, **nx),        # the largest shapes
+                _v(k, arch, 32, 256, 4, 0, 2, **sw, **nx),
+                _v(k, arch, 16, 32, 3, 1, 1, **sw, **nx),         # the smallest hidden layer
+                _v(k, arch, 16, 128, 3, 1, 1, circular=True, int64=True, **sw, **nx),
             ]
-        out += [_transpose(arch, 16, 3, True), _transpose(arch, 16, 3, False),
-                _transpose(arch, 32, 4, True), _transpose(arch, 16, 3, True, True, True),
-                _keep(arch, 16), _keep(arch, 32, True, True)]
+        out += [_v("fwd", arch, 16, 128, 3, 1, 1, alive=True),                # first step
+                _v("fwd", arch, 16, 128, 3, 1, 1),                            # no masking
+                _v("bwd_weights", arch, 16, 128, 3, 1, 1),                    # last step
+                _v("bwd_input", arch, 16, 0, 3, 1, 0), _v("bwd_input", arch, 32, 0, 4, 0, 0),
+                _v("bwd_input", arch, 16, 0, 3, 1, 0, circular=True, int64=True)]
     return [v for v in out if v.kernel in kernels]
 
 
 def ci_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL_NAMES,
                 kernels_dir: Path = KERNELS_DIR) -> List[Variant]:
-    """The CI subset (14 on sm_90a, 12 on sm_80): tf32 and bf16 at the defaults with alive off /
-    on / pending bits, spread over both dense kernels rather than crossed; the largest shapes
-    (the largest backward, the slowest compile, on sm_90a only); INT64; two variants that
-    spilled before their configs changed (regressions)."""
+    """The CI subset: the default step's kernels, bf16, the largest shapes, INT64, circular,
+    a bank given as data, and the shapes of the CI variants of the kernels before v2 (their
+    executed counts are compared in bench/NOTES.md)."""
     out = []
     for arch in archs:
         out += [
-            _dense("fwd", arch, 16, 128, 3, 1, True, True),
-            _dense("fwd", arch, 16, 128, 3, 2, False, False),
-            _dense("bwd_gp", arch, 16, 128, 3, 1, True, True),
-            _dense("bwd_weights", arch, 16, 128, 3, 1, True, True),
-            _dense("bwd_gp", arch, 16, 128, 3, 2, False, True),
-            _dense("bwd_weights", arch, 16, 128, 3, 2, False, True),
-            _dense("fwd", arch, 32, 256, 4, 2, True, True),
-            _dense("fwd", arch, 16, 128, 3, 1, True, True, False, True),
-            _transpose(arch, 16, 3, True),
-            _transpose(arch, 32, 4, True, False, True),
-            _keep(arch, 32, True, True),
+            _v("fwd", arch, 16, 128, 3, 1, 1, has_q=True, alive=True),
+            _v("fwd", arch, 16, 128, 3, 1, 2),
+            _v("fwd", arch, 32, 256, 4, 2, 2, has_q=True, alive=True),
+            _v("fwd", arch, 16, 128, 3, 1, 1, has_q=True, alive=True, int64=True),
+            _v("fwd", arch, 32, 32, 4, 2, 0, alive=True, int64=True),
+            _v("bwd_gp", arch, 16, 128, 3, 1, 1),
+            _v("bwd_gp", arch, 16, 128, 3, 1, 2),
+            _v("bwd_weights", arch, 16, 128, 3, 1, 1, next=True),
+            _v("bwd_weights", arch, 16, 128, 3, 1, 2),
+            _v("bwd_input", arch, 16, 0, 3, 1, 0),
+            _v("bwd_input", arch, 32, 0, 4, 0, 0, circular=True, int64=True),
+            _v("bwd_gp", arch, 16, 128, 3, 0, 1, circular=True),
         ]
         if arch >= 90:
-            out.append(_dense("bwd_gp", arch, 32, 256, 4, 1, True, True))
-            out.append(_dense("bwd_weights", arch, 32, 256, 4, 1, True, True))
-            # spilled 8 B before "ieee" took 16-unit chunks over the widest inputs
-            out.append(_dense("fwd", arch, 32, 32, 4, 0, False, True, False, True))
+            out += [_v("bwd_gp", arch, 32, 256, 4, 2, 1),
+                    _v("bwd_weights", arch, 32, 256, 4, 2, 1, next=True)]
         else:
-            # spilled 24 B before the widest single-chunk perception gradient took two chunks
-            out.append(_dense("bwd_gp", arch, 32, 32, 4, 2, True, True))
+            out.append(_v("bwd_gp", arch, 32, 32, 4, 2, 2))
     return [v for v in out if v.kernel in kernels]
 
 
-SUBSETS = {"all": all_variants, "quick": quick_variants, "ci": ci_variants}
+SUBSETS = {"all": all_variants, "quick": quick_variants, "ci": ci_variants,
+           "defaults": default_variants}
 
 
-# ------------------------------------------------------------------------------ kernel loading
-_KERNEL_FUNCS = {"fwd": ("step_fwd", "_nca_step_fwd_kernel"),
-                 "bwd_gp": ("step_bwd", "_nca_step_bwd_gp_kernel"),
-                 "bwd_weights": ("step_bwd", "_nca_step_bwd_weights_kernel"),
-                 "bwd_input": ("step_bwd", "_nca_step_bwd_input_kernel"),
-                 "bwd_keep": ("step_bwd", "_nca_step_bwd_keep_kernel")}
+# ------------------------------------------------------------------ recording the launch
+_FUNCS = {"fwd": "_nca_step_fwd_kernel", "bwd_gp": "_nca_step_bwd_gp_kernel",
+          "bwd_weights": "_nca_step_bwd_weights_kernel", "bwd_input": "_nca_step_bwd_input_kernel"}
 
 
 def load_kernels(kernels_dir: Path = KERNELS_DIR):
@@ -255,7 +272,8 @@ def load_kernels(kernels_dir: Path = KERNELS_DIR):
 
     ``@triton.jit`` decides at import whether a kernel is a compilable JITFunction or an
     interpreted one (TRITON_INTERPRET), and test processes import ``nca_fast.kernels``
-    interpreted; a private copy is unaffected by that. Returns (configs module, {name: kernel}).
+    interpreted; a private copy is unaffected by that. Returns the package's modules
+    (configs, step_fwd, step_bwd).
     """
     # The decorator reads TRITON_INTERPRET when a module is executed, triton's own included:
     # unset it for good in this process, which exists only to compile.
@@ -277,89 +295,209 @@ def load_kernels(kernels_dir: Path = KERNELS_DIR):
         pkg = importlib.util.module_from_spec(spec)
         sys.modules[name] = pkg
         spec.loader.exec_module(pkg)
-    configs = importlib.import_module(f"{name}.configs")
-    funcs = {}
-    for kernel, (module, attr) in _KERNEL_FUNCS.items():
-        fn = getattr(importlib.import_module(f"{name}.{module}"), attr)
-        if not isinstance(fn, triton.runtime.JITFunction):
-            raise TypeError(f"{attr}: imported as {type(fn).__name__}, not a JITFunction; "
-                            "TRITON_INTERPRET must be unset when the kernels are imported")
-        funcs[kernel] = fn
-    return configs, funcs
+    return tuple(importlib.import_module(f"{name}.{m}")
+                 for m in ("configs", "step_fwd", "step_bwd"))
 
 
-def launch_config(v: Variant, configs):
-    """(BLOCK_M, num_warps, num_stages, maxnreg) the launcher picks for ``v`` on a GPU."""
-    if configs.interpreting():
-        raise RuntimeError("launch_config: TRITON_INTERPRET=1 would select interpreter tiles")
-    if v.kernel == "fwd":
-        cfg = configs.select_forward(N_CELLS, v.channels, v.hidden, v.filters, None,
-                                     PRECISION_NAMES[v.precision])
-    elif v.kernel in ("bwd_gp", "bwd_weights"):
-        select = configs.select_backward if v.kernel == "bwd_gp" else configs.select_weights
-        cfg = select(N_CELLS, v.channels, v.hidden, v.filters, None, PRECISION_NAMES[v.precision])
-    elif v.kernel == "bwd_input":
-        cfg = configs.select_transpose(N_CELLS, v.channels, v.filters)
-    else:
-        cfg = configs.select_keep(N_CELLS, v.channels)
-    _CFG[v] = cfg
-    return cfg.block_m, cfg.num_warps, cfg.num_stages, getattr(cfg, "maxnreg", None)
+class _Recorder:
+    """Patches ``JITFunction.run``: launches are recorded, not run."""
+
+    def __enter__(self):
+        from triton.runtime.jit import JITFunction
+
+        self.cls, self.orig, self.launches = JITFunction, JITFunction.run, []
+
+        def run(fn, *args, grid, warmup=False, **kwargs):
+            self.launches.append((fn, grid, args, kwargs))
+
+        JITFunction.run = run
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.run = self.orig
 
 
-_CFG: Dict["Variant", object] = {}
+def record_launch(v: Variant, modules):
+    """(kernel, grid, args, kwargs) of ``v``: its launcher called on CPU tensors of the nominal
+    grid (the forward as a mid-rollout step, the weight kernel with a next step or not)."""
+    import torch
+    from nca_fast.config import FILTER_BANKS
+
+    configs, step_fwd, step_bwd = modules
+    B, H, W = GRID
+    C, HID, F_ = v.channels, v.hidden or 32, v.filters
+    prec = PRECISION_NAMES[v.precision]
+    filt = (torch.tensor(FILTER_BANKS[BANK_FILTERS[v.bank]]) if v.bank else
+            torch.full((F_, 3, 3), 0.5)).reshape(F_, 9)
+    r, g = torch.zeros(B, H, W, C), torch.zeros(B, H, W, C)
+    w1k, b1, w2t, b2 = (torch.zeros(F_, C, HID), torch.zeros(HID), torch.zeros(HID, C),
+                        torch.zeros(C))
+    cw = torch.zeros(B, H, W, dtype=torch.int16)
+    kw = dict(circular=v.circular, precision=prec, bank=v.bank)
+    orig = configs.needs_int64
+    configs.needs_int64 = lambda *a: v.int64       # the switch alone, at the nominal size
+    try:
+        with _Recorder() as rec:
+            if v.kernel == "fwd":
+                q = step_fwd.hq_plane(B, H, W, "cpu") if v.has_q else None
+                step_fwd.nca_step_fwd(r, q, w1k, b1, w2t, b2, filt, seed=2**40 + 12345, step=7,
+                                      fire_threshold=1 << 23,
+                                      alive_threshold=0.1 if v.alive else None,
+                                      alpha_channel=ALPHA_CHANNEL,
+                                      cw_out=cw, **kw)
+            elif v.kernel == "bwd_gp":
+                step_bwd.bwd_gp(r, cw, g, w1k, b1, w2t, filt, **kw)
+            elif v.kernel == "bwd_weights":
+                parts = step_bwd.new_parts(B, H, W, C, HID, F_, "cpu", prec)
+                nxt = (torch.zeros(B * H * W, F_, C), cw, g) if v.next else None
+                step_bwd.bwd_weights(r, cw, g, parts, w1k, b1, w2t, filt, next_step=nxt, **kw)
+            else:
+                step_bwd.bwd_input(torch.zeros(B * H * W, F_, C), cw, g, filt, (B, H, W, C),
+                                   circular=v.circular, bank=v.bank)
+    finally:
+        configs.needs_int64 = orig
+    if len(rec.launches) != 1:
+        raise RuntimeError(f"{v.label()}: the launcher made {len(rec.launches)} launches")
+    return rec.launches[0]
 
 
-def _hidden_chunk(v: Variant) -> int:
-    """The hidden-layer chunk (HC) the launcher passes for ``v`` (set by launch_config)."""
-    return _CFG[v].hidden_chunk
+def specialise(launch, arch: int):
+    """(ASTSource, options dict, bound arguments) of a recorded launch, as triton's JIT builds
+    them (its binder and ``_pack_args``)."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn, grid, args, kwargs = launch
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    kwargs = dict(kwargs, debug=False,
+                  instrumentation_mode=knobs.compilation.instrumentation_mode)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, opts = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+    return ASTSource(fn, signature, constexprs, attrs), options.__dict__, dict(bound)
 
 
-def signature(v: Variant, fn, block_m: int):
-    """(signature, constexprs, attrs) of ``ASTSource`` for ``v``, argument by argument."""
-    size = "i64" if v.int64 else "i32"
-    q_type = "*u8" if v.has_q else "*fp32"
-    types = {
-        "fwd": dict(r_ptr="*fp32", q_ptr=q_type, out_ptr="*fp32",
-                    q_out_ptr="*u8" if v.alive else "*fp32",
-                    w1_ptr="*fp32", b1_ptr="*fp32", w2_ptr="*fp32", b2_ptr="*fp32",
-                    filt_ptr="*fp32", seed="i64", step="i32", fire_threshold="i32", thr="fp32",
-                    n_cells=size, HW=size, H=size, W=size),
-        "bwd_gp": dict(r_ptr="*fp32", keep_ptr=q_type, g_ptr="*fp32", gp_ptr="*fp32",
-                       w1_ptr="*fp32", b1_ptr="*fp32", w2_ptr="*fp32", filt_ptr="*fp32",
-                       seed="i64", step="i32", fire_threshold="i32",
-                       n_cells=size, HW=size, H=size, W=size),
-        "bwd_weights": dict(r_ptr="*fp32", keep_ptr=q_type, g_ptr="*fp32", part_ptr="*fp32",
-                            w1_ptr="*fp32", b1_ptr="*fp32", w2_ptr="*fp32", filt_ptr="*fp32",
-                            seed="i64", step="i32", fire_threshold="i32",
-                            n_cells=size, n_programs="i32", tiles_per_program="i32",
-                            HW=size, H=size, W=size, n_taps="i32"),
-        "bwd_input": dict(keep_ptr=q_type, g_ptr="*fp32", gp_ptr="*fp32", gr_ptr="*fp32",
-                          filt_ptr="*fp32", n_cells=size, HW=size, H=size, W=size),
-        "bwd_keep": dict(r_ptr="*fp32", q_ptr="*u8", keep_ptr="*u8", thr="fp32",
-                         n_cells=size, HW=size, H=size, W=size),
-    }[v.kernel]
-    constexprs = dict(C=v.channels, BLOCK_M=block_m, CIRCULAR=v.circular, INT64=v.int64)
-    if v.kernel != "bwd_keep":
-        constexprs.update(NF=v.filters, HAS_Q=v.has_q)
-    if v.kernel in ("fwd", "bwd_keep"):
-        constexprs.update(ALPHA=ALPHA_CHANNEL)
-    if v.dense:
-        constexprs.update(HID=v.hidden, PRECISION=v.precision, HC=_hidden_chunk(v))
-    if v.kernel == "fwd":
-        constexprs.update(ALIVE=v.alive)
-    if v.kernel == "bwd_input":
-        constexprs.update(UNROLL=_CFG[v].unroll_taps)
-    names = list(fn.arg_names)
-    missing = set(names) - set(types) - set(constexprs)
-    extra = (set(types) | set(constexprs)) - set(names)
-    if missing or extra:
-        raise RuntimeError(f"{fn.__name__}: the report's argument list is out of date with the "
-                           f"kernel (missing {sorted(missing)}, unknown {sorted(extra)})")
-    sig = {n: types.get(n, "constexpr") for n in names}
-    # Torch allocations are 256-byte aligned; the JIT marks such pointers divisible by 16.
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in types.items()
-             if t.startswith("*")}
-    return sig, constexprs, attrs
+def grid_size(grid, bound) -> Tuple[int, int, int]:
+    g = grid(bound) if callable(grid) else grid
+    g = tuple(int(x) for x in g) + (1, 1)
+    return g[0], g[1], g[2]
+
+
+# ------------------------------------------------------------------- executed instructions
+_INS = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)\s*(.*?)\s*;?\s*$")
+_LABEL = re.compile(r"^\s*(\.L_\w+):\s*$")
+_TARGET = re.compile(r"`\((\.L_\w+)\)")
+
+
+def _nvdisasm(cubin: bytes) -> str:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([tool, "-c", path], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def parse_cfg(text: str):
+    """Instructions [(op, predicated, target index or None)] of nvdisasm text, in order."""
+    ins, labels, pending, targets = [], {}, [], []
+    for raw in text.splitlines():
+        m = _LABEL.match(raw)
+        if m:
+            pending.append(m[1])
+            continue
+        m = _INS.match(raw)
+        if not m:
+            continue
+        for lab in pending:
+            labels[lab] = len(ins)
+        pending = []
+        t = _TARGET.search(m[4]) if m[3].split(".")[0] in ("BRA", "JMP") else None
+        ins.append([m[3], bool(m[2]), None])
+        targets.append(t[1] if t else None)
+    for i, lab in enumerate(targets):
+        if lab is not None:
+            ins[i][2] = labels[lab]
+    return ins
+
+
+def executed_per_program(ins, trips: int) -> int:
+    """Instructions one program executes: the longest path from the entry to EXIT, the loop
+    body (at most one natural loop: a backward branch) counted ``trips`` times.
+
+    Forward branches take their longer side; a conditional branch falls through or jumps;
+    EXIT and unconditional branches end a path (with a predicate, EXIT falls through too)."""
+    n = len(ins)
+    # a branch to itself is the trap ptxas places after the last EXIT, never reached
+    back = [(i, t) for i, (op, _, t) in enumerate(ins) if t is not None and t < i]
+    if len(back) > 1:
+        raise ValueError(f"{len(back)} loops in the SASS; the report counts kernels with one")
+    head, latch = (back[0][1], back[0][0]) if back else (n, n)
+
+    def succ(i):
+        op, pred, t = ins[i]
+        base = op.split(".")[0]
+        out = []
+        if base in ("EXIT", "RET") and not pred:
+            return out
+        if base in ("BRA", "JMP") and t is not None:
+            if t > i:                     # the back edge is the loop, walked separately
+                out.append(t)
+            elif t == i:                  # the trap after EXIT
+                return out
+            if not pred:
+                return out
+        if i + 1 < n:
+            out.append(i + 1)
+        return out
+
+    def longest(start, stop_set, lo, hi):
+        """Longest path length from start through instructions in [lo, hi] to any stop."""
+        memo: Dict[int, int] = {}
+        for i in range(hi, lo - 1, -1):
+            best = None
+            for j in succ(i):
+                if j in stop_set or j > hi:
+                    cand = 0
+                elif j < lo:
+                    continue
+                else:
+                    cand = memo.get(j)
+                    if cand is None:
+                        continue
+                best = cand if best is None else max(best, cand)
+            if best is None:
+                best = 0 if not succ(i) else None
+            if best is not None:
+                memo[i] = best + 1
+        return memo.get(start, 0)
+
+    if not back:
+        return longest(0, set(), 0, n - 1)
+    body = longest(head, {latch + 1}, head, latch)         # one trip: head .. the back edge
+    before = longest(0, {head}, 0, head - 1) if head else 0
+    after = longest(latch + 1, set(), latch + 1, n - 1) if latch + 1 < n else 0
+    return before + body * trips + after
+
+
+def executed_per_cell(sass_text: str, launch, bound, num_warps: int) -> float:
+    """Executed warp-instructions per cell of a recorded persistent launch."""
+    gx, gy, gz = grid_size(launch[1], bound)
+    programs = gx * gy * gz
+    n_tiles = int(bound["n_tiles"])
+    ins = parse_cfg(sass_text)
+    total = 0
+    for p in range(gx):              # programs along axis 0 walk tiles p, p + gx, ...
+        trips = max(0, -(-(n_tiles - p) // gx))
+        total += executed_per_program(ins, trips) * gy * gz
+    return total * num_warps / N_CELLS if programs else 0.0
 
 
 # ----------------------------------------------------------------------------------- results
@@ -388,14 +526,14 @@ class Result:
     seconds: float = 0.0
     cpu_seconds: float = 0.0      # this process + ptxas; unlike ``seconds``, load-independent
     sass: Dict[str, int] = dataclasses.field(default_factory=dict)  # class -> static count
+    executed: float = 0.0         # executed warp-instructions per cell (``--sass``)
+    programs: int = 0             # the persistent launch's programs
 
     @property
     def warp_instr_per_cell(self) -> float:
-        """Static SASS instructions x warps / BLOCK_M: warp-instructions issued per cell by a
-        loop-free kernel (fwd, bwd_input); for bwd, the prologue counts once per program and the
-        tile loop once per tile, so it is an estimate. 0 without ``--sass``."""
-        total = sum(self.sass.values())
-        return total * self.num_warps / self.block_m if total and self.block_m else 0.0
+        """Executed warp-instructions per cell of the nominal launch: each program's tile loop
+        counted once per tile it owns (``executed_per_cell``). 0 without ``--sass``."""
+        return self.executed
 
     @property
     def tensor_core(self) -> int:
@@ -425,9 +563,10 @@ class Result:
     def row(self) -> dict:
         v = self.variant
         return dict(kernel=v.kernel, arch=f"sm_{v.arch}{'a' if v.arch >= 90 else ''}",
-                    C=v.channels, hidden=v.hidden or "-", F=v.filters,
+                    C=v.channels, hidden=v.hidden or "-", F=v.filters, bank=v.bank,
                     precision=PRECISION_NAMES[v.precision] if v.dense else "-",
                     switches=v.switches(), BLOCK_M=self.block_m, warps=self.num_warps,
+                    programs=self.programs,
                     stages=self.num_stages, maxnreg=self.maxnreg, status=self.status,
                     registers=self.registers,
                     spill_stores=self.spill_stores, spill_loads=self.spill_loads,
@@ -570,7 +709,7 @@ def _init_worker(kernels_dir: str, cache_dir: str, sass: bool = False) -> None:
     import triton
 
     triton.knobs.nvidia.dump_ptxas_log = True     # triton prints its own ptxas -v log
-    _STATE["configs"], _STATE["funcs"] = load_kernels(Path(kernels_dir))
+    _STATE["modules"] = load_kernels(Path(kernels_dir))
     _STATE["sass"] = sass
 
 
@@ -585,23 +724,21 @@ def compile_variant(v: Variant) -> Result:
     """Compile ``v`` (after ``_init_worker``) and measure it. Never raises for kernel errors."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    configs, funcs = _STATE["configs"], _STATE["funcs"]
     res = Result(v)
-    res.block_m, res.num_warps, res.num_stages, res.maxnreg = launch_config(v, configs)
-    fn = funcs[v.kernel]
-    sig, constexprs, attrs = signature(v, fn, res.block_m)
     start, cpu = time.perf_counter(), _cpu_time()
     log = io.StringIO()
     try:
+        launch = record_launch(v, _STATE["modules"])
+        src, options, bound = specialise(launch, v.arch)
+        res.num_warps = int(options.get("num_warps", 4))
+        res.num_stages = int(options.get("num_stages", 1))
+        res.maxnreg = options.get("maxnreg")
+        res.block_m = int(bound.get("TH", 0)) * int(bound.get("TW", 0))
+        gx, gy, gz = grid_size(launch[1], bound)
+        res.programs = gx * gy * gz
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs,
-                                                attrs=attrs),
-                                      target=GPUTarget("cuda", v.arch, 32),
-                                      options=dict(num_warps=res.num_warps,
-                                                   num_stages=res.num_stages,
-                                                   maxnreg=res.maxnreg))
+            compiled = triton.compile(src, target=GPUTarget("cuda", v.arch, 32), options=options)
     except Exception as exc:  # a kernel that does not compile is a finding, not a crash
         res.status, res.error = "error", _short_error(exc)
         res.seconds, res.cpu_seconds = time.perf_counter() - start, _cpu_time() - cpu
@@ -616,12 +753,18 @@ def compile_variant(v: Variant) -> Result:
     res.smem = int(compiled.metadata.shared)
     if _STATE.get("sass"):
         res.sass = parse_sass(_sass(compiled.asm["cubin"]))
+        try:
+            res.executed = executed_per_cell(_nvdisasm(compiled.asm["cubin"]), launch, bound,
+                                             res.num_warps)
+        except ValueError as exc:
+            res.error = f"executed count: {exc}"
     return res
 
 
 def _cost(v: Variant) -> float:
     """Rough relative compile time, to start the slowest compiles first."""
-    return ((3.0 if v.dense and v.precision == 0 else 1.0) * (2.0 if v.kernel.startswith("bwd_") and v.dense else 1.0)
+    return ((3.0 if v.dense and v.precision == 0 else 1.0)
+            * (2.0 if v.kernel.startswith("bwd_") and v.dense else 1.0)
             * (1.0 + v.hidden / 128) * v.channels * v.filters)
 
 
@@ -677,8 +820,8 @@ def run(variants: Sequence[Variant], workers: int = MAX_WORKERS,
 
 
 # ------------------------------------------------------------------------------------ output
-_COLUMNS = (("kernel", 9), ("arch", 7), ("C", 3), ("hidden", 6), ("F", 2), ("precision", 9),
-            ("switches", 14), ("BLOCK_M", 7), ("warps", 5), ("stages", 6), ("registers", 9),
+_COLUMNS = (("kernel", 11), ("arch", 7), ("C", 3), ("hidden", 6), ("F", 2), ("bank", 4),
+            ("precision", 9), ("switches", 18), ("BLOCK_M", 7), ("warps", 5), ("stages", 6), ("registers", 9),
             ("spill", 11), ("stack", 5), ("smem", 7), ("TC", 5), ("ld", 3), ("s", 5),
             ("check", 5))
 
@@ -702,13 +845,13 @@ def format_table(results: Iterable[Result]) -> str:
 
 
 def format_sass(results: Iterable[Result]) -> str:
-    """Static SASS instruction counts by class, and warp-instructions per cell (see Result)."""
+    """Static SASS instruction counts by class, and executed warp-instructions per cell."""
     classes = (*_SASS_CLASSES, "other")
-    head = f"{'variant':<52} {'w-inst/cell':>11} " + " ".join(f"{c:>9}" for c in classes)
+    head = f"{'variant':<58} {'w-inst/cell':>11} " + " ".join(f"{c:>9}" for c in classes)
     lines = [head]
     for r in results:
         if r.status == "ok" and r.sass:
-            lines.append(f"{r.variant.label():<52} {r.warp_instr_per_cell:>11.1f} "
+            lines.append(f"{r.variant.label():<58} {r.warp_instr_per_cell:>11.1f} "
                          + " ".join(f"{r.sass.get(c, 0):>9}" for c in classes))
     return "\n".join(lines)
 
@@ -778,18 +921,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="the representative subset (= --subset "
                    "quick)")
     p.add_argument("--subset", choices=sorted(SUBSETS), default=None,
-                   help="which variants: every one (default), quick, or the CI test's")
+                   help="which variants: every one (default), quick, the CI test's, or the "
+                        "default model's training step (defaults)")
     p.add_argument("--arch", type=int, choices=ARCHS, action="append",
                    help="compute capability to compile for (repeatable; default both)")
     p.add_argument("--kernel", choices=KERNEL_NAMES, action="append",
-                   help="restrict to a kernel (repeatable; default all three)")
+                   help="restrict to a kernel (repeatable; default all four)")
     p.add_argument("--workers", type=int, default=MAX_WORKERS, help="compile processes (1 or 2)")
     p.add_argument("--csv", type=Path, help="write every measured column here")
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     p.add_argument("--kernels-dir", type=Path, default=KERNELS_DIR,
                    help="kernel package to compile (default: the repository's kernels/)")
     p.add_argument("--sass", action="store_true",
-                   help="count SASS instructions by class (table: warp-instructions per cell)")
+                   help="count SASS instructions by class and executed warp-instructions per "
+                        "cell (loop trip counts)")
     p.add_argument("--list", action="store_true", help="print the variants and exit")
     args = p.parse_args(argv)
 

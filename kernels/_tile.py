@@ -342,22 +342,31 @@ def _concat4(p0, p1, p2, p3):
 
 
 @triton.jit
-def _w1_rows(w1_ptr, b1_ptr, j0, C: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr,
-             NF: tl.constexpr, BANK: tl.constexpr):
-    """Hidden units j0 .. j0 + HC of W1 as [4C, HC], row k*C + c. With F = 3 the fourth block
-    holds b1 in its first row (the constant-1 column of ``_concat4``) and zeros. For a named
-    bank the rows of Sobel-x and -y carry the filters' 1/8 (and the Laplacian's 1/16), which
-    ``_bank`` leaves out: powers of two, so the products are exactly the same."""
+def _w1_tile(w1_ptr, b1_ptr, lap, j0, C: tl.constexpr, HID: tl.constexpr, NJ: tl.constexpr,
+             NF: tl.constexpr, BANK: tl.constexpr, BIAS: tl.constexpr,
+             HIDDEN_ROWS: tl.constexpr, K_ORDER: tl.constexpr):
+    """W1 for hidden units j0 .. j0 + NJ: [4C, NJ] with feature k*C + c as row (the layout of
+    ``_concat4``), or [NJ, 4C] when HIDDEN_ROWS.
+
+    For a named bank the rows of Sobel-x and -y carry the filters' 1/8 and the Laplacian's rows
+    ``lap`` (1 or 1/16), which ``_bank`` leaves out: powers of two, so the products are exactly
+    the same. BIAS (F = 3): b1 in row 3C, the constant-1 column of ``_concat4``; otherwise that
+    block is zero. K_ORDER: the hidden units in the K order of ``_as_k_operand`` (tf32).
+    """
     k = tl.arange(0, 4 * C)
-    hh = j0 + tl.arange(0, HC)
-    w = tl.load(w1_ptr + k[:, None] * HID + hh[None, :], mask=(k < NF * C)[:, None], other=0.0)
+    j = j0 + _k_order(tl.arange(0, NJ), K_ORDER)
+    if HIDDEN_ROWS:
+        kk = k[None, :]
+        jj = j[:, None]
+    else:
+        kk = k[:, None]
+        jj = j[None, :]
+    w = tl.load(w1_ptr + kk * HID + jj, mask=kk < NF * C, other=0.0)
     if BANK != 0:
-        scale = tl.where((k >= C) & (k < 3 * C), 0.125, 1.0)
-        if BANK == 3:
-            scale = tl.where(k >= 3 * C, 0.0625, scale)
-        w = w * scale[:, None]
-    if NF == 3:
-        w = tl.where((k == 3 * C)[:, None], tl.load(b1_ptr + hh)[None, :], w)
+        w = w * tl.where((kk >= C) & (kk < 3 * C), 0.125, tl.where(kk >= 3 * C, lap, 1.0))
+    if BIAS:
+        if NF == 3:
+            w = tl.where(kk == 3 * C, tl.load(b1_ptr + jj), w)
     return w
 
 

@@ -122,10 +122,12 @@ def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
     if interpreting():
         return StepConfig(64 * 64, 4, 1, int64, 4, hidden, tile_h=64, tile_w=64)
     th, tw = 4, 16
-    # 8 warps: the two warpgroups take half the hidden units each; ~170 registers a thread,
-    # so one program per SM
-    programs = _sm_count(device)
-    return StepConfig(th * tw, 8, 1, int64, programs, hidden, tile_h=th, tile_w=tw)
+    # hidden_chunk = HR, the hidden units (MMA rows) of one program: 128 at most. 8 warps: the
+    # two warpgroups take half of them each; ~170 registers a thread, so one program per SM.
+    hr = min(hidden, 128)
+    programs = max(1, _sm_count(device) // (hidden // hr))
+    return StepConfig(th * tw, 8 if hr >= 128 else 4, 1, int64, programs, hr, tile_h=th,
+                      tile_w=tw)
 
 
 def select_transpose(n_cells: int, channels: int, num_filters: int, device=None) -> StepConfig:

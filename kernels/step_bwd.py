@@ -41,50 +41,16 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._tile import (_as_k_operand, _bank, _concat4, _k_order, _k_rows, _load_taps, _loop_zero,
-                    _mm, _nb, _plain_bits, _tap_bit, _tile_cells, _tile_next, _tile_start,
-                    _w1_rows)
-from .step_fwd import check_shapes, nca_step_fwd, persistent_grid
+from ._tile import (_as_k_operand, _bank, _bias_rows, _concat4, _k_rows, _load_taps, _loop_zero, _mm, _nb,
+                    _plain_bits, _tap_bit, _tile_cells, _tile_next, _tile_start, _w1_tile)
+from .step_fwd import check_shapes, lap_scale, nca_step_fwd, persistent_grid
 
 
 # ------------------------------------------------------------------------------ weight layouts
 @triton.jit
-def _w1t_rows(w1_ptr, j0, C: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr,
-              NF: tl.constexpr, BANK: tl.constexpr, PRECISION: tl.constexpr):
-    """[HC, 4C]: W1 (scaled as ``_w1_rows`` scales it) transposed, hidden units in the K order of
-    ``_as_k_operand``; the constant column's row is zero (nothing flows back into a constant)."""
-    k = tl.arange(0, 4 * C)
-    hh = j0 + _k_order(tl.arange(0, HC), PRECISION)
-    w = tl.load(w1_ptr + k[None, :] * HID + hh[:, None], mask=(k < NF * C)[None, :], other=0.0)
-    if BANK != 0:
-        scale = tl.where((k >= C) & (k < 3 * C), 0.125, 1.0)
-        if BANK == 3:
-            scale = tl.where(k >= 3 * C, 0.0625, scale)
-        w = w * scale[None, :]
-    return w
-
-
-@triton.jit
 def _w2_cols(w2_ptr, j0, C: tl.constexpr, HC: tl.constexpr):
     """[C, HC]: W2 for hidden units j0 .. j0 + HC (w2_ptr holds W2^T, [HID, C])."""
     return tl.load(w2_ptr + (j0 + tl.arange(0, HC))[None, :] * C + tl.arange(0, C)[:, None])
-
-
-@triton.jit
-def _w1_cols(w1_ptr, b1_ptr, C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr,
-             BANK: tl.constexpr):
-    """[HID, 4C]: ``_w1_rows`` of every hidden unit, transposed (hidden units as rows)."""
-    k = tl.arange(0, 4 * C)
-    hh = tl.arange(0, HID)
-    w = tl.load(w1_ptr + k[None, :] * HID + hh[:, None], mask=(k < NF * C)[None, :], other=0.0)
-    if BANK != 0:
-        scale = tl.where((k >= C) & (k < 3 * C), 0.125, 1.0)
-        if BANK == 3:
-            scale = tl.where(k >= 3 * C, 0.0625, scale)
-        w = w * scale[None, :]
-    if NF == 3:
-        w = tl.where((k == 3 * C)[None, :], tl.load(b1_ptr + hh)[:, None], w)
-    return w
 
 
 # ---------------------------------------------------------------------------- 1. the gp kernel
@@ -106,6 +72,7 @@ def _nca_step_bwd_gp_kernel(
     gp_ptr,         # [B*H*W, F, C] out: perception gradient (slot 0 + g for a named bank)
     w1_ptr, b1_ptr, w2_ptr,     # [F, C, HID], [HID], [HID, C]
     filt_ptr,                   # [F, 9] (BANK == 0)
+    lap,                        # the Laplacian's scale in a named bank (1 or 1/16)
     H, W, tiles_x, tiles_y, n_tiles, step_b, step_y, step_x,
     C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, HC: tl.constexpr, BANK: tl.constexpr,
@@ -117,23 +84,27 @@ def _nca_step_bwd_gp_kernel(
     dtype = r_ptr.dtype.element_ty
     # ---- parameters, once per program (up to 4 hidden chunks)
     ones = (tl.where(cols[None, :] == 0, 1.0, 0.0) + tl.zeros([M, C], dtype=tl.float32)).to(dtype)
-    w1a = _w1_rows(w1_ptr, b1_ptr, 0, C, HID, HC, NF, BANK).to(dtype)
-    ba = _bias_rows_t(b1_ptr, 0, C, HC).to(dtype)
-    wta = _w1t_rows(w1_ptr, 0, C, HID, HC, NF, BANK, PRECISION).to(dtype)
+    w1a = _w1_tile(w1_ptr, b1_ptr, lap, 0, C, HID, HC, NF, BANK, True, False, 0).to(dtype)
+    ba = _bias_rows(b1_ptr, 0, C, HC).to(dtype)
+    wta = _w1_tile(w1_ptr, b1_ptr, lap, 0, C, HID, HC, NF, BANK, False, True,
+                       PRECISION).to(dtype)
     w2a = _w2_cols(w2_ptr, 0, C, HC)
     if NCH >= 2:
-        w1b = _w1_rows(w1_ptr, b1_ptr, HC, C, HID, HC, NF, BANK).to(dtype)
-        bb = _bias_rows_t(b1_ptr, HC, C, HC).to(dtype)
-        wtb = _w1t_rows(w1_ptr, HC, C, HID, HC, NF, BANK, PRECISION).to(dtype)
+        w1b = _w1_tile(w1_ptr, b1_ptr, lap, HC, C, HID, HC, NF, BANK, True, False, 0).to(dtype)
+        bb = _bias_rows(b1_ptr, HC, C, HC).to(dtype)
+        wtb = _w1_tile(w1_ptr, b1_ptr, lap, HC, C, HID, HC, NF, BANK, False, True,
+                       PRECISION).to(dtype)
         w2b = _w2_cols(w2_ptr, HC, C, HC)
     if NCH == 4:
-        w1c = _w1_rows(w1_ptr, b1_ptr, 2 * HC, C, HID, HC, NF, BANK).to(dtype)
-        bc = _bias_rows_t(b1_ptr, 2 * HC, C, HC).to(dtype)
-        wtc = _w1t_rows(w1_ptr, 2 * HC, C, HID, HC, NF, BANK, PRECISION).to(dtype)
+        w1c = _w1_tile(w1_ptr, b1_ptr, lap, 2 * HC, C, HID, HC, NF, BANK, True, False, 0).to(dtype)
+        bc = _bias_rows(b1_ptr, 2 * HC, C, HC).to(dtype)
+        wtc = _w1_tile(w1_ptr, b1_ptr, lap, 2 * HC, C, HID, HC, NF, BANK, False, True,
+                       PRECISION).to(dtype)
         w2c = _w2_cols(w2_ptr, 2 * HC, C, HC)
-        w1d = _w1_rows(w1_ptr, b1_ptr, 3 * HC, C, HID, HC, NF, BANK).to(dtype)
-        bd = _bias_rows_t(b1_ptr, 3 * HC, C, HC).to(dtype)
-        wtd = _w1t_rows(w1_ptr, 3 * HC, C, HID, HC, NF, BANK, PRECISION).to(dtype)
+        w1d = _w1_tile(w1_ptr, b1_ptr, lap, 3 * HC, C, HID, HC, NF, BANK, True, False, 0).to(dtype)
+        bd = _bias_rows(b1_ptr, 3 * HC, C, HC).to(dtype)
+        wtd = _w1_tile(w1_ptr, b1_ptr, lap, 3 * HC, C, HID, HC, NF, BANK, False, True,
+                       PRECISION).to(dtype)
         w2d = _w2_cols(w2_ptr, 3 * HC, C, HC)
 
     pid = tl.program_id(0)
@@ -176,14 +147,6 @@ def _nca_step_bwd_gp_kernel(
         tl.store(gp_ptr + cell[:, None] * (NF * C) + kc[None, :], gp,
                  mask=ok[:, None] & (kc < NF * C)[None, :])
         b, ty, tx = _tile_next(b, ty, tx, step_b, step_y, step_x, tiles_x, tiles_y)
-
-
-@triton.jit
-def _bias_rows_t(b1_ptr, j0, C: tl.constexpr, HC: tl.constexpr):
-    """[C, HC]: b1 in the first row, zeros (the K block of a constant-1 column)."""
-    k = tl.arange(0, C)
-    hh = j0 + tl.arange(0, HC)
-    return tl.where((k == 0)[:, None], tl.load(b1_ptr + hh)[None, :], 0.0)
 
 
 # ------------------------------------------------------------------- transposed stencil helpers
@@ -281,29 +244,33 @@ def _nca_step_bwd_weights_kernel(
     gpn_ptr, cwn_ptr, gn_ptr,
     # parameters
     w1_ptr, b1_ptr, w2_ptr, filt_ptr,
+    lap,            # the Laplacian's scale in a named bank (1 or 1/16)
     H, W, tiles_x, tiles_y, n_tiles, step_b, step_y, step_x,
-    C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr,
+    C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr, HR: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BANK: tl.constexpr, NEXT: tl.constexpr,
     CIRCULAR: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
 ):
-    """PART = 4C*HID (dW1 as [4C, HID], rows k*C + c; with F = 3 row 3C is db1) + HID*C (dW2^T)
-    + C (db2) + HID (db1 when F = 4). dW1's filter rows carry the scale ``_w1_rows`` folds into
-    W1 for a named bank; the launcher takes it out."""
+    """Program (p, j) walks tiles p, p + P, ... for hidden units j*HR .. j*HR + HR (HR = HID
+    unless the accumulators of every unit would not fit). PART = 4C*HID (dW1 as [4C, HID],
+    rows k*C + c; with F = 3 row 3C is db1) + HID*C (dW2^T) + C (db2) + HID (db1 when F = 4).
+    dW1's filter rows carry the scale ``_w1_tile`` folds into W1 for a named bank; the launcher
+    takes it out. With NEXT every j computes g, the first one stores it; db2 is j = 0's."""
     M: tl.constexpr = TH * TW
     cols = tl.arange(0, C)
     dtype = r_ptr.dtype.element_ty
+    j0 = tl.program_id(1) * HR
+    hh = j0 + tl.arange(0, HR)
 
     # ---- parameters, once per program: hidden units as rows
-    w1t = _w1_cols(w1_ptr, b1_ptr, C, HID, NF, BANK).to(dtype)            # [HID, 4C]
-    w2t = tl.load(w2_ptr + tl.arange(0, HID)[:, None] * C + cols[None, :])  # [HID, C]
+    w1t = _w1_tile(w1_ptr, b1_ptr, lap, j0, C, HID, HR, NF, BANK, True, True, 0).to(dtype)
+    w2t = tl.load(w2_ptr + hh[:, None] * C + cols[None, :])                  # [HR, C]
     if NF == 4:
-        b1c = tl.where((cols == 0)[None, :], tl.load(b1_ptr + tl.arange(0, HID))[:, None],
-                       0.0).to(dtype)                                       # [HID, C]
+        b1c = tl.where((cols == 0)[None, :], tl.load(b1_ptr + hh)[:, None], 0.0).to(dtype)
         ones_t = (tl.where((cols == 0)[:, None], 1.0, 0.0)
                   + tl.zeros([C, M], dtype=tl.float32)).to(dtype)          # [C, M]
-    dw1 = tl.zeros([HID, 4 * C], dtype=dtype)
-    dw2 = tl.zeros([HID, C], dtype=dtype)
-    db1 = tl.zeros([HID], dtype=dtype)
+    dw1 = tl.zeros([HR, 4 * C], dtype=dtype)
+    dw2 = tl.zeros([HR, C], dtype=dtype)
+    db1 = tl.zeros([HR], dtype=dtype)
     db2 = tl.zeros([M, C], dtype=dtype)
 
     pid = tl.program_id(0)
@@ -319,7 +286,7 @@ def _nca_step_bwd_weights_kernel(
             g = _input_grad(gpn_ptr, cwn_ptr, gn_ptr, filt_ptr, base, y, x, cell, H, W, lz,
                             C, NF, BANK, CIRCULAR)
             tl.store(g_ptr + cell[:, None] * C + cl[None, :], g.to(g_ptr.dtype.element_ty),
-                     mask=ok[:, None])
+                     mask=ok[:, None] & (j0 == 0))
         else:
             g = tl.load(g_ptr + cell[:, None] * C + cl[None, :])
         cw = tl.load(cw_ptr + cell).to(tl.int32)
@@ -335,7 +302,7 @@ def _nca_step_bwd_weights_kernel(
         pc = _concat4(p0, p1, p2, p3)
 
         # ---- hidden units as rows: h^T = W1^T p^T, gh^T = (W2^T gdx^T) * (h_pre > 0)
-        hp = _mm(w1t, tl.trans(pc), tl.zeros([HID, M], dtype=dtype), PRECISION)
+        hp = _mm(w1t, tl.trans(pc), tl.zeros([HR, M], dtype=dtype), PRECISION)
         if NF == 4:
             hp = _mm(b1c, ones_t, hp, PRECISION)
         live = hp > 0
@@ -349,16 +316,15 @@ def _nca_step_bwd_weights_kernel(
             db1 += tl.sum(gh, axis=1)
         b, ty, tx = _tile_next(b, ty, tx, step_b, step_y, step_x, tiles_x, tiles_y)
 
-    # ---- this program's sums, added to its own row
+    # ---- this program's sums, added to its own row (hidden units j0 .. j0 + HR)
     part = part_ptr + pid.to(tl.int64) * (4 * C * HID + HID * C + C + HID)
-    hh = tl.arange(0, HID)
     kk = tl.arange(0, 4 * C)
     p = part + kk[None, :] * HID + hh[:, None]
     tl.store(p, tl.load(p) + dw1)
     p = part + 4 * C * HID + hh[:, None] * C + cols[None, :]
     tl.store(p, tl.load(p) + dw2)
     p = part + 4 * C * HID + HID * C + cols
-    tl.store(p, tl.load(p) + tl.sum(db2, axis=0))
+    tl.store(p, tl.load(p) + tl.sum(db2, axis=0), mask=j0 == 0)
     if NF == 4:
         p = part + 4 * C * HID + HID * C + C + hh
         tl.store(p, tl.load(p) + db1)
@@ -398,7 +364,7 @@ def part_size(C: int, HID: int) -> int:
 
 def weight_grads(parts: torch.Tensor, C: int, HID: int, F_: int, bank: int):
     """(dw1k [F, C, HID], db1 [HID], dw2t [HID, C], db2 [C]) from a [programs, PART] buffer,
-    summed over programs in a fixed order, the scale ``_w1_rows`` folds into W1 taken out."""
+    summed over programs in a fixed order, the scale ``_w1_tile`` folds into W1 taken out."""
     total = parts.sum(0)
     dw1 = total[:4 * C * HID].view(4 * C, HID)
     o = 4 * C * HID
@@ -408,8 +374,8 @@ def weight_grads(parts: torch.Tensor, C: int, HID: int, F_: int, bank: int):
     dw1k = dw1[:F_ * C].view(F_, C, HID).clone()
     if bank != 0:
         dw1k[1:3] *= 0.125
-        if bank == 3:
-            dw1k[3] *= 0.0625
+        if F_ == 4:
+            dw1k[3] *= lap_scale(bank)
     return dw1k, db1, dw2t, db2
 
 
@@ -445,9 +411,10 @@ def bwd_gp(r, cw, g, w1k, b1, w2t, filters, *, circular: bool, precision: str, b
     programs, *sizes = persistent_grid(B, H, W, cfg)
     gp = torch.empty((B * H * W, F_, C), dtype=r.dtype, device=r.device) if gp is None else gp
     _nca_step_bwd_gp_kernel[(programs,)](
-        r, cw, g, gp, w1k, b1, w2t, filters,
+        r, cw, g, gp, w1k, b1, w2t, filters, lap_scale(bank),
         H, W, *sizes,
-        C=C, HID=HID, NF=F_, TH=cfg.tile_h, TW=cfg.tile_w, HC=cfg.hidden_chunk, BANK=bank,
+        C=C, HID=HID, NF=F_, TH=cfg.tile_h, TW=cfg.tile_w, HC=cfg.hidden_chunk,
+        BANK=min(bank, 2),
         CIRCULAR=circular, PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
     return gp
@@ -465,10 +432,11 @@ def bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, *, circular: bool, preci
         raise ValueError(f"parts: expected a {r.dtype} [{programs}, {part_size(C, HID)}] buffer "
                          f"(new_parts), got {parts.dtype} {tuple(parts.shape)}")
     gpn, cwn, gn = next_step if next_step is not None else (g, cw, g)
-    _nca_step_bwd_weights_kernel[(programs,)](
-        r, cw, g, parts, gpn, cwn, gn, w1k, b1, w2t, filters,
+    _nca_step_bwd_weights_kernel[(programs, HID // cfg.hidden_chunk)](
+        r, cw, g, parts, gpn, cwn, gn, w1k, b1, w2t, filters, lap_scale(bank),
         H, W, *sizes,
-        C=C, HID=HID, NF=F_, TH=cfg.tile_h, TW=cfg.tile_w, BANK=bank,
+        C=C, HID=HID, NF=F_, HR=cfg.hidden_chunk, TH=cfg.tile_h, TW=cfg.tile_w,
+        BANK=min(bank, 2),
         NEXT=next_step is not None, CIRCULAR=circular,
         PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
@@ -484,7 +452,7 @@ def bwd_input(gp, cw, g, filters, shape, *, circular: bool, bank: int, grad_r=No
     _nca_step_bwd_input_kernel[(programs,)](
         gp, cw, g, grad_r, filters,
         H, W, *sizes,
-        C=C, NF=F_, TH=cfg.tile_h, TW=cfg.tile_w, BANK=bank, CIRCULAR=circular,
+        C=C, NF=F_, TH=cfg.tile_h, TW=cfg.tile_w, BANK=min(bank, 2), CIRCULAR=circular,
         INT64=cfg.int64, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         maxnreg=cfg.maxnreg)
     return grad_r

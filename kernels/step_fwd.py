@@ -30,7 +30,7 @@ import triton.language as tl
 
 from . import configs
 from ._tile import (_bank, _bias_rows, _concat4, _fire_bit, _hq_index, _load_taps, _loop_zero, _mlp_chunk,
-                    _pack_cw, _plain_bits, _tile_cells, _tile_next, _tile_start, _w1_rows, _w2_rows,
+                    _pack_cw, _plain_bits, _tile_cells, _tile_next, _tile_start, _w1_tile, _w2_rows,
                     _window_bits)
 
 
@@ -41,22 +41,23 @@ def _nca_step_fwd_kernel(
     hq_ptr,         # [B, H+4, W+4] uint8 hq bytes of r (HAS_Q): bit 0 pending pre-mask, 1 hot
     out_ptr,        # [B*H*W, C] this step's raw update
     hq_out_ptr,     # [B, H+4, W+4] uint8 this step's hq bytes (ALIVE; the border stays zero)
-    cw_out_ptr,     # [B*H*W] int16 the cells' words for the backward (SAVE_CW): taps, fire
+    cw_out_ptr,     # [B*H*W] int16 the cells' words for the backward (save_cw): taps, fire
     # parameters
     w1_ptr,         # [F, C, HID]  W1_k[c, j] = w1[j, c*F + k]
     b1_ptr,         # [HID]
     w2_ptr,         # [HID, C]     transpose of w2
     b2_ptr,         # [C]
     filt_ptr,       # [F, 9] filter taps, row-major 3x3 (read when BANK == 0)
+    lap,            # the Laplacian's scale in a named bank (1 or 1/16)
     # step
-    seed, step, fire_threshold, thr,
+    seed, step, fire_threshold, thr, save_cw,
     # sizes: tiles of TH x TW cells, tiles_y x tiles_x per grid; the persistent programs step
     # num_programs = step_b * tiles_y * tiles_x + step_y * tiles_x + step_x tiles at a time
     H, W, tiles_x, tiles_y, n_tiles, step_b, step_y, step_x,
     C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr, ALPHA: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, HC: tl.constexpr, BANK: tl.constexpr,
     HAS_Q: tl.constexpr, ALIVE: tl.constexpr, CIRCULAR: tl.constexpr, PRECISION: tl.constexpr,
-    INT64: tl.constexpr, SAVE_CW: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     M: tl.constexpr = TH * TW
     NCH: tl.constexpr = HID // HC
@@ -64,18 +65,18 @@ def _nca_step_fwd_kernel(
     dtype = r_ptr.dtype.element_ty
     # ---- parameters, once per program (up to 4 hidden chunks)
     ones = (tl.where(cols[None, :] == 0, 1.0, 0.0) + tl.zeros([M, C], dtype=tl.float32)).to(dtype)
-    w1a = _w1_rows(w1_ptr, b1_ptr, 0, C, HID, HC, NF, BANK).to(dtype)
+    w1a = _w1_tile(w1_ptr, b1_ptr, lap, 0, C, HID, HC, NF, BANK, True, False, 0).to(dtype)
     ba = _bias_rows(b1_ptr, 0, C, HC).to(dtype)
     w2a = _w2_rows(w2_ptr, 0, C, HC, PRECISION)
     if NCH >= 2:
-        w1b = _w1_rows(w1_ptr, b1_ptr, HC, C, HID, HC, NF, BANK).to(dtype)
+        w1b = _w1_tile(w1_ptr, b1_ptr, lap, HC, C, HID, HC, NF, BANK, True, False, 0).to(dtype)
         bb = _bias_rows(b1_ptr, HC, C, HC).to(dtype)
         w2b = _w2_rows(w2_ptr, HC, C, HC, PRECISION)
     if NCH == 4:
-        w1c = _w1_rows(w1_ptr, b1_ptr, 2 * HC, C, HID, HC, NF, BANK).to(dtype)
+        w1c = _w1_tile(w1_ptr, b1_ptr, lap, 2 * HC, C, HID, HC, NF, BANK, True, False, 0).to(dtype)
         bc = _bias_rows(b1_ptr, 2 * HC, C, HC).to(dtype)
         w2c = _w2_rows(w2_ptr, 2 * HC, C, HC, PRECISION)
-        w1d = _w1_rows(w1_ptr, b1_ptr, 3 * HC, C, HID, HC, NF, BANK).to(dtype)
+        w1d = _w1_tile(w1_ptr, b1_ptr, lap, 3 * HC, C, HID, HC, NF, BANK, True, False, 0).to(dtype)
         bd = _bias_rows(b1_ptr, 3 * HC, C, HC).to(dtype)
         w2d = _w2_rows(w2_ptr, 3 * HC, C, HC, PRECISION)
     b2 = tl.load(b2_ptr + cols)
@@ -92,8 +93,7 @@ def _nca_step_fwd_kernel(
         else:
             cw = _plain_bits(r_ptr, base, y, x, H, W, thr, C, ALPHA, ALIVE, CIRCULAR)
         cw |= _fire_bit(seed, cell, step, fire_threshold, INT64) << 1
-        if SAVE_CW:
-            tl.store(cw_out_ptr + cell, _pack_cw(cw).to(tl.int16), mask=ok)
+        tl.store(cw_out_ptr + cell, _pack_cw(cw).to(tl.int16), mask=ok & (save_cw != 0))
 
         # ---- neighbourhood and perception: [M, 4C], a constant-1 column after F = 3 filters
         lz = _loop_zero(tx)
@@ -159,6 +159,12 @@ def check_shapes(r, w1k, b1, w2t, b2, filters):
     return B, H, W, C, HID, F_
 
 
+def lap_scale(bank: int) -> float:
+    """The Laplacian's scale folded into W1 for a named bank: "sobel_laplacian16" is bank 3,
+    compiled as bank 2 (the unscaled Laplacian) with W1's Laplacian rows times 1/16."""
+    return 0.0625 if bank == 3 else 1.0
+
+
 def hq_plane(B: int, H: int, W: int, device, n: int = 0) -> torch.Tensor:
     """A zeroed hq plane [B, H + 4, W + 4] (or [n, B, H + 4, W + 4] when n > 0): the border must
     be zero and stays so (the kernels write only the interior)."""
@@ -219,12 +225,13 @@ def nca_step_fwd(r: torch.Tensor, q, w1k, b1, w2t, b2, filters, *, seed: int, st
         r, q if q is not None else r, out, q_out if alive else out,
         cw_out if cw_out is not None else out,
         w1k.contiguous(), b1.contiguous(), w2t.contiguous(), b2.contiguous(), filters.contiguous(),
+        lap_scale(bank),
         seed, step, fire_threshold, float(alive_threshold) if alive else 0.0,
+        int(cw_out is not None),
         H, W, *sizes,
         C=C, HID=HID, NF=F_, ALPHA=alpha_channel, TH=cfg.tile_h, TW=cfg.tile_w,
-        HC=cfg.hidden_chunk, BANK=bank, HAS_Q=q is not None, ALIVE=alive, CIRCULAR=circular,
+        HC=cfg.hidden_chunk, BANK=min(bank, 2), HAS_Q=q is not None, ALIVE=alive, CIRCULAR=circular,
         PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64,
-        SAVE_CW=cw_out is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )
     return out, (q_out if alive else None)
