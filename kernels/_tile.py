@@ -361,12 +361,12 @@ def _w1_tile(w1_ptr, b1_ptr, lap, j0, C: tl.constexpr, HID: tl.constexpr, NJ: tl
     else:
         kk = k[:, None]
         jj = j[None, :]
-    w = tl.load(w1_ptr + kk * HID + jj, mask=kk < NF * C, other=0.0)
+    w = tl.load(w1_ptr + kk * HID + jj, mask=(kk < NF * C) & (jj < HID), other=0.0)
     if BANK != 0:
         w = w * tl.where((kk >= C) & (kk < 3 * C), 0.125, tl.where(kk >= 3 * C, lap, 1.0))
     if BIAS:
         if NF == 3:
-            w = tl.where(kk == 3 * C, tl.load(b1_ptr + jj), w)
+            w = tl.where(kk == 3 * C, tl.load(b1_ptr + jj, mask=jj < HID, other=0.0), w)
     return w
 
 

@@ -33,6 +33,7 @@ class StepConfig:
     maxnreg: Optional[int] = None  # register ceiling for ptxas (None: ptxas picks)
     tile_h: int = 0   # 2-D tiles: rows x columns of cells (block_m = tile_h * tile_w)
     tile_w: int = 0
+    resident: bool = True   # weights loaded once per program (else once per tile)
 
 
 def n_tiles(batch: int, grid_cells: int, block_m: int) -> int:

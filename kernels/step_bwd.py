@@ -77,35 +77,26 @@ def _nca_step_bwd_gp_kernel(
     C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, HC: tl.constexpr, BANK: tl.constexpr,
     CIRCULAR: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+    RESIDENT: tl.constexpr,
 ):
     M: tl.constexpr = TH * TW
     NCH: tl.constexpr = HID // HC
     cols = tl.arange(0, C)
     dtype = r_ptr.dtype.element_ty
-    # ---- parameters, once per program (up to 4 hidden chunks)
     ones = (tl.where(cols[None, :] == 0, 1.0, 0.0) + tl.zeros([M, C], dtype=tl.float32)).to(dtype)
-    w1a = _w1_tile(w1_ptr, b1_ptr, lap, 0, C, HID, HC, NF, BANK, True, False, 0).to(dtype)
-    ba = _bias_rows(b1_ptr, 0, C, HC).to(dtype)
-    wta = _w1_tile(w1_ptr, b1_ptr, lap, 0, C, HID, HC, NF, BANK, False, True,
-                       PRECISION).to(dtype)
-    w2a = _w2_cols(w2_ptr, 0, C, HC)
-    if NCH >= 2:
-        w1b = _w1_tile(w1_ptr, b1_ptr, lap, HC, C, HID, HC, NF, BANK, True, False, 0).to(dtype)
-        bb = _bias_rows(b1_ptr, HC, C, HC).to(dtype)
-        wtb = _w1_tile(w1_ptr, b1_ptr, lap, HC, C, HID, HC, NF, BANK, False, True,
-                       PRECISION).to(dtype)
-        w2b = _w2_cols(w2_ptr, HC, C, HC)
-    if NCH == 4:
-        w1c = _w1_tile(w1_ptr, b1_ptr, lap, 2 * HC, C, HID, HC, NF, BANK, True, False, 0).to(dtype)
-        bc = _bias_rows(b1_ptr, 2 * HC, C, HC).to(dtype)
-        wtc = _w1_tile(w1_ptr, b1_ptr, lap, 2 * HC, C, HID, HC, NF, BANK, False, True,
-                       PRECISION).to(dtype)
-        w2c = _w2_cols(w2_ptr, 2 * HC, C, HC)
-        w1d = _w1_tile(w1_ptr, b1_ptr, lap, 3 * HC, C, HID, HC, NF, BANK, True, False, 0).to(dtype)
-        bd = _bias_rows(b1_ptr, 3 * HC, C, HC).to(dtype)
-        wtd = _w1_tile(w1_ptr, b1_ptr, lap, 3 * HC, C, HID, HC, NF, BANK, False, True,
-                       PRECISION).to(dtype)
-        w2d = _w2_cols(w2_ptr, 3 * HC, C, HC)
+    # ---- parameters, once per program (RESIDENT) or once per tile
+    if RESIDENT:
+        w1s = ()
+        bss = ()
+        wts = ()
+        w2s = ()
+        for j in tl.static_range(NCH):
+            w1s = w1s + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, True, False,
+                                  0).to(dtype),)
+            bss = bss + (_bias_rows(b1_ptr, j * HC, C, HC).to(dtype),)
+            wts = wts + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, False, True,
+                                  PRECISION).to(dtype),)
+            w2s = w2s + (_w2_cols(w2_ptr, j * HC, C, HC),)
 
     pid = tl.program_id(0)
     b, ty, tx = _tile_start(pid, tiles_x, tiles_y * tiles_x)
@@ -135,12 +126,17 @@ def _nca_step_bwd_gp_kernel(
             gp = tl.zeros([M, 4 * C], dtype=dtype)
 
         # ---- hidden chunks: gp += gh @ W1^T
-        gp = _gp_chunk(pc, gdx, ones, w1a, ba, wta, w2a, gp, NF, PRECISION)
-        if NCH >= 2:
-            gp = _gp_chunk(pc, gdx, ones, w1b, bb, wtb, w2b, gp, NF, PRECISION)
-        if NCH == 4:
-            gp = _gp_chunk(pc, gdx, ones, w1c, bc, wtc, w2c, gp, NF, PRECISION)
-            gp = _gp_chunk(pc, gdx, ones, w1d, bd, wtd, w2d, gp, NF, PRECISION)
+        for j in tl.static_range(NCH):
+            if RESIDENT:
+                gp = _gp_chunk(pc, gdx, ones, w1s[j], bss[j], wts[j], w2s[j], gp, NF, PRECISION)
+            else:
+                gp = _gp_chunk(pc, gdx, ones,
+                               _w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, True,
+                                        False, 0).to(dtype),
+                               _bias_rows(b1_ptr, j * HC, C, HC).to(dtype),
+                               _w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, False,
+                                        True, PRECISION).to(dtype),
+                               _w2_cols(w2_ptr, j * HC, C, HC), gp, NF, PRECISION)
 
         # ---- perception gradient to scratch, [cell, k, c]
         kc = tl.arange(0, 4 * C) + lz
@@ -260,12 +256,14 @@ def _nca_step_bwd_weights_kernel(
     dtype = r_ptr.dtype.element_ty
     j0 = tl.program_id(1) * HR
     hh = j0 + tl.arange(0, HR)
+    hok = hh < HID          # HR may pad a small hidden layer to the MMA's 64 rows
 
     # ---- parameters, once per program: hidden units as rows
     w1t = _w1_tile(w1_ptr, b1_ptr, lap, j0, C, HID, HR, NF, BANK, True, True, 0).to(dtype)
-    w2t = tl.load(w2_ptr + hh[:, None] * C + cols[None, :])                  # [HR, C]
+    w2t = tl.load(w2_ptr + hh[:, None] * C + cols[None, :], mask=hok[:, None], other=0.0)
     if NF == 4:
-        b1c = tl.where((cols == 0)[None, :], tl.load(b1_ptr + hh)[:, None], 0.0).to(dtype)
+        b1c = tl.where((cols == 0)[None, :] & hok[:, None],
+                       tl.load(b1_ptr + hh, mask=hok, other=0.0)[:, None], 0.0).to(dtype)
         ones_t = (tl.where((cols == 0)[:, None], 1.0, 0.0)
                   + tl.zeros([C, M], dtype=tl.float32)).to(dtype)          # [C, M]
     dw1 = tl.zeros([HR, 4 * C], dtype=dtype)
@@ -320,14 +318,14 @@ def _nca_step_bwd_weights_kernel(
     part = part_ptr + pid.to(tl.int64) * (4 * C * HID + HID * C + C + HID)
     kk = tl.arange(0, 4 * C)
     p = part + kk[None, :] * HID + hh[:, None]
-    tl.store(p, tl.load(p) + dw1)
+    tl.store(p, tl.load(p, mask=hok[:, None]) + dw1, mask=hok[:, None])
     p = part + 4 * C * HID + hh[:, None] * C + cols[None, :]
-    tl.store(p, tl.load(p) + dw2)
+    tl.store(p, tl.load(p, mask=hok[:, None]) + dw2, mask=hok[:, None])
     p = part + 4 * C * HID + HID * C + cols
     tl.store(p, tl.load(p) + tl.sum(db2, axis=0), mask=j0 == 0)
     if NF == 4:
         p = part + 4 * C * HID + HID * C + C + hh
-        tl.store(p, tl.load(p) + db1)
+        tl.store(p, tl.load(p, mask=hok) + db1, mask=hok)
 
 
 # ------------------------------------------------------------------------- 3. the input kernel
@@ -416,6 +414,7 @@ def bwd_gp(r, cw, g, w1k, b1, w2t, filters, *, circular: bool, precision: str, b
         C=C, HID=HID, NF=F_, TH=cfg.tile_h, TW=cfg.tile_w, HC=cfg.hidden_chunk,
         BANK=min(bank, 2),
         CIRCULAR=circular, PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64,
+        RESIDENT=cfg.resident,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
     return gp
 
@@ -432,7 +431,7 @@ def bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, *, circular: bool, preci
         raise ValueError(f"parts: expected a {r.dtype} [{programs}, {part_size(C, HID)}] buffer "
                          f"(new_parts), got {parts.dtype} {tuple(parts.shape)}")
     gpn, cwn, gn = next_step if next_step is not None else (g, cw, g)
-    _nca_step_bwd_weights_kernel[(programs, HID // cfg.hidden_chunk)](
+    _nca_step_bwd_weights_kernel[(programs, triton.cdiv(HID, cfg.hidden_chunk))](
         r, cw, g, parts, gpn, cwn, gn, w1k, b1, w2t, filters, lap_scale(bank),
         H, W, *sizes,
         C=C, HID=HID, NF=F_, HR=cfg.hidden_chunk, TH=cfg.tile_h, TW=cfg.tile_w,

@@ -57,29 +57,24 @@ def _nca_step_fwd_kernel(
     C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr, ALPHA: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, HC: tl.constexpr, BANK: tl.constexpr,
     HAS_Q: tl.constexpr, ALIVE: tl.constexpr, CIRCULAR: tl.constexpr, PRECISION: tl.constexpr,
-    INT64: tl.constexpr,
+    INT64: tl.constexpr, RESIDENT: tl.constexpr,
 ):
     M: tl.constexpr = TH * TW
     NCH: tl.constexpr = HID // HC
     cols = tl.arange(0, C)
     dtype = r_ptr.dtype.element_ty
-    # ---- parameters, once per program (up to 4 hidden chunks)
     ones = (tl.where(cols[None, :] == 0, 1.0, 0.0) + tl.zeros([M, C], dtype=tl.float32)).to(dtype)
-    w1a = _w1_tile(w1_ptr, b1_ptr, lap, 0, C, HID, HC, NF, BANK, True, False, 0).to(dtype)
-    ba = _bias_rows(b1_ptr, 0, C, HC).to(dtype)
-    w2a = _w2_rows(w2_ptr, 0, C, HC, PRECISION)
-    if NCH >= 2:
-        w1b = _w1_tile(w1_ptr, b1_ptr, lap, HC, C, HID, HC, NF, BANK, True, False, 0).to(dtype)
-        bb = _bias_rows(b1_ptr, HC, C, HC).to(dtype)
-        w2b = _w2_rows(w2_ptr, HC, C, HC, PRECISION)
-    if NCH == 4:
-        w1c = _w1_tile(w1_ptr, b1_ptr, lap, 2 * HC, C, HID, HC, NF, BANK, True, False, 0).to(dtype)
-        bc = _bias_rows(b1_ptr, 2 * HC, C, HC).to(dtype)
-        w2c = _w2_rows(w2_ptr, 2 * HC, C, HC, PRECISION)
-        w1d = _w1_tile(w1_ptr, b1_ptr, lap, 3 * HC, C, HID, HC, NF, BANK, True, False, 0).to(dtype)
-        bd = _bias_rows(b1_ptr, 3 * HC, C, HC).to(dtype)
-        w2d = _w2_rows(w2_ptr, 3 * HC, C, HC, PRECISION)
     b2 = tl.load(b2_ptr + cols)
+    # ---- parameters, once per program (RESIDENT) or once per tile
+    if RESIDENT:
+        w1s = ()
+        bss = ()
+        w2s = ()
+        for j in tl.static_range(NCH):
+            w1s = w1s + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, True, False,
+                                  0).to(dtype),)
+            bss = bss + (_bias_rows(b1_ptr, j * HC, C, HC).to(dtype),)
+            w2s = w2s + (_w2_rows(w2_ptr, j * HC, C, HC, PRECISION),)
 
     pid = tl.program_id(0)
     b, ty, tx = _tile_start(pid, tiles_x, tiles_y * tiles_x)
@@ -105,12 +100,16 @@ def _nca_step_fwd_kernel(
         pc = _concat4(p0, p1, p2, p3)
 
         # ---- dense layers on tensor cores, hidden in chunks of HC
-        dx = _mlp_chunk(pc, ones, w1a, ba, w2a, tl.zeros([M, C], dtype=dtype), NF, PRECISION)
-        if NCH >= 2:
-            dx = _mlp_chunk(pc, ones, w1b, bb, w2b, dx, NF, PRECISION)
-        if NCH == 4:
-            dx = _mlp_chunk(pc, ones, w1c, bc, w2c, dx, NF, PRECISION)
-            dx = _mlp_chunk(pc, ones, w1d, bd, w2d, dx, NF, PRECISION)
+        dx = tl.zeros([M, C], dtype=dtype)
+        for j in tl.static_range(NCH):
+            if RESIDENT:
+                dx = _mlp_chunk(pc, ones, w1s[j], bss[j], w2s[j], dx, NF, PRECISION)
+            else:
+                dx = _mlp_chunk(pc, ones,
+                                _w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, True,
+                                         False, 0).to(dtype),
+                                _bias_rows(b1_ptr, j * HC, C, HC).to(dtype),
+                                _w2_rows(w2_ptr, j * HC, C, HC, PRECISION), dx, NF, PRECISION)
         dx += b2[None, :]
 
         # ---- stochastic update, store
@@ -231,7 +230,7 @@ def nca_step_fwd(r: torch.Tensor, q, w1k, b1, w2t, b2, filters, *, seed: int, st
         H, W, *sizes,
         C=C, HID=HID, NF=F_, ALPHA=alpha_channel, TH=cfg.tile_h, TW=cfg.tile_w,
         HC=cfg.hidden_chunk, BANK=min(bank, 2), HAS_Q=q is not None, ALIVE=alive, CIRCULAR=circular,
-        PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64,
+        PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64, RESIDENT=cfg.resident,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )
     return out, (q_out if alive else None)
