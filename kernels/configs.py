@@ -93,7 +93,7 @@ def _maxnreg(precision):
 
 
 def select_forward(n_cells: int, channels: int, hidden: int, num_filters: int,
-                   device=None, precision: str = "tf32") -> StepConfig:
+                   device=None, precision: str = "tf32", bank: int = 0) -> StepConfig:
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
         # The interpreter pays per program, not per cell: few, large tiles.
@@ -105,7 +105,7 @@ def select_forward(n_cells: int, channels: int, hidden: int, num_filters: int,
 
 
 def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
-                    device=None, precision: str = "tf32") -> StepConfig:
+                    device=None, precision: str = "tf32", bank: int = 0) -> StepConfig:
     """The perception-gradient kernel: persistent 2-D tiles, hidden in chunks."""
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
@@ -131,7 +131,8 @@ def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
                       tile_w=tw)
 
 
-def select_transpose(n_cells: int, channels: int, num_filters: int, device=None) -> StepConfig:
+def select_transpose(n_cells: int, channels: int, num_filters: int, device=None,
+                     bank: int = 0) -> StepConfig:
     """The transposed-stencil kernel: a gather of neighbours' perception gradients."""
     int64 = needs_int64(n_cells, channels, 0, num_filters)
     if interpreting():

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from . import configs
 from ._tile import (_bank, _bias_rows, _concat4, _fire_bit, _hq_index, _load_taps, _loop_zero, _mlp_chunk,
+                    _mlp_chunk_fma, _w1_block,
                     _pack_cw, _plain_bits, _tile_cells, _tile_next, _tile_start, _w1_tile, _w2_rows,
                     _window_bits)
 
@@ -71,9 +72,15 @@ def _nca_step_fwd_kernel(
         bss = ()
         w2s = ()
         for j in tl.static_range(NCH):
-            w1s = w1s + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, True, False,
-                                  0).to(dtype),)
-            bss = bss + (_bias_rows(b1_ptr, j * HC, C, HC).to(dtype),)
+            if PRECISION == 0:
+                # FMA dots: W1 per filter (w1s[j * NF + k]), b1 as a row
+                for k in tl.static_range(NF):
+                    w1s = w1s + (_w1_block(w1_ptr, lap, k, j * HC, C, HID, HC, BANK).to(dtype),)
+                bss = bss + (tl.load(b1_ptr + j * HC + tl.arange(0, HC)).to(dtype),)
+            else:
+                w1s = w1s + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, True,
+                                      False, 0).to(dtype),)
+                bss = bss + (_bias_rows(b1_ptr, j * HC, C, HC).to(dtype),)
             w2s = w2s + (_w2_rows(w2_ptr, j * HC, C, HC, PRECISION),)
 
     pid = tl.program_id(0)
@@ -102,7 +109,21 @@ def _nca_step_fwd_kernel(
         # ---- dense layers on tensor cores, hidden in chunks of HC
         dx = tl.zeros([M, C], dtype=dtype)
         for j in tl.static_range(NCH):
-            if RESIDENT:
+            if PRECISION == 0:
+                if RESIDENT:
+                    dx = _mlp_chunk_fma(p0, p1, p2, p3, w1s[j * NF], w1s[j * NF + 1],
+                                        w1s[j * NF + 2], w1s[j * NF + NF - 1], bss[j], w2s[j],
+                                        dx, NF)
+                else:
+                    dx = _mlp_chunk_fma(
+                        p0, p1, p2, p3,
+                        _w1_block(w1_ptr, lap, 0, j * HC, C, HID, HC, BANK).to(dtype),
+                        _w1_block(w1_ptr, lap, 1, j * HC, C, HID, HC, BANK).to(dtype),
+                        _w1_block(w1_ptr, lap, 2, j * HC, C, HID, HC, BANK).to(dtype),
+                        _w1_block(w1_ptr, lap, NF - 1, j * HC, C, HID, HC, BANK).to(dtype),
+                        tl.load(b1_ptr + j * HC + tl.arange(0, HC)).to(dtype),
+                        _w2_rows(w2_ptr, j * HC, C, HC, PRECISION), dx, NF)
+            elif RESIDENT:
                 dx = _mlp_chunk(pc, ones, w1s[j], bss[j], w2s[j], dx, NF, PRECISION)
             else:
                 dx = _mlp_chunk(pc, ones,
@@ -218,7 +239,7 @@ def nca_step_fwd(r: torch.Tensor, q, w1k, b1, w2t, b2, filters, *, seed: int, st
     out = torch.empty_like(r) if out is None else out
     if alive and q_out is None:
         q_out = hq_plane(B, H, W, r.device)
-    cfg = configs.select_forward(B * H * W, C, HID, F_, r.device, precision)
+    cfg = configs.select_forward(B * H * W, C, HID, F_, r.device, precision, bank)
     programs, *sizes = persistent_grid(B, H, W, cfg)
     _nca_step_fwd_kernel[(programs,)](
         r, q if q is not None else r, out, q_out if alive else out,
