@@ -135,6 +135,9 @@ def _nca_step_bwd_gp_kernel(
         cw = tl.load(cw_ptr + cell).to(tl.int32)
         lz = _loop_zero(tx)
         cl = tl.arange(0, C) + lz                       # index tensors built in the loop
+        w1p = w1_ptr + lz       # weights staged per tile: in the loop too (step_fwd)
+        b1p = b1_ptr + lz
+        w2p = w2_ptr + lz
 
         # ---- the forward's perception again: [M, 4C], a constant-1 column after F = 3
         v0, v1, v2, v3, v4, v5, v6, v7, v8 = _load_taps(r_ptr, cw, base, y, x, H, W, lz, C,
@@ -166,17 +169,17 @@ def _nca_step_bwd_gp_kernel(
                 else:
                     g0, g1, g2, g3 = _gp_chunk_fma(
                         p0, p1, p2, p3, gdx,
-                        _w1_block(w1_ptr, lap, 0, j * HC, C, HID, HC, BANK).to(dtype),
-                        _w1_block(w1_ptr, lap, 1, j * HC, C, HID, HC, BANK).to(dtype),
-                        _w1_block(w1_ptr, lap, 2, j * HC, C, HID, HC, BANK).to(dtype),
-                        _w1_block(w1_ptr, lap, NF - 1, j * HC, C, HID, HC, BANK).to(dtype),
-                        tl.load(b1_ptr + j * HC + tl.arange(0, HC)).to(dtype),
-                        _w1_block(w1_ptr, lap, 0, j * HC, C, HID, HC, BANK, True).to(dtype),
-                        _w1_block(w1_ptr, lap, 1, j * HC, C, HID, HC, BANK, True).to(dtype),
-                        _w1_block(w1_ptr, lap, 2, j * HC, C, HID, HC, BANK, True).to(dtype),
-                        _w1_block(w1_ptr, lap, NF - 1, j * HC, C, HID, HC, BANK,
+                        _w1_block(w1p, lap, 0, j * HC, C, HID, HC, BANK).to(dtype),
+                        _w1_block(w1p, lap, 1, j * HC, C, HID, HC, BANK).to(dtype),
+                        _w1_block(w1p, lap, 2, j * HC, C, HID, HC, BANK).to(dtype),
+                        _w1_block(w1p, lap, NF - 1, j * HC, C, HID, HC, BANK).to(dtype),
+                        tl.load(b1p + j * HC + tl.arange(0, HC)).to(dtype),
+                        _w1_block(w1p, lap, 0, j * HC, C, HID, HC, BANK, True).to(dtype),
+                        _w1_block(w1p, lap, 1, j * HC, C, HID, HC, BANK, True).to(dtype),
+                        _w1_block(w1p, lap, 2, j * HC, C, HID, HC, BANK, True).to(dtype),
+                        _w1_block(w1p, lap, NF - 1, j * HC, C, HID, HC, BANK,
                                   True).to(dtype),
-                        _w2_cols(w2_ptr, j * HC, C, HC), g0, g1, g2, g3, NF)
+                        _w2_cols(w2p, j * HC, C, HC), g0, g1, g2, g3, NF)
             gp = _concat4(g0, g1, g2, g3)
         else:
             if BANK != 0:
@@ -193,12 +196,12 @@ def _nca_step_bwd_gp_kernel(
                                    PRECISION)
                 else:
                     gp = _gp_chunk(pc, gdx, ones,
-                                   _w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK,
+                                   _w1_tile(w1p, b1p, lap, j * HC, C, HID, HC, NF, BANK,
                                             True, False, 0).to(dtype),
-                                   _bias_rows(b1_ptr, j * HC, C, HC).to(dtype),
-                                   _w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK,
+                                   _bias_rows(b1p, j * HC, C, HC).to(dtype),
+                                   _w1_tile(w1p, b1p, lap, j * HC, C, HID, HC, NF, BANK,
                                             False, True, PRECISION).to(dtype),
-                                   _w2_cols(w2_ptr, j * HC, C, HC), gp, NF, PRECISION)
+                                   _w2_cols(w2p, j * HC, C, HC), gp, NF, PRECISION)
 
         # ---- perception gradient to scratch, [cell, k, c]
         kc = tl.arange(0, 4 * C) + lz

@@ -99,6 +99,11 @@ def _nca_step_fwd_kernel(
 
         # ---- neighbourhood and perception: [M, 4C], a constant-1 column after F = 3 filters
         lz = _loop_zero(tx)
+        # weights staged per tile (not RESIDENT): addressed through lz, or the compiler hoists
+        # their loads out of the tile loop and holds every chunk's weights in registers
+        w1p = w1_ptr + lz
+        b1p = b1_ptr + lz
+        w2p = w2_ptr + lz
         v0, v1, v2, v3, v4, v5, v6, v7, v8 = _load_taps(r_ptr, cw, base, y, x, H, W, lz, C,
                                                         CIRCULAR)
         p0, p1, p2, p3 = _bank(v0, v1, v2, v3, v4, v5, v6, v7, v8, filt_ptr, NF, BANK)
@@ -117,20 +122,20 @@ def _nca_step_fwd_kernel(
                 else:
                     dx = _mlp_chunk_fma(
                         p0, p1, p2, p3,
-                        _w1_block(w1_ptr, lap, 0, j * HC, C, HID, HC, BANK).to(dtype),
-                        _w1_block(w1_ptr, lap, 1, j * HC, C, HID, HC, BANK).to(dtype),
-                        _w1_block(w1_ptr, lap, 2, j * HC, C, HID, HC, BANK).to(dtype),
-                        _w1_block(w1_ptr, lap, NF - 1, j * HC, C, HID, HC, BANK).to(dtype),
-                        tl.load(b1_ptr + j * HC + tl.arange(0, HC)).to(dtype),
-                        _w2_rows(w2_ptr, j * HC, C, HC, PRECISION), dx, NF)
+                        _w1_block(w1p, lap, 0, j * HC, C, HID, HC, BANK).to(dtype),
+                        _w1_block(w1p, lap, 1, j * HC, C, HID, HC, BANK).to(dtype),
+                        _w1_block(w1p, lap, 2, j * HC, C, HID, HC, BANK).to(dtype),
+                        _w1_block(w1p, lap, NF - 1, j * HC, C, HID, HC, BANK).to(dtype),
+                        tl.load(b1p + j * HC + tl.arange(0, HC)).to(dtype),
+                        _w2_rows(w2p, j * HC, C, HC, PRECISION), dx, NF)
             elif RESIDENT:
                 dx = _mlp_chunk(pc, ones, w1s[j], bss[j], w2s[j], dx, NF, PRECISION)
             else:
                 dx = _mlp_chunk(pc, ones,
-                                _w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, True,
+                                _w1_tile(w1p, b1p, lap, j * HC, C, HID, HC, NF, BANK, True,
                                          False, 0).to(dtype),
-                                _bias_rows(b1_ptr, j * HC, C, HC).to(dtype),
-                                _w2_rows(w2_ptr, j * HC, C, HC, PRECISION), dx, NF, PRECISION)
+                                _bias_rows(b1p, j * HC, C, HC).to(dtype),
+                                _w2_rows(w2p, j * HC, C, HC, PRECISION), dx, NF, PRECISION)
         dx += b2[None, :]
 
         # ---- stochastic update, store
