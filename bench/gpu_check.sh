@@ -18,6 +18,7 @@
 #   NCA_FAST_GPU_CHECK_REHEARSE=1  run every stage on the CPU at tiny sizes (a dress rehearsal
 #                                  of the whole script; minutes on a 2-core machine)
 #   NCA_FAST_GPU_CHECK_TESTS=...   pytest targets of the tests stage (default: tests)
+#   NCA_FAST_GPU_CHECK_TESTS_S=N   the tests stage's limit in seconds (default 140)
 #   NCA_FAST_GPU_CHECK_SECONDS=N   the whole run's limit (default 470)
 #   PYTHON=...                     the interpreter (default: python)
 set -u
@@ -185,7 +186,8 @@ else
         MEM_ARGS=(--memcheck --time-budget 55)
     fi
     # Tests choose their GPU tolerances themselves when CUDA is visible.
-    stage tests 140 "$OUT/tests.log" "$PY" -m pytest -q $TESTS -m "not slow" -p no:cacheprovider
+    stage tests "${NCA_FAST_GPU_CHECK_TESTS_S:-140}" "$OUT/tests.log" \
+        "$PY" -m pytest -q $TESTS -m "not slow" -p no:cacheprovider -rfE
     if [ "$(wc -c <"$OUT/tests.log")" -gt 8000000 ]; then
         tail -c 8000000 "$OUT/tests.log" >"$WORK/tests.tail" && mv "$WORK/tests.tail" "$OUT/tests.log"
     fi
