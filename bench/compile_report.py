@@ -317,14 +317,16 @@ class _Recorder:
         self.cls.run = self.orig
 
 
-def record_launch(v: Variant, modules):
-    """(kernel, grid, args, kwargs) of ``v``: its launcher called on CPU tensors of the nominal
-    grid (the forward as a mid-rollout step, the weight kernel with a next step or not)."""
+def record_launch(v: Variant, modules, grid: Tuple[int, int, int] = GRID, step: int = 7,
+                  seed: int = 2**40 + 12345):
+    """(kernel, grid, args, kwargs) of ``v``: its launcher called on CPU tensors of a
+    B x H x W grid (the nominal one by default; the forward as a mid-rollout step, the weight
+    kernel with a next step or not)."""
     import torch
     from nca_fast.config import FILTER_BANKS
 
     configs, step_fwd, step_bwd = modules
-    B, H, W = GRID
+    B, H, W = grid
     C, HID, F_ = v.channels, v.hidden or 32, v.filters
     prec = PRECISION_NAMES[v.precision]
     filt = (torch.tensor(FILTER_BANKS[BANK_FILTERS[v.bank]]) if v.bank else
@@ -340,7 +342,7 @@ def record_launch(v: Variant, modules):
         with _Recorder() as rec:
             if v.kernel == "fwd":
                 q = step_fwd.hq_plane(B, H, W, "cpu") if v.has_q else None
-                step_fwd.nca_step_fwd(r, q, w1k, b1, w2t, b2, filt, seed=2**40 + 12345, step=7,
+                step_fwd.nca_step_fwd(r, q, w1k, b1, w2t, b2, filt, seed=seed, step=step,
                                       fire_threshold=1 << 23,
                                       alive_threshold=0.1 if v.alive else None,
                                       alpha_channel=ALPHA_CHANNEL,
@@ -720,8 +722,12 @@ def _cpu_time() -> float:
     return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
-def compile_variant(v: Variant) -> Result:
-    """Compile ``v`` (after ``_init_worker``) and measure it. Never raises for kernel errors."""
+def compile_variant(v: Variant, edge: bool = False) -> Result:
+    """Compile ``v`` (after ``_init_worker``) and measure it. Never raises for kernel errors.
+
+    edge: launched on a 1 x 1 x 1 grid at step 1 with seed 1, so that the JIT specialises every
+    size, count and the step as the constant 1 (it does so for an int argument equal to 1):
+    code that calls methods on such an argument fails to compile there only."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -729,7 +735,8 @@ def compile_variant(v: Variant) -> Result:
     start, cpu = time.perf_counter(), _cpu_time()
     log = io.StringIO()
     try:
-        launch = record_launch(v, _STATE["modules"])
+        launch = (record_launch(v, _STATE["modules"], grid=(1, 1, 1), step=1, seed=1) if edge
+                  else record_launch(v, _STATE["modules"]))
         src, options, bound = specialise(launch, v.arch)
         res.num_warps = int(options.get("num_warps", 4))
         res.num_stages = int(options.get("num_stages", 1))
@@ -784,8 +791,8 @@ class Compiler:
                                         initializer=_init_worker,
                                         initargs=(str(kernels_dir), self.cache, sass))
 
-    def submit(self, v: Variant) -> "Future[Result]":
-        return self.pool.submit(compile_variant, v)
+    def submit(self, v: Variant, edge: bool = False) -> "Future[Result]":
+        return self.pool.submit(compile_variant, v, edge)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

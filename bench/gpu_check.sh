@@ -107,16 +107,21 @@ else
         FAILED=0
     fi
 fi
-# nca_fast.kernels lives in kernels/ (setup.py's package_dir), so a bare PYTHONPATH is not
-# enough: without a working install, lay the package out in a scratch folder. (A dry run imports
-# nothing but what env.txt reports.)
+# nca_fast.kernels lives in kernels/ (setup.py's package_dir): without a working install, lay
+# the package out in a scratch copy of the checkout (nca_fast/kernels a real folder) and run every
+# stage there, where no ./nca_fast without kernels shadows it. (A dry run imports nothing but what
+# env.txt reports.)
 if [ "$DRY" != 1 ] && ! timeout 30 "$PY" -c "import nca_fast.kernels" >/dev/null 2>&1; then
     mkdir -p "$WORK/site"
-    cp -r nca_fast "$WORK/site/nca_fast"
+    cp -r nca_fast bench tests pytest.ini "$WORK/site/"
     rm -rf "$WORK/site/nca_fast/kernels"
     cp -r kernels "$WORK/site/nca_fast/kernels"
-    export PYTHONPATH="$WORK/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-    INSTALL="$INSTALL; using a copy of the source on PYTHONPATH"
+    cd -- "$WORK/site" || exit 2
+    export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+    INSTALL="$INSTALL; running from a copy of the checkout with nca_fast/kernels in place"
+    if ! timeout 30 "$PY" -c "import nca_fast.kernels" >/dev/null 2>&1; then
+        INSTALL="$INSTALL; nca_fast.kernels STILL not importable"
+    fi
 else
     export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 fi
