@@ -135,9 +135,12 @@ def _rollout_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tenso
         return (grad.clone(), torch.zeros_like(w1), torch.zeros_like(b1), torch.zeros_like(w2),
                 torch.zeros_like(b2))
     dw1k, db1, dw2t, db2 = totals
-    hid, nf = w1.shape[0], filters.shape[0]
-    gw1 = dw1k.permute(2, 1, 0).reshape(hid, -1)
-    return g.permute(0, 3, 1, 2), gw1, db1, dw2t.t().contiguous(), db2
+    # The kernels return the four weight gradients as views of one buffer (and a one-step
+    # rollout passes them through unsummed); outputs of a custom op may not alias each other,
+    # so each is returned as its own tensor.
+    contig = dict(memory_format=torch.contiguous_format)     # clone always copies
+    gw1 = dw1k.permute(2, 1, 0).clone(**contig).view(w1.shape[0], -1)
+    return (g.permute(0, 3, 1, 2), gw1, db1.clone(), dw2t.t().clone(**contig), db2.clone())
 
 
 @_rollout_backward.register_fake
@@ -145,7 +148,9 @@ def _(grad, x, w1, b1, w2, b2, filters, states, qs, keep, seed, first_step, step
       fire_rate, alive_threshold, alpha_channel, circular, precision):
     B, C, H, W = x.shape
     gx = x.new_empty((B, H, W, C)).permute(0, 3, 1, 2)
-    return gx, torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2), torch.empty_like(b2)
+    # Contiguous, as the real implementation returns them (whatever the inputs' strides).
+    return (gx, x.new_empty(w1.shape), x.new_empty(b1.shape), x.new_empty(w2.shape),
+            x.new_empty(b2.shape))
 
 
 def _setup_context(ctx, inputs, output):
@@ -182,7 +187,9 @@ def rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: 
         if t.dtype != x.dtype:
             raise TypeError(f"{name}: dtype {t.dtype} differs from x's {x.dtype}")
     if steps == 0:
-        return x
+        # A new tensor (never x itself), channels-last like every other result; clone is
+        # differentiable, so x's gradient flows through.
+        return x.clone(memory_format=torch.channels_last)
     seg = 1 if segment is None else int(segment)
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, w1, b1, w2, b2)):
         seg = steps                  # nothing will call backward: keep no intermediate state

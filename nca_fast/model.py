@@ -86,6 +86,10 @@ class NCA(nn.Module):
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Run ``steps`` NCA steps on ``x`` (B x C x H x W) and return the final state.
 
+        The result is always a new tensor (a copy of ``x`` for ``steps=0``); the triton backend
+        returns it with channels-last strides, the torch backend in ``x``'s memory format
+        (channels-last for a channels-last ``x``, else contiguous).
+
         seed: key of the update masks (``None`` draws one from torch's generator); the same seed
         gives the same masks on every backend. checkpoint: ``None`` keeps each step's input for
         backward; ``"sqrt"`` or an int segment length keeps only segment boundaries and recomputes

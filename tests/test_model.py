@@ -131,10 +131,11 @@ def test_parameter_count_and_layout():
     assert sorted(model.state_dict()) == ["w1.bias", "w1.weight", "w2.bias", "w2.weight"]
 
 
-def test_zero_steps_returns_the_input():
+def test_zero_steps_returns_a_copy_of_the_input():
     model = _model()
     x = _state(model)
-    assert torch.equal(model(x, 0, seed=0), x)
+    y = model(x, 0, seed=0)
+    assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
 
 
 def test_same_seed_same_result_different_seed_different():
