@@ -222,3 +222,15 @@ def test_input_is_not_modified():
 
 def test_auto_backend_on_cpu_is_torch():
     assert NCA(backend="auto").resolve_backend(torch.device("cpu")) == "torch"
+
+
+def test_filter_bank_keeps_its_taps_when_the_model_changes_dtype():
+    """Taps are rebuilt from the config on .to(dtype): a float32 buffer cast to float64 would
+    carry 0.3 as 0.30000001192..., and the triton backend read the bank from that buffer."""
+    from nca_fast.config import filter_tensor
+
+    bank = (((0.0, 0.3, 0.0), (0.1, 1.0, 0.0), (0.0, 0.0, 0.7)),) * 3
+    model = NCA(NCAConfig(filters=bank)).double()
+    assert model.filters.dtype == torch.float64
+    assert torch.equal(model.filters, filter_tensor(model.config, dtype=torch.float64))
+    assert torch.equal(model.float().filters, filter_tensor(model.config))
