@@ -453,20 +453,72 @@ def load_target(path_or_image, size: int = 40, pad: int = 16) -> torch.Tensor:
     the article, the image is fitted in ``size`` x ``size`` keeping its aspect ratio (Lanczos
     resampling; an image narrower on one side is centred on a transparent square), scaled to
     [0, 1], RGB multiplied by alpha, then padded with ``pad`` empty cells on each side.
+
+    Pixel values are scaled by their type's real range: 8-bit images (every colour mode) by
+    255, 16-bit grayscale (PNG, TIFF) by 65535, float images are taken as they are and must lie
+    in [0, 1]; 32-bit integer images other than 16-bit PNGs have no known full scale and are
+    refused, as are images that are fully transparent (there would be nothing to grow).
     """
     from PIL import Image
 
     _check_positive("size", size)
     _check_non_negative("pad", pad)
-    img = _as_pil(path_or_image).convert("RGBA")
+    img, where, fmt = _open_image(path_or_image)
     w, h = img.size
     scale = size / max(w, h)
     new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    if new != (w, h):
-        img = img.resize(new, Image.LANCZOS)
-    canvas = Image.new("RGBA", (size, size), (0, 0, 0, 0))
-    canvas.paste(img, ((size - new[0]) // 2, (size - new[1]) // 2))
-    return _premultiplied_padded(np.asarray(canvas), pad)
+    at = ((size - new[0]) // 2, (size - new[1]) // 2)
+    gray = _high_depth_gray(img, where, fmt)
+    if gray is None:                                   # 8-bit: Pillow converts every mode
+        try:
+            img = img.convert("RGBA")
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{where}: cannot convert its {img.mode!r} pixels to RGBA ({e})"
+                             ) from None
+        if new != (w, h):
+            img = img.resize(new, Image.LANCZOS)
+        canvas = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+        canvas.paste(img, at)
+        target = _premultiplied_padded(np.asarray(canvas), pad)
+    else:                                              # opaque gray in [0, 1], float32
+        g = Image.fromarray(gray)                     # float32: mode "F"
+        if new != (w, h):
+            g = g.resize(new, Image.LANCZOS)
+        rgba = np.zeros((size, size, 4), dtype=np.float32)
+        rgba[at[1]:at[1] + new[1], at[0]:at[0] + new[0], :3] = \
+            np.clip(np.asarray(g), 0.0, 1.0)[..., None]
+        rgba[at[1]:at[1] + new[1], at[0]:at[0] + new[0], 3] = 1.0
+        rgba = np.pad(rgba, ((pad, pad), (pad, pad), (0, 0)))
+        target = torch.from_numpy(np.ascontiguousarray(rgba.transpose(2, 0, 1)))
+    if not bool((target[3] > 0).any()):
+        raise ValueError(f"{where}: the image is fully transparent (alpha 0 everywhere"
+                         f"{'' if new == (w, h) else f' once fitted in {size} x {size} cells'})"
+                         f"; there is nothing to grow toward")
+    return target
+
+
+def _high_depth_gray(img, where: str, fmt) -> Optional[np.ndarray]:
+    """The pixels of a 16-bit or float grayscale image as float32 in [0, 1]; None for the
+    8-bit modes, which ``Image.convert`` handles (it clips wider ones: 40000 became white,
+    0.5 black). Raises ValueError for pixels whose full scale is unknown."""
+    if img.mode.startswith("I;16"):
+        return np.asarray(img).astype(np.float32) / 65535.0
+    if img.mode == "I":
+        a = np.asarray(img)
+        if fmt == "PNG" and a.size and 0 <= a.min() and a.max() <= 65535:
+            return a.astype(np.float32) / 65535.0      # how some Pillows read 16-bit PNGs
+        raise ValueError(f"{where}: 32-bit integer pixels ({a.min() if a.size else 0} to "
+                         f"{a.max() if a.size else 0}) have no known full scale; save the "
+                         f"image as an 8- or 16-bit PNG")
+    if img.mode == "F":
+        a = np.asarray(img).astype(np.float32)
+        if not np.isfinite(a).all() or (a.size and (a.min() < 0.0 or a.max() > 1.0)):
+            lo, hi = (float(np.nanmin(a)), float(np.nanmax(a))) if a.size else (0.0, 0.0)
+            raise ValueError(f"{where}: float pixels must lie in [0, 1], found values from "
+                             f"{lo:g} to {hi:g}{'' if np.isfinite(a).all() else ' and NaN/inf'}"
+                             f"; rescale the image or save it as an 8- or 16-bit PNG")
+        return a
+    return None
 
 
 def load_distill_target(which: Union[int, str], sprite: PathLike, *, pad: int = 16) -> torch.Tensor:
@@ -505,16 +557,17 @@ def load_distill_target(which: Union[int, str], sprite: PathLike, *, pad: int = 
     return _premultiplied_padded(tile, pad)
 
 
-def _as_pil(obj):
+def _open_image(obj):
+    """(PIL image, name for messages, file format or None) of a path, PIL image or array."""
     from PIL import Image
 
     if isinstance(obj, Image.Image):
-        return obj
+        return obj, "path_or_image", getattr(obj, "format", None)
     if isinstance(obj, np.ndarray):
         if obj.dtype != np.uint8 or obj.ndim != 3 or obj.shape[2] not in (3, 4):
             raise ValueError(f"path_or_image: expected an H x W x 3|4 uint8 array, got "
                              f"{obj.dtype} {obj.shape}")
-        return Image.fromarray(obj)
+        return Image.fromarray(obj), "path_or_image", None
     if isinstance(obj, (str, os.PathLike)):
         p = pathlib.Path(obj)
         if not p.exists():
@@ -522,7 +575,7 @@ def _as_pil(obj):
         try:
             with Image.open(p) as im:
                 im.load()
-                return im.copy()
+                return im.copy(), str(p), im.format
         except Exception as e:
             raise ValueError(f"{p}: not a readable image ({e})") from None
     raise TypeError(f"path_or_image: expected a path, a PIL.Image or a uint8 array, got "
