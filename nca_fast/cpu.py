@@ -799,6 +799,9 @@ def _unpad(xp: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out.contiguous()
 
 
+# Under torch.compile this runs eagerly, as one graph break: its worker threads, plan cache
+# locks and data-dependent gathers are not traceable (Dynamo broke the graph 35 times inside).
+@torch.compiler.disable
 def rollout(model, x: torch.Tensor, steps: int, *, seed: int, first_step: int = 0,
             segment=None) -> torch.Tensor:
     """``steps`` NCA steps of ``model`` on ``x`` (B x C x H x W), masks of steps first_step...

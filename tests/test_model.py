@@ -234,3 +234,20 @@ def test_filter_bank_keeps_its_taps_when_the_model_changes_dtype():
     assert model.filters.dtype == torch.float64
     assert torch.equal(model.filters, filter_tensor(model.config, dtype=torch.float64))
     assert torch.equal(model.float().filters, filter_tensor(model.config))
+
+
+def test_torch_backend_under_torch_compile_is_one_graph_break():
+    """README: the torch backend runs eagerly in a compiled model, one graph break per rollout
+    (Dynamo broke the graph 35 times inside it before it was excluded from tracing)."""
+    model = _model(seed=3)
+    x = _state(model, b=1, h=6, w=7)
+    explained = torch._dynamo.explain(lambda x: model(x * 1.0, 3, seed=2) * 2.0)(x)
+    assert explained.graph_break_count == 1, [str(r.reason) for r in explained.break_reasons]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    ys = [compiled(xs[0], 3, seed=2), model(xs[1], 3, seed=2)]
+    assert torch.equal(ys[0], ys[1])
+    for x_, y in zip(xs, ys):
+        y.pow(2).sum().backward()
+    assert torch.equal(xs[0].grad, xs[1].grad)
