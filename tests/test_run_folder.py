@@ -114,6 +114,24 @@ def test_run_folder_that_cannot_be_created(tmp_path, capsys):
     assert f"--out {blocker / 'run'}" in err and "cannot create the folder" in err
 
 
+def test_run_folder_that_cannot_be_written(tmp_path, capsys, monkeypatch):
+    import tempfile
+    run = tmp_path / "ro"
+    run.mkdir()
+    run.chmod(0o500)
+    if os.geteuid() == 0:
+        # root writes into a read-only folder anyway: make the write check itself fail
+        monkeypatch.setattr(tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(
+            PermissionError(13, "Permission denied")))
+    try:
+        rc = cli_main([*TINY_ARGS, "--steps", "1", "--out", str(run)])
+    finally:
+        run.chmod(0o700)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"--out {run}: cannot write in the folder" in err
+
+
 # ----------------------------------------------------------------------------- interrupts
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_saves_a_checkpoint_and_the_printed_resume_works(tmp_path, sig):
