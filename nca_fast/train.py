@@ -469,8 +469,10 @@ class TrainingInterrupted(Exception):
 
 class GracefulStop:
     """SIGINT and SIGTERM handlers for a training loop: the first signal asks the loop to stop
-    after the step in progress (``Trainer.run`` then writes a checkpoint); a second one stops
-    at once (KeyboardInterrupt; the last checkpoint stays as it was). Main thread only."""
+    after the step in progress (``Trainer.run`` then writes a checkpoint); a second Ctrl-C
+    stops at once (KeyboardInterrupt; the last checkpoint stays as it was). A SIGTERM after
+    the request changes nothing: torchrun answers a Ctrl-C by sending SIGTERM to its workers,
+    and schedulers repeat SIGTERM; neither should cut the checkpoint short. Main thread only."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -491,7 +493,9 @@ class GracefulStop:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.signum = signum
         # os.write: print() could find sys.stderr's buffer in use by the progress bar.
         os.write(2, f"\nnca-fast train: {signal.Signals(signum).name}: stopping after this step "

@@ -166,12 +166,17 @@ def test_signal_saves_a_checkpoint_and_the_printed_resume_works(tmp_path, sig):
     assert [float(row.split(",")[1]) for row in rows] == whole.losses
 
 
-def test_second_signal_stops_at_once():
+def test_second_ctrl_c_stops_at_once_a_repeated_sigterm_does_not():
     stop = T.GracefulStop()
     stop._handle(signal.SIGINT, None)
     assert stop.signum == signal.SIGINT
+    stop._handle(signal.SIGTERM, None)          # torchrun's answer to the same Ctrl-C
     with pytest.raises(KeyboardInterrupt):
         stop._handle(signal.SIGINT, None)
+    term = T.GracefulStop()
+    term._handle(signal.SIGTERM, None)
+    term._handle(signal.SIGTERM, None)          # a scheduler's repeated SIGTERM
+    assert term.signum == signal.SIGTERM
 
 
 def test_stop_request_checkpoints_the_current_step(tmp_path):
