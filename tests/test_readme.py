@@ -21,7 +21,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from nca_fast import train as T
