@@ -1,6 +1,7 @@
 """nca_fast: Growing Neural Cellular Automata with fused Triton kernels and a PyTorch reference."""
 from .config import NCAConfig, FILTER_BANKS
 from .model import NCA
+from . import io  # nca_fast.io.load_target etc. after `import nca_fast`, as the README uses it
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,4 @@ def load_distill(path, *, backend="auto"):
     return _load_distill(path, backend=backend)
 
 
-__all__ = ["NCA", "NCAConfig", "FILTER_BANKS", "load", "load_distill", "__version__"]
+__all__ = ["NCA", "NCAConfig", "FILTER_BANKS", "io", "load", "load_distill", "__version__"]

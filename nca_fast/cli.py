@@ -25,14 +25,21 @@ class UsageError(Exception):
     """A mistake of the user's: reported in one line, exit status 2."""
 
 
-def _int_parser(minimum: int, expected: str):
-    """An argparse type: an integer >= ``minimum``, else ``expected`` in the message."""
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors (usage line + message, exit) turned into one UsageError line."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _int_parser(minimum: int, expected: str, maximum: Optional[int] = None):
+    """An argparse type: an integer in [minimum, maximum], else ``expected`` in the message."""
     def parse(text: str) -> int:
         try:
             v = int(text)
         except ValueError:
             v = None
-        if v is None or v < minimum:
+        if v is None or v < minimum or (maximum is not None and v > maximum):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return v
     return parse
@@ -40,6 +47,7 @@ def _int_parser(minimum: int, expected: str):
 
 _positive_int = _int_parser(1, "a positive integer")
 _non_negative_int = _int_parser(0, "an integer >= 0")
+_seed_int = _int_parser(0, "an integer in [0, 2**63)", 2**63 - 1)
 
 
 def _positive_float(text: str) -> float:
@@ -53,7 +61,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, description="Growing Neural Cellular Automata: fused Triton kernels and a "
                                "PyTorch reference.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -70,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grid side in cells (default: the grid the shipped model is drawn for, "
                         f"{DEFAULT_GROW_SIZE}, with no --model; 72, the article's, with one)")
     g.add_argument("--steps", type=_non_negative_int, default=96, help="NCA steps (96)")
-    g.add_argument("--seed", type=_non_negative_int, default=0,
+    g.add_argument("--seed", type=_seed_int, default=0,
                    help="key of the update masks and of the damage circle (0)")
     g.add_argument("--out", default="growth.gif", metavar="PATH",
                    help="video to write, .gif or .mp4 (growth.gif); the last frame goes to "
@@ -117,8 +125,9 @@ def grow(args: argparse.Namespace) -> int:
     """The ``grow`` command: seed -> ``args.steps`` steps -> video + final PNG."""
     import torch
 
-    from .io import load_any, write_png, write_video
+    from .io import load_any, writable_folder, write_png, write_video
     from .model import triton_usable
+    from .resources import MemoryLimitError, check
 
     out = pathlib.Path(args.out)
     if out.suffix.lower() not in (".gif", ".mp4"):
@@ -149,6 +158,15 @@ def grow(args: argparse.Namespace) -> int:
     if args.size is None:
         args.size = DEFAULT_GROW_SIZE if args.model is None else ARTICLE_GRID
     scale = args.scale if args.scale is not None else max(1, 288 // args.size)
+    try:
+        check(grow_memory(model, args.size, args.steps, scale, args.backend, device), device,
+              "growing")
+    except MemoryLimitError as e:
+        raise UsageError(str(e)) from None
+    try:
+        writable_folder(out.parent)
+    except OSError as e:
+        raise UsageError(f"--out {out}: {e}") from None
 
     x = model.seed_state(1, args.size, args.size)
     frames = [x[0].cpu()]
@@ -162,8 +180,6 @@ def grow(args: argparse.Namespace) -> int:
             frames.append(x[0].cpu())
             bar.update(1)
 
-    if not out.parent.exists():
-        out.parent.mkdir(parents=True)
     try:
         write_video(frames, out, fps=args.fps, scale=scale)
         write_png(frames[-1], png, scale=scale)
@@ -176,6 +192,26 @@ def grow(args: argparse.Namespace) -> int:
     return 0
 
 
+def grow_memory(model, size: int, steps: int, scale: int, backend: str, device):
+    """The large buffers of ``grow`` (resources.Term): the rollout on ``device``, and on the
+    host every state kept for the video and every rendered frame (with its stacked copy)."""
+    from .resources import DEVICE, HOST, Term, rollout_bytes
+
+    cfg = model.config
+    n = steps + 1
+    side = size * scale
+    backend = model.resolve_backend(device) if backend == "auto" else backend
+    work = rollout_bytes(backend, size * size, cfg.channels, cfg.hidden, cfg.num_filters, 1,
+                         None, cfg.alive_masking, grad=False) + 2 * cfg.channels * size * size * 4
+    return [
+        Term(f"--size {size}", f"the rollout on a {size} x {size} grid", work, DEVICE),
+        Term(f"--size {size} --steps {steps}", f"the {n} states kept for the video",
+             n * cfg.channels * size * size * 4, HOST),
+        Term(f"--scale {scale} --size {size} --steps {steps}",
+             f"{n} rendered frames of {side} x {side} pixels", 2 * n * side * side * 3, HOST),
+    ]
+
+
 def _device(name: str, torch):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,8 +219,14 @@ def _device(name: str, torch):
         dev = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name}: not a torch device (try cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA "
+                             f"devices here (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 

@@ -799,6 +799,9 @@ def _unpad(xp: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out.contiguous()
 
 
+# Under torch.compile this runs eagerly, as one graph break: its worker threads, plan cache
+# locks and data-dependent gathers are not traceable (Dynamo broke the graph 35 times inside).
+@torch.compiler.disable
 def rollout(model, x: torch.Tensor, steps: int, *, seed: int, first_step: int = 0,
             segment=None) -> torch.Tensor:
     """``steps`` NCA steps of ``model`` on ``x`` (B x C x H x W), masks of steps first_step...
@@ -807,14 +810,14 @@ def rollout(model, x: torch.Tensor, steps: int, *, seed: int, first_step: int = 
     with respect to ``x`` and the model's weights. segment: None, or the number of steps per
     checkpoint segment: only each segment's first state is kept and the segment is recomputed
     during backward; gradients are bitwise those of segment=None. Returns a new tensor in
-    ``x``'s memory format (``x`` itself for 0 steps).
+    ``x``'s memory format (a copy of ``x`` for 0 steps).
 
     On a CPU the batch is split into up to ``torch.get_num_threads()`` parts run by
     single-threaded worker threads (a batch of 1 runs in the calling thread).
     """
     check_seed(seed)
     if steps == 0:
-        return x
+        return x.clone()            # a new tensor in x's memory format, differentiable
     cfg = model.config
     w1, b1, w2, b2 = model.weights()
     b, c, h, w = x.shape

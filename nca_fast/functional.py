@@ -201,9 +201,11 @@ def _rollout_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tenso
     gp, cw, g_last = later
     g = ks.input_grad(gp, cw, g_last)
     dw1k, db1, dw2t, db2 = ks.weight_grads(parts)
-    hid = w1.shape[0]
-    gw1 = dw1k.permute(2, 1, 0).reshape(hid, -1).contiguous()
-    return g.permute(0, 3, 1, 2), gw1, db1, dw2t.t().contiguous(), db2
+    # Outputs of a custom op may not alias each other: each gradient is a tensor of its own
+    # (weight_grads copies them out of the summed buffer; these copies change the layouts).
+    contig = dict(memory_format=torch.contiguous_format)     # clone always copies
+    gw1 = dw1k.permute(2, 1, 0).clone(**contig).view(w1.shape[0], -1)
+    return (g.permute(0, 3, 1, 2), gw1, db1, dw2t.t().clone(**contig), db2)
 
 
 @_rollout_backward.register_fake
@@ -211,7 +213,9 @@ def _(grad, x, w1, b1, w2, b2, filters, states, qs, cws, keep, seed, first_step,
       segment, fire_rate, alive_threshold, alpha_channel, circular, precision):
     B, C, H, W = x.shape
     gx = x.new_empty((B, H, W, C)).permute(0, 3, 1, 2)
-    return gx, torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2), torch.empty_like(b2)
+    # Contiguous, as the real implementation returns them (whatever the inputs' strides).
+    return (gx, x.new_empty(w1.shape), x.new_empty(b1.shape), x.new_empty(w2.shape),
+            x.new_empty(b2.shape))
 
 
 def _setup_context(ctx, inputs, output):
@@ -248,7 +252,9 @@ def rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: 
         if t.dtype != x.dtype:
             raise TypeError(f"{name}: dtype {t.dtype} differs from x's {x.dtype}")
     if steps == 0:
-        return x
+        # A new tensor (never x itself), channels-last like every other result; clone is
+        # differentiable, so x's gradient flows through.
+        return x.clone(memory_format=torch.channels_last)
     seg = 1 if segment is None else int(segment)
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, w1, b1, w2, b2)):
         seg = steps                  # nothing will call backward: keep no intermediate state

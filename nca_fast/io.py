@@ -11,9 +11,12 @@ import binascii
 import json
 import os
 import pathlib
+import re
 import secrets
 import struct
-from typing import Callable, Dict, Iterable, Optional, Sequence, Union
+import sys
+import tempfile
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -34,6 +37,14 @@ DISTILL_TARGETS = ("lizard", "smiley", "boom", "eye", "fish", "butterfly", "lady
 DISTILL_TILE = 40
 
 VIDEO_EXTENSIONS = (".gif", ".mp4")
+
+# Sizes accepted from a model file, which may come from anyone: far above any published NCA
+# (16 channels, 128 hidden units, 3-4 filters), far below what would exhaust memory before the
+# tensors are checked. A model built in Python (NCAConfig) has no such cap.
+MAX_FILE_CHANNELS = 1024
+MAX_FILE_HIDDEN = 16384
+MAX_FILE_FILTERS = 64
+SAFETENSORS_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -76,6 +87,66 @@ def atomic_write(path: PathLike, write_fn: Callable[[pathlib.Path], None]) -> pa
         raise
     _fsync_folder(folder)
     return path
+
+
+# atomic_write's temporary files: ".NAME.<8 hex digits>.tmp<NAME's extension>".
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.tmp(?P<suffix>\.[^.]*)?$")
+
+
+def remove_stale_temporaries(folder: PathLike) -> List[pathlib.Path]:
+    """Delete the temporary files that ``atomic_write`` leaves behind when its process is
+    killed mid-write (SIGKILL, power loss), e.g. ``.checkpoint.safetensors.1a2b3c4d.tmp
+    .safetensors``. Only call it while no other process writes to ``folder`` (a run folder
+    whose lock is held). Returns the files removed."""
+    removed = []
+    for p in pathlib.Path(folder).iterdir():
+        m = _TEMP_NAME.match(p.name)
+        if m is None or (m.group("suffix") or "") != pathlib.PurePath(m.group("name")).suffix:
+            continue
+        if p.is_file() and not p.is_symlink():
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(p)
+    return removed
+
+
+def writable_folder(folder: PathLike) -> pathlib.Path:
+    """Create ``folder`` (with its parents) if needed and check that files can be created in it.
+
+    Raises OSError with a one-line message naming the folder and the reason (permission denied,
+    a file in the way, read-only file system, ...). Returns the folder as a ``pathlib.Path``.
+    """
+    folder = pathlib.Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create the folder {folder}: {e.strerror or e}") from None
+    try:
+        fd, name = tempfile.mkstemp(prefix=".nca_fast-write-check.", dir=folder)
+    except OSError as e:
+        raise OSError(f"cannot write in the folder {folder}: {e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(name)
+    return folder
+
+
+def parse_json(text: Union[str, bytes], where: str):
+    """``json.loads`` with every failure as a one-line ValueError naming ``where``: syntax
+    errors, bytes that are not UTF-8, and nesting too deep for Python's recursion limit."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return json.loads(text)
+    except UnicodeDecodeError:
+        raise ValueError(f"{where}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply to be a model or config "
+                         f"(deeper than Python's recursion limit, "
+                         f"{sys.getrecursionlimit()})") from None
 
 
 def _fsync_folder(folder: pathlib.Path) -> None:
@@ -148,10 +219,16 @@ def load(path: PathLike, *, backend: str = "auto") -> NCA:
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {version!r} is not supported by this nca_fast "
                          f"(expected {FORMAT_VERSION!r}); upgrade nca_fast to read it")
+    doc = parse_json(meta[CONFIG_KEY], f"{path}: model config")
     try:
-        config = NCAConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+        config = NCAConfig.from_dict(doc)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: invalid model config: {e}") from None
+    # Before anything is allocated: the config's sizes are capped, and the tensors the header
+    # announces must be the ones the config needs (the header's data is in the file, checked
+    # by _safetensors_header, so nothing larger than the file is read).
+    _check_file_sizes(path, config.channels, config.hidden, config.num_filters)
+    _check_header_shapes(path, header, config)
     try:
         tensors = st_load(data)
     except Exception as e:  # safetensors raises its own error types for corrupt payloads
@@ -181,9 +258,9 @@ def _safetensors_header(path: pathlib.Path, data: bytes) -> dict:
         raise ValueError(f"{path}: truncated or not a safetensors file (header of {n} bytes "
                          f"announced, {len(data) - 8} present)")
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError(f"{path}: corrupt or not a safetensors file (unreadable header)") from None
+        header = parse_json(data[8:8 + n], "header")
+    except ValueError as e:
+        raise ValueError(f"{path}: corrupt or not a safetensors file (unreadable {e})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
     payload = len(data) - 8 - n
@@ -198,6 +275,43 @@ def _safetensors_header(path: pathlib.Path, data: bytes) -> dict:
     if end > payload:
         raise ValueError(f"{path}: truncated: tensor data needs {end} bytes, {payload} present")
     return header
+
+
+def _param_shapes(config: NCAConfig) -> Dict[str, tuple]:
+    """The parameter shapes of an NCA with ``config`` (as in its state_dict), without one."""
+    c, h = config.channels, config.hidden
+    return {"w1.weight": (h, config.num_filters * c, 1, 1), "w1.bias": (h,),
+            "w2.weight": (c, h, 1, 1), "w2.bias": (c,)}
+
+
+def _check_file_sizes(path, channels: int, hidden: int, num_filters: int) -> None:
+    for name, v, cap in (("channels", channels, MAX_FILE_CHANNELS),
+                         ("hidden", hidden, MAX_FILE_HIDDEN),
+                         ("filters", num_filters, MAX_FILE_FILTERS)):
+        if v > cap:
+            raise ValueError(f"{path}: {name}={v} is more than a model file may ask for "
+                             f"(at most {cap}); refusing to allocate it")
+
+
+def _check_header_shapes(path, header: dict, config: NCAConfig) -> None:
+    """The safetensors header's tensor names, shapes and dtypes against the config's."""
+    names = [k for k in header if k != "__metadata__"]
+    missing = [k for k in PARAM_NAMES if k not in names]
+    if missing:
+        raise ValueError(f"{path}: missing tensors {missing}; expected {list(PARAM_NAMES)}")
+    extra = sorted(set(names) - set(PARAM_NAMES))
+    if extra:
+        raise ValueError(f"{path}: unexpected tensors {extra}; expected {list(PARAM_NAMES)}")
+    for k, shape in _param_shapes(config).items():
+        info = header[k]
+        got = info.get("shape") if isinstance(info, dict) else None
+        if not isinstance(got, list) or tuple(got) != shape:
+            raise ValueError(f"{path}: tensor {k!r} has shape "
+                             f"{tuple(got) if isinstance(got, list) else got!r}, but the stored "
+                             f"config needs {shape}")
+        if info.get("dtype") not in SAFETENSORS_FLOAT_DTYPES:
+            raise ValueError(f"{path}: tensor {k!r} has dtype {info.get('dtype')!r}, expected "
+                             f"floating point ({', '.join(SAFETENSORS_FLOAT_DTYPES)})")
 
 
 def _load_parameters(model: NCA, tensors: dict, path) -> None:
@@ -238,8 +352,8 @@ def load_distill(path: PathLike, *, backend: str = "auto") -> NCA:
     path = pathlib.Path(path)
     raw = _read_bytes(path, "Distill model file")
     try:
-        layers = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        layers = parse_json(raw, "content")
+    except ValueError as e:
         raise ValueError(f"{path}: not a JSON file ({e})") from None
     if not isinstance(layers, list) or len(layers) != 2:
         raise ValueError(f"{path}: expected a JSON list of 2 dense layers (Distill export), got "
@@ -254,6 +368,7 @@ def load_distill(path: PathLike, *, backend: str = "auto") -> NCA:
         raise ValueError(f"{path}: layer 0 has in_ch={w1.shape[0]}, expected "
                          f"{n_filters} x {channels} = {n_filters * channels} perception values "
                          f"for {channels} channels (layer 1's out_ch)")
+    _check_file_sizes(path, channels, hidden, n_filters)
     config = NCAConfig(channels=channels, hidden=hidden, fire_rate=0.5, alive_threshold=0.1,
                        filters="sobel", padding="zeros")
     # (in, out) band-major rows k*C + c  ->  (out, in) interleaved columns c*F + k.
@@ -301,6 +416,9 @@ def _decode_layer(path, i: int, layer):
     except (binascii.Error, ValueError):
         raise ValueError(f"{where}: data_b64 is not valid base64") from None
     expected = (in_ch + 1) * out_ch
+    for name, v in (("in_ch", in_ch), ("out_ch", out_ch)):
+        if v > MAX_FILE_FILTERS * MAX_FILE_CHANNELS + MAX_FILE_HIDDEN:
+            raise ValueError(f"{where}: {name}={v} is more than a model file may ask for")
     if len(data) != expected:
         raise ValueError(f"{where}: data_b64 decodes to {len(data)} bytes, expected "
                          f"(in_ch + 1) * out_ch = ({in_ch} + 1) * {out_ch} = {expected}")
@@ -335,20 +453,72 @@ def load_target(path_or_image, size: int = 40, pad: int = 16) -> torch.Tensor:
     the article, the image is fitted in ``size`` x ``size`` keeping its aspect ratio (Lanczos
     resampling; an image narrower on one side is centred on a transparent square), scaled to
     [0, 1], RGB multiplied by alpha, then padded with ``pad`` empty cells on each side.
+
+    Pixel values are scaled by their type's real range: 8-bit images (every colour mode) by
+    255, 16-bit grayscale (PNG, TIFF) by 65535, float images are taken as they are and must lie
+    in [0, 1]; 32-bit integer images other than 16-bit PNGs have no known full scale and are
+    refused, as are images that are fully transparent (there would be nothing to grow).
     """
     from PIL import Image
 
     _check_positive("size", size)
     _check_non_negative("pad", pad)
-    img = _as_pil(path_or_image).convert("RGBA")
+    img, where, fmt = _open_image(path_or_image)
     w, h = img.size
     scale = size / max(w, h)
     new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    if new != (w, h):
-        img = img.resize(new, Image.LANCZOS)
-    canvas = Image.new("RGBA", (size, size), (0, 0, 0, 0))
-    canvas.paste(img, ((size - new[0]) // 2, (size - new[1]) // 2))
-    return _premultiplied_padded(np.asarray(canvas), pad)
+    at = ((size - new[0]) // 2, (size - new[1]) // 2)
+    gray = _high_depth_gray(img, where, fmt)
+    if gray is None:                                   # 8-bit: Pillow converts every mode
+        try:
+            img = img.convert("RGBA")
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{where}: cannot convert its {img.mode!r} pixels to RGBA ({e})"
+                             ) from None
+        if new != (w, h):
+            img = img.resize(new, Image.LANCZOS)
+        canvas = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+        canvas.paste(img, at)
+        target = _premultiplied_padded(np.asarray(canvas), pad)
+    else:                                              # opaque gray in [0, 1], float32
+        g = Image.fromarray(gray)                     # float32: mode "F"
+        if new != (w, h):
+            g = g.resize(new, Image.LANCZOS)
+        rgba = np.zeros((size, size, 4), dtype=np.float32)
+        rgba[at[1]:at[1] + new[1], at[0]:at[0] + new[0], :3] = \
+            np.clip(np.asarray(g), 0.0, 1.0)[..., None]
+        rgba[at[1]:at[1] + new[1], at[0]:at[0] + new[0], 3] = 1.0
+        rgba = np.pad(rgba, ((pad, pad), (pad, pad), (0, 0)))
+        target = torch.from_numpy(np.ascontiguousarray(rgba.transpose(2, 0, 1)))
+    if not bool((target[3] > 0).any()):
+        raise ValueError(f"{where}: the image is fully transparent (alpha 0 everywhere"
+                         f"{'' if new == (w, h) else f' once fitted in {size} x {size} cells'})"
+                         f"; there is nothing to grow toward")
+    return target
+
+
+def _high_depth_gray(img, where: str, fmt) -> Optional[np.ndarray]:
+    """The pixels of a 16-bit or float grayscale image as float32 in [0, 1]; None for the
+    8-bit modes, which ``Image.convert`` handles (it clips wider ones: 40000 became white,
+    0.5 black). Raises ValueError for pixels whose full scale is unknown."""
+    if img.mode.startswith("I;16"):
+        return np.asarray(img).astype(np.float32) / 65535.0
+    if img.mode == "I":
+        a = np.asarray(img)
+        if fmt == "PNG" and a.size and 0 <= a.min() and a.max() <= 65535:
+            return a.astype(np.float32) / 65535.0      # how some Pillows read 16-bit PNGs
+        raise ValueError(f"{where}: 32-bit integer pixels ({a.min() if a.size else 0} to "
+                         f"{a.max() if a.size else 0}) have no known full scale; save the "
+                         f"image as an 8- or 16-bit PNG")
+    if img.mode == "F":
+        a = np.asarray(img).astype(np.float32)
+        if not np.isfinite(a).all() or (a.size and (a.min() < 0.0 or a.max() > 1.0)):
+            lo, hi = (float(np.nanmin(a)), float(np.nanmax(a))) if a.size else (0.0, 0.0)
+            raise ValueError(f"{where}: float pixels must lie in [0, 1], found values from "
+                             f"{lo:g} to {hi:g}{'' if np.isfinite(a).all() else ' and NaN/inf'}"
+                             f"; rescale the image or save it as an 8- or 16-bit PNG")
+        return a
+    return None
 
 
 def load_distill_target(which: Union[int, str], sprite: PathLike, *, pad: int = 16) -> torch.Tensor:
@@ -387,16 +557,17 @@ def load_distill_target(which: Union[int, str], sprite: PathLike, *, pad: int = 
     return _premultiplied_padded(tile, pad)
 
 
-def _as_pil(obj):
+def _open_image(obj):
+    """(PIL image, name for messages, file format or None) of a path, PIL image or array."""
     from PIL import Image
 
     if isinstance(obj, Image.Image):
-        return obj
+        return obj, "path_or_image", getattr(obj, "format", None)
     if isinstance(obj, np.ndarray):
         if obj.dtype != np.uint8 or obj.ndim != 3 or obj.shape[2] not in (3, 4):
             raise ValueError(f"path_or_image: expected an H x W x 3|4 uint8 array, got "
                              f"{obj.dtype} {obj.shape}")
-        return Image.fromarray(obj)
+        return Image.fromarray(obj), "path_or_image", None
     if isinstance(obj, (str, os.PathLike)):
         p = pathlib.Path(obj)
         if not p.exists():
@@ -404,7 +575,7 @@ def _as_pil(obj):
         try:
             with Image.open(p) as im:
                 im.load()
-                return im.copy()
+                return im.copy(), str(p), im.format
         except Exception as e:
             raise ValueError(f"{p}: not a readable image ({e})") from None
     raise TypeError(f"path_or_image: expected a path, a PIL.Image or a uint8 array, got "

@@ -58,6 +58,15 @@ class NCA(nn.Module):
         nn.init.zeros_(self.w2.bias)
         self.register_buffer("filters", filter_tensor(config), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .double() would round the float32 taps (0.3 -> 0.30000001192...): the
+        # filter bank is rebuilt from the config at the buffer's new dtype and device instead.
+        super()._apply(fn, recurse)
+        if self.filters.is_floating_point() and self.filters.device.type != "meta":
+            self.filters = filter_tensor(self.config, dtype=self.filters.dtype,
+                                         device=self.filters.device)
+        return self
+
     def extra_repr(self) -> str:
         cfg = self.config
         return (f"channels={cfg.channels}, hidden={cfg.hidden}, filters={cfg.num_filters}, "
@@ -85,6 +94,10 @@ class NCA(nn.Module):
                 first_step: int = 0,
                 ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Run ``steps`` NCA steps on ``x`` (B x C x H x W) and return the final state.
+
+        The result is always a new tensor (a copy of ``x`` for ``steps=0``); the triton backend
+        returns it with channels-last strides, the torch backend in ``x``'s memory format
+        (channels-last for a channels-last ``x``, else contiguous).
 
         seed: key of the update masks (``None`` draws one from torch's generator); the same seed
         gives the same masks on every backend. checkpoint: ``None`` keeps each step's input for

@@ -35,7 +35,9 @@ import math
 import os
 import pathlib
 import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Union
@@ -45,7 +47,8 @@ import torch.nn.functional as F
 
 from . import io as nio
 from .config import PRECISIONS, NCAConfig
-from .model import NCA, BACKENDS, resolve_checkpoint
+from .model import NCA, BACKENDS, resolve_checkpoint, triton_usable
+from .resources import DEVICE as ON_DEVICE, HOST, Term, check as check_memory, rollout_bytes
 
 ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
 DEFAULT_TARGET = ASSETS / "default_target.png"
@@ -149,12 +152,16 @@ class TrainOptions:
             bad("precision", f"one of {PRECISIONS}")
         if self.device not in DEVICES:
             bad("device", f"one of {DEVICES}")
-        for name, lo, hi in (("lr", 0.0, math.inf), ("lr_drop_factor", 0.0, math.inf),
-                             ("curriculum", 0.0, 1.0), ("fire_rate", 0.0, 1.0)):
+        # lr and its drop factor must be finite: lr = inf passed a check of (0, inf] and the
+        # first step made every weight NaN.
+        for name, lo, hi, text in (("lr", 0.0, math.inf, "a finite number > 0"),
+                                   ("lr_drop_factor", 0.0, math.inf, "a finite number >= 0"),
+                                   ("curriculum", 0.0, 1.0, "a number in [0, 1]"),
+                                   ("fire_rate", 0.0, 1.0, "a number in [0, 1]")):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi \
-                    or (name == "lr" and v == 0):
-                bad(name, f"a number in {'(' if name == 'lr' else '['}{lo}, {hi}]")
+                    or not math.isfinite(v) or (name == "lr" and v == 0):
+                bad(name, text)
         if (self.rollout_min is not None and self.rollout_max is not None
                 and self.rollout_max <= self.rollout_min):
             raise ValueError(f"rollout: expected rollout_min < rollout_max, got "
@@ -234,6 +241,51 @@ PRESETS: Dict[str, dict] = {
 }
 
 
+def train_memory(o: TrainOptions, shards: int, device: torch.device) -> List[Term]:
+    """The large buffers of one training process (resources.Term; ``o`` resolved): the pool,
+    the parameters with their gradients and Adam moments, the target and the batch's states,
+    a micro-batch's rollout kept for backward, the checkpoint's copy of the pool, the videos."""
+    cfg = o.model_config()
+    grid = o.size + 2 * o.pad
+    cells = grid * grid
+    state = o.channels * cells * 4
+    where = f"{o.channels} x {grid} x {grid}"
+    sized = f"--size {o.size} --pad {o.pad}"
+    pool_states = 0 if o.experiment == "grow" else o.pool_size // shards * o.accumulate
+    n_params = (cfg.num_filters * o.channels + o.channels + 1) * o.hidden + o.channels
+    micro = o.batch // shards
+    steps = o.rollout_max - 1
+    backend = o.backend
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and triton_usable(device) else "torch"
+    rollout = rollout_bytes(backend, micro * cells, o.channels, o.hidden, cfg.num_filters,
+                            steps, resolve_checkpoint(o.checkpoint, steps), True, grad=True)
+    frames = min(o.video_steps, 96) + 2                     # write_outputs keeps about 97
+    frames *= 2 if o.experiment == "regenerate" else 1
+    side = grid * max(1, 256 // grid)
+    ckpt = f" --checkpoint {o.checkpoint}" if o.checkpoint is not None else ""
+    return [
+        Term(f"--pool-size {o.pool_size} {sized}", f"the pool of {pool_states} states of {where}",
+             pool_states * state, ON_DEVICE),
+        Term(f"--pool-size {o.pool_size} {sized}", "the checkpoint's copy of the pool",
+             pool_states * state, HOST),
+        Term(f"--hidden {o.hidden} --channels {o.channels}",
+             f"{n_params} parameters with their gradients and Adam moments", 4 * 4 * n_params,
+             ON_DEVICE),
+        Term(sized, f"the target and the seed on a {grid} x {grid} grid", 4 * 4 * cells + state,
+             ON_DEVICE),
+        Term(f"--batch {o.batch} {sized}", f"the batch's {o.batch * o.accumulate // shards} "
+             f"states (start, final and the pool's rows)", 3 * micro * o.accumulate * state,
+             ON_DEVICE),
+        Term(f"--batch {o.batch} --rollout {o.rollout_min} {o.rollout_max} {sized}{ckpt}",
+             f"a rollout of {steps} steps on {micro} x {grid} x {grid} cells",
+             rollout, ON_DEVICE),
+        Term(f"--video-steps {o.video_steps} {sized}",
+             f"the {frames} video frames ({where} states and {side} x {side} pictures)",
+             frames * (state + 2 * side * side * 3), HOST),
+    ]
+
+
 def _warm_start(model: NCA, path: str) -> None:
     """Copy the weights of the model file ``path`` into ``model`` (same architecture)."""
     init = nio.load_any(path, backend="torch")
@@ -275,6 +327,15 @@ class _Dist:
         if self.enabled:
             import torch.distributed as dist
             dist.barrier()
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when ``flag`` is true on any rank (one all-reduce)."""
+        if not self.enabled:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([1 if flag else 0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
 
 def _resolve_device(name: str, dist_info: _Dist) -> torch.device:
@@ -339,6 +400,109 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used (corrupt, truncated, or from another run)."""
 
 
+class RunFolderBusy(ValueError):
+    """Another process holds the run folder's lock."""
+
+
+class RunFolderLock:
+    """An exclusive OS lock (``fcntl.flock``) on ``RUN_DIR/.lock``, held for a run's life.
+
+    Two runs writing one folder interleave their checkpoints; the second one to start now fails
+    at once, naming the holder's pid (written into the lock file). The OS drops the lock when
+    its process dies, however it dies, so a killed run never leaves the folder locked. Without
+    ``fcntl`` (Windows) there is no lock.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: pathlib.Path, flag: str = "--out"):
+        self.path = pathlib.Path(run_dir) / self.NAME
+        self.flag = flag
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> "RunFolderLock":
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise RunFolderBusy(
+                    f"{self.flag} {self.path.parent}: another run (pid {holder}) is using this "
+                    f"folder; wait for it to end, or choose another folder") from None
+            # The previous holder removes the file as it releases it: a lock taken on a file
+            # that is no longer at the path locks nothing; open the path again.
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink()          # while still held: see acquire
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal (Ctrl-C, SIGTERM) after a checkpoint at ``step``."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        self.step, self.signum = step, signum
+
+
+class GracefulStop:
+    """SIGINT and SIGTERM handlers for a training loop: the first signal asks the loop to stop
+    after the step in progress (``Trainer.run`` then writes a checkpoint); a second Ctrl-C
+    stops at once (KeyboardInterrupt; the last checkpoint stays as it was). A SIGTERM after
+    the request changes nothing: torchrun answers a Ctrl-C by sending SIGTERM to its workers,
+    and schedulers repeat SIGTERM; neither should cut the checkpoint short. Main thread only."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():   # else signal.signal fails
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        # os.write: print() could find sys.stderr's buffer in use by the progress bar.
+        os.write(2, f"\nnca-fast train: {signal.Signals(signum).name}: stopping after this step "
+                    "and saving a checkpoint (press Ctrl-C again to stop at once, without "
+                    "one)\n".encode())
+
+
 def _checkpoint_path(run_dir: pathlib.Path, rank: int) -> pathlib.Path:
     name = "checkpoint.safetensors" if rank == 0 else f"checkpoint.rank{rank}.safetensors"
     return run_dir / name
@@ -375,9 +539,9 @@ def _read_checkpoint(path: pathlib.Path):
         raise CheckpointError(f"{path}: not an nca_fast training checkpoint (no "
                               f"{CHECKPOINT_KEY!r} metadata)")
     try:
-        info = json.loads(meta[CHECKPOINT_KEY])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: corrupt checkpoint metadata ({e})") from None
+        info = nio.parse_json(meta[CHECKPOINT_KEY], "metadata")
+    except ValueError as e:
+        raise CheckpointError(f"{path}: corrupt checkpoint ({e})") from None
     if not isinstance(info, dict) or info.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: unsupported checkpoint format "
                               f"{info.get('format') if isinstance(info, dict) else info!r}; "
@@ -416,6 +580,11 @@ class Trainer:
                              f"parts (world size {self.dist.world} x accumulate {o.accumulate})")
         self.shard_batch = o.batch // self.shards
         self.part = o.pool_size // self.shards
+        if o.backend == "triton" and not triton_usable(self.device):
+            raise ValueError(f"--backend triton cannot run on {self.device.type} here: use "
+                             "--device cuda on a machine with CUDA, --backend torch, or set "
+                             "TRITON_INTERPRET=1 (Triton's slow CPU interpreter)")
+        check_memory(train_memory(o, self.shards, self.device), self.device, "training")
 
         target = o.target if o.target is not None else DEFAULT_TARGET
         self.target = nio.load_target(target, o.size, o.pad).to(self.device)
@@ -444,6 +613,7 @@ class Trainer:
         self.losses: List[float] = []
         self.elapsed = 0.0
         self.cpu_time = 0.0
+        self.stop: Optional[GracefulStop] = None      # set by cli_main: signals stop the loop
 
     # ------------------------------------------------------------------ schedule
     def lr_at(self, step: int) -> float:
@@ -642,10 +812,16 @@ class Trainer:
                           f"lr {self.lr_at(self.step - 1):.1e} elapsed {self.elapsed:.0f}s "
                           f"(process cpu {self.cpu_time:.0f}s)",
                           flush=True)
-                if self.step % o.save_every == 0 or self.step == o.steps:
+                saved = self.step % o.save_every == 0 or self.step == o.steps
+                if saved:
                     self.save_checkpoint()
                 if on_step is not None:
                     on_step(self)
+                signum = self.stop.signum if self.stop is not None else None
+                if self.dist.any(signum is not None, self.device):
+                    if not saved:
+                        self.save_checkpoint()
+                    raise TrainingInterrupted(self.step, signum or signal.SIGTERM)
         finally:
             bar.close()
 
@@ -771,9 +947,9 @@ def read_run_options(run_dir) -> TrainOptions:
         raise FileNotFoundError(f"{path}: no such file; --resume expects a run folder written "
                                 "by nca-fast train")
     try:
-        doc = json.loads(path.read_text())
+        doc = nio.parse_json(path.read_bytes(), "content")
         return TrainOptions.from_dict(doc["train"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: not a valid run config ({e})") from None
 
 
@@ -894,6 +1070,16 @@ def options_from_args(ns: argparse.Namespace) -> TrainOptions:
     return TrainOptions(**merged)
 
 
+def _as_flag(message: str) -> str:
+    """A TrainOptions message ("pool_size: expected ...") as the flag's ("--pool-size: ...")."""
+    name, sep, rest = message.partition(": ")
+    if sep and name in {f.name for f in dataclasses.fields(TrainOptions)}:
+        flag = "--rollout" if name in ("rollout_min", "rollout_max") else \
+            "--" + name.replace("_", "-")
+        return f"{flag}: {rest}"
+    return message
+
+
 def _command(argv: Sequence[str]) -> str:
     if "LOCAL_WORLD_SIZE" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
         prog = ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}", "-m",
@@ -908,8 +1094,10 @@ def _command(argv: Sequence[str]) -> str:
 def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     """``nca-fast train ...``: parse ``argv``, train, write the run folder. Returns the exit code.
 
-    User mistakes (bad options, missing files, corrupt checkpoints) print one line to stderr and
-    return 2; an interrupted run returns 130 and says how to resume.
+    User mistakes (bad options, missing files, corrupt checkpoints, a run folder that cannot be
+    written or that another run holds) print one line to stderr and return 2. Ctrl-C or SIGTERM
+    stops after the step in progress, writes a checkpoint, prints the command that resumes the
+    run and returns 128 + the signal's number (130, 143); a second one stops at once.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -941,13 +1129,30 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         runner = _Runner(options, run_dir, resume is not None, progress, log_every, _command(argv))
         runner.setup()
     except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"nca-fast train: error: {e}", file=sys.stderr)
+        print(f"nca-fast train: error: {_as_flag(str(e))}", file=sys.stderr)
         return 2
-    try:
-        result = runner.finish()
     except KeyboardInterrupt:
-        print(f"\nnca-fast train: interrupted; continue with: nca-fast train --resume "
-              f"{shlex.quote(str(run_dir))}", file=sys.stderr)
+        print("\nnca-fast train: interrupted before training started; nothing was saved",
+              file=sys.stderr)
+        return 130
+    resume_cmd = _command(["--resume", str(run_dir)])
+    try:
+        with GracefulStop() as stop:
+            runner.trainer.stop = stop
+            result = runner.finish()
+    except TrainingInterrupted as e:
+        if runner.dist_info.rank == 0:
+            print(f"nca-fast train: {e}; checkpoint saved; continue with: {resume_cmd}",
+                  file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        # A second signal: stopped at once, with the last checkpoint as it was (or none).
+        if (run_dir / "checkpoint.safetensors").exists():
+            print(f"\nnca-fast train: interrupted; the last checkpoint is kept; continue with: "
+                  f"{resume_cmd}", file=sys.stderr)
+        else:
+            print("\nnca-fast train: interrupted before the first checkpoint; nothing to "
+                  f"resume: start again with: {_command(argv)}", file=sys.stderr)
         return 130
     if runner.dist_info.rank == 0:
         t = runner.trainer
@@ -969,17 +1174,35 @@ class _Runner:
         if o.threads:
             torch.set_num_threads(o.threads)
         self.dist_info = _init_distributed(o.device)
-        if self.dist_info.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.dist_info.barrier()
+        self.lock: Optional[RunFolderLock] = None
         try:
+            # Options, memory and target are checked before the folder is touched.
             self.trainer = Trainer(o, self.run_dir, dist_info=self.dist_info,
                                    progress=self.progress, log_every=self.log_every)
+            self._open_run_folder()
             if self.resume:
                 self.trainer.load_checkpoint()
         except BaseException:
             self._close()
             raise
+
+    def _open_run_folder(self):
+        """Rank 0 (the only writer) creates the folder, locks it for the run's life and removes
+        what killed writers left behind; every rank learns whether that worked."""
+        flag = "--resume" if self.resume else "--out"
+        error = None
+        if self.dist_info.rank == 0:
+            try:
+                nio.writable_folder(self.run_dir)
+                self.lock = RunFolderLock(self.run_dir, flag).acquire()
+                nio.remove_stale_temporaries(self.run_dir)
+            except OSError as e:
+                error = ValueError(f"{flag} {self.run_dir}: {e}")
+            except RunFolderBusy as e:
+                error = e
+        if self.dist_info.any(error is not None, self.trainer.device):
+            raise error or RunFolderBusy(f"{flag} {self.run_dir}: rank 0 could not open the "
+                                         "run folder (see its error)")
 
     def finish(self, on_step=None) -> TrainResult:
         t, d = self.trainer, self.dist_info
@@ -1000,6 +1223,9 @@ class _Runner:
             self._close()
 
     def _close(self):
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+            self.lock = None
         if self.dist_info.owns_group:
             import torch.distributed as dist
             if dist.is_initialized():

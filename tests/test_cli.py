@@ -141,13 +141,49 @@ def test_default_model_grows(tmp_path):
     assert Image.open(out.with_suffix(".png")).size == (cli.DEFAULT_GROW_SIZE * 7,) * 2 == (280, 280)
 
 
-@pytest.mark.parametrize("args", [["grow", "--size", "0"], ["grow", "--steps", "-1"],
-                                  ["grow", "--backend", "cuda"], ["frobnicate"], []])
-def test_bad_arguments(args, capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main(args)
-    assert e.value.code == 2
-    assert "Traceback" not in capsys.readouterr().err
+@pytest.mark.parametrize("args,needle", [
+    (["grow", "--size", "0"], "--size"), (["grow", "--steps", "-1"], "--steps"),
+    (["grow", "--backend", "cuda"], "--backend"), (["frobnicate"], "frobnicate"),
+    ([], "COMMAND"),
+    # issue 12.6: these ended in tracebacks
+    (["grow", "--seed", "99999999999999999999999"], "--seed"),
+    (["grow", "--device", "meta"], "--device meta"),
+    (["grow", "--device", "cuda:99"], "--device cuda:99"),
+])
+def test_bad_arguments(args, needle, capsys, tmp_path):
+    assert cli.main(args + (["--out", str(tmp_path / "g.gif")] if args[:1] == ["grow"] else [])
+                    ) == 2
+    assert needle in _error_line(capsys)
+    assert not (tmp_path / "g.gif").exists()
+
+
+def test_output_folder_that_cannot_be_created(tmp_path, capsys):
+    """Issue 12.6: the folder was created after the rollout, with a traceback on failure."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = blocker / "sub" / "g.gif"
+    assert cli.main(["grow", "--steps", "2", "--quiet", "--out", str(out)]) == 2
+    line = _error_line(capsys)
+    assert f"--out {out}" in line and "cannot create the folder" in line
+
+
+def test_output_folder_that_cannot_be_written(tmp_path, capsys, monkeypatch):
+    import os
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # root writes into a read-only folder anyway: make the write check itself fail
+        import tempfile
+        monkeypatch.setattr(tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(
+            PermissionError(13, "Permission denied")))
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        rc = cli.main(["grow", "--steps", "2", "--quiet", "--out", str(folder / "g.gif")])
+    finally:
+        folder.chmod(0o700)
+    assert rc == 2
+    line = _error_line(capsys)
+    assert "cannot write in the folder" in line and str(folder) in line
 
 
 def test_triton_backend_unavailable(tmp_path, distill_dir, capsys, monkeypatch):

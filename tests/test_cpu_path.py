@@ -377,7 +377,8 @@ def test_zero_steps_and_no_active_cells():
     cfg = NCAConfig(channels=8, hidden=16)
     model = _model(cfg, torch.float32)
     x = _state(cfg, 1, 5, 6, torch.float32)
-    assert rollout(model, x, 0, seed=1) is x
+    y0 = rollout(model, x, 0, seed=1)
+    assert torch.equal(y0, x) and y0.data_ptr() != x.data_ptr()     # a copy, never x itself
     dead = torch.zeros_like(x)          # nothing alive: every step leaves all zeros
     y = rollout(model, dead.requires_grad_(True), 3, seed=1)
     assert torch.equal(y, torch.zeros_like(x))

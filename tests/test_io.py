@@ -348,6 +348,72 @@ def test_load_target_from_file_and_errors(tmp_path):
         nio.load_target(p, size=0)
 
 
+# ----------------------------------------------------------------------------- issue 12.9
+def test_16_bit_grayscale_png_is_read_by_its_range(tmp_path):
+    """40000 of 65535 is 61% gray; convert("RGBA") clipped it to white."""
+    p = tmp_path / "g16.png"
+    Image.fromarray(np.full((10, 10), 40000, np.uint16)).save(p)
+    assert Image.open(p).mode.startswith("I")
+    t = nio.load_target(p, size=10, pad=2)
+    inside = t[:, 2:12, 2:12]
+    torch.testing.assert_close(inside[:3], torch.full((3, 10, 10), 40000 / 65535))
+    assert (inside[3] == 1).all() and (t[:, :2] == 0).all()
+
+
+def test_16_bit_grayscale_tiff_is_resized_in_its_range(tmp_path):
+    p = tmp_path / "g16.tiff"
+    Image.fromarray(np.full((20, 40), 65535 // 4, np.uint16)).save(p)
+    t = nio.load_target(p, size=10, pad=0)               # 40 x 20 -> 10 x 5, centred
+    rows = (t[3] > 0).any(1).nonzero().flatten().tolist()
+    assert rows == [2, 3, 4, 5, 6]
+    torch.testing.assert_close(t[0, 2:7], torch.full((5, 10), (65535 // 4) / 65535),
+                               atol=1e-4, rtol=0)
+
+
+def test_float_tiff_is_taken_as_it_is(tmp_path):
+    """A float TIFF of 0.5 became black."""
+    p = tmp_path / "f.tiff"
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(p)
+    t = nio.load_target(p, size=8, pad=0)
+    torch.testing.assert_close(t, torch.cat([torch.full((3, 8, 8), 0.5), torch.ones(1, 8, 8)]))
+
+
+@pytest.mark.parametrize("values,needle", [
+    (np.full((8, 8), 2.5, np.float32), r"float pixels must lie in \[0, 1\], found values "
+                                       r"from 2.5 to 2.5"),
+    (np.array([[0.5, np.nan]] * 2, np.float32), "NaN"),
+    (np.full((8, 8), 70000, np.int32), "32-bit integer pixels"),
+])
+def test_pixels_of_unknown_range_are_refused_with_the_reason(tmp_path, values, needle):
+    p = tmp_path / "odd.tiff"
+    Image.fromarray(values).save(p)
+    with pytest.raises(ValueError, match=needle):
+        nio.load_target(p, size=8, pad=0)
+
+
+def test_fully_transparent_target_is_refused(tmp_path, capsys):
+    p = tmp_path / "clear.png"
+    Image.new("RGBA", (16, 16), (255, 0, 0, 0)).save(p)
+    with pytest.raises(ValueError, match="clear.png: the image is fully transparent"):
+        nio.load_target(p, size=16, pad=2)
+    from nca_fast.train import cli_main
+    assert cli_main(["--target", str(p), "--size", "8", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fully transparent" in err and len(err.splitlines()) == 1
+
+
+def test_8_bit_targets_are_unchanged():
+    """The shipped target reads as before: Pillow's RGBA, Lanczos-fitted, scaled by 255."""
+    from nca_fast.train import DEFAULT_TARGET
+    with Image.open(DEFAULT_TARGET) as im:
+        rgba = im.convert("RGBA")
+    fitted = rgba.resize((24, 24), Image.LANCZOS) if rgba.size != (24, 24) else rgba
+    a = np.asarray(fitted).astype(np.float32) / 255.0
+    a[..., :3] *= a[..., 3:4]
+    expected = torch.from_numpy(np.pad(a, ((4, 4), (4, 4), (0, 0))).transpose(2, 0, 1).copy())
+    assert torch.equal(nio.load_target(DEFAULT_TARGET, size=24, pad=4), expected)
+
+
 def test_distill_target_tiles(distill_dir):
     sprite = distill_dir / "emoji_targets.png"
     raw = np.asarray(Image.open(sprite).convert("RGBA")).astype(np.float64) / 255

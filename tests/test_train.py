@@ -392,3 +392,25 @@ def test_default_model_grows_its_target():
     for state in (x, later):
         loss = float(T.per_sample_loss(state, target).mean())
         assert loss < 0.1 * empty, (loss, empty)
+
+
+# ----------------------------------------------------------------------------- issue 12.6
+@pytest.mark.parametrize("flag", ["--lr", "--lr-drop-factor"])
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_non_finite_rates_are_one_line_errors(tmp_path, capsys, flag, value):
+    """--lr inf passed a check of (0, inf] and ended in a FloatingPointError traceback."""
+    rc = cli_main([flag, value, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"nca-fast train: error: {flag}: expected a finite number")
+
+
+def test_triton_backend_where_it_cannot_run_is_refused_up_front(tmp_path, capsys, monkeypatch):
+    # As on a CPU without TRITON_INTERPRET=1 (the tests set it, so the check is stubbed).
+    monkeypatch.setattr(T, "triton_usable", lambda device: False)
+    rc = cli_main([*"--size 8 --pad 2 --hidden 32 --steps 1 --device cpu".split(),
+                   "--backend", "triton", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "--backend triton cannot run on cpu" in err
+    assert not (tmp_path / "run").exists()
