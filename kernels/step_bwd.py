@@ -401,11 +401,13 @@ def _check_cw(cw, B, H, W):
 
 
 def bwd_gp(r, cw, g, w1k, b1, w2t, filters, *, circular: bool, precision: str, bank: int,
-           gp=None):
-    """Kernel 1: the perception gradient of a step, [B*H*W, F, C] (slot 0 + g, named banks)."""
+           gp=None, cfg=None):
+    """Kernel 1: the perception gradient of a step, [B*H*W, F, C] (slot 0 + g, named banks).
+    cfg: ``configs.select_backward(...)``, when the caller chose it once for many steps. These
+    three launchers check nothing: ``nca_step_bwd`` validates, a rollout validates once."""
     B, H, W, C = r.shape
     F_, _, HID = w1k.shape
-    cfg = configs.select_backward(B * H * W, C, HID, F_, r.device, precision)
+    cfg = cfg or configs.select_backward(B * H * W, C, HID, F_, r.device, precision)
     programs, *sizes = persistent_grid(B, H, W, cfg)
     gp = torch.empty((B * H * W, F_, C), dtype=r.dtype, device=r.device) if gp is None else gp
     _nca_step_bwd_gp_kernel[(programs,)](
@@ -420,12 +422,13 @@ def bwd_gp(r, cw, g, w1k, b1, w2t, filters, *, circular: bool, precision: str, b
 
 
 def bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, *, circular: bool, precision: str,
-                bank: int, next_step=None):
+                bank: int, next_step=None, cfg=None):
     """Kernel 2: add a step's weight gradients to ``parts``. next_step = (gp, cw, g) of the
-    following step: then this step's g is computed from them (and written into ``g``) first."""
+    following step: then this step's g is computed from them (and written into ``g``) first.
+    cfg: ``configs.select_weights(...)``."""
     B, H, W, C = r.shape
     F_, _, HID = w1k.shape
-    cfg = configs.select_weights(B * H * W, C, HID, F_, r.device, precision)
+    cfg = cfg or configs.select_weights(B * H * W, C, HID, F_, r.device, precision)
     programs, *sizes = persistent_grid(B, H, W, cfg)
     if tuple(parts.shape) != (programs, part_size(C, HID)) or parts.dtype != r.dtype:
         raise ValueError(f"parts: expected a {r.dtype} [{programs}, {part_size(C, HID)}] buffer "
@@ -441,11 +444,12 @@ def bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, *, circular: bool, preci
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
 
 
-def bwd_input(gp, cw, g, filters, shape, *, circular: bool, bank: int, grad_r=None):
-    """Kernel 3: dL/d r of a step from its perception gradient (the transposed stencil)."""
+def bwd_input(gp, cw, g, filters, shape, *, circular: bool, bank: int, grad_r=None, cfg=None):
+    """Kernel 3: dL/d r of a step from its perception gradient (the transposed stencil).
+    cfg: ``configs.select_transpose(...)``."""
     B, H, W, C = shape
     F_ = gp.shape[1]
-    cfg = configs.select_transpose(B * H * W, C, F_, gp.device)
+    cfg = cfg or configs.select_transpose(B * H * W, C, F_, gp.device)
     programs, *sizes = persistent_grid(B, H, W, cfg)
     grad_r = torch.empty(shape, dtype=gp.dtype, device=gp.device) if grad_r is None else grad_r
     _nca_step_bwd_input_kernel[(programs,)](

@@ -215,15 +215,31 @@ def nca_step_fwd(r: torch.Tensor, q, w1k, b1, w2t, b2, filters, *, seed: int, st
     if precision not in configs.PRECISION_CODES:
         raise ValueError(f"precision: expected one of {tuple(configs.PRECISION_CODES)}, "
                          f"got {precision!r}")
+    cfg = configs.select_forward(B * H * W, C, HID, F_, r.device, precision)
+    return launch_fwd(cfg, r, q, w1k.contiguous(), b1.contiguous(), w2t.contiguous(),
+                      b2.contiguous(), filters.contiguous(), seed=seed, step=step,
+                      fire_threshold=fire_threshold, alive_threshold=alive_threshold,
+                      alpha_channel=alpha_channel, circular=circular, precision=precision,
+                      bank=bank, out=out, q_out=q_out, cw_out=cw_out)
+
+
+def launch_fwd(cfg, r, q, w1k, b1, w2t, b2, filters, *, seed: int, step: int,
+               fire_threshold: int, alive_threshold, alpha_channel: int, circular: bool,
+               precision: str, bank: int, out=None, q_out=None, cw_out=None):
+    """``nca_step_fwd`` without its checks, for a caller that validated the operands (contiguous,
+    shapes, dtypes, devices) and chose ``cfg = configs.select_forward(...)`` once for many
+    steps: a rollout."""
+    B, H, W, C = r.shape
+    F_, _, HID = w1k.shape
+    alive = alive_threshold is not None
     out = torch.empty_like(r) if out is None else out
     if alive and q_out is None:
         q_out = hq_plane(B, H, W, r.device)
-    cfg = configs.select_forward(B * H * W, C, HID, F_, r.device, precision)
     programs, *sizes = persistent_grid(B, H, W, cfg)
     _nca_step_fwd_kernel[(programs,)](
         r, q if q is not None else r, out, q_out if alive else out,
         cw_out if cw_out is not None else out,
-        w1k.contiguous(), b1.contiguous(), w2t.contiguous(), b2.contiguous(), filters.contiguous(),
+        w1k, b1, w2t, b2, filters,
         lap_scale(bank),
         seed, step, fire_threshold, float(alive_threshold) if alive else 0.0,
         int(cw_out is not None),

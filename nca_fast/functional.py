@@ -56,18 +56,32 @@ def _bank_code(filters: Tensor) -> int:
 
 
 class _Steps:
-    """The kernels of one rollout with its fixed arguments."""
+    """The kernels of one rollout with its fixed arguments: the operands validated and the
+    launch configurations chosen once, here, for every step's launches."""
 
-    def __init__(self, w1, b1, w2, b2, filters, seed, first_step, fire_rate, thr, alpha,
+    def __init__(self, x, w1, b1, w2, b2, filters, seed, first_step, fire_rate, thr, alpha,
                  circular, precision):
-        from nca_fast.kernels import step_bwd, step_fwd
+        from nca_fast.kernels import configs, step_bwd, step_fwd
 
-        self._fwd, self._bwd, self._k = step_fwd.nca_step_fwd, step_bwd.nca_step_bwd, step_bwd
+        if precision not in configs.PRECISION_CODES:
+            raise ValueError(f"precision: expected one of {tuple(configs.PRECISION_CODES)}, "
+                             f"got {precision!r}")
+        self._f, self._k = step_fwd, step_bwd
         nf = filters.shape[0]
         self.w1k, self.w2t = _kernel_weights(w1, w2, nf)
         self.b1, self.b2 = b1.contiguous(), b2.contiguous()
         self.filters = filters.reshape(nf, 9).contiguous()
         self.bank = _bank_code(self.filters)
+        B, C, H, W = x.shape
+        # the kernels' own checks, once per rollout (the launchers below check nothing)
+        step_fwd.check_shapes(x.permute(0, 2, 3, 1), self.w1k, self.b1, self.w2t, self.b2,
+                              self.filters)
+        HID = self.w1k.shape[2]
+        n = B * H * W
+        self.cfg_fwd = configs.select_forward(n, C, HID, nf, x.device, precision)
+        self.cfg_gp = configs.select_backward(n, C, HID, nf, x.device, precision)
+        self.cfg_w = configs.select_weights(n, C, HID, nf, x.device, precision)
+        self.cfg_in = configs.select_transpose(n, C, nf, x.device)
         self.kw = dict(seed=seed, fire_threshold=fire_threshold(fire_rate),
                        alive_threshold=None if thr == _NO_ALIVE else thr,
                        alpha_channel=alpha, circular=circular, precision=precision,
@@ -75,9 +89,9 @@ class _Steps:
         self.first_step = first_step
 
     def fwd(self, r, q, t, out=None, q_out=None, cw_out=None):
-        return self._fwd(r, q, self.w1k, self.b1, self.w2t, self.b2, self.filters,
-                         step=self.first_step + t, out=out, q_out=q_out, cw_out=cw_out,
-                         **self.kw)
+        return self._f.launch_fwd(self.cfg_fwd, r, q, self.w1k, self.b1, self.w2t, self.b2,
+                                  self.filters, step=self.first_step + t, out=out, q_out=q_out,
+                                  cw_out=cw_out, **self.kw)
 
     def new_parts(self, r):
         B, H, W, C = r.shape
@@ -86,15 +100,15 @@ class _Steps:
 
     def gp(self, r, cw, g, out=None):
         return self._k.bwd_gp(r, cw, g, self.w1k, self.b1, self.w2t, self.filters, gp=out,
-                              **self._bkw)
+                              cfg=self.cfg_gp, **self._bkw)
 
     def weights(self, r, cw, g, parts, next_step=None):
         self._k.bwd_weights(r, cw, g, parts, self.w1k, self.b1, self.w2t, self.filters,
-                            next_step=next_step, **self._bkw)
+                            next_step=next_step, cfg=self.cfg_w, **self._bkw)
 
     def input_grad(self, gp, cw, g):
         return self._k.bwd_input(gp, cw, g, self.filters, tuple(g.shape),
-                                 circular=self.kw["circular"], bank=self.bank)
+                                 circular=self.kw["circular"], bank=self.bank, cfg=self.cfg_in)
 
     @property
     def _bkw(self):
@@ -111,7 +125,7 @@ def _rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters:
              seed: int, first_step: int, steps: int, segment: int, fire_rate: float,
              alive_threshold: float, alpha_channel: int, circular: bool, precision: str,
              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    ks = _Steps(w1, b1, w2, b2, filters, seed, first_step, fire_rate, alive_threshold,
+    ks = _Steps(x, w1, b1, w2, b2, filters, seed, first_step, fire_rate, alive_threshold,
                 alpha_channel, circular, precision)
     alive = alive_threshold != _NO_ALIVE
     B, C, H, W = x.shape
@@ -158,7 +172,7 @@ def _rollout_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tenso
                       seed: int, first_step: int, steps: int, segment: int, fire_rate: float,
                       alive_threshold: float, alpha_channel: int, circular: bool,
                       precision: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    ks = _Steps(w1, b1, w2, b2, filters, seed, first_step, fire_rate, alive_threshold,
+    ks = _Steps(x, w1, b1, w2, b2, filters, seed, first_step, fire_rate, alive_threshold,
                 alpha_channel, circular, precision)
     alive = alive_threshold != _NO_ALIVE
     if steps == 0:
