@@ -345,8 +345,8 @@ def record_launch(v: Variant, modules, grid: Tuple[int, int, int] = GRID, step: 
                 step_fwd.nca_step_fwd(r, q, w1k, b1, w2t, b2, filt, seed=seed, step=step,
                                       fire_threshold=1 << 23,
                                       alive_threshold=0.1 if v.alive else None,
-                                      alpha_channel=ALPHA_CHANNEL,
-                                      cw_out=cw, **kw)
+                                      alpha_channel=ALPHA_CHANNEL, circular=v.circular,
+                                      precision=prec, named_bank=v.bank, cw_out=cw)
             elif v.kernel == "bwd_gp":
                 step_bwd.bwd_gp(r, cw, g, w1k, b1, w2t, filt, **kw)
             elif v.kernel == "bwd_weights":

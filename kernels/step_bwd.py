@@ -36,6 +36,8 @@ registers a thread (bench/NOTES.md, section 4).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -463,7 +465,8 @@ def bwd_input(gp, cw, g, filters, shape, *, circular: bool, bank: int, grad_r=No
 
 def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters, *, seed: int,
                  step: int, fire_threshold: int, alive_threshold, alpha_channel: int,
-                 circular: bool, precision: str, bank: int = 0, cw=None, grad_r=None):
+                 circular: bool, precision: str, named_bank: Optional[int] = None, cw=None,
+                 grad_r=None):
     """Gradients of one step_fwd call, all three kernels. r, g: [B, H, W, C]; q: the input's
     hq plane (or an unpadded [B, H, W] pre-mask) or None. cw: the step's int16 cell words from
     ``nca_step_fwd(cw_out=)`` (computed here when None).
@@ -479,12 +482,15 @@ def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters,
         raise ValueError("q: pre-mask bits given but alive masking is off")
     r, g = r.contiguous(), g.contiguous()
     w1k, b1, w2t, b2, filters = (t.contiguous() for t in (w1k, b1, w2t, b2, filters))
+    if named_bank is None:
+        named_bank = configs.bank_code(filters)
     if cw is None:
         cw = cell_words(r, q, w1k, b1, w2t, b2, filters, seed=seed, step=step,
                         fire_threshold=fire_threshold, alive_threshold=alive_threshold,
                         alpha_channel=alpha_channel, circular=circular, precision=precision,
-                        bank=bank)
+                        named_bank=named_bank)
     _check_cw(cw, B, H, W)
+    bank = named_bank
     kw = dict(circular=circular, precision=precision, bank=bank)
     parts = new_parts(B, H, W, C, HID, F_, r.device, precision, r.dtype)
     gp = bwd_gp(r, cw, g, w1k, b1, w2t, filters, **kw)

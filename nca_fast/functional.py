@@ -43,18 +43,6 @@ def _final_keep(r: Tensor, q: Tensor, thr: float, alpha: int, circular: bool) ->
     return (post & ((q & 1) != 0)).to(torch.uint8)
 
 
-def _bank_code(filters: Tensor) -> int:
-    """The kernels' constexpr code of a named filter bank (0: taps read from memory)."""
-    from .config import FILTER_BANKS
-
-    taps = filters.detach().to("cpu", torch.float64).reshape(filters.shape[0], 9)
-    for code, name in ((1, "sobel"), (2, "sobel_laplacian"), (3, "sobel_laplacian16")):
-        bank = torch.tensor(FILTER_BANKS[name], dtype=torch.float64).reshape(-1, 9)
-        if bank.shape == taps.shape and torch.equal(bank, taps):
-            return code
-    return 0
-
-
 class _Steps:
     """The kernels of one rollout with its fixed arguments: the operands validated and the
     launch configurations chosen once, here, for every step's launches."""
@@ -71,7 +59,7 @@ class _Steps:
         self.w1k, self.w2t = _kernel_weights(w1, w2, nf)
         self.b1, self.b2 = b1.contiguous(), b2.contiguous()
         self.filters = filters.reshape(nf, 9).contiguous()
-        self.bank = _bank_code(self.filters)
+        self.bank = configs.bank_code(self.filters)
         B, C, H, W = x.shape
         # the kernels' own checks, once per rollout (the launchers below check nothing)
         step_fwd.check_shapes(x.permute(0, 2, 3, 1), self.w1k, self.b1, self.w2t, self.b2,

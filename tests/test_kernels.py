@@ -362,3 +362,17 @@ def test_hidden_chunks_and_row_blocks(monkeypatch, hidden, chunk, rows, resident
         scale = b.grad.abs().max().item()
         assert scale > 0, f"{name}: reference gradient is zero"
         assert_close_verbose(a.grad, b.grad, atol * scale, rtol, f"grad {name}")
+
+
+def test_named_banks_are_the_configs_banks():
+    """The banks the kernels hold as constants are the taps nca_fast.config names, exactly."""
+    from nca_fast.config import FILTER_BANKS
+
+    names = {1: "sobel", 2: "sobel_laplacian", 3: "sobel_laplacian16"}
+    for code, name in names.items():
+        taps = torch.tensor(FILTER_BANKS[name])
+        assert configs.bank_code(taps) == code
+        assert configs.bank_code(taps.reshape(-1, 9)) == code
+    nearly = torch.tensor(FILTER_BANKS["sobel"]).clone()
+    nearly[1, 0, 0] += 1e-6
+    assert configs.bank_code(nearly) == 0
