@@ -318,7 +318,7 @@ def _grow(distill_dir, name, backend):
 @pytest.mark.parametrize("name", [
     pytest.param(n, marks=[] if n in GROW_DEFAULT else [pytest.mark.slow]) for n in GROW_ALL])
 def test_distill_model_grows_with_triton(distill_dir, name):
-    from nca_fast.io import load_distill_target
+    from nca_fast.media import load_distill_target
 
     target = load_distill_target(name.split("_", 1)[1], distill_dir / "emoji_targets.png",
                                  pad=16).to(DEVICE)

@@ -74,7 +74,7 @@ CASES = [(which, backend) for which in ("shipped", "lizard") for backend in ("to
 
 @pytest.mark.parametrize("which,backend", CASES, ids=[f"{w}-{b}" for w, b in CASES])
 def test_outputs_equal_the_recorded_ones(which, backend):
-    from nca_fast.model import triton_usable
+    from nca_fast.backends.interface import triton_usable
 
     recorded = json.loads(EXPECTED.read_text())
     here = _environment()
