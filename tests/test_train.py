@@ -419,3 +419,29 @@ def test_triton_backend_where_it_cannot_run_is_refused_up_front(tmp_path, capsys
     assert rc == 2 and len(err.splitlines()) == 1
     assert "--backend triton cannot run on cpu" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_trains_two_steps_with_another_filter_bank_and_padding(tmp_path):
+    """Issue 13.7: --filters and --padding reach the model; its perception has 4 filters."""
+    run = tmp_path / "lap"
+    rc = cli_main([*"--size 8 --pad 2 --hidden 32 --batch 2 --pool-size 4 --rollout 4 6".split(),
+                   *"--steps 2 --save-every 2 --video-steps 2 --device cpu --backend torch".split(),
+                   "--filters", "sobel_laplacian16", "--padding", "circular", "--no-progress",
+                   "--out", str(run)])
+    assert rc == 0
+    model = nca_fast.load(run / "model.safetensors")
+    assert model.config.filters == nca_fast.FILTER_BANKS["sobel_laplacian16"]
+    assert model.config.padding == "circular"
+    assert tuple(model.w1.weight.shape) == (32, 4 * 16, 1, 1)
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["filters"] == "sobel_laplacian16"
+    losses = [float(r.split(",")[1]) for r in (run / "loss.csv").read_text().split()[1:]]
+    assert len(losses) == 2 and all(v == v and v > 0 for v in losses)
+    assert model.w2.weight.abs().max() > 0          # a new model's w2 is zero: it trained
+
+
+def test_filters_and_padding_are_validated():
+    with pytest.raises(ValueError, match="^filters: expected one of"):
+        TrainOptions(filters="prewitt")
+    with pytest.raises(ValueError, match="^padding: expected one of"):
+        TrainOptions(padding="reflect")
