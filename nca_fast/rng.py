@@ -1,4 +1,5 @@
-"""The stochastic update mask: Philox4x32-10, keyed by the seed, counted by (cell, step).
+"""The stochastic update mask: Philox4x32-10, keyed by the seed, counted by (cell, step)
+(docs/MODEL.md, "Update masks").
 
 The Triton kernels call ``tl.philox(seed, cell_lo, cell_hi, step, 0)``; this module computes the
 same bits with torch integer ops, so every backend draws the same mask for the same seed and a

@@ -19,7 +19,8 @@ This module computes the same numbers with far less work:
   (Sobel's 1/8) is folded into the first layer's weights, permuted band-major, so the first
   layer is one K = F*C matmul on the gathered bands.
 * Masks. All update masks of a rollout come from one vectorised Philox pass over a (step, cell)
-  grid (``update_masks``), bit-identical to ``nca_fast.rng.update_mask``.
+  grid (``update_masks``), bit-identical to ``nca_fast.rng.update_mask`` (docs/MODEL.md,
+  "Update masks").
 * Threads. The batch is split into up to ``torch.get_num_threads()`` parts, each run start to
   end by a worker thread whose torch ops are single-threaded: images are independent, so a
   forward or backward pass joins once instead of meeting an OpenMP barrier at every op.
@@ -389,10 +390,9 @@ class _Plan:
 
     # -------------------------------------------------------------- alive masks and halo
     def alive(self, xp: torch.Tensor) -> torch.Tensor:
-        """B x H x W bool: 3x3 max of alpha > threshold, read from the padded state.
-
-        A zero halo stands in for the reference's -inf padding because the threshold is >= 0.
-        """
+        """B x H x W bool: 3x3 max of alpha > threshold, read from the padded state
+        (docs/MODEL.md, "Alive masks"). A zero halo stands in for the reference's -inf padding
+        because the threshold is >= 0."""
         a = self.scratch("alpha", (self.b, self.hp, self.wp))
         a.copy_(xp[..., self.alpha])          # one strided read, then contiguous max passes
         m = self.scratch("alpha_max_v", (self.b, self.h, self.wp))

@@ -6,13 +6,15 @@ Triton's interpreter when ``TRITON_INTERPRET=1`` was set before triton was impor
 """
 from __future__ import annotations
 
+import torch
+
 from .. import functional
 from ..params import Params
 from .interface import check_rollout, run_in_frames, triton_usable
 
 
-def rollout(x, params: Params, config, *, steps: int, seed: int, first_step: int = 0,
-            checkpoint=None, frames=None):
+def rollout(x: torch.Tensor, params: Params, config, *, steps: int, seed: int,
+            first_step: int = 0, checkpoint=None, frames=None):
     """The backend interface on the kernels. Results are channels-last (a channels-last copy
     of ``x`` for 0 steps)."""
     params, segment = check_rollout(x, params, config, steps, seed, first_step, checkpoint,
