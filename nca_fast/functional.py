@@ -26,6 +26,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .config import FILTER_BANKS
 from .params import bands as w1_bands
 from .reference import alive as alive_mask
 from .rng import fire_threshold
@@ -73,8 +74,6 @@ def _final_keep(r: Tensor, q: Tensor, s: Static) -> Tensor:
 
 def _bank_code(filters: Tensor) -> int:
     """The kernels' constexpr code of a named filter bank (0: taps read from memory)."""
-    from .config import FILTER_BANKS
-
     taps = filters.detach().to("cpu", torch.float64).reshape(filters.shape[0], 9)
     for code, name in ((1, "sobel"), (2, "sobel_laplacian"), (3, "sobel_laplacian16")):
         bank = torch.tensor(FILTER_BANKS[name], dtype=torch.float64).reshape(-1, 9)
