@@ -17,8 +17,10 @@ class NCA(nn.Module):
     """A Growing-NCA as a layer.
 
     Parameters are laid out as in common PyTorch ports, so their state_dicts load as is:
-    ``w1 = Conv2d(F*C, hidden, 1)`` over perception interleaved ``c*F + k`` and
-    ``w2 = Conv2d(hidden, C, 1)``, which starts at zero (a new model is the identity map).
+    ``w1 = Conv2d(F*C, hidden, 1)`` over perception interleaved ``c*F + k`` (docs/MODEL.md,
+    "W1 layouts") and ``w2 = Conv2d(hidden, C, 1)``, which starts at zero (a new model is the
+    identity map). The forward hands ``params()`` and the config to a backend
+    (``nca_fast.backends``); nothing below this module reads it.
 
     backend: "torch" (pure PyTorch, any device), "triton" (fused kernels: CUDA, or CPU under
     ``TRITON_INTERPRET=1``), or "auto" (triton on CUDA tensors, torch elsewhere).
