@@ -34,7 +34,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["nca_fast", "nca_fast.kernels"],
+    packages=["nca_fast", "nca_fast.backends", "nca_fast.training", "nca_fast.kernels"],
     package_dir={"nca_fast": "nca_fast", "nca_fast.kernels": "kernels"},
     package_data={"nca_fast": ["assets/*"]},
     include_package_data=True,

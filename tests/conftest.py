@@ -16,7 +16,6 @@ DISTILL = SHARED / "data" / "distill"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long opt-in checks (sweeps), run with --runslow")
-    config.addinivalue_line("markers", "gpu: needs a CUDA device")
 
 
 def pytest_addoption(parser):

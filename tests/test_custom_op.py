@@ -15,7 +15,7 @@ import torch
 from nca_fast import NCA, NCAConfig, reference
 from nca_fast.config import filter_tensor
 from nca_fast.functional import rollout
-from nca_fast.model import resolve_checkpoint
+from nca_fast.backends.interface import resolve_checkpoint
 from tolerances import assert_close_verbose, tolerance
 
 CUDA = torch.cuda.is_available()
@@ -44,7 +44,7 @@ def _case(seed=0):
 
 def _op_args(steps, segment, alive):
     """The scalar arguments of both ops, after x, the weights and the filters."""
-    return (SEED, 0, steps, segment, FIRE_RATE, 0.1 if alive else -1.0, ALPHA, False, "ieee")
+    return (SEED, 0, steps, segment, FIRE_RATE, 0.1 if alive else None, ALPHA, False, "ieee")
 
 
 # The checkpoint options as the layer resolves them: each distinct (steps, segment) is checked

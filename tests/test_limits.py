@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import save as st_save
 
 import nca_fast
-from nca_fast import NCA, NCAConfig, cli, io as nio, resources
-from nca_fast.train import TrainOptions, cli_main, train_memory
+from nca_fast import NCA, NCAConfig, cli, formats, model as nca_model, resources
+from nca_fast.train import cli_main
+from nca_fast.training.options import TrainOptions, train_memory
 
 GIB = 2**30
 
@@ -29,17 +30,17 @@ def _model_file(path, config_dict, tensors=None):
     """A .safetensors with ``config_dict`` as its nca_fast config and small real tensors."""
     if tensors is None:
         tensors = {k: v.contiguous() for k, v in NCA(NCAConfig(hidden=8)).state_dict().items()}
-    meta = {nio.CONFIG_KEY: json.dumps(config_dict), nio.VERSION_KEY: nio.FORMAT_VERSION}
+    meta = {formats.CONFIG_KEY: json.dumps(config_dict), formats.VERSION_KEY: formats.FORMAT_VERSION}
     path.write_bytes(st_save(tensors, metadata=meta))
     return path
 
 
 @pytest.fixture
 def no_model_built(monkeypatch):
-    """Fails the test if io builds an NCA (allocating its parameters) from the file."""
+    """Fails the test if an NCA is built (its parameters allocated) from the file."""
     def refuse(*args, **kwargs):
         raise AssertionError("an NCA was built from a file that should have been refused")
-    monkeypatch.setattr(nio, "NCA", refuse)
+    monkeypatch.setattr(nca_model, "NCA", refuse)
 
 
 # ----------------------------------------------------------------------------- model files
@@ -50,7 +51,7 @@ def test_config_asking_for_millions_of_channels_is_refused_before_allocating(
                        {**NCAConfig(hidden=8).to_dict(), "channels": 4_000_000})
     assert path.stat().st_size < 20_000
     with pytest.raises(ValueError, match=r"bomb.safetensors: channels=4000000 is more than"):
-        nio.load(path)
+        nca_fast.load(path)
 
 
 def test_header_shapes_must_match_the_config_before_allocating(tmp_path, no_model_built):
@@ -60,20 +61,20 @@ def test_header_shapes_must_match_the_config_before_allocating(tmp_path, no_mode
                        {**NCAConfig().to_dict(), "channels": 1000, "hidden": 10000})
     with pytest.raises(ValueError, match=r"'w1.weight' has shape \(8, 48, 1, 1\), but the "
                                          r"stored config needs \(10000, 3000, 1, 1\)"):
-        nio.load(path)
+        nca_fast.load(path)
 
 
 def test_header_dtype_must_be_floating_point(tmp_path, no_model_built):
     tensors = {k: v.to(torch.int32) for k, v in NCA(NCAConfig(hidden=8)).state_dict().items()}
     path = _model_file(tmp_path / "ints.safetensors", NCAConfig(hidden=8).to_dict(), tensors)
     with pytest.raises(ValueError, match=r"dtype 'I32', expected floating point"):
-        nio.load(path)
+        nca_fast.load(path)
 
 
 def test_a_valid_file_still_loads(tmp_path):
     model = NCA(NCAConfig(hidden=8))
     model.save(tmp_path / "ok.safetensors")
-    assert nio.load(tmp_path / "ok.safetensors").config == model.config
+    assert nca_fast.load(tmp_path / "ok.safetensors").config == model.config
 
 
 DEEP = 100_000
@@ -91,10 +92,10 @@ def test_deeply_nested_distill_json_is_a_clear_error(tmp_path, capsys):
 def test_deeply_nested_config_in_a_model_file_is_a_clear_error(tmp_path):
     path = tmp_path / "deep.safetensors"
     tensors = {k: v.contiguous() for k, v in NCA(NCAConfig(hidden=8)).state_dict().items()}
-    meta = {nio.CONFIG_KEY: "[" * DEEP + "]" * DEEP, nio.VERSION_KEY: nio.FORMAT_VERSION}
+    meta = {formats.CONFIG_KEY: "[" * DEEP + "]" * DEEP, formats.VERSION_KEY: formats.FORMAT_VERSION}
     path.write_bytes(st_save(tensors, metadata=meta))
     with pytest.raises(ValueError, match="nested too deeply"):
-        nio.load(path)
+        nca_fast.load(path)
 
 
 def test_deeply_nested_run_config_is_a_clear_error(tmp_path, capsys):

@@ -20,8 +20,9 @@ import time
 import pytest
 import torch
 
-from nca_fast import train as T
-from nca_fast.train import TrainOptions, cli_main, train
+from nca_fast.train import cli_main, train
+from nca_fast.training import run_folder, trainer as T
+from nca_fast.training.options import TrainOptions
 
 TINY = dict(size=8, pad=2, hidden=32, batch=4, pool_size=16, rollout_min=6, rollout_max=10,
             experiment="persist", backend="torch", device="cpu", seed=5)
@@ -50,7 +51,7 @@ def _env():
 
 def _hold_lock(folder):
     """A process holding the run folder's lock (as a running training would), and its pid."""
-    code = ("import sys, time, pathlib; from nca_fast.train import RunFolderLock; "
+    code = ("import sys, time, pathlib; from nca_fast.training.run_folder import RunFolderLock; "
             "RunFolderLock(pathlib.Path(sys.argv[1])).acquire(); print('held', flush=True); "
             "time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE,
@@ -95,14 +96,14 @@ def test_lock_is_held_for_the_run_and_released_after(tmp_path):
     seen = []
 
     def probe(trainer):
-        with pytest.raises(T.RunFolderBusy, match=f"pid {os.getpid()}"):
-            T.RunFolderLock(tmp_path).acquire()
+        with pytest.raises(run_folder.RunFolderBusy, match=f"pid {os.getpid()}"):
+            run_folder.RunFolderLock(tmp_path).acquire()
         seen.append(trainer.step)
 
     train(TrainOptions(**TINY, steps=2, save_every=1), run_dir=tmp_path, on_step=probe)
     assert seen == [1, 2]
     assert not (tmp_path / ".lock").exists()
-    T.RunFolderLock(tmp_path).acquire().release()
+    run_folder.RunFolderLock(tmp_path).acquire().release()
 
 
 def test_run_folder_that_cannot_be_created(tmp_path, capsys):
@@ -153,7 +154,7 @@ def test_signal_saves_a_checkpoint_and_the_printed_resume_works(tmp_path, sig):
     assert proc.returncode == 128 + sig, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     ck = (run / "checkpoint.safetensors")
-    info = T._read_checkpoint(ck)[1]
+    info = run_folder.read_checkpoint(ck)[1]
     assert 3 <= info["step"] < steps
     assert f"at step {info['step']}; checkpoint saved" in err
     printed = err.strip().splitlines()[-1].split("continue with: ", 1)[1]
@@ -193,7 +194,7 @@ def test_stop_request_checkpoints_the_current_step(tmp_path):
 
     with pytest.raises(T.TrainingInterrupted, match="SIGTERM at step 3"):
         tr.run(on_step=at_step)
-    assert T._read_checkpoint(tmp_path / "checkpoint.safetensors")[1]["step"] == 3
+    assert run_folder.read_checkpoint(tmp_path / "checkpoint.safetensors")[1]["step"] == 3
 
 
 def test_orphaned_temporary_files_are_removed_when_the_folder_is_opened(tmp_path):
