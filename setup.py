@@ -9,7 +9,10 @@ install_requires = [
     # numpy < 2.4: the Triton 3.6 interpreter turns loop bounds into ints with int(array),
     # which numpy 2.4 made an error (kernels on CPU, TRITON_INTERPRET=1).
     "numpy<2.4",
-    "triton>=3.6; platform_system == 'Linux'",
+    # triton 3.6.x only: the kernels are verified (interpreter, ahead-of-time compile checks)
+    # and their executed instructions counted on 3.6; triton 3.9 compiles them to much slower
+    # code. CI installs this range (.ci/run has no pin of its own).
+    "triton>=3.6,<3.7; platform_system == 'Linux'",
     "safetensors>=0.4",
     "Pillow>=9",
     "imageio>=2.20",
@@ -31,7 +34,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["nca_fast", "nca_fast.kernels"],
+    packages=["nca_fast", "nca_fast.backends", "nca_fast.training", "nca_fast.kernels"],
     package_dir={"nca_fast": "nca_fast", "nca_fast.kernels": "kernels"},
     package_data={"nca_fast": ["assets/*"]},
     include_package_data=True,

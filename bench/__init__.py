@@ -1,12 +1,21 @@
 """Benchmarks of nca_fast against plain PyTorch ports (see bench/RESULTS.md).
 
+Imports flow one way: ``providers`` <- ``harness`` <- ``ceilings``, ``memory`` <- ``throughput``
+(and ``cpu_speed``); none imports another's private names.
+
 - ``bench.providers``: every implementation under test, built from the same config and weights,
   and the same-step check that runs before any timing.
-- ``bench.throughput``: the suite (``python -m bench.throughput``): cell-steps per second of the
-  forward rollout and of a training iteration, CSV and plot in bench/results/.
-- ``bench.memory``: peak memory of a training iteration, and the sweeps over rollout length T and
+- ``bench.harness``: what the scripts share: cases, timing (``triton.testing.do_bench`` on CUDA,
+  rounds of at least 100 ms on a CPU), memory, records, environment, spread, CSV, figures and
+  command-line helpers.
+- ``bench.throughput``: the suite (``python -m bench.throughput``, ``nca-fast bench``):
+  cell-steps per second of the forward rollout and of a training iteration; CSV and plot in
+  ``--out`` (default: the current folder).
+- ``bench.memory``: memory of a training iteration, and the sweeps over rollout length T and
   grid size (``python -m bench.memory``).
 - ``bench.ceilings``: the machine's own ceilings (copy bandwidth, matmul rates) for the floors.
+- ``bench.cpu_speed``: the torch backend against the eager port at the article's size, on a CPU.
+- ``bench.compile_report``: ahead-of-time compiles of every kernel variant (no GPU needed).
 - ``bench/gpu_check.sh OUTDIR``: the one-call GPU check (tests, ceilings, suite).
 - ``bench/test_bench_step.py``: pytest-benchmark suites of the hot paths
   (``python -m pytest bench -q --benchmark-only``).

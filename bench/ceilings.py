@@ -8,36 +8,20 @@
 - matmul: a large square matmul in TF32 and bf16 (CUDA) or fp32 (CPU), FLOP/s = 2 n^3 / s; with
   16,384 dense FLOPs per cell-step it gives the compute floor.
 
-CUDA times come from ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, every
-call kept: the median and the 20th/80th percentiles are reported). CPU times are wall-clock
-``perf_counter`` over a few calls.
+Times come from ``bench.harness.seconds_per_call``: ``triton.testing.do_bench`` on CUDA (CUDA
+events, L2 flushed between calls, every call kept), rounds of at least 100 ms on a CPU; the
+median and the 20th/80th percentiles are reported.
 """
 from __future__ import annotations
 
 import sys
-import time
 from typing import List, Optional
 
 import torch
 
-BYTES_PER_CELL_STEP = 128
-FLOPS_PER_CELL_STEP = 16384
-
-
-def _seconds(fn, device: torch.device, reps: int = 5) -> List[float]:
-    """Seconds per call of ``fn``, one value per call after a warm-up."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return [ms / 1e3 for ms in triton.testing.do_bench(fn, warmup=25, rep=200,
-                                                            return_mode="all")]
-    fn()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+from bench.harness import (BYTES_PER_CELL_STEP, FLOPS_PER_CELL_STEP, Parser, Recorder,
+                           UsageError, environment, resolve_device, seconds_per_call, spread,
+                           write_csv)
 
 
 def matmul_flops(device, kind: str = "fp32", n: int = 1024) -> List[float]:
@@ -53,7 +37,7 @@ def matmul_flops(device, kind: str = "fp32", n: int = 1024) -> List[float]:
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = kind == "tf32"
     try:
-        secs = _seconds(lambda: torch.mm(a, b, out=out), device)
+        secs = seconds_per_call(lambda: torch.mm(a, b, out=out), device)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     return [2.0 * n ** 3 / s for s in secs]
@@ -65,14 +49,12 @@ def copy_bandwidth(device, nbytes: int = 2**30) -> List[float]:
     n = nbytes // 4
     src = torch.rand(n, device=device)
     dst = torch.empty_like(src)
-    return [2.0 * n * 4 / s for s in _seconds(lambda: dst.copy_(src), device)]
+    return [2.0 * n * 4 / s for s in seconds_per_call(lambda: dst.copy_(src), device)]
 
 
 def measure(device, rec, *, matmul_n: Optional[int] = None, copy_bytes: Optional[int] = None,
             log=print) -> None:
-    """Add the ceilings and the floors they imply to ``rec`` (a ``bench.throughput.Recorder``)."""
-    from bench.throughput import spread
-
+    """Add the ceilings and the floors they imply to ``rec`` (a ``bench.harness.Recorder``)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     n = matmul_n or (8192 if cuda else 1024)
@@ -95,10 +77,7 @@ def measure(device, rec, *, matmul_n: Optional[int] = None, copy_bytes: Optional
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from bench.throughput import (Recorder, UsageError, _Parser, environment, resolve_device,
-                                  write_csv)
-
-    p = _Parser(prog="python -m bench.ceilings", description="Copy bandwidth and matmul rates.")
+    p = Parser(prog="python -m bench.ceilings", description="Copy bandwidth and matmul rates.")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--out", help="CSV to write (the suite's columns)")
     p.add_argument("--matmul-size", type=int, help="n of the n^3 matmul (cuda 8192, cpu 1024)")

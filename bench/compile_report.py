@@ -41,7 +41,6 @@ import contextlib
 import csv
 import dataclasses
 import importlib
-import importlib.util
 import io
 import json
 import multiprocessing
@@ -58,8 +57,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-ROOT = Path(__file__).resolve().parents[1]
-KERNELS_DIR = ROOT / "kernels"
 
 # The nominal launch: one 1024 x 1024 grid (the grid shared/tools/sass_count.py measures).
 GRID = (1, 1024, 1024)
@@ -139,29 +136,17 @@ class Variant:
                 f"F={self.filters}:{bank} {prec} {self.switches()}")
 
 
-def load_configs(kernels_dir: Path = KERNELS_DIR):
-    """``configs.py`` of ``kernels_dir`` on its own: plain Python (no kernel), safe to import in
-    any process, interpreted or not."""
-    path = Path(kernels_dir) / "configs.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"kernels_dir: no configs.py in {kernels_dir}")
-    name = "_nca_aot_configs"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod       # dataclasses look their module up while the class is built
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        del sys.modules[name]
-    return mod
+def load_configs():
+    """``nca_fast.kernels.configs``: plain Python (no kernel), safe to import in any process,
+    interpreted or not."""
+    return importlib.import_module("nca_fast.kernels.configs")
 
 
-def all_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL_NAMES,
-                 kernels_dir: Path = KERNELS_DIR) -> List[Variant]:
+def all_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL_NAMES) -> List[Variant]:
     """Every variant the launchers can pick, over the shapes and precisions configs.py declares
     supported: per arch 1,152 forward, 384 perception-gradient, 768 weight and 32 input
     kernels (C {16, 32}, hidden {32, 64, 128, 256}, the banks, three precisions)."""
-    cfg = load_configs(kernels_dir)
+    cfg = load_configs()
     masks = ((False, False), (False, True), (True, True))        # (has_q, alive)
     out = []
     for arch in archs:
@@ -191,8 +176,7 @@ def _v(kernel, arch, c, hid, f, bank, prec, **kw) -> Variant:
     return Variant(kernel, arch, c, hid, f, bank, prec, **kw)
 
 
-def default_variants(archs: Sequence[int] = (90,), kernels: Sequence[str] = KERNEL_NAMES,
-                     kernels_dir: Path = KERNELS_DIR) -> List[Variant]:
+def default_variants(archs: Sequence[int] = (90,), kernels: Sequence[str] = KERNEL_NAMES) -> List[Variant]:
     """The kernels of one mid-rollout training step of the default model (C = 16, hidden 128,
     "sobel", tf32, alive masking on): what shared/tools/sass_count.py measures."""
     out = []
@@ -203,8 +187,7 @@ def default_variants(archs: Sequence[int] = (90,), kernels: Sequence[str] = KERN
     return [v for v in out if v.kernel in kernels]
 
 
-def quick_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL_NAMES,
-                   kernels_dir: Path = KERNELS_DIR) -> List[Variant]:
+def quick_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL_NAMES) -> List[Variant]:
     """A representative subset: every switch, bank, precision and size extreme once."""
     out = []
     for arch in archs:
@@ -229,8 +212,7 @@ def quick_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL
     return [v for v in out if v.kernel in kernels]
 
 
-def ci_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL_NAMES,
-                kernels_dir: Path = KERNELS_DIR) -> List[Variant]:
+def ci_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL_NAMES) -> List[Variant]:
     """The CI subset: the default step's kernels, bf16, the largest shapes, INT64, circular,
     a bank given as data, and the shapes of the CI variants of the kernels before v2 (their
     executed counts are compared in bench/NOTES.md)."""
@@ -267,13 +249,13 @@ _FUNCS = {"fwd": "_nca_step_fwd_kernel", "bwd_gp": "_nca_step_bwd_gp_kernel",
           "bwd_weights": "_nca_step_bwd_weights_kernel", "bwd_input": "_nca_step_bwd_input_kernel"}
 
 
-def load_kernels(kernels_dir: Path = KERNELS_DIR):
-    """Import the kernel package at ``kernels_dir`` afresh, compiled-mode, under a private name.
+def load_kernels():
+    """Import ``nca_fast.kernels`` compiled-mode; returns its modules (configs, step_fwd,
+    step_bwd).
 
     ``@triton.jit`` decides at import whether a kernel is a compilable JITFunction or an
-    interpreted one (TRITON_INTERPRET), and test processes import ``nca_fast.kernels``
-    interpreted; a private copy is unaffected by that. Returns the package's modules
-    (configs, step_fwd, step_bwd).
+    interpreted one (TRITON_INTERPRET), so this runs only in processes that exist to compile
+    (the spawned workers of ``Compiler``), before anything imported triton interpreted.
     """
     # The decorator reads TRITON_INTERPRET when a module is executed, triton's own included:
     # unset it for good in this process, which exists only to compile.
@@ -284,18 +266,7 @@ def load_kernels(kernels_dir: Path = KERNELS_DIR):
     if not isinstance(tl_standard.cdiv, triton.runtime.JITFunction):
         raise RuntimeError("load_kernels: triton was imported with TRITON_INTERPRET=1 in this "
                            "process; compile in a fresh process (see Compiler)")
-    init = Path(kernels_dir) / "__init__.py"
-    if not init.is_file():
-        raise FileNotFoundError(f"kernels_dir: no kernel package at {kernels_dir} "
-                                f"(expected {init})")
-    name = f"_nca_aot_kernels_{abs(hash(str(Path(kernels_dir).resolve())))}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, init,
-                                                      submodule_search_locations=[str(init.parent)])
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules[name] = pkg
-        spec.loader.exec_module(pkg)
-    return tuple(importlib.import_module(f"{name}.{m}")
+    return tuple(importlib.import_module(f"nca_fast.kernels.{m}")
                  for m in ("configs", "step_fwd", "step_bwd"))
 
 
@@ -317,14 +288,16 @@ class _Recorder:
         self.cls.run = self.orig
 
 
-def record_launch(v: Variant, modules):
-    """(kernel, grid, args, kwargs) of ``v``: its launcher called on CPU tensors of the nominal
-    grid (the forward as a mid-rollout step, the weight kernel with a next step or not)."""
+def record_launch(v: Variant, modules, grid: Tuple[int, int, int] = GRID, step: int = 7,
+                  seed: int = 2**40 + 12345):
+    """(kernel, grid, args, kwargs) of ``v``: its launcher called on CPU tensors of a
+    B x H x W grid (the nominal one by default; the forward as a mid-rollout step, the weight
+    kernel with a next step or not)."""
     import torch
     from nca_fast.config import FILTER_BANKS
 
     configs, step_fwd, step_bwd = modules
-    B, H, W = GRID
+    B, H, W = grid
     C, HID, F_ = v.channels, v.hidden or 32, v.filters
     prec = PRECISION_NAMES[v.precision]
     filt = (torch.tensor(FILTER_BANKS[BANK_FILTERS[v.bank]]) if v.bank else
@@ -340,11 +313,11 @@ def record_launch(v: Variant, modules):
         with _Recorder() as rec:
             if v.kernel == "fwd":
                 q = step_fwd.hq_plane(B, H, W, "cpu") if v.has_q else None
-                step_fwd.nca_step_fwd(r, q, w1k, b1, w2t, b2, filt, seed=2**40 + 12345, step=7,
+                step_fwd.nca_step_fwd(r, q, w1k, b1, w2t, b2, filt, seed=seed, step=step,
                                       fire_threshold=1 << 23,
                                       alive_threshold=0.1 if v.alive else None,
-                                      alpha_channel=ALPHA_CHANNEL,
-                                      cw_out=cw, **kw)
+                                      alpha_channel=ALPHA_CHANNEL, circular=v.circular,
+                                      precision=prec, named_bank=v.bank, cw_out=cw)
             elif v.kernel == "bwd_gp":
                 step_bwd.bwd_gp(r, cw, g, w1k, b1, w2t, filt, **kw)
             elif v.kernel == "bwd_weights":
@@ -701,7 +674,7 @@ def _run_ptxas(ptx: str, arch: int) -> str:
 _STATE: dict = {}
 
 
-def _init_worker(kernels_dir: str, cache_dir: str, sass: bool = False) -> None:
+def _init_worker(cache_dir: str, sass: bool = False) -> None:
     # Before triton is imported: it decides interpreted or compiled at import (see load_kernels).
     os.environ.pop("TRITON_INTERPRET", None)
     # Each run compiles from scratch: a cache hit would skip ptxas and its log.
@@ -709,7 +682,7 @@ def _init_worker(kernels_dir: str, cache_dir: str, sass: bool = False) -> None:
     import triton
 
     triton.knobs.nvidia.dump_ptxas_log = True     # triton prints its own ptxas -v log
-    _STATE["modules"] = load_kernels(Path(kernels_dir))
+    _STATE["modules"] = load_kernels()
     _STATE["sass"] = sass
 
 
@@ -720,8 +693,12 @@ def _cpu_time() -> float:
     return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
-def compile_variant(v: Variant) -> Result:
-    """Compile ``v`` (after ``_init_worker``) and measure it. Never raises for kernel errors."""
+def compile_variant(v: Variant, edge: bool = False) -> Result:
+    """Compile ``v`` (after ``_init_worker``) and measure it. Never raises for kernel errors.
+
+    edge: launched on a 1 x 1 x 1 grid at step 1 with seed 1, so that the JIT specialises every
+    size, count and the step as the constant 1 (it does so for an int argument equal to 1):
+    code that calls methods on such an argument fails to compile there only."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -729,7 +706,8 @@ def compile_variant(v: Variant) -> Result:
     start, cpu = time.perf_counter(), _cpu_time()
     log = io.StringIO()
     try:
-        launch = record_launch(v, _STATE["modules"])
+        launch = (record_launch(v, _STATE["modules"], grid=(1, 1, 1), step=1, seed=1) if edge
+                  else record_launch(v, _STATE["modules"]))
         src, options, bound = specialise(launch, v.arch)
         res.num_warps = int(options.get("num_warps", 4))
         res.num_stages = int(options.get("num_stages", 1))
@@ -775,17 +753,16 @@ class Compiler:
     them interpreted (any test process) or must keep TRITON_INTERPRET set is left untouched.
     """
 
-    def __init__(self, workers: int = MAX_WORKERS, kernels_dir: Path = KERNELS_DIR,
-                 sass: bool = False):
+    def __init__(self, workers: int = MAX_WORKERS, sass: bool = False):
         if not 1 <= workers <= MAX_WORKERS:
             raise ValueError(f"workers: expected 1..{MAX_WORKERS}, got {workers}")
         self.cache = tempfile.mkdtemp(prefix="nca_aot_cache_")
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=_init_worker,
-                                        initargs=(str(kernels_dir), self.cache, sass))
+                                        initargs=(self.cache, sass))
 
-    def submit(self, v: Variant) -> "Future[Result]":
-        return self.pool.submit(compile_variant, v)
+    def submit(self, v: Variant, edge: bool = False) -> "Future[Result]":
+        return self.pool.submit(compile_variant, v, edge)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -798,8 +775,8 @@ class Compiler:
         self.close()
 
 
-def run(variants: Sequence[Variant], workers: int = MAX_WORKERS,
-        kernels_dir: Path = KERNELS_DIR, progress=None, sass: bool = False) -> List[Result]:
+def run(variants: Sequence[Variant], workers: int = MAX_WORKERS, progress=None,
+        sass: bool = False) -> List[Result]:
     """Compile every variant (``workers`` processes, at most 2) in a fresh triton cache;
     ``sass``: also count SASS instructions by class (cuobjdump, ~1 s per variant).
 
@@ -807,7 +784,7 @@ def run(variants: Sequence[Variant], workers: int = MAX_WORKERS,
     each finishes.
     """
     results: List[Optional[Result]] = [None] * len(variants)
-    with Compiler(workers, kernels_dir, sass) as compiler:
+    with Compiler(workers, sass) as compiler:
         # slowest first, so that the last compile does not leave a worker idle for long
         order = sorted(range(len(variants)), key=lambda i: -_cost(variants[i]))
         futures = {compiler.submit(variants[i]): i for i in order}
@@ -930,8 +907,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--workers", type=int, default=MAX_WORKERS, help="compile processes (1 or 2)")
     p.add_argument("--csv", type=Path, help="write every measured column here")
     p.add_argument("--json", type=Path, help="write the results as JSON here")
-    p.add_argument("--kernels-dir", type=Path, default=KERNELS_DIR,
-                   help="kernel package to compile (default: the repository's kernels/)")
     p.add_argument("--sass", action="store_true",
                    help="count SASS instructions by class and executed warp-instructions per "
                         "cell (loop trip counts)")
@@ -942,15 +917,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--quick conflicts with --subset " + args.subset)
     if not 1 <= args.workers <= MAX_WORKERS:
         p.error(f"--workers: expected 1..{MAX_WORKERS}, got {args.workers}")
-    if not (args.kernels_dir / "__init__.py").is_file():
-        p.error(f"--kernels-dir: no kernel package at {args.kernels_dir}")
     for out in (args.csv, args.json):
         if out is not None and not out.resolve().parent.is_dir():
             p.error(f"--csv/--json: folder {out.resolve().parent} does not exist")
     subset = "quick" if args.quick else (args.subset or "all")
     archs = tuple(args.arch or ARCHS)
     kernels = tuple(args.kernel or KERNEL_NAMES)
-    variants = SUBSETS[subset](archs, kernels, args.kernels_dir)
+    variants = SUBSETS[subset](archs, kernels)
     if args.list:
         print("\n".join(v.label() for v in variants))
         return 0
@@ -966,7 +939,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         flag = "ok" if not r.problems() else r.status.upper() if r.status != "ok" else "FAIL"
         print(f"[{done}/{total}] {r.seconds:6.1f}s {flag:5} {r.variant.label()}", flush=True)
 
-    results = run(variants, args.workers, args.kernels_dir, progress, args.sass)
+    results = run(variants, args.workers, progress, args.sass)
     wall = time.perf_counter() - start
     meta.update(wall_s=round(wall, 1), compile_s=round(sum(r.seconds for r in results), 1),
                 cpu_s=round(sum(r.cpu_seconds for r in results), 1))

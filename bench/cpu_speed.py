@@ -7,10 +7,11 @@ The eager port (``bench.providers.EagerNCA``, the benchmark suite's baseline) is
 the common PyTorch NCA ports: NCHW, perception by ``F.conv2d(groups=C)`` with the filters
 repeated per channel, two ``nn.Conv2d`` 1x1 layers, ``torch.rand`` update mask,
 ``F.max_pool2d`` alive masks. Both run the article's configuration
-from the same state and weights. Measurements are interleaved (eager, fast, eager, fast, ...) so
-that load from other processes on the machine hits both alike; the figures are medians over the
-repeats, with the spread (min..max), in wall-clock and in process CPU time (CPU time is less
-sensitive to other processes; spin-waiting threads count in it).
+from the same state and weights. Timing is ``bench.harness.time_interleaved``: rounds of at
+least 100 ms in which the two take turns, so that load from other processes on the machine hits
+both alike; the figures are medians over the rounds, with the spread (min..max), in wall-clock
+and in process CPU time (CPU time is less sensitive to other processes; spin-waiting threads
+count in it).
 
 Modes: ``forward`` is a 64-step rollout under ``torch.no_grad()``; ``train`` is one training
 iteration: the rollout with gradients, MSE loss on RGBA, backward, Adam step.
@@ -24,16 +25,15 @@ and third experiments.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+from bench.harness import Parser, UsageError, split_list, time_interleaved
 from bench.providers import EagerNCA, Weights
 from nca_fast import NCA, NCAConfig, load_distill
 
@@ -63,14 +63,8 @@ def live_state(config: NCAConfig, b: int, h: int, w: int, seed: int = 1) -> torc
     return x
 
 
-def timed(fn):
-    w0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - w0, time.process_time() - c0
-
-
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m bench.cpu_speed", description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
@@ -78,14 +72,18 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--modes", default="forward,train")
     ap.add_argument("--scenario", choices=("alive", "grow", "grown"), default="alive")
-    args = ap.parse_args(argv)
-    for name in ("repeats", "steps", "batch", "size", "threads"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            ap.error(f"--{name}: expected a positive integer, got {v}")
-    modes = args.modes.split(",")
-    if not modes or any(m not in ("forward", "train") for m in modes):
-        ap.error(f"--modes: expected a comma-separated subset of forward,train, got {args.modes!r}")
+    try:
+        args = ap.parse_args(argv)
+        for name in ("repeats", "steps", "batch", "size", "threads"):
+            v = getattr(args, name)
+            if v is not None and v < 1:
+                raise UsageError(f"--{name}: expected a positive integer, got {v}")
+        modes = split_list(args.modes, ("forward", "train"), "--modes")
+    except UsageError as e:
+        print(f"bench.cpu_speed: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:          # --help
+        return int(e.code or 0)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = NCAConfig()
@@ -138,27 +136,22 @@ def main(argv=None) -> int:
           f"{steps} steps, {args.repeats} interleaved repeats, scenario {args.scenario}; alive "
           f"fraction at the end {alive:.2f}; load average {os.getloadavg()[0]:.1f} before")
     pairs = {"forward": (fwd_eager, fwd_fast), "train": (train_eager, train_fast)}
-    for mode in modes:           # warm-up: first-call allocations, oneDNN primitive creation
-        for fn in pairs[mode]:
-            fn()
-    res = {(m, p): [] for m in modes for p in ("eager", "fast")}
-    for _ in range(args.repeats):
-        for mode in modes:
-            e, f = pairs[mode]
-            res[(mode, "eager")].append(timed(e))
-            res[(mode, "fast")].append(timed(f))
+    res = {mode: time_interleaved(dict(zip(("eager", "fast"), pairs[mode])), args.repeats, 1,
+                                  "cpu")
+           for mode in modes}
     print(f"load average after: {os.getloadavg()[0]:.1f} (other processes share these cores)")
+    failed = [(m, p, t.error) for m in modes for p, t in res[m].items() if t.error is not None]
+    if failed:
+        print(f"bench.cpu_speed: failed: {failed}", file=sys.stderr)
+        return 1
     print(f"{'mode':8} {'provider':14} {'wall s (min..max)':>24} {'cpu s':>8}")
     for mode in modes:
         for prov, name in (("eager", "torch eager"), ("fast", "nca_fast torch")):
-            walls = [r[0] for r in res[(mode, prov)]]
-            cpus = [r[1] for r in res[(mode, prov)]]
+            walls, cpus = res[mode][prov].times, res[mode][prov].cpu_times
             print(f"{mode:8} {name:14} {statistics.median(walls):8.3f} "
                   f"({min(walls):.3f}..{max(walls):.3f}) {statistics.median(cpus):8.3f}")
-        ew = [r[0] for r in res[(mode, "eager")]]
-        fw = [r[0] for r in res[(mode, "fast")]]
-        ec = [r[1] for r in res[(mode, "eager")]]
-        fc = [r[1] for r in res[(mode, "fast")]]
+        ew, fw = res[mode]["eager"].times, res[mode]["fast"].times
+        ec, fc = res[mode]["eager"].cpu_times, res[mode]["fast"].cpu_times
         pair = [a / b for a, b in zip(ew, fw)]
         print(f"{mode:8} speed-up: wall {statistics.median(ew) / statistics.median(fw):.2f}x "
               f"(per-pair median {statistics.median(pair):.2f}x, range "

@@ -2,19 +2,9 @@
 
     python -m bench.memory [--device cpu|cuda] [--sweep t,grid] [--memcheck] [--out DIR]
 
-What "memory" means here depends on the device, because a CPU has no allocator counter to read:
-
-- CUDA: ``peak_bytes``, ``torch.cuda.max_memory_allocated`` during one training iteration minus
-  what was allocated just before it (inputs, weights, Adam state): everything the iteration
-  itself needed at its high point.
-- CPU: ``saved_bytes``, the bytes of the distinct tensor storages that autograd keeps for the
-  backward, counted through ``torch.autograd.graph.saved_tensors_hooks`` (the dominant term of a
-  rollout's peak, and exact whatever the allocator caches). Counting needs only the forward, so
-  on a CPU the measurement runs the rollout with gradients and stops there. Not counted:
-  transient buffers of a single op, and tensors saved inside ``torch.utils.checkpoint`` segments
-  (checkpoint installs its own hooks), so the checkpointed variant is only measured on CUDA. The
-  process RSS was the alternative; it was not chosen because glibc keeps freed pages, so an RSS
-  delta depends on what ran before.
+What "memory" means depends on the device (``bench.harness.measure_memory``): on CUDA the peak
+of one training iteration (``peak_bytes``), on a CPU, which has no allocator counter to read, the
+bytes autograd keeps for the backward (``saved_bytes``).
 
 Sweeps (issue 4): a training iteration at growing T (fixed grid) and at growing grid (fixed T),
 each point giving memory and cell-steps/s per provider; ``memory.csv`` and ``memory.png``. On a
@@ -33,10 +23,10 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from bench.providers import PROVIDER_NAMES, Provider, TorchRunner, get_providers, make_weights
-from bench.throughput import (RESULTS, Case, Recorder, UsageError, _Parser, _split, environment,
-                              measure_case, prepare_out, resolve_device, run_check, save_figure,
-                              write_csv)
+from bench.harness import (Case, Parser, Recorder, UsageError, environment, measure_case,
+                           prepare_out, resolve_device, run_check, save_figure, split_list,
+                           write_csv)
+from bench.providers import PROVIDER_NAMES, Provider, get_providers, make_weights
 from nca_fast import NCAConfig
 
 SWEEPS = {
@@ -50,40 +40,10 @@ SWEEPS = {
 }
 MEMCHECK = Case(1, 1024, 1024, 1000, ("train",))
 MEMCHECK_LIMIT = 40e9     # bytes: issue 4's "under 40 GB"
-SWEEP_SKIP = {"cpu": ("torch-compile", "cax"), "cuda": ("torch-compile", "cax")}
-
-
-def train_memory(runner, x, target, steps: int, seed: int):
-    """Memory of one training iteration of ``runner``: (metric, bytes, note), or None.
-
-    None for a provider whose memory torch cannot see (JAX). See the module docstring for what
-    ``peak_bytes`` (CUDA) and ``saved_bytes`` (CPU) count.
-    """
-    if not isinstance(runner, TorchRunner):
-        return None
-    dev = runner.device
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        runner.sync(runner.train_step(x, target, steps, seed))
-        peak = torch.cuda.max_memory_allocated(dev) - base
-        return "peak_bytes", float(peak), "max_memory_allocated during the iteration minus before"
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    # Only the forward saves tensors: the rollout alone (with its graph) is enough to count them.
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = runner.rollout(x, steps, seed)
-    del y
-    note = "distinct storages saved for backward"
-    if getattr(runner, "checkpoint", None) is not None:
-        note += " (checkpointed segments not counted)"
-    return "saved_bytes", float(sum(storages.values())), note
+# Left out of the sweeps on every device: torch.compile recompiles for every grid (more than the
+# whole sweep costs; its memory and speed are in the suite's table), and JAX's memory is not
+# visible to torch.
+SWEEP_SKIP = ("torch-compile", "cax")
 
 
 def sweep_cases(device, which: Sequence[str], quick: bool = False) -> List[tuple]:
@@ -99,16 +59,14 @@ def run_sweeps(providers: Sequence[Provider], device, which: Sequence[str], out_
                config: Optional[NCAConfig] = None, log: Callable[[str], None] = print) -> bool:
     """Run the sweeps (and the memcheck); write memory.csv (and memory.png) to ``out_dir``.
 
-    Providers in SWEEP_SKIP are left out: torch.compile recompiles for every grid, which costs
-    more than the whole sweep (its memory and speed are in the suite's table), and JAX's memory
-    is not visible to torch. Returns False when a provider was rejected or failed.
+    Providers in SWEEP_SKIP are left out. Returns False when a provider was rejected or failed.
     """
     device = torch.device(device)
     start = time.monotonic()
     config = config or NCAConfig()
     rec = Recorder(environment(device))
     csv_path = pathlib.Path(out_dir) / "memory.csv"
-    providers = [p for p in providers if p.name not in SWEEP_SKIP[device.type]]
+    providers = [p for p in providers if p.name not in SWEEP_SKIP]
     ok = True
     if check:
         log("same-step check (fire rate 1, float64 reference):")
@@ -200,7 +158,7 @@ def plot_sweeps(rows: Sequence[dict], path) -> pathlib.Path:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m bench.memory``: sweeps and memcheck; returns the exit status."""
-    p = _Parser(prog="python -m bench.memory",
+    p = Parser(prog="python -m bench.memory",
                 description="Training memory and throughput against T and grid size.")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--sweep", default="t,grid", help="t, grid, t,grid or none")
@@ -209,7 +167,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--providers", default=",".join(PROVIDER_NAMES),
                    help="comma-separated subset of " + ",".join(PROVIDER_NAMES))
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per point")
-    p.add_argument("--out", default=str(RESULTS), help="folder for memory.csv/.png")
+    p.add_argument("--out", default=".", help="folder for memory.csv/.png (default: the current "
+                   "folder)")
     p.add_argument("--time-budget", type=float, default=0.0, help="seconds; 0 = none")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--quick", action="store_true",
@@ -218,8 +177,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = p.parse_args(argv)
         device = resolve_device(args.device)
-        which = [] if args.sweep == "none" else _split(args.sweep, ("t", "grid"), "--sweep")
-        names = _split(args.providers, PROVIDER_NAMES, "--providers")
+        which = [] if args.sweep == "none" else split_list(args.sweep, ("t", "grid"), "--sweep")
+        names = split_list(args.providers, PROVIDER_NAMES, "--providers")
         if args.memcheck and device.type != "cuda":
             raise UsageError("--memcheck: needs --device cuda (1e9 cell-steps of training)")
         if args.repeats < 1:

@@ -1,12 +1,13 @@
 """The implementations under test, built from one config and one set of weights.
 
-Every provider runs the model of shared/docs/NCA_SPEC.md with the same weights on the same
+Every provider runs the model of docs/MODEL.md with the same weights on the same
 inputs, so their timings compare the same work:
 
 - ``nca_fast-triton``: ``NCA(backend="triton")``, the fused kernels. Timed only on CUDA: under
   ``TRITON_INTERPRET`` on a CPU the kernels run in Triton's Python interpreter, which measures the
   interpreter, not the kernels.
-- ``nca_fast-torch``: ``NCA(backend="torch")``, the package's PyTorch path (``nca_fast/cpu.py``).
+- ``nca_fast-torch``: ``NCA(backend="torch")``, the package's PyTorch path
+  (``nca_fast/backends/torch_backend.py``).
 - ``torch-eager``: ``EagerNCA`` below, a port in the style most public PyTorch NCAs share
   (op by op, NCHW, grouped ``F.conv2d`` perception, 1x1 ``nn.Conv2d`` layers, ``max_pool2d``
   alive masks, a ``torch.rand`` update mask). It is the baseline of every ratio.
@@ -412,8 +413,6 @@ class NCAFastTriton(Provider):
                     "not timed")
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
-        if importlib.util.find_spec("nca_fast.functional") is None:
-            return "nca_fast.functional (the Triton backend) is not in this checkout yet"
         return None
 
     def build(self, config, weights, device):

@@ -9,57 +9,48 @@
    random nonzero w2; see ``bench.providers.check_same_step``) and drops one that disagrees;
 2. measures the machine's ceiling (a large matmul) for the compute floor of a cell-step;
 3. for each size and mode, times every provider from the same state with the same weights:
-   one warm-up call each (its excess over the median is reported as ``compile_s``), then
-   ``repeats`` rounds in which the providers take turns, in a rotating order, so that load from
-   other processes on a shared machine hits all of them alike;
+   a first call each (its excess over the median is reported as ``compile_s``), then timed by
+   ``bench.harness.time_interleaved``: ``triton.testing.do_bench`` on CUDA; on a CPU
+   ``repeats`` rounds of at least 100 ms each in which the providers take turns, in a rotating
+   order, so that load from other processes on a shared machine hits all of them alike;
 4. prints the table, writes ``throughput.csv`` (rewritten after every case, atomically, so an
-   interrupted run keeps what it measured) and ``throughput.png`` to ``--out``
-   (default bench/results/).
+   interrupted run keeps what it measured) and ``throughput.png`` to ``--out`` (default: the
+   current folder).
 
 Size tokens: ``BxHxW@T`` (batch, height, width, steps), ``N@T`` for 1xNxN; a suffix
 ``/forward`` or ``/train`` restricts the token to those modes (e.g. ``1x1024x1024@1/forward``).
 Modes: ``forward`` (a T-step rollout without gradients), ``train`` (one training iteration: the
 rollout, MSE on RGBA, backward, gradient normalisation, Adam), ``memory`` (the training
 iteration's memory, see ``bench.memory``). Metric: cell-steps per second, B*H*W*T / seconds;
-medians with the 20th and 80th percentiles over the repeats; ``ratio_vs_eager`` is the paired
-per-round ratio of torch-eager's time to the provider's.
+medians with the 20th and 80th percentiles over the rounds; ``ratio_vs_eager`` is the paired
+per-round ratio of torch-eager's time to the provider's on a CPU, the ratio of the medians on
+CUDA.
 
 Exit status: 0 when every available provider agreed and was measured, 1 when a provider was
 rejected by the check or failed, 2 on a usage error.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import datetime
 import os
 import pathlib
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
 
-import numpy as np
 import torch
 
-from bench.providers import (BASELINE, PROVIDER_NAMES, Provider, Runner, check_same_step,
-                             get_providers, make_weights, random_state)
+from bench.ceilings import measure as measure_ceilings
+from bench.harness import (FLOPS_PER_CELL_STEP, MODES, TRAIN_FACTOR, Case, Parser, Recorder,
+                           UsageError, environment, measure_case, parse_sizes, prepare_out,
+                           read_csv, resolve_device, run_check, save_figure, split_list)
+from bench.memory import run_sweeps
+from bench.providers import PROVIDER_NAMES, Provider, get_providers, make_weights
 from nca_fast import NCAConfig
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
-COLUMNS = ("provider", "mode", "size", "steps", "metric", "median", "p20", "p80", "device",
-           "torch", "triton", "date", "commit", "note")
-MODES = ("forward", "train", "memory")
-FLOPS_PER_CELL_STEP = 16384       # the two dense layers (NCA_SPEC "Scale of the work")
-# Training's least work: the forward plus, per dense layer, the input- and weight-gradient
-# products (2x the forward's FLOPs). NCA_SPEC's "about 4x" also counts a recomputed forward,
-# which a design may choose but a floor must not assume.
-TRAIN_FACTOR = 3
+
 DEFAULT_SIZES = {
     # CPU: the article's batch and grid with few steps, one larger grid, one forward-only step at
     # 1024^2; sized for a whole suite under 5 minutes on a shared 2-core machine.
@@ -80,347 +71,15 @@ DEFAULT_REPEATS = {"cpu": 3, "cuda": 10}
 DEFAULT_BUDGET = {"cpu": 270.0, "cuda": 240.0}
 
 
-class UsageError(Exception):
-    """A bad command-line argument: one line on stderr, exit status 2."""
-
-
-# ---------------------------------------------------------------------------------- cases
-@dataclass(frozen=True)
-class Case:
-    """One workload: batch x height x width cells for ``steps`` steps, in ``modes``."""
-
-    batch: int
-    height: int
-    width: int
-    steps: int
-    modes: tuple = ("forward", "train", "memory")
-
-    @property
-    def size(self) -> str:
-        return f"{self.batch}x{self.height}x{self.width}"
-
-    @property
-    def cell_steps(self) -> int:
-        return self.batch * self.height * self.width * self.steps
-
-
-def parse_sizes(spec: str) -> List[Case]:
-    """Parse ``--sizes``: comma-separated ``BxHxW@T`` / ``N@T`` tokens, optional ``/mode+mode``."""
-    cases = []
-    for token in (t.strip() for t in spec.split(",")):
-        if not token:
-            continue
-        body, _, modes = token.partition("/")
-        dims, at, steps = body.partition("@")
-        try:
-            if not at:
-                raise ValueError
-            nums = [int(v) for v in dims.lower().split("x")]
-            t = int(steps)
-        except ValueError:
-            raise UsageError(f"--sizes: bad token {token!r}; expected BxHxW@T or N@T, e.g. "
-                             "8x72x72@64 or 256@16, optionally /forward or /train") from None
-        if len(nums) == 1:
-            nums = [1, nums[0], nums[0]]
-        elif len(nums) == 2:
-            nums = [1] + nums
-        if len(nums) != 3 or min(nums) < 1 or t < 1:
-            raise UsageError(f"--sizes: bad token {token!r}; batch, height, width and steps must "
-                             "be positive integers")
-        mode_list = tuple(m for m in modes.split("+") if m) if modes else MODES
-        bad = [m for m in mode_list if m not in MODES]
-        if bad:
-            raise UsageError(f"--sizes: unknown mode {bad[0]!r} in {token!r}; expected {MODES}")
-        cases.append(Case(*nums, t, mode_list))
-    if not cases:
-        raise UsageError("--sizes: no size given")
-    return cases
-
-
-# ---------------------------------------------------------------------------------- records
-def git_commit() -> str:
-    """Short commit of the checkout, with ``-dirty`` when tracked files differ from it."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                                capture_output=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=ROOT,
-                               capture_output=True, timeout=10).returncode == 1
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (commit or "unknown") + ("-dirty" if dirty and commit else "")
-
-
-def cpu_name() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
-
-
-def environment(device) -> Dict[str, str]:
-    """The columns every row carries: device, torch, triton, date (UTC), commit."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
-    return {"device": device_name(torch.device(device)), "torch": torch.__version__,
-            "triton": triton_version,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "commit": git_commit()}
-
-
-def spread(values: Sequence[float]):
-    """(median, p20, p80) of ``values`` (linear interpolation), NaNs when empty."""
-    if len(values) == 0:
-        return (float("nan"),) * 3
-    a = np.asarray(values, dtype=float)
-    return float(np.median(a)), float(np.percentile(a, 20)), float(np.percentile(a, 80))
-
-
-@dataclass
-class Recorder:
-    """Rows of one run; each row has the COLUMNS, ``env`` fills the machine's columns."""
-
-    env: Dict[str, str]
-    rows: List[dict] = field(default_factory=list)
-
-    def add(self, provider: str, mode: str, size: str, steps, metric: str, values=(),
-            note: str = "") -> dict:
-        if isinstance(values, (int, float)):
-            values = [values]
-        median, p20, p80 = spread(list(values))
-        row = {"provider": provider, "mode": mode, "size": size, "steps": steps,
-               "metric": metric, "median": median, "p20": p20, "p80": p80, **self.env,
-               "note": note}
-        self.rows.append(row)
-        return row
-
-    def write(self, path) -> pathlib.Path:
-        return write_csv(self.rows, path)
-
-
-def write_csv(rows: Sequence[dict], path) -> pathlib.Path:
-    """Write rows with COLUMNS to ``path`` atomically (readers never see half a file)."""
-    from nca_fast.io import atomic_write
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-
-    return atomic_write(path, write)
-
-
-def read_csv(path) -> List[dict]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        for k in ("median", "p20", "p80"):
-            r[k] = float(r[k]) if r[k] not in ("", None) else float("nan")
-    return rows
-
-
-# ---------------------------------------------------------------------------------- timing
-def _out_of_memory(e: BaseException) -> bool:
-    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or "out of memory" in str(e)
-
-
-def _describe(e: BaseException) -> str:
-    """One line for the CSV's note: "out of memory" or the exception's first line."""
-    if _out_of_memory(e):
-        return "out of memory"
-    return f"{type(e).__name__}: {e}".splitlines()[0][:200]
-
-
-def _free_memory(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-
-
-@dataclass
-class Timing:
-    """Seconds of each call: ``first`` (warm-up, includes compilation), ``times`` (wall clock,
-    one per round) and ``cpu_times`` (this process's CPU time, all threads, same rounds)."""
-
-    first: float = float("nan")
-    times: List[float] = field(default_factory=list)
-    cpu_times: List[float] = field(default_factory=list)
-    error: Optional[str] = None
-
-
-def time_interleaved(calls: Dict[str, Callable[[], None]], repeats: int, warmup: int,
-                     device) -> Dict[str, Timing]:
-    """Time each of ``calls`` (name -> blocking call) ``repeats`` times, taking turns.
-
-    Round r starts at provider r mod n, so no provider always runs right after another one's
-    allocations. A call that raises is recorded as an error and not retried.
-    """
-    out = {name: Timing() for name in calls}
-    names = list(calls)
-    for name in names:
-        for i in range(max(warmup, 1)):
-            try:
-                t0 = time.perf_counter()
-                calls[name]()
-                dt = time.perf_counter() - t0
-            except Exception as e:  # OOM or a provider bug: report it, keep the others going
-                out[name].error = _describe(e)
-                _free_memory(device)
-                break
-            if i == 0:
-                out[name].first = dt
-    live = [n for n in names if out[n].error is None]
-    for r in range(repeats):
-        k = r % len(live) if live else 0
-        for name in live[k:] + live[:k]:
-            if out[name].error is not None:
-                continue
-            try:
-                c0, t0 = time.process_time(), time.perf_counter()
-                calls[name]()
-                out[name].times.append(time.perf_counter() - t0)
-                out[name].cpu_times.append(time.process_time() - c0)
-            except Exception as e:
-                out[name].error = _describe(e)
-                _free_memory(device)
-    return out
-
-
-def blocking(runner: Runner, fn: Callable[[], object]) -> Callable[[], None]:
-    """A call that returns only when the device has finished ``fn``'s work."""
-    def call():
-        runner.sync(fn())
-    return call
-
-
-def measure_case(providers: Sequence[Provider], config: NCAConfig, weights, case: Case,
-                 mode: str, device, rec: Recorder, *, repeats: int, warmup: int = 1,
-                 memory: bool = False, checkpoint=None, mode_label: Optional[str] = None,
-                 log: Callable[[str], None] = print) -> bool:
-    """Time ``mode`` ("forward" or "train") of ``case`` for ``providers``; add rows to ``rec``.
-
-    memory: also measure the training iteration's memory (``bench.memory.train_memory``).
-    checkpoint: passed to providers that support it (nca_fast's); others are skipped when set.
-    Returns False when a provider failed (error, out of memory).
-    """
-    from bench.memory import train_memory
-
-    label = mode_label or mode
-    ok = True
-    torch.manual_seed(0)
-    dev = torch.device(device)
-    x = random_state(case.batch, case.height, case.width, config, seed=2, device=dev)
-    target = None
-    if mode == "train":
-        target = torch.rand(case.batch, 4, case.height, case.width, device=dev,
-                            generator=torch.Generator(device=dev).manual_seed(3))
-    runners, calls = {}, {}
-    for p in providers:
-        try:
-            r = p.build(config, weights, device)
-            if checkpoint is not None:
-                if not r.supports_checkpoint:
-                    continue
-                r.checkpoint = checkpoint
-            xs = r.prepare(x)
-            if mode == "forward":
-                calls[p.name] = blocking(r, lambda r=r, xs=xs: r.forward(xs, case.steps, 7))
-            else:
-                ts = r.prepare_target(target)
-                calls[p.name] = blocking(r, lambda r=r, xs=xs, ts=ts:
-                                         r.train_step(xs, ts, case.steps, 7))
-            runners[p.name] = r
-        except Exception as e:
-            ok = False
-            rec.add(p.name, label, case.size, case.steps, "error", note=f"build failed: {e}")
-    timings = time_interleaved(calls, repeats, warmup, device)
-    base = timings.get(BASELINE)
-    for name, tm in timings.items():
-        if tm.error is not None:
-            ok = ok and tm.error == "out of memory"
-            rec.add(name, label, case.size, case.steps, "error", note=tm.error)
-            log(f"  {name:16s} {label:16s} {case.size:>14s} T={case.steps}: {tm.error}")
-            continue
-        line = f"  {name:16s} {label:16s} {case.size:>14s} T={case.steps:<5d}"
-        if tm.times:
-            sec = spread(tm.times)[0]
-            rec.add(name, label, case.size, case.steps, "seconds", tm.times)
-            rec.add(name, label, case.size, case.steps, "cell_steps_per_s",
-                    [case.cell_steps / t for t in tm.times])
-            rec.add(name, label, case.size, case.steps, "compile_s", max(tm.first - sec, 0.0),
-                    note="first call minus the median call")
-            if base is not None and base.error is None and base.times and name != BASELINE:
-                n = min(len(base.times), len(tm.times))
-                rec.add(name, label, case.size, case.steps, "ratio_vs_eager",
-                        [base.times[i] / tm.times[i] for i in range(n)],
-                        note="paired rounds: torch-eager seconds / provider seconds")
-            if dev.type == "cpu":
-                # On a shared CPU the wall clock includes other processes' turns; the process's
-                # CPU time does not (with one thread it is the work's own cost).
-                rec.add(name, label, case.size, case.steps, "cell_steps_per_cpu_s",
-                        [case.cell_steps / t for t in tm.cpu_times if t > 0],
-                        note="process CPU time, all threads (per core-second)")
-            line += f" {case.cell_steps / sec:10.3g} cell-steps/s"
-        if memory:
-            try:
-                measured = train_memory(runners[name], runners[name].prepare(x),
-                                        runners[name].prepare_target(target), case.steps, 7)
-            except Exception as e:
-                measured = None
-                ok = ok and _out_of_memory(e)
-                rec.add(name, label, case.size, case.steps, "error", note="memory: " + _describe(e))
-                _free_memory(device)
-            if measured is not None:
-                metric, nbytes, note = measured
-                rec.add(name, label, case.size, case.steps, metric, nbytes, note=note)
-                line += f"  {metric} {nbytes / 2**20:.1f} MiB"
-        log(line)
-    del runners, calls
-    _free_memory(device)
-    return ok
-
-
 # ---------------------------------------------------------------------------------- suite
-def run_check(providers: Sequence[Provider], device, rec: Recorder, log=print) -> List[Provider]:
-    """The same-step check; returns the providers that agree, records the others."""
-    keep = []
-    for res in check_same_step(providers, device):
-        prov = next(p for p in providers if p.name == res.name)
-        if res.error is None:
-            keep.append(prov)
-            rec.add(res.name, "check", "2x24x37", 2, "check_max_abs_err", res.max_err,
-                    note="agrees with the float64 reference (fire rate 1)")
-        elif res.error.startswith("unavailable: "):
-            rec.add(res.name, "check", "", "", "unavailable", note=res.error[len("unavailable: "):])
-            log(f"  {res.name}: {res.error}")
-        else:
-            rec.add(res.name, "check", "2x24x37", 2, "rejected", res.max_err, note=res.error)
-            log(f"  {res.name}: REJECTED, not timed: {res.error}")
-    return keep
-
-
 def record_floor(device, rec: Recorder, log=print) -> None:
     """Measure the ceilings (``bench.ceilings``) and record the floors of forward and train.
 
     The compute floor uses the matmul the dense layers would use: TF32 on CUDA (the kernels'
     default precision), fp32 on a CPU; training is TRAIN_FACTOR times the forward's FLOPs.
     """
-    from bench.ceilings import measure
-
     kind = "tf32" if torch.device(device).type == "cuda" else "fp32"
-    measure(device, rec, log=log)
+    measure_ceilings(device, rec, log=log)
     rate = next(r["median"] for r in rec.rows if r["mode"] == f"matmul_{kind}")
     rec.add("floor", "forward", "", "", "cell_steps_per_s", rate / FLOPS_PER_CELL_STEP,
             note=f"{FLOPS_PER_CELL_STEP} FLOPs per cell-step at the measured {kind} matmul rate")
@@ -489,6 +148,9 @@ def run_suite(providers: Sequence[Provider], device, cases: Sequence[Case], *,
     seconds = time.monotonic() - start
     log(f"suite done in {seconds:.0f} s")
     return SuiteResult(rec.rows, ok, csv_path, keep, seconds)
+
+
+# ---------------------------------------------------------------------------------- output
 
 
 # ---------------------------------------------------------------------------------- output
@@ -602,31 +264,9 @@ def plot(rows: Sequence[dict], path) -> pathlib.Path:
     return save_figure(fig, path, env)
 
 
-def save_figure(fig, path, env):
-    """Title ``fig`` with the run's device, versions, commit and date; write it atomically as
-    PNG and close it."""
-    import matplotlib.pyplot as plt
-
-    from nca_fast.io import atomic_write
-
-    fig.suptitle(f"{env.get('device', '')} | torch {env.get('torch', '')} | triton "
-                 f"{env.get('triton', '')} | {env.get('commit', '')} | {env.get('date', '')}",
-                 fontsize=8)
-    fig.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------- CLI
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
-def build_parser(prog: str = "python -m bench.throughput") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Throughput of nca_fast against PyTorch ports "
+def build_parser(prog: str = "python -m bench.throughput") -> Parser:
+    p = Parser(prog=prog, description="Throughput of nca_fast against PyTorch ports "
                                        "(cell-steps per second, forward and training).")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     p.add_argument("--sizes", help="comma-separated BxHxW@T tokens, optional /forward or /train; "
@@ -635,11 +275,13 @@ def build_parser(prog: str = "python -m bench.throughput") -> argparse.ArgumentP
     p.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
     p.add_argument("--providers", default=",".join(PROVIDER_NAMES),
                    help="comma-separated subset of " + ",".join(PROVIDER_NAMES))
-    p.add_argument("--repeats", type=int, help="timed rounds per case (default cpu 3, cuda 10)")
+    p.add_argument("--repeats", type=int, help="timed rounds per case, each at least 100 ms on a "
+                   "CPU; about that many calls under do_bench on CUDA (default cpu 3, cuda 10)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed calls per provider first (at least one is made: its excess over "
                         "the median is compile_s)")
-    p.add_argument("--out", default=str(RESULTS), help="folder for throughput.csv/.png")
+    p.add_argument("--out", default=".", help="folder for throughput.csv/.png (default: the "
+                   "current folder)")
     p.add_argument("--time-budget", type=float,
                    help="seconds after which remaining cases are recorded as skipped "
                         "(default cpu 270, cuda 240; 0 = none)")
@@ -656,36 +298,6 @@ def build_parser(prog: str = "python -m bench.throughput") -> argparse.ArgumentP
                    help="only print an existing CSV as a Markdown table")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     return p
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda"):
-        raise UsageError(f"--device: expected cpu, cuda or auto, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible to torch here")
-    return torch.device(name)
-
-
-def prepare_out(path: str) -> pathlib.Path:
-    out = pathlib.Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--out: cannot create folder {out}: {e.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise UsageError(f"--out: folder {out} is not writable")
-    return out
-
-
-def _split(value: str, allowed: Sequence[str], option: str) -> List[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in allowed]
-    if bad or not items:
-        raise UsageError(f"{option}: expected a comma-separated subset of {','.join(allowed)}, "
-                         f"got {value!r}")
-    return items
 
 
 def cold_compile_caches() -> Optional[str]:
@@ -711,9 +323,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         device = resolve_device(args.device)
         cases = parse_sizes(args.sizes or DEFAULT_SIZES[device.type])
-        modes = _split(args.modes, MODES, "--modes")
-        names = _split(args.providers, PROVIDER_NAMES, "--providers")
-        sweeps = [] if args.sweep == "none" else _split(args.sweep, ("t", "grid"), "--sweep")
+        modes = split_list(args.modes, MODES, "--modes")
+        names = split_list(args.providers, PROVIDER_NAMES, "--providers")
+        sweeps = [] if args.sweep == "none" else split_list(args.sweep, ("t", "grid"), "--sweep")
         repeats = DEFAULT_REPEATS[device.type] if args.repeats is None else args.repeats
         if repeats < 1 or args.warmup < 0:
             raise UsageError("--repeats must be >= 1 and --warmup >= 0")
@@ -750,7 +362,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"wrote {plot(res.rows, out / 'throughput.png')}")
         ok = res.ok
         if sweeps:
-            from bench.memory import run_sweeps
             left = max(budget - res.seconds, 1.0) if budget else None
             ok &= run_sweeps(res.kept, device, sweeps, out, repeats=repeats, check=False,
                              time_budget=left, plot_it=not args.no_plot)

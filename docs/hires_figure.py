@@ -15,7 +15,8 @@ import torch
 from PIL import Image, ImageDraw
 
 import nca_fast
-from nca_fast.io import atomic_write, to_rgb
+from nca_fast.files import atomic_write
+from nca_fast.media import to_rgb
 
 HEIGHT = 384
 LABEL = 22

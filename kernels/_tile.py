@@ -196,7 +196,9 @@ def _fire_bit(seed, cell, step, fire_threshold, INT64: tl.constexpr):
     else:
         lo = cell.to(tl.uint32)
         hi = lo * 0
-    word, _, _, _ = tl.philox(seed, lo, hi, lo * 0 + step.to(tl.uint32), lo * 0)
+    # step and seed may arrive as the constant 1 (the JIT specialises an int argument equal to
+    # 1): only arithmetic with tensors, no methods on them
+    word, _, _, _ = tl.philox(seed, lo, hi, (lo * 0 + step).to(tl.uint32), lo * 0)
     return ((word >> 8).to(tl.int32) < fire_threshold).to(tl.int32)
 
 

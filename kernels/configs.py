@@ -36,6 +36,33 @@ class StepConfig:
     resident: bool = True   # weights loaded once per program (else once per tile)
 
 
+# The filter banks the kernels hold as constants (``_tile._bank``: the Sobel pair's zero taps
+# skipped, their 1/8 and the Laplacian's 1/16 folded into W1), as 3x3 taps; code 3 compiles as
+# code 2 with W1's Laplacian rows scaled. nca_fast.config.FILTER_BANKS names the same banks
+# (tests/test_kernels.py checks they agree).
+_IDENTITY = (0, 0, 0, 0, 1, 0, 0, 0, 0)
+_SOBEL_X = (-0.125, 0, 0.125, -0.25, 0, 0.25, -0.125, 0, 0.125)
+_SOBEL_Y = (-0.125, -0.25, -0.125, 0, 0, 0, 0.125, 0.25, 0.125)
+_LAPLACIAN = (1, 2, 1, 2, -12, 2, 1, 2, 1)
+NAMED_BANKS = {
+    1: (_IDENTITY, _SOBEL_X, _SOBEL_Y),
+    2: (_IDENTITY, _SOBEL_X, _SOBEL_Y, _LAPLACIAN),
+    3: (_IDENTITY, _SOBEL_X, _SOBEL_Y, tuple(v / 16 for v in _LAPLACIAN)),
+}
+
+
+def bank_code(filters) -> int:
+    """The code of the named bank ``filters`` ([F, 3, 3] or [F, 9]) is, exactly, or 0 (taps
+    read from memory: any other bank). Reads the taps on the host (a copy for a GPU tensor)."""
+    import torch
+
+    taps = filters.detach().to("cpu", torch.float64).reshape(filters.shape[0], 9)
+    for code, bank in NAMED_BANKS.items():
+        if torch.equal(torch.tensor(bank, dtype=torch.float64), taps):
+            return code
+    return 0
+
+
 def n_tiles(batch: int, grid_cells: int, block_m: int) -> int:
     """Programs of a tiled kernel: tiles never straddle two grids (``_math._cells``)."""
     return batch * (-(-grid_cells // block_m))

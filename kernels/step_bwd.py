@@ -36,6 +36,8 @@ registers a thread (bench/NOTES.md, section 4).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -466,11 +468,13 @@ def _check_cw(cw, B, H, W):
 
 
 def bwd_gp(r, cw, g, w1k, b1, w2t, filters, *, circular: bool, precision: str, bank: int,
-           gp=None):
-    """Kernel 1: the perception gradient of a step, [B*H*W, F, C] (slot 0 + g, named banks)."""
+           gp=None, cfg=None):
+    """Kernel 1: the perception gradient of a step, [B*H*W, F, C] (slot 0 + g, named banks).
+    cfg: ``configs.select_backward(...)``, when the caller chose it once for many steps. These
+    three launchers check nothing: ``nca_step_bwd`` validates, a rollout validates once."""
     B, H, W, C = r.shape
     F_, _, HID = w1k.shape
-    cfg = configs.select_backward(B * H * W, C, HID, F_, r.device, precision, bank)
+    cfg = cfg or configs.select_backward(B * H * W, C, HID, F_, r.device, precision, bank)
     programs, *sizes = persistent_grid(B, H, W, cfg)
     gp = torch.empty((B * H * W, F_, C), dtype=r.dtype, device=r.device) if gp is None else gp
     _nca_step_bwd_gp_kernel[(programs,)](
@@ -485,12 +489,13 @@ def bwd_gp(r, cw, g, w1k, b1, w2t, filters, *, circular: bool, precision: str, b
 
 
 def bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, *, circular: bool, precision: str,
-                bank: int, next_step=None):
+                bank: int, next_step=None, cfg=None):
     """Kernel 2: add a step's weight gradients to ``parts``. next_step = (gp, cw, g) of the
-    following step: then this step's g is computed from them (and written into ``g``) first."""
+    following step: then this step's g is computed from them (and written into ``g``) first.
+    cfg: ``configs.select_weights(...)``."""
     B, H, W, C = r.shape
     F_, _, HID = w1k.shape
-    cfg = configs.select_weights(B * H * W, C, HID, F_, r.device, precision)
+    cfg = cfg or configs.select_weights(B * H * W, C, HID, F_, r.device, precision)
     programs, *sizes = persistent_grid(B, H, W, cfg)
     if tuple(parts.shape) != (programs, part_size(C, HID)) or parts.dtype != r.dtype:
         raise ValueError(f"parts: expected a {r.dtype} [{programs}, {part_size(C, HID)}] buffer "
@@ -506,11 +511,12 @@ def bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, *, circular: bool, preci
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
 
 
-def bwd_input(gp, cw, g, filters, shape, *, circular: bool, bank: int, grad_r=None):
-    """Kernel 3: dL/d r of a step from its perception gradient (the transposed stencil)."""
+def bwd_input(gp, cw, g, filters, shape, *, circular: bool, bank: int, grad_r=None, cfg=None):
+    """Kernel 3: dL/d r of a step from its perception gradient (the transposed stencil).
+    cfg: ``configs.select_transpose(...)``."""
     B, H, W, C = shape
     F_ = gp.shape[1]
-    cfg = configs.select_transpose(B * H * W, C, F_, gp.device, bank)
+    cfg = cfg or configs.select_transpose(B * H * W, C, F_, gp.device, bank)
     programs, *sizes = persistent_grid(B, H, W, cfg)
     grad_r = torch.empty(shape, dtype=gp.dtype, device=gp.device) if grad_r is None else grad_r
     _nca_step_bwd_input_kernel[(programs,)](
@@ -524,7 +530,8 @@ def bwd_input(gp, cw, g, filters, shape, *, circular: bool, bank: int, grad_r=No
 
 def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters, *, seed: int,
                  step: int, fire_threshold: int, alive_threshold, alpha_channel: int,
-                 circular: bool, precision: str, bank: int = 0, cw=None, grad_r=None):
+                 circular: bool, precision: str, named_bank: Optional[int] = None, cw=None,
+                 grad_r=None):
     """Gradients of one step_fwd call, all three kernels. r, g: [B, H, W, C]; q: the input's
     hq plane (or an unpadded [B, H, W] pre-mask) or None. cw: the step's int16 cell words from
     ``nca_step_fwd(cw_out=)`` (computed here when None).
@@ -540,12 +547,15 @@ def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters,
         raise ValueError("q: pre-mask bits given but alive masking is off")
     r, g = r.contiguous(), g.contiguous()
     w1k, b1, w2t, b2, filters = (t.contiguous() for t in (w1k, b1, w2t, b2, filters))
+    if named_bank is None:
+        named_bank = configs.bank_code(filters)
     if cw is None:
         cw = cell_words(r, q, w1k, b1, w2t, b2, filters, seed=seed, step=step,
                         fire_threshold=fire_threshold, alive_threshold=alive_threshold,
                         alpha_channel=alpha_channel, circular=circular, precision=precision,
-                        bank=bank)
+                        named_bank=named_bank)
     _check_cw(cw, B, H, W)
+    bank = named_bank
     kw = dict(circular=circular, precision=precision, bank=bank)
     parts = new_parts(B, H, W, C, HID, F_, r.device, precision, r.dtype)
     gp = bwd_gp(r, cw, g, w1k, b1, w2t, filters, **kw)

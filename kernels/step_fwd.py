@@ -24,6 +24,8 @@ first folded into its K as a constant-1 column), the update, the store.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -218,14 +220,18 @@ def persistent_grid(B: int, H: int, W: int, cfg):
 
 def nca_step_fwd(r: torch.Tensor, q, w1k, b1, w2t, b2, filters, *, seed: int, step: int,
                  fire_threshold: int, alive_threshold, alpha_channel: int, circular: bool,
-                 precision: str, bank: int = 0, out=None, q_out=None, cw_out=None):
+                 precision: str, named_bank: Optional[int] = None, out=None, q_out=None,
+                 cw_out=None):
     """One fused step. r: [B, H, W, C] (made contiguous); q: the hq plane of r
     ([B, H + 4, W + 4] uint8, ``hq_plane``) or None for a state that owes no mask.
 
     Returns (out [B, H, W, C], q_out: this step's hq plane, or None when alive masking is off).
     ``out`` / ``q_out`` may be given (e.g. slices of a rollout's storage; a given q_out's
     border must be zero). ``cw_out``: an int16 [B, H, W] tensor that receives the cells' words
-    for ``nca_step_bwd`` (which neighbours the step kept, which cells fired).
+    for ``nca_step_bwd`` (which neighbours the step kept, which cells fired). named_bank: the
+    code of a named filter bank (``configs.bank_code``: 1 "sobel", 2 "sobel_laplacian", 3
+    "sobel_laplacian16"), whose taps the kernels then hold as constants, 0 to read ``filters``;
+    None: found from ``filters``.
     """
     B, H, W, C, HID, F_ = check_shapes(r, w1k, b1, w2t, b2, filters)
     r = r.contiguous()
@@ -241,15 +247,33 @@ def nca_step_fwd(r: torch.Tensor, q, w1k, b1, w2t, b2, filters, *, seed: int, st
     if precision not in configs.PRECISION_CODES:
         raise ValueError(f"precision: expected one of {tuple(configs.PRECISION_CODES)}, "
                          f"got {precision!r}")
+    if named_bank is None:
+        named_bank = configs.bank_code(filters)
+    cfg = configs.select_forward(B * H * W, C, HID, F_, r.device, precision, named_bank)
+    return launch_fwd(cfg, r, q, w1k.contiguous(), b1.contiguous(), w2t.contiguous(),
+                      b2.contiguous(), filters.contiguous(), seed=seed, step=step,
+                      fire_threshold=fire_threshold, alive_threshold=alive_threshold,
+                      alpha_channel=alpha_channel, circular=circular, precision=precision,
+                      bank=named_bank, out=out, q_out=q_out, cw_out=cw_out)
+
+
+def launch_fwd(cfg, r, q, w1k, b1, w2t, b2, filters, *, seed: int, step: int,
+               fire_threshold: int, alive_threshold, alpha_channel: int, circular: bool,
+               precision: str, bank: int, out=None, q_out=None, cw_out=None):
+    """``nca_step_fwd`` without its checks, for a caller that validated the operands (contiguous,
+    shapes, dtypes, devices) and chose ``cfg = configs.select_forward(...)`` once for many
+    steps: a rollout."""
+    B, H, W, C = r.shape
+    F_, _, HID = w1k.shape
+    alive = alive_threshold is not None
     out = torch.empty_like(r) if out is None else out
     if alive and q_out is None:
         q_out = hq_plane(B, H, W, r.device)
-    cfg = configs.select_forward(B * H * W, C, HID, F_, r.device, precision, bank)
     programs, *sizes = persistent_grid(B, H, W, cfg)
     _nca_step_fwd_kernel[(programs,)](
         r, q if q is not None else r, out, q_out if alive else out,
         cw_out if cw_out is not None else out,
-        w1k.contiguous(), b1.contiguous(), w2t.contiguous(), b2.contiguous(), filters.contiguous(),
+        w1k, b1, w2t, b2, filters,
         lap_scale(bank),
         seed, step, fire_threshold, float(alive_threshold) if alive else 0.0,
         int(cw_out is not None),

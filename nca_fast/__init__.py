@@ -1,20 +1,15 @@
-"""nca_fast: Growing Neural Cellular Automata with fused Triton kernels and a PyTorch reference."""
-from .config import NCAConfig, FILTER_BANKS
-from .model import NCA
+"""nca_fast: Growing Neural Cellular Automata with fused Triton kernels and a PyTorch reference.
+
+Layout (data flows one way): ``kernels/`` (installed as ``nca_fast.kernels``) <- ``functional``
+(the custom op) <- ``backends`` (``torch_backend``, ``triton_backend``: one signature) <- ``model``
+(``NCA``) <- ``training``, ``train``, ``cli``. ``reference`` is the readable oracle; ``config``,
+``params``, ``rng`` hold the model's facts; ``formats`` (model files), ``media`` (images and
+videos) and ``files`` (atomic writes) its input and output. The maths: docs/MODEL.md.
+"""
+from . import media  # nca_fast.media.load_target etc. after `import nca_fast` (README)
+from .config import FILTER_BANKS, NCAConfig
+from .model import NCA, load, load_distill
 
 __version__ = "0.1.0"
 
-
-def load(path, *, backend="auto"):
-    """Load a model written by ``NCA.save`` (safetensors weights + JSON config)."""
-    from .io import load as _load
-    return _load(path, backend=backend)
-
-
-def load_distill(path, *, backend="auto"):
-    """Load a Distill WebGL 8-bit export (``ex*_NAME.json``) as an ``NCA``."""
-    from .io import load_distill as _load_distill
-    return _load_distill(path, backend=backend)
-
-
-__all__ = ["NCA", "NCAConfig", "FILTER_BANKS", "load", "load_distill", "__version__"]
+__all__ = ["NCA", "NCAConfig", "FILTER_BANKS", "media", "load", "load_distill", "__version__"]

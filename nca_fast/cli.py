@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import pathlib
 import sys
 from typing import List, Optional
 
+from .config import ARTICLE_GRID
+
 PROG = "nca-fast"
 DEFAULT_MODEL = pathlib.Path(__file__).resolve().parent / "assets" / "default_model.safetensors"
 # The shipped model grows its 24-cell flower (trained on a 32-cell grid): 40 cells frame it
-# (assets/default_model.json, grow_hint). Other models get the article's 72.
+# (assets/default_model.json, grow_hint). Other models get the article's grid.
 DEFAULT_GROW_SIZE = 40
-ARTICLE_GRID = 72
 USAGE_ERROR = 2
 
 
@@ -25,14 +25,21 @@ class UsageError(Exception):
     """A mistake of the user's: reported in one line, exit status 2."""
 
 
-def _int_parser(minimum: int, expected: str):
-    """An argparse type: an integer >= ``minimum``, else ``expected`` in the message."""
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors (usage line + message, exit) turned into one UsageError line."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _int_parser(minimum: int, expected: str, maximum: Optional[int] = None):
+    """An argparse type: an integer in [minimum, maximum], else ``expected`` in the message."""
     def parse(text: str) -> int:
         try:
             v = int(text)
         except ValueError:
             v = None
-        if v is None or v < minimum:
+        if v is None or v < minimum or (maximum is not None and v > maximum):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return v
     return parse
@@ -40,6 +47,7 @@ def _int_parser(minimum: int, expected: str):
 
 _positive_int = _int_parser(1, "a positive integer")
 _non_negative_int = _int_parser(0, "an integer >= 0")
+_seed_int = _int_parser(0, "an integer in [0, 2**63)", 2**63 - 1)
 
 
 def _positive_float(text: str) -> float:
@@ -53,7 +61,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, description="Growing Neural Cellular Automata: fused Triton kernels and a "
                                "PyTorch reference.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -70,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grid side in cells (default: the grid the shipped model is drawn for, "
                         f"{DEFAULT_GROW_SIZE}, with no --model; 72, the article's, with one)")
     g.add_argument("--steps", type=_non_negative_int, default=96, help="NCA steps (96)")
-    g.add_argument("--seed", type=_non_negative_int, default=0,
+    g.add_argument("--seed", type=_seed_int, default=0,
                    help="key of the update masks and of the damage circle (0)")
     g.add_argument("--out", default="growth.gif", metavar="PATH",
                    help="video to write, .gif or .mp4 (growth.gif); the last frame goes to "
@@ -117,8 +125,13 @@ def grow(args: argparse.Namespace) -> int:
     """The ``grow`` command: seed -> ``args.steps`` steps -> video + final PNG."""
     import torch
 
-    from .io import load_any, write_png, write_video
-    from .model import triton_usable
+    from . import damage
+    from .backends.interface import triton_usable
+    from .devices import resolve_device
+    from .files import writable_folder
+    from .media import mp4_missing, write_png, write_video
+    from .model import load_any
+    from .resources import MemoryLimitError, check
 
     out = pathlib.Path(args.out)
     if out.suffix.lower() not in (".gif", ".mp4"):
@@ -133,37 +146,44 @@ def grow(args: argparse.Namespace) -> int:
         model = load_any(model_path, backend=args.backend)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
-    device = _device(args.device, torch)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(f"--device {e}") from None
     if args.backend == "triton" and not triton_usable(device):
         raise UsageError(f"--backend triton cannot run on {device.type} here: use a CUDA device, "
                          f"--backend torch, or set TRITON_INTERPRET=1 (Triton's slow CPU "
                          f"interpreter)")
     model = model.to(device)
     # Fail before the rollout, not after it, if the video cannot be written.
-    if out.suffix.lower() == ".mp4":
-        try:
-            import imageio_ffmpeg  # noqa: F401
-        except ImportError:
-            raise UsageError(f"--out {out}: MP4 needs imageio-ffmpeg: pip install "
-                             f"nca-fast[video] (or write a .gif)") from None
+    if out.suffix.lower() == ".mp4" and mp4_missing():
+        raise UsageError(f"--out {out}: MP4 {mp4_missing()} (or write a .gif)")
     if args.size is None:
         args.size = DEFAULT_GROW_SIZE if args.model is None else ARTICLE_GRID
     scale = args.scale if args.scale is not None else max(1, 288 // args.size)
+    try:
+        check(grow_memory(model, args.size, args.steps, scale, args.backend, device), device,
+              "growing")
+    except MemoryLimitError as e:
+        raise UsageError(str(e)) from None
+    try:
+        writable_folder(out.parent)
+    except OSError as e:
+        raise UsageError(f"--out {out}: {e}") from None
 
     x = model.seed_state(1, args.size, args.size)
     frames = [x[0].cpu()]
     damage_at = args.steps // 2 if args.damage else None
-    advance = _stepper(model)
     with torch.no_grad(), _progress(args.steps, args.quiet) as bar:
         for t in range(args.steps):
             if t == damage_at:
-                x = x * (1.0 - damage_mask(args.size, args.size, args.seed, device=device))
-            x = advance(x, seed=args.seed, step=t)
+                centre, radius = damage.seeded_circle(args.seed)
+                x = x * damage.keep_mask(args.size, args.size, centre, radius, device=device)
+            # Step t's own masks: the last frame is the state of model(x, steps, seed=seed).
+            x = model(x, 1, seed=args.seed, first_step=t)
             frames.append(x[0].cpu())
             bar.update(1)
 
-    if not out.parent.exists():
-        out.parent.mkdir(parents=True)
     try:
         write_video(frames, out, fps=args.fps, scale=scale)
         write_png(frames[-1], png, scale=scale)
@@ -176,54 +196,24 @@ def grow(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(name: str, torch):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name}: not a torch device (try cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here")
-    return dev
+def grow_memory(model, size: int, steps: int, scale: int, backend: str, device):
+    """The large buffers of ``grow`` (resources.Term): the rollout on ``device``, and on the
+    host every state kept for the video and every rendered frame (with its stacked copy)."""
+    from .resources import DEVICE, HOST, Term, rollout_bytes
 
-
-def _stepper(model):
-    """A function ``(x, seed, step) -> x`` advancing one step with that step's update mask.
-
-    When ``NCA.forward`` accepts ``first_step``, step t uses the masks of ``model(x, T, seed)``,
-    so the last frame equals that rollout. Otherwise each step draws its mask under its own key
-    derived from (seed, t): still deterministic, but a different mask stream.
-    """
-    if "first_step" in inspect.signature(model.forward).parameters:
-        return lambda x, seed, step: model(x, 1, seed=seed, first_step=step)
-    return lambda x, seed, step: model(x, 1, seed=_step_key(seed, step))
-
-
-def _step_key(seed: int, step: int) -> int:
-    # splitmix64 finalizer: nearby (seed, step) pairs get unrelated 63-bit keys.
-    z = (seed * 0x9E3779B97F4A7C15 + step + 1) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) >> 1
-
-
-def damage_mask(height: int, width: int, seed: int, *, device=None):
-    """1 x 1 x H x W float mask, 1 inside a random circle: the article's damage.
-
-    In coordinates running from -1 to 1 across the grid, the centre is uniform in [-0.5, 0.5]^2
-    and the radius uniform in [0.1, 0.4]; ``seed`` picks them (numpy's PCG64).
-    """
-    import numpy as np
-    import torch
-
-    rng = np.random.default_rng(seed)
-    cx, cy = rng.uniform(-0.5, 0.5, size=2)
-    r = rng.uniform(0.1, 0.4)
-    ys = np.linspace(-1.0, 1.0, height)[:, None]
-    xs = np.linspace(-1.0, 1.0, width)[None, :]
-    inside = (xs - cx) ** 2 + (ys - cy) ** 2 < r * r
-    return torch.as_tensor(inside, dtype=torch.float32, device=device)[None, None]
+    cfg = model.config
+    n = steps + 1
+    side = size * scale
+    backend = model.resolve_backend(device) if backend == "auto" else backend
+    work = rollout_bytes(backend, size * size, cfg.channels, cfg.hidden, cfg.num_filters, 1,
+                         None, cfg.alive_masking, grad=False) + 2 * cfg.channels * size * size * 4
+    return [
+        Term(f"--size {size}", f"the rollout on a {size} x {size} grid", work, DEVICE),
+        Term(f"--size {size} --steps {steps}", f"the {n} states kept for the video",
+             n * cfg.channels * size * size * 4, HOST),
+        Term(f"--scale {scale} --size {size} --steps {steps}",
+             f"{n} rendered frames of {side} x {side} pixels", 2 * n * side * side * 3, HOST),
+    ]
 
 
 class _NoBar:

@@ -1,11 +1,16 @@
-"""Model configuration: every default of the Growing-NCA article, each one a validated field."""
+"""Model configuration: every default of the Growing-NCA article, each one a validated field.
+
+The model these fields parameterise, and what each one changes, is docs/MODEL.md.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
+
+from .kernels.configs import PRECISION_CODES
 
 Filter = Tuple[Tuple[float, float, float], ...]
 
@@ -23,7 +28,11 @@ FILTER_BANKS = {
 }
 
 PADDINGS = ("zeros", "circular")
-PRECISIONS = ("ieee", "tf32", "bf16")
+# The dense layers' operand precisions are the kernels' to define (the torch backend computes in
+# fp32 whatever the precision): a new one is added there.
+PRECISIONS = tuple(PRECISION_CODES)
+# The article's grid: a 40-cell target padded by 16 cells on each side.
+ARTICLE_GRID = 72
 
 
 def _as_filter_bank(filters) -> Tuple[Filter, ...]:
@@ -46,7 +55,7 @@ def _as_filter_bank(filters) -> Tuple[Filter, ...]:
 
 @dataclass(frozen=True)
 class NCAConfig:
-    """Hyper-parameters of one NCA (see shared/docs/NCA_SPEC.md).
+    """Hyper-parameters of one NCA (docs/MODEL.md).
 
     channels: state channels C (RGBA + hidden). hidden: units of the first dense layer.
     fire_rate: probability that a cell updates in a step. alive_threshold: alpha above which a
@@ -101,6 +110,12 @@ class NCAConfig:
     def alive_masking(self) -> bool:
         return self.alive_threshold is not None
 
+    @property
+    def dense_flops(self) -> int:
+        """FLOPs of the two dense layers per cell-step (a multiply-add counts 2): 16,384 at the
+        article's defaults. Perception, biases, ReLU and masks add about 900 more."""
+        return 2 * self.hidden * (self.perception_size + self.channels)
+
     def replace(self, **changes) -> "NCAConfig":
         return dataclasses.replace(self, **changes)
 
@@ -116,7 +131,8 @@ class NCAConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"config: unknown fields {unknown}; expected a subset of {sorted(names)}")
+            raise ValueError(f"config: unknown fields {unknown}; expected a subset of "
+                             f"{sorted(names)}")
         return cls(**d)
 
     def to_json(self) -> str:
@@ -138,5 +154,5 @@ def filter_tensor(config: NCAConfig, dtype=None, device=None):
     return torch.tensor(config.filters, dtype=dtype or torch.float32, device=device)
 
 
-__all__ = ["NCAConfig", "FILTER_BANKS", "IDENTITY", "SOBEL_X", "SOBEL_Y", "LAPLACIAN",
-           "filter_tensor"]
+__all__ = ["NCAConfig", "FILTER_BANKS", "PADDINGS", "PRECISIONS", "ARTICLE_GRID", "IDENTITY",
+           "SOBEL_X", "SOBEL_Y", "LAPLACIAN", "filter_tensor"]

@@ -1,8 +1,11 @@
 """Autograd over the fused Triton kernels: a whole rollout as one differentiable op.
 
-``nca_rollout`` runs T steps of ``nca_fast.kernels`` and registers them with autograd as the
-custom op ``nca_fast::rollout`` (backward: ``nca_fast::rollout_backward``), each with a fake
-implementation, so ``torch.compile`` sees one op per rollout and no graph break.
+``rollout`` (tensors and numbers, no module) runs T steps of ``nca_fast.kernels`` as the custom
+op ``nca_fast::rollout``, whose backward is the custom op ``nca_fast::rollout_backward``; both
+have fake implementations, so ``torch.compile`` sees one op per rollout and no graph break. The
+ops' numbers (seed, steps, masks, precision) are ``Static``'s fields, written once for both
+schemas and both fakes; the operands are checked and the launch configurations chosen once per
+rollout (``_Steps``), not per step.
 
 Memory for backward, per cell of the grid (C channels, fp32):
 - segment length S (``checkpoint``: None -> S = 1, "sqrt" -> ceil(sqrt T), or an int):
@@ -11,73 +14,98 @@ Memory for backward, per cell of the grid (C channels, fp32):
   with alive masking off there are no mask bytes. S = 1 is 4C + 1 bytes per cell-step.
 - backward recomputes each segment from its first state with the same kernels, so the
   gradients are bitwise the same whatever S.
+
+The kernels' own formats (hq planes of pending mask bits, 16-bit cell words, the deferred post
+mask) are documented in ``kernels/step_fwd.py`` and ``kernels/step_bwd.py``.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import typing
+from typing import NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .params import bands as w1_bands
+from .reference import alive as alive_mask
 from .rng import fire_threshold
 
-_NO_ALIVE = -1.0
+
+class Static(NamedTuple):
+    """The numbers of a rollout, in the order both ops take them after their tensors."""
+
+    seed: int
+    first_step: int
+    steps: int
+    segment: int                       # steps per checkpoint segment (1: every input kept)
+    fire_rate: float
+    alive_threshold: Optional[float]   # None: alive masking off
+    alpha_channel: int
+    circular: bool
+    precision: str
+
+    @property
+    def alive(self) -> bool:
+        return self.alive_threshold is not None
+
+
+_SCHEMA_TYPES = {int: "int", float: "float", bool: "bool", str: "str", Optional[float]: "float?"}
+STATIC_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[t]} {name}"
+                          for name, t in typing.get_type_hints(Static).items())
+_FIVE = "(Tensor, Tensor, Tensor, Tensor, Tensor)"
+_WEIGHTS = "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor filters"
 
 
 def _kernel_weights(w1: Tensor, w2: Tensor, num_filters: int):
-    """Module layouts -> kernel layouts: w1 [HID, C*F] (c*F+k) -> [F, C, HID]; w2 -> w2^T."""
-    hid = w1.shape[0]
-    c = w1.shape[1] // num_filters
-    return w1.reshape(hid, c, num_filters).permute(2, 1, 0).contiguous(), w2.t().contiguous()
+    """Module layouts -> kernel layouts: w1 [HID, F*C] (interleaved) -> [F, C, HID]; w2 -> w2^T
+    (docs/MODEL.md, "W1 layouts")."""
+    return w1_bands(w1, num_filters).permute(1, 2, 0).contiguous(), w2.t().contiguous()
 
 
-def _final_keep(r: Tensor, q: Tensor, thr: float, alpha: int, circular: bool) -> Tensor:
-    """[B, H, W] uint8: the last step's deferred mask, q and any(alpha > thr on the 3x3);
+def _final_keep(r: Tensor, q: Tensor, s: Static) -> Tensor:
+    """[B, H, W] uint8: the last step's deferred mask, q and the post-alive mask of ``r``;
     q: the hq plane [B, H + 4, W + 4] (bit 0)."""
     q = q[:, 2:-2, 2:-2]
-    a = r[..., alpha].unsqueeze(1)
-    a = F.pad(a, (1, 1, 1, 1), mode="circular") if circular else F.pad(
-        a, (1, 1, 1, 1), value=float("-inf"))
-    post = F.max_pool2d(a, 3, stride=1).squeeze(1) > thr
+    post = alive_mask(r.permute(0, 3, 1, 2), s.alive_threshold,
+                      "circular" if s.circular else "zeros", s.alpha_channel).squeeze(1)
     return (post & ((q & 1) != 0)).to(torch.uint8)
 
 
-def _bank_code(filters: Tensor) -> int:
-    """The kernels' constexpr code of a named filter bank (0: taps read from memory)."""
-    from .config import FILTER_BANKS
-
-    taps = filters.detach().to("cpu", torch.float64).reshape(filters.shape[0], 9)
-    for code, name in ((1, "sobel"), (2, "sobel_laplacian"), (3, "sobel_laplacian16")):
-        bank = torch.tensor(FILTER_BANKS[name], dtype=torch.float64).reshape(-1, 9)
-        if bank.shape == taps.shape and torch.equal(bank, taps):
-            return code
-    return 0
-
-
 class _Steps:
-    """The kernels of one rollout with its fixed arguments."""
+    """The kernels of one rollout with its fixed arguments: the operands validated and the
+    launch configurations chosen once, here, for every step's launches."""
 
-    def __init__(self, w1, b1, w2, b2, filters, seed, first_step, fire_rate, thr, alpha,
-                 circular, precision):
-        from nca_fast.kernels import step_bwd, step_fwd
+    def __init__(self, x, w1, b1, w2, b2, filters, s: Static):
+        from nca_fast.kernels import configs, step_bwd, step_fwd
 
-        self._fwd, self._bwd, self._k = step_fwd.nca_step_fwd, step_bwd.nca_step_bwd, step_bwd
+        if s.precision not in configs.PRECISION_CODES:
+            raise ValueError(f"precision: expected one of {tuple(configs.PRECISION_CODES)}, "
+                             f"got {s.precision!r}")
+        self._f, self._k = step_fwd, step_bwd
         nf = filters.shape[0]
         self.w1k, self.w2t = _kernel_weights(w1, w2, nf)
         self.b1, self.b2 = b1.contiguous(), b2.contiguous()
         self.filters = filters.reshape(nf, 9).contiguous()
-        self.bank = _bank_code(self.filters)
-        self.kw = dict(seed=seed, fire_threshold=fire_threshold(fire_rate),
-                       alive_threshold=None if thr == _NO_ALIVE else thr,
-                       alpha_channel=alpha, circular=circular, precision=precision,
-                       bank=self.bank)
-        self.first_step = first_step
+        self.bank = configs.bank_code(self.filters)
+        B, C, H, W = x.shape
+        # the kernels' own checks, once per rollout (the launchers below check nothing)
+        step_fwd.check_shapes(x.permute(0, 2, 3, 1), self.w1k, self.b1, self.w2t, self.b2,
+                              self.filters)
+        HID = self.w1k.shape[2]
+        n = B * H * W
+        self.cfg_fwd = configs.select_forward(n, C, HID, nf, x.device, s.precision, self.bank)
+        self.cfg_gp = configs.select_backward(n, C, HID, nf, x.device, s.precision, self.bank)
+        self.cfg_w = configs.select_weights(n, C, HID, nf, x.device, s.precision)
+        self.cfg_in = configs.select_transpose(n, C, nf, x.device, self.bank)
+        self.kw = dict(seed=s.seed, fire_threshold=fire_threshold(s.fire_rate),
+                       alive_threshold=s.alive_threshold, alpha_channel=s.alpha_channel,
+                       circular=s.circular, precision=s.precision, bank=self.bank)
+        self.first_step = s.first_step
 
     def fwd(self, r, q, t, out=None, q_out=None, cw_out=None):
-        return self._fwd(r, q, self.w1k, self.b1, self.w2t, self.b2, self.filters,
-                         step=self.first_step + t, out=out, q_out=q_out, cw_out=cw_out,
-                         **self.kw)
+        return self._f.launch_fwd(self.cfg_fwd, r, q, self.w1k, self.b1, self.w2t, self.b2,
+                                  self.filters, step=self.first_step + t, out=out, q_out=q_out,
+                                  cw_out=cw_out, **self.kw)
 
     def new_parts(self, r):
         B, H, W, C = r.shape
@@ -86,15 +114,15 @@ class _Steps:
 
     def gp(self, r, cw, g, out=None):
         return self._k.bwd_gp(r, cw, g, self.w1k, self.b1, self.w2t, self.filters, gp=out,
-                              **self._bkw)
+                              cfg=self.cfg_gp, **self._bkw)
 
     def weights(self, r, cw, g, parts, next_step=None):
         self._k.bwd_weights(r, cw, g, parts, self.w1k, self.b1, self.w2t, self.filters,
-                            next_step=next_step, **self._bkw)
+                            next_step=next_step, cfg=self.cfg_w, **self._bkw)
 
     def input_grad(self, gp, cw, g):
         return self._k.bwd_input(gp, cw, g, self.filters, tuple(g.shape),
-                                 circular=self.kw["circular"], bank=self.bank)
+                                 circular=self.kw["circular"], bank=self.bank, cfg=self.cfg_in)
 
     @property
     def _bkw(self):
@@ -106,66 +134,71 @@ class _Steps:
         return self._k.weight_grads(parts, C, HID, F_, self.bank)
 
 
-@torch.library.custom_op("nca_fast::rollout", mutates_args=())
-def _rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: Tensor,
-             seed: int, first_step: int, steps: int, segment: int, fire_rate: float,
-             alive_threshold: float, alpha_channel: int, circular: bool, precision: str,
-             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    ks = _Steps(w1, b1, w2, b2, filters, seed, first_step, fire_rate, alive_threshold,
-                alpha_channel, circular, precision)
-    alive = alive_threshold != _NO_ALIVE
+def _saved_shapes(x: Tensor, s: Static):
+    """Shapes and dtypes of what the forward keeps for the backward: (states, qs, cws, keep).
+
+    states: the state entering every segment but the first, channels-last; qs: their hq planes
+    (pending mask bits, with alive masking and segments longer than 1); cws: every step's cell
+    words when nothing is recomputed (segment 1); keep: the last step's deferred mask."""
     B, C, H, W = x.shape
-    n_saved = (steps - 1) // segment
-    states = x.new_empty((n_saved, B, H, W, C))
-    qs = torch.zeros((n_saved if alive and segment > 1 else 0, B, H + 4, W + 4),
-                     dtype=torch.uint8, device=x.device)
-    # every step's cell words when nothing is recomputed (segment 1), for the backward
-    cws = torch.empty((steps if segment == 1 else 0, B, H, W), dtype=torch.int16,
-                      device=x.device)
+    n_saved = (s.steps - 1) // s.segment
+    return (((n_saved, B, H, W, C), x.dtype),
+            ((n_saved if s.alive and s.segment > 1 else 0, B, H + 4, W + 4), torch.uint8),
+            ((s.steps if s.segment == 1 else 0, B, H, W), torch.int16),
+            ((B, H, W) if s.alive else (0,), torch.uint8))
+
+
+@torch.library.custom_op(
+    "nca_fast::rollout", mutates_args=(),
+    schema=f"(Tensor x, {_WEIGHTS}, {STATIC_SCHEMA}) -> {_FIVE}")
+def _rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: Tensor,
+             *static) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    s = Static(*static)
+    ks = _Steps(x, w1, b1, w2, b2, filters, s)
+    (states_shape, _), (qs_shape, _), (cws_shape, _), _ = _saved_shapes(x, s)
+    states = x.new_empty(states_shape)
+    qs = torch.zeros(qs_shape, dtype=torch.uint8, device=x.device)
+    cws = torch.empty(cws_shape, dtype=torch.int16, device=x.device)
+    segment = s.segment
     r, q = x.permute(0, 2, 3, 1).contiguous(), None
-    for t in range(steps):
-        saved = (t + 1) % segment == 0 and t + 1 < steps
+    for t in range(s.steps):
+        saved = (t + 1) % segment == 0 and t + 1 < s.steps
         slot = (t + 1) // segment - 1
         r, q = ks.fwd(r, q, t, out=states[slot] if saved else None,
-                      q_out=qs[slot] if saved and alive and segment > 1 else None,
+                      q_out=qs[slot] if saved and s.alive and segment > 1 else None,
                       cw_out=cws[t] if segment == 1 else None)
-    if alive:
-        keep = _final_keep(r, q, alive_threshold, alpha_channel, circular)
+    if s.alive:
+        keep = _final_keep(r, q, s)
         out = r * keep.unsqueeze(-1).to(r.dtype)
     else:
         keep = torch.empty((0,), dtype=torch.uint8, device=x.device)
-        out = r.clone() if steps == 0 else r
+        out = r.clone() if s.steps == 0 else r
     return out.permute(0, 3, 1, 2), states, qs, cws, keep
 
 
 @_rollout.register_fake
-def _(x, w1, b1, w2, b2, filters, seed, first_step, steps, segment, fire_rate,
-      alive_threshold, alpha_channel, circular, precision):
+def _(x, w1, b1, w2, b2, filters, *static):
     B, C, H, W = x.shape
-    alive = alive_threshold != _NO_ALIVE
-    n_saved = (steps - 1) // segment
     out = x.new_empty((B, H, W, C)).permute(0, 3, 1, 2)
-    return (out, x.new_empty((n_saved, B, H, W, C)),
-            x.new_empty((n_saved if alive and segment > 1 else 0, B, H + 4, W + 4),
-                        dtype=torch.uint8),
-            x.new_empty((steps if segment == 1 else 0, B, H, W), dtype=torch.int16),
-            x.new_empty((B, H, W) if alive else (0,), dtype=torch.uint8))
+    return (out,) + tuple(x.new_empty(shape, dtype=dtype)
+                          for shape, dtype in _saved_shapes(x, Static(*static)))
 
 
-@torch.library.custom_op("nca_fast::rollout_backward", mutates_args=())
+@torch.library.custom_op(
+    "nca_fast::rollout_backward", mutates_args=(),
+    schema=f"(Tensor grad, Tensor x, {_WEIGHTS}, Tensor states, Tensor qs, Tensor cws, "
+           f"Tensor keep, {STATIC_SCHEMA}) -> {_FIVE}")
 def _rollout_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                       filters: Tensor, states: Tensor, qs: Tensor, cws: Tensor, keep: Tensor,
-                      seed: int, first_step: int, steps: int, segment: int, fire_rate: float,
-                      alive_threshold: float, alpha_channel: int, circular: bool,
-                      precision: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    ks = _Steps(w1, b1, w2, b2, filters, seed, first_step, fire_rate, alive_threshold,
-                alpha_channel, circular, precision)
-    alive = alive_threshold != _NO_ALIVE
+                      *static) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    s = Static(*static)
+    ks = _Steps(x, w1, b1, w2, b2, filters, s)
+    steps, segment = s.steps, s.segment
     if steps == 0:
         return (grad.clone(), torch.zeros_like(w1), torch.zeros_like(b1), torch.zeros_like(w2),
                 torch.zeros_like(b2))
     g = grad.permute(0, 2, 3, 1)
-    g = ((g * keep.unsqueeze(-1).to(g.dtype)) if alive else g).contiguous()
+    g = ((g * keep.unsqueeze(-1).to(g.dtype)) if s.alive else g).contiguous()
     x_r = x.permute(0, 2, 3, 1).contiguous()
     parts = ks.new_parts(x_r)
     B, H, W, _ = x_r.shape
@@ -176,20 +209,20 @@ def _rollout_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tenso
     later = None                         # (gp, cw, g) of step t + 1
     g_bufs = [g, torch.empty_like(g)]    # g of step t, g of step t + 1 (ping-pong)
     gp_bufs = [None, None]
-    for s in reversed(range((steps + segment - 1) // segment)):
-        t0, t1 = s * segment, min(steps, (s + 1) * segment)
+    for seg in reversed(range((steps + segment - 1) // segment)):
+        t0, t1 = seg * segment, min(steps, (seg + 1) * segment)
         if segment == 1:
-            inputs = [x_r if s == 0 else states[s - 1]]
+            inputs = [x_r if seg == 0 else states[seg - 1]]
             words = cws[t0:t1]
         else:
             # recompute the segment from its first state: inputs and cell words of its steps
-            r, q = (x_r, None) if s == 0 else (states[s - 1], qs[s - 1] if alive else None)
+            r, q = (x_r, None) if seg == 0 else (states[seg - 1],
+                                                 qs[seg - 1] if s.alive else None)
             inputs = []
             words = torch.empty((t1 - t0, B, H, W), dtype=torch.int16, device=x.device)
             for t in range(t0, t1):
                 inputs.append(r)
-                out = ks.fwd(r, q, t, cw_out=words[t - t0])
-                r, q = out
+                r, q = ks.fwd(r, q, t, cw_out=words[t - t0])
         for t in reversed(range(t0, t1)):
             r, cw = inputs[t - t0], words[t - t0]
             if later is not None:
@@ -201,32 +234,35 @@ def _rollout_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tenso
     gp, cw, g_last = later
     g = ks.input_grad(gp, cw, g_last)
     dw1k, db1, dw2t, db2 = ks.weight_grads(parts)
-    hid = w1.shape[0]
-    gw1 = dw1k.permute(2, 1, 0).reshape(hid, -1).contiguous()
-    return g.permute(0, 3, 1, 2), gw1, db1, dw2t.t().contiguous(), db2
+    # Outputs of a custom op may not alias each other: each gradient is a tensor of its own
+    # (weight_grads copies them out of the summed buffer; these copies change the layouts).
+    contig = dict(memory_format=torch.contiguous_format)     # clone always copies
+    gw1 = dw1k.permute(2, 1, 0).clone(**contig).view(w1.shape[0], -1)
+    return (g.permute(0, 3, 1, 2), gw1, db1, dw2t.t().clone(**contig), db2)
 
 
 @_rollout_backward.register_fake
-def _(grad, x, w1, b1, w2, b2, filters, states, qs, cws, keep, seed, first_step, steps,
-      segment, fire_rate, alive_threshold, alpha_channel, circular, precision):
+def _(grad, x, w1, b1, w2, b2, filters, states, qs, cws, keep, *static):
     B, C, H, W = x.shape
     gx = x.new_empty((B, H, W, C)).permute(0, 3, 1, 2)
-    return gx, torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2), torch.empty_like(b2)
+    # Contiguous, as the real implementation returns them (whatever the inputs' strides).
+    return (gx, x.new_empty(w1.shape), x.new_empty(b1.shape), x.new_empty(w2.shape),
+            x.new_empty(b2.shape))
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, filters, *args = inputs
+    x, w1, b1, w2, b2, filters, *static = inputs
     _, states, qs, cws, keep = output
     ctx.save_for_backward(x, w1, b1, w2, b2, filters, states, qs, cws, keep)
-    ctx.args = args
+    ctx.static = static
     ctx.mark_non_differentiable(states, qs, cws, keep)
 
 
 def _backward(ctx, grad, _g_states, _g_qs, _g_cws, _g_keep):
     x, w1, b1, w2, b2, filters, states, qs, cws, keep = ctx.saved_tensors
     gx, gw1, gb1, gw2, gb2 = torch.ops.nca_fast.rollout_backward(
-        grad, x, w1, b1, w2, b2, filters, states, qs, cws, keep, *ctx.args)
-    return (gx, gw1, gb1, gw2, gb2) + (None,) * (len(ctx.args) + 1)
+        grad, x, w1, b1, w2, b2, filters, states, qs, cws, keep, *ctx.static)
+    return (gx, gw1, gb1, gw2, gb2) + (None,) * (len(ctx.static) + 1)
 
 
 _rollout.register_autograd(_backward, setup_context=_setup_context)
@@ -239,7 +275,8 @@ def rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: 
     """``steps`` fused NCA steps on x (B x C x H x W), differentiable in x and every weight.
 
     w1: [hidden, F*C] (perception interleaved c*F + k), b1: [hidden], w2: [C, hidden], b2: [C],
-    filters: [F, 3, 3]. Returns the final state, B x C x H x W with channels-last strides.
+    filters: [F, 3, 3]. alive_threshold: None switches alive masking off. Returns the final
+    state, B x C x H x W with channels-last strides.
     """
     tensors = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "filters": filters}
     for name, t in tensors.items():
@@ -248,15 +285,17 @@ def rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: 
         if t.dtype != x.dtype:
             raise TypeError(f"{name}: dtype {t.dtype} differs from x's {x.dtype}")
     if steps == 0:
-        return x
+        # A new tensor (never x itself), channels-last like every other result; clone is
+        # differentiable, so x's gradient flows through.
+        return x.clone(memory_format=torch.channels_last)
     seg = 1 if segment is None else int(segment)
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, w1, b1, w2, b2)):
         seg = steps                  # nothing will call backward: keep no intermediate state
     check_fits(x, steps, seg, filters.shape[0], alive_threshold is not None)
-    out, _, _, _, _ = torch.ops.nca_fast.rollout(
-        x, w1, b1, w2, b2, filters, seed, first_step, steps, seg, float(fire_rate),
-        _NO_ALIVE if alive_threshold is None else float(alive_threshold), alpha_channel,
-        circular, precision)
+    static = Static(seed, first_step, steps, seg, float(fire_rate),
+                    None if alive_threshold is None else float(alive_threshold), alpha_channel,
+                    circular, precision)
+    out, _, _, _, _ = torch.ops.nca_fast.rollout(x, w1, b1, w2, b2, filters, *static)
     return out
 
 
@@ -298,14 +337,3 @@ def check_fits(x: Tensor, steps: int, segment: int, num_filters: int, alive: boo
             f"x: a rollout of {steps} steps on a {'x'.join(map(str, x.shape))} state needs about "
             f"{need / gib:.1f} GiB on {x.device}, but {free / gib:.1f} GiB are free; use "
             f"checkpoint='sqrt' (or a longer segment), fewer steps or a smaller grid")
-
-
-def nca_rollout(model, x: Tensor, steps: int, *, seed: int, first_step: int = 0,
-                segment: Optional[int] = None) -> Tensor:
-    """The triton backend of ``NCA.forward``."""
-    cfg = model.config
-    w1, b1, w2, b2 = model.weights()
-    return rollout(x, w1, b1, w2, b2, model.filters.to(x.dtype), seed=seed, steps=steps,
-                   first_step=first_step, segment=segment, fire_rate=cfg.fire_rate,
-                   alive_threshold=cfg.alive_threshold, alpha_channel=cfg.alpha_channel,
-                   circular=cfg.padding == "circular", precision=cfg.precision)

@@ -1,7 +1,7 @@
-"""The Growing-NCA step in plain PyTorch, exactly as shared/docs/NCA_SPEC.md states it.
+"""The Growing-NCA step in plain PyTorch, exactly as docs/MODEL.md states it.
 
-This is the oracle: written to be read and checked, not to be fast (``nca_fast.cpu`` is the fast
-CPU path). Tensors are B x C x H x W; perception is interleaved, index ``c * F + k``, as in the
+This is the oracle: written to be read and checked, not to be fast (the backends in
+``nca_fast.backends`` are). Tensors are B x C x H x W; perception is interleaved, index ``c * F + k``, as in the
 common PyTorch ports (``Conv2d(F*C, hidden, 1)``).
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ def perceive(x: torch.Tensor, filters: torch.Tensor, padding: str) -> torch.Tens
 
 
 def alive(x: torch.Tensor, threshold: float, padding: str, alpha_channel: int = 3) -> torch.Tensor:
-    """B x 1 x H x W bool: the 3x3 max-pool of alpha is above ``threshold``.
+    """B x 1 x H x W bool: the 3x3 max-pool of alpha is above ``threshold`` (docs/MODEL.md,
+    "Alive masks").
 
     Outside the grid is dead under zero padding (padded with -inf, whatever the threshold) and
     wraps under circular padding.

@@ -1,4 +1,5 @@
-"""The stochastic update mask: Philox4x32-10, keyed by the seed, counted by (cell, step).
+"""The stochastic update mask: Philox4x32-10, keyed by the seed, counted by (cell, step)
+(docs/MODEL.md, "Update masks").
 
 The Triton kernels call ``tl.philox(seed, cell_lo, cell_hi, step, 0)``; this module computes the
 same bits with torch integer ops, so every backend draws the same mask for the same seed and a
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import torch
 
-_MASK32 = 0xFFFFFFFF
-_ROUND_A = 0xD2511F53
-_ROUND_B = 0xCD9E8D57
-_KEY_A = 0x9E3779B9
-_KEY_B = 0xBB67AE85
+# Philox4x32-10's constants (Salmon et al., 2011), as triton.language.philox uses them: the two
+# round multipliers and the two key increments (Weyl sequence).
+MASK32 = 0xFFFFFFFF
+ROUND_A = 0xD2511F53
+ROUND_B = 0xCD9E8D57
+KEY_A = 0x9E3779B9
+KEY_B = 0xBB67AE85
 SEED_MAX = 2**63 - 1
 
 
@@ -31,13 +34,13 @@ def _mulhilo(a: int, b: torch.Tensor):
 
 def philox(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor):
     """Philox4x32-10 as triton.language.philox computes it, on int64 tensors holding uint32."""
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    k0, k1 = seed & MASK32, (seed >> 32) & MASK32
     for _ in range(10):
-        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
-        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
+        hi_b, lo_b = _mulhilo(ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + _KEY_A) & _MASK32
-        k1 = (k1 + _KEY_B) & _MASK32
+        k0 = (k0 + KEY_A) & MASK32
+        k1 = (k1 + KEY_B) & MASK32
     return c0, c1, c2, c3
 
 
@@ -58,9 +61,9 @@ def update_mask(batch: int, height: int, width: int, *, fire_rate: float, seed: 
     check_seed(seed)
     n = batch * height * width
     cell = torch.arange(n, dtype=torch.int64, device=device)
-    step_t = torch.full_like(cell, int(step) & _MASK32)
+    step_t = torch.full_like(cell, int(step) & MASK32)
     zero = torch.zeros_like(cell)
-    word, _, _, _ = philox(seed, cell & _MASK32, cell >> 32, step_t, zero)
+    word, _, _, _ = philox(seed, cell & MASK32, cell >> 32, step_t, zero)
     fire = (word >> 8) < fire_threshold(fire_rate)
     return fire.to(torch.float32).view(batch, 1, height, width)
 

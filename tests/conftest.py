@@ -15,21 +15,44 @@ DISTILL = SHARED / "data" / "distill"
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long checks, opt-in with --runslow")
-    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+    config.addinivalue_line("markers", "slow: long opt-in checks (sweeps), run with --runslow")
 
 
 def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", help="run tests marked slow")
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow "
+                     "(the opt-in sweeps: every compile variant, every Distill model, ...)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
+    """Opt-in sweeps are deselected, not skipped: thousands of skips explain nothing. The
+    summary then says what was left out and how to run it (pytest_terminal_summary)."""
+    if config.getoption("--runslow") or "slow" in (config.option.markexpr or ""):
         return
-    skip = pytest.mark.skip(reason="slow: opt in with --runslow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    slow = [item for item in items if "slow" in item.keywords]
+    if not slow:
+        return
+    items[:] = [item for item in items if "slow" not in item.keywords]
+    config.hook.pytest_deselected(items=slow)
+    per_file = {}
+    for item in slow:
+        per_file[item.nodeid.split("::")[0]] = per_file.get(item.nodeid.split("::")[0], 0) + 1
+    config.stash[_LEFT_OUT] = per_file
+
+
+_LEFT_OUT = pytest.StashKey[dict]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    per_file = config.stash.get(_LEFT_OUT, None)
+    if not per_file:
+        return
+    total = sum(per_file.values())
+    terminalreporter.write_sep("-", f"{total} opt-in tests left out (marked slow)")
+    for path, n in sorted(per_file.items()):
+        terminalreporter.write_line(f"  {path}: {n}")
+    terminalreporter.write_line(
+        "  run them with: python -m pytest --runslow FILE (-k narrows a sweep, e.g. "
+        "-k \"sm_90a and fwd\" in tests/test_compile.py: hours for all on 2 cores)")
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import memory, providers, throughput
+from bench import harness, memory, providers, throughput
 from bench.providers import (EagerNCA, EagerRunner, Provider, check_same_step, get_providers,
                              make_weights, random_state)
 from nca_fast import NCAConfig, reference
@@ -109,7 +109,6 @@ def test_check_accepts_the_faithful_providers():
         assert res[name].max_err < 1e-4
 
 
-@pytest.mark.gpu
 def test_check_on_cuda_accepts_the_kernels_and_rejects_a_wrong_step():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA: the Triton provider is only timed on a GPU")
@@ -130,14 +129,14 @@ def test_check_rejects_a_wrong_step(mistake):
 
 # ------------------------------------------------------------------------------ suite
 def test_parse_sizes():
-    cases = throughput.parse_sizes("8x72x72@64, 256@16,32x48@2/forward,1x4x4@1/train+memory")
+    cases = harness.parse_sizes("8x72x72@64, 256@16,32x48@2/forward,1x4x4@1/train+memory")
     assert [(c.batch, c.height, c.width, c.steps) for c in cases] == [
         (8, 72, 72, 64), (1, 256, 256, 16), (1, 32, 48, 2), (1, 4, 4, 1)]
     assert cases[2].modes == ("forward",) and cases[3].modes == ("train", "memory")
     assert cases[0].cell_steps == 8 * 72 * 72 * 64
     for bad in ("8x72x72", "0x8x8@1", "8x8@0", "axb@2", "8@2/backward", ""):
-        with pytest.raises(throughput.UsageError, match="--sizes"):
-            throughput.parse_sizes(bad)
+        with pytest.raises(harness.UsageError, match="--sizes"):
+            harness.parse_sizes(bad)
 
 
 def _read(path):
@@ -149,11 +148,11 @@ def _read(path):
 def test_suite_rejects_a_wrong_provider_and_times_the_others(tmp_path):
     wrong = Mutated("wrong-port", _swap_sobel)
     res = throughput.run_suite([providers.PROVIDERS["torch-eager"], wrong], "cpu",
-                               [throughput.Case(2, 8, 8, 2)], repeats=3, out_dir=tmp_path,
+                               [harness.Case(2, 8, 8, 2)], repeats=3, out_dir=tmp_path,
                                floor=False, log=lambda s: None)
     assert not res.ok
     header, rows = _read(tmp_path / "throughput.csv")
-    assert tuple(header) == throughput.COLUMNS
+    assert tuple(header) == harness.COLUMNS
     mine = [r for r in rows if r["provider"] == "wrong-port"]
     assert [r["metric"] for r in mine] == ["rejected"]          # checked, never timed
     eager = {(r["mode"], r["metric"]): r for r in rows if r["provider"] == "torch-eager"}
@@ -174,7 +173,7 @@ def test_main_writes_csv_and_plot(tmp_path, capsys):
                           "--no-floor", "--out", str(tmp_path)])
     assert rc == 0
     header, rows = _read(tmp_path / "throughput.csv")
-    assert tuple(header) == throughput.COLUMNS
+    assert tuple(header) == harness.COLUMNS
     assert {r["metric"] for r in rows if r["provider"] == "nca_fast-triton"} == {"unavailable"}
     ratio = [r for r in rows if r["provider"] == "nca_fast-torch" and
              r["metric"] == "ratio_vs_eager"]
@@ -226,7 +225,7 @@ def test_saved_bytes_grow_with_steps_and_cover_the_activations():
     t = torch.rand(1, 4, 12, 12)
     got = {}
     for steps in (2, 4):
-        metric, nbytes, _ = memory.train_memory(runner, x, t, steps, 0)
+        metric, nbytes, _ = harness.measure_memory(runner, x, t, steps, 0)
         assert metric == "saved_bytes"
         got[steps] = nbytes
     # Each step keeps at least its perception (F*C) and hidden (128) fp32 values per cell.
@@ -239,7 +238,7 @@ def test_quick_sweeps_write_memory_csv_and_plot(tmp_path):
                            repeats=1, check=False, quick=True, log=lambda s: None)
     assert ok
     header, rows = _read(tmp_path / "memory.csv")
-    assert tuple(header) == throughput.COLUMNS
+    assert tuple(header) == harness.COLUMNS
     assert not any(r["provider"] == "cax" for r in rows)      # JAX memory is not measurable
     saved = {(r["mode"], r["size"], r["steps"]): float(r["median"]) for r in rows
              if r["metric"] == "saved_bytes"}
@@ -254,7 +253,8 @@ def test_quick_sweeps_write_memory_csv_and_plot(tmp_path):
 # ------------------------------------------------------------------------------ gpu_check.sh
 def _gpu_check(*args, env=None):
     # The script's interpreter must be this one (CI runs the tests from a virtual environment).
-    e = dict(os.environ, PYTHON=sys.executable, **(env or {}))
+    e = dict(os.environ, PYTHON=sys.executable)
+    e.update(env or {})
     return subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True,
                           env=e, timeout=120)
 
@@ -301,3 +301,50 @@ def test_gpu_check_dry_run_layout(tmp_path):
     for stage in ("tests", "ceilings", "suite", "memory"):
         assert f"| {stage} | skipped: dry run" in summary
     assert "| env | PASS |" in summary and "every stage passed" in summary
+
+
+# ------------------------------------------------------------------------------ harness
+def test_cpu_rounds_last_at_least_100_ms():
+    """A 5 ms call is repeated until its round lasts 100 ms: never one scheduler time slice."""
+    import time as _time
+
+    calls = []
+
+    def call():
+        calls.append(1)
+        _time.sleep(0.005)
+
+    timing = harness.time_interleaved({"sleep": call}, repeats=3, warmup=1, device="cpu")
+    t = timing["sleep"]
+    assert t.error is None and len(t.times) == 3 and all(s >= 0.005 for s in t.times)
+    # Round r made n_r calls of t.times[r] seconds each and lasted >= MIN_ROUND_S.
+    assert (len(calls) - 1) * max(t.times) >= 3 * harness.MIN_ROUND_S
+
+
+def test_bench_writes_into_the_current_folder_by_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc = throughput.main(["--device", "cpu", "--sizes", "1x8x8@1/forward", "--repeats", "1",
+                          "--providers", "torch-eager", "--no-floor", "--no-plot"])
+    assert rc == 0
+    assert (tmp_path / "throughput.csv").is_file()
+    assert not list((ROOT / "nca_fast").rglob("throughput.csv"))
+    assert not list((ROOT / "bench").glob("throughput.csv"))
+
+
+def test_gpu_check_fails_loudly_when_the_kernels_cannot_be_imported(tmp_path):
+    """No fallback: without an importable nca_fast.kernels no check runs, and the run fails."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/usr/bin/env bash\n"
+                    "case \"$*\" in *'import nca_fast.kernels'*)\n"
+                    "    echo \"ModuleNotFoundError: No module named 'nca_fast.kernels'\" >&2\n"
+                    "    exit 1;;\n"
+                    f"esac\nexec {sys.executable} \"$@\"\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    p = _gpu_check(str(out), env={"NCA_FAST_GPU_CHECK_REHEARSE": "1", "PYTHON": str(fake)})
+    assert p.returncode == 1, p.stderr
+    assert "nca_fast.kernels cannot be imported" in p.stderr
+    summary = (out / "summary.md").read_text()
+    for stage in ("tests", "ceilings", "suite", "memory"):
+        assert f"| {stage} | NOT RUN: nca_fast.kernels is not importable" in summary
+    assert "a stage FAILED" in summary and "No module named 'nca_fast.kernels'" in summary

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nca_fast import cli
+from nca_fast import cli, damage
 
 
 def _grow(tmp_path, model, *extra, name="x.gif"):
@@ -63,21 +63,27 @@ def test_grow_is_deterministic_per_seed(tmp_path, distill_dir):
     assert not np.array_equal(outs[0], outs[2])
 
 
+def _erased(size, seed):
+    """The cells ``grow --damage --seed SEED`` erases on a size x size grid (1 = erased)."""
+    centre, radius = damage.seeded_circle(seed)
+    return 1.0 - damage.keep_mask(size, size, centre, radius)
+
+
 def test_damage_mask():
-    masks = [cli.damage_mask(48, 48, s)[0, 0] for s in range(40)]
+    masks = [_erased(48, s) for s in range(40)]
     assert all(tuple(m.shape) == (48, 48) for m in masks)
     # Radius 0.1..0.4 of the half-width: area fraction pi r^2 / 4.
     fractions = [m.mean().item() for m in masks]
     assert min(fractions) > 0.5 * np.pi * 0.1 ** 2 / 4
     assert max(fractions) < 1.2 * np.pi * 0.4 ** 2 / 4
-    assert cli.damage_mask(48, 48, 7).equal(cli.damage_mask(48, 48, 7))
+    assert _erased(48, 7).equal(_erased(48, 7))
     assert len({tuple(m.flatten().tolist()) for m in masks}) == 40
 
 
 def test_grow_with_damage_erases_a_circle(tmp_path, distill_dir):
     # After 4 steps the growth lies within 4 cells of the centre (one ring per step), so a damage
     # circle covering that square (applied at step 8 // 2 = 4) must erase it all for good.
-    seed = next(s for s in range(5000) if cli.damage_mask(40, 40, s)[0, 0, 16:25, 16:25].all())
+    seed = next(s for s in range(5000) if _erased(40, s)[16:25, 16:25].all())
     model = distill_dir / "ex1_lizard.json"
     rc, gif = _grow(tmp_path, model, "--seed", str(seed), "--damage", "--quiet", "--scale", "1")
     assert rc == 0
@@ -141,17 +147,53 @@ def test_default_model_grows(tmp_path):
     assert Image.open(out.with_suffix(".png")).size == (cli.DEFAULT_GROW_SIZE * 7,) * 2 == (280, 280)
 
 
-@pytest.mark.parametrize("args", [["grow", "--size", "0"], ["grow", "--steps", "-1"],
-                                  ["grow", "--backend", "cuda"], ["frobnicate"], []])
-def test_bad_arguments(args, capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main(args)
-    assert e.value.code == 2
-    assert "Traceback" not in capsys.readouterr().err
+@pytest.mark.parametrize("args,needle", [
+    (["grow", "--size", "0"], "--size"), (["grow", "--steps", "-1"], "--steps"),
+    (["grow", "--backend", "cuda"], "--backend"), (["frobnicate"], "frobnicate"),
+    ([], "COMMAND"),
+    # issue 12.6: these ended in tracebacks
+    (["grow", "--seed", "99999999999999999999999"], "--seed"),
+    (["grow", "--device", "meta"], "--device meta"),
+    (["grow", "--device", "cuda:99"], "--device cuda:99"),
+])
+def test_bad_arguments(args, needle, capsys, tmp_path):
+    assert cli.main(args + (["--out", str(tmp_path / "g.gif")] if args[:1] == ["grow"] else [])
+                    ) == 2
+    assert needle in _error_line(capsys)
+    assert not (tmp_path / "g.gif").exists()
+
+
+def test_output_folder_that_cannot_be_created(tmp_path, capsys):
+    """Issue 12.6: the folder was created after the rollout, with a traceback on failure."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = blocker / "sub" / "g.gif"
+    assert cli.main(["grow", "--steps", "2", "--quiet", "--out", str(out)]) == 2
+    line = _error_line(capsys)
+    assert f"--out {out}" in line and "cannot create the folder" in line
+
+
+def test_output_folder_that_cannot_be_written(tmp_path, capsys, monkeypatch):
+    import os
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # root writes into a read-only folder anyway: make the write check itself fail
+        import tempfile
+        monkeypatch.setattr(tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(
+            PermissionError(13, "Permission denied")))
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        rc = cli.main(["grow", "--steps", "2", "--quiet", "--out", str(folder / "g.gif")])
+    finally:
+        folder.chmod(0o700)
+    assert rc == 2
+    line = _error_line(capsys)
+    assert "cannot write in the folder" in line and str(folder) in line
 
 
 def test_triton_backend_unavailable(tmp_path, distill_dir, capsys, monkeypatch):
-    monkeypatch.setattr("nca_fast.model.triton_usable", lambda device: False)
+    monkeypatch.setattr("nca_fast.backends.interface.triton_usable", lambda device: False)
     rc, _ = _grow(tmp_path, distill_dir / "ex1_lizard.json", "--backend", "triton")
     assert rc == 2 and "--backend triton" in _error_line(capsys)
 

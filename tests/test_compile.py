@@ -102,6 +102,21 @@ def test_every_variant_compiles_to_fast_code(every_result, variant):
     assert_fast_code(every_result[variant].result())
 
 
+def test_constant_one_arguments_compile():
+    """The JIT turns an int argument equal to 1 into a constant (a 1 x 1 grid, step 1, seed 1):
+    the kernels must compile then too (a method call on such an argument fails there only: found
+    on the first GPU run, 2026-11-29, at step 1)."""
+    edge = [cr.Variant("fwd", 90, 16, 128, 3, 1, 1, has_q=True, alive=True),
+            cr.Variant("fwd", 90, 16, 32, 3, 0, 0, alive=True, circular=True),
+            cr.Variant("bwd_gp", 90, 16, 128, 3, 1, 1),
+            cr.Variant("bwd_weights", 90, 16, 128, 3, 1, 1, next=True),
+            cr.Variant("bwd_input", 90, 16, 0, 3, 1, 0)]
+    with cr.Compiler(workers=2) as compiler:
+        results = [f.result() for f in [compiler.submit(v, edge=True) for v in edge]]
+    for r in results:
+        assert r.status == "ok", f"{r.variant.label()} on a 1 x 1 grid at step 1: {r.error}"
+
+
 # ----------------------------------------------------------------- the report's own parsing
 def test_enumeration_is_every_valid_combination():
     every = cr.all_variants()

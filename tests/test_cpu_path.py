@@ -1,4 +1,4 @@
-"""nca_fast.cpu (the torch backend's fast rollout) against the oracle, nca_fast.reference.
+"""The torch backend (nca_fast.backends.torch_backend) against the oracle, nca_fast.reference.
 
 Same seed -> same masks, so states and gradients must agree to rounding: forward, gradients of
 the input and of every weight, across paddings, alive masking, filter banks (F = 3, 4), channel
@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from nca_fast import NCA, NCAConfig, reference
-from nca_fast.cpu import _perception_plan, rollout, update_masks
+from nca_fast.backends.torch_backend import _perception_plan, rollout, update_masks
+from nca_fast.config import filter_tensor
+from nca_fast.params import Params
 from nca_fast.rng import philox, update_mask
 
 from tolerances import assert_close_verbose, tolerance
@@ -76,7 +78,8 @@ def _reference(model, cfg, steps=STEPS, seed=SEED):
 
 
 def _fast(model, steps=STEPS, seed=SEED, segment=None):
-    return lambda x: rollout(model, x, steps, seed=seed, segment=segment)
+    return lambda x: rollout(x, model.params(), model.config, steps=steps, seed=seed,
+                             checkpoint=segment)
 
 
 # ------------------------------------------------------------------------------------ masks
@@ -207,16 +210,6 @@ def test_tiny_grids_equal_reference(h, w, padding):
         _close(got_g[name], want_g[name], torch.float64, "grad", f"grad {name}")
 
 
-class _Weights:
-    """What rollout reads from a model (config, weights()), with the weights as given."""
-
-    def __init__(self, config, weights):
-        self.config, self._weights = config, tuple(weights)
-
-    def weights(self):
-        return self._weights
-
-
 def test_gradcheck_fp64():
     """Finite differences on a tiny grid (alive masking off: its comparisons have no gradient
     and would make the function discontinuous under perturbation)."""
@@ -228,7 +221,8 @@ def test_gradcheck_fp64():
         weights = [w.detach().clone().requires_grad_(True) for w in model.weights()]
 
         def fn(x, *weights):
-            return rollout(_Weights(cfg, weights), x, 2, seed=SEED)
+            bank = filter_tensor(cfg, dtype=torch.float64)
+            return rollout(x, Params(*weights, bank), cfg, steps=2, seed=SEED)
 
         assert torch.autograd.gradcheck(fn, (x, *weights), eps=1e-6, atol=1e-7,
                                          fast_mode=True)
@@ -257,7 +251,7 @@ def test_dead_cells_that_fire_count_in_the_post_mask(padding):
         w = model.weights()
         with torch.no_grad():
             want = reference.rollout(x, *w, cfg, 1, seed)
-            got = rollout(model, x, 1, seed=seed)
+            got = rollout(x, model.params(), model.config, steps=1, seed=seed)
             pre = reference.alive(x, cfg.alive_threshold, padding, 0)
             mask = update_mask(2, 6, 7, fire_rate=cfg.fire_rate, seed=seed, step=0) > 0
             filters = torch.tensor(cfg.filters)
@@ -306,8 +300,9 @@ def test_no_grad_path_equals_grad_path(padding, threshold):
     x = _state(cfg, 2, 9, 13, torch.float32)
     x_before = x.clone()
     with torch.no_grad():
-        y0 = rollout(model, x, STEPS, seed=SEED)
-    y1 = rollout(model, x.clone().requires_grad_(True), STEPS, seed=SEED)
+        y0 = rollout(x, model.params(), model.config, steps=STEPS, seed=SEED)
+    y1 = rollout(x.clone().requires_grad_(True), model.params(), model.config, steps=STEPS,
+                 seed=SEED)
     assert y1.requires_grad and not y0.requires_grad
     assert torch.equal(x, x_before), "the no-grad path wrote into its input"
     # Same arithmetic, but from per-chunk scratch instead of the saved buffers: equal to
@@ -329,8 +324,9 @@ def test_channels_last_input_and_memory_format():
     for name in want_g:
         _close(got_g[name], want_g[name], torch.float32, "grad", f"grad {name}")
     with torch.no_grad():
-        assert rollout(model, xcl, 2, seed=1).is_contiguous(memory_format=torch.channels_last)
-        assert rollout(model, x, 2, seed=1).is_contiguous()
+        y = rollout(xcl, model.params(), model.config, steps=2, seed=1)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert rollout(x, model.params(), model.config, steps=2, seed=1).is_contiguous()
 
 
 def test_module_forward_with_frames_and_first_step():
@@ -362,7 +358,7 @@ def test_worker_threads_equal_reference(batch, segment):
         got_y, got_g = _grads(_fast(model, segment=segment), model, x, target)
         plain_y, plain_g = _grads(_fast(model), model, x, target)
         with torch.no_grad():
-            nograd_y = rollout(model, x, STEPS, seed=SEED)
+            nograd_y = rollout(x, model.params(), model.config, steps=STEPS, seed=SEED)
     finally:
         torch.set_num_threads(1)
     _close(got_y, want_y, torch.float32, "state", "state")
@@ -377,9 +373,10 @@ def test_zero_steps_and_no_active_cells():
     cfg = NCAConfig(channels=8, hidden=16)
     model = _model(cfg, torch.float32)
     x = _state(cfg, 1, 5, 6, torch.float32)
-    assert rollout(model, x, 0, seed=1) is x
+    y0 = rollout(x, model.params(), model.config, steps=0, seed=1)
+    assert torch.equal(y0, x) and y0.data_ptr() != x.data_ptr()     # a copy, never x itself
     dead = torch.zeros_like(x)          # nothing alive: every step leaves all zeros
-    y = rollout(model, dead.requires_grad_(True), 3, seed=1)
+    y = rollout(dead.requires_grad_(True), model.params(), model.config, steps=3, seed=1)
     assert torch.equal(y, torch.zeros_like(x))
     y.sum().backward()
     assert torch.equal(dead.grad, torch.zeros_like(x))

@@ -13,7 +13,8 @@ import sys
 import pytest
 import torch
 
-from nca_fast.train import TrainOptions, train
+from nca_fast.train import train
+from nca_fast.training.options import TrainOptions
 
 ARGS = dict(size=8, pad=2, hidden=32, batch=4, pool_size=8, rollout_min=6, rollout_max=9,
             experiment="regenerate", damage=1, steps=4, save_every=2, seed=3, video_steps=4,

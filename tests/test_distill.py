@@ -10,7 +10,8 @@ over RGBA against the 40 x 40 target padded by 16 (premultiplied). Trained model
 import pytest
 import torch
 
-from nca_fast.io import DISTILL_TARGETS, load_distill, load_distill_target
+from nca_fast.media import DISTILL_TARGETS, load_distill_target
+from nca_fast.model import load_distill
 
 GRID, STEPS, PAD = 72, 96, 16
 THRESHOLD = 0.01

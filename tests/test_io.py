@@ -3,7 +3,6 @@ import base64
 import json
 import math
 import os
-import struct
 import sys
 
 import numpy as np
@@ -14,7 +13,8 @@ from PIL import Image
 from torch import nn
 
 from nca_fast import NCA, NCAConfig
-from nca_fast import io as nio
+from nca_fast import files, formats, media
+from nca_fast.model import load, load_any, load_distill
 from nca_fast.rng import update_mask
 
 
@@ -38,7 +38,7 @@ def test_round_trip_is_bitwise(tmp_path, config):
     model = _random_model(config)
     path = tmp_path / "m.safetensors"
     model.save(path)
-    loaded = nio.load(path, backend="torch")
+    loaded = load(path, backend="torch")
     assert loaded.config == model.config
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
@@ -53,10 +53,10 @@ def test_file_is_plain_safetensors_with_config_metadata(tmp_path):
 
     model = _random_model()
     path = tmp_path / "m.safetensors"
-    nio.save(model, path)
+    model.save(path)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-        assert sorted(f.keys()) == sorted(nio.PARAM_NAMES)
+        assert sorted(f.keys()) == sorted(formats.PARAM_NAMES)
         assert tuple(f.get_tensor("w1.weight").shape) == (128, 48, 1, 1)
     assert meta["format_version"] == "1"
     assert NCAConfig.from_dict(json.loads(meta["nca_fast_config"])) == model.config
@@ -66,14 +66,14 @@ def test_extra_metadata_round_trips_and_reserved_keys_are_refused(tmp_path):
     model = _random_model()
     path = tmp_path / "m.safetensors"
     model.save(path, metadata={"trained_by": "test", "steps": "12"})
-    meta = nio.read_metadata(path)
+    meta = formats.read_metadata(path)
     assert meta["trained_by"] == "test" and meta["steps"] == "12"
     assert NCAConfig.from_dict(json.loads(meta["nca_fast_config"])) == model.config
-    assert torch.equal(nio.load(path).w1.weight, model.w1.weight)
+    assert torch.equal(load(path).w1.weight, model.w1.weight)
     with pytest.raises(ValueError, match="metadata: 'format_version' is reserved"):
-        nio.save(model, tmp_path / "x.safetensors", metadata={"format_version": "9"})
+        model.save(tmp_path / "x.safetensors", metadata={"format_version": "9"})
     with pytest.raises(TypeError, match="metadata: expected str"):
-        nio.save(model, tmp_path / "y.safetensors", metadata={"steps": 12})
+        model.save(tmp_path / "y.safetensors", metadata={"steps": 12})
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
 
 
@@ -81,10 +81,10 @@ def test_load_any_dispatches(tmp_path, distill_dir):
     model = _random_model()
     ours = tmp_path / "weights.bin"                  # extension says nothing: content decides
     model.save(ours)
-    assert torch.equal(nio.load_any(ours).w1.weight, model.w1.weight)
+    assert torch.equal(load_any(ours).w1.weight, model.w1.weight)
     theirs = tmp_path / "export.txt"
     theirs.write_bytes((distill_dir / "ex1_lizard.json").read_bytes())
-    a, b = nio.load_any(theirs), nio.load_distill(distill_dir / "ex1_lizard.json")
+    a, b = load_any(theirs), load_distill(distill_dir / "ex1_lizard.json")
     assert torch.equal(a.w1.weight, b.w1.weight)
 
 
@@ -119,7 +119,7 @@ def test_plain_port_state_dict_loads_as_is():
     torch.manual_seed(3)
     port = PlainPort()
     model = NCA(backend="torch")
-    assert sorted(port.state_dict()) == sorted(nio.PARAM_NAMES)
+    assert sorted(port.state_dict()) == sorted(formats.PARAM_NAMES)
     model.load_state_dict(port.state_dict())                        # strict
     x = torch.rand(2, 16, 11, 13) * (torch.rand(2, 1, 11, 13) < 0.4)
     seed, steps = 99, 4
@@ -136,9 +136,9 @@ def test_plain_port_state_dict_loads_as_is():
 def test_missing_file_names_it(tmp_path):
     path = tmp_path / "nope.safetensors"
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        nio.load(path)
+        load(path)
     with pytest.raises(FileNotFoundError, match="nope.json"):
-        nio.load_distill(tmp_path / "nope.json")
+        load_distill(tmp_path / "nope.json")
 
 
 @pytest.mark.parametrize("cut", [0, 5, 0.3, 0.9, -1])
@@ -150,7 +150,7 @@ def test_truncated_file_names_it(tmp_path, cut):
                                                         else int(len(data) * cut))
     path.write_bytes(data[:n])
     with pytest.raises(ValueError, match="m.safetensors") as e:
-        nio.load(path)
+        load(path)
     assert "\n" not in str(e.value)
 
 
@@ -158,7 +158,7 @@ def test_garbage_file_names_it(tmp_path):
     path = tmp_path / "m.safetensors"
     path.write_bytes(os.urandom(4096))
     with pytest.raises(ValueError, match="m.safetensors"):
-        nio.load(path)
+        load(path)
 
 
 def _write_safetensors(path, tensors, metadata):
@@ -176,7 +176,7 @@ def test_missing_tensor_is_named(tmp_path):
     path = tmp_path / "m.safetensors"
     _write_safetensors(path, sd, _meta())
     with pytest.raises(ValueError, match=r"m\.safetensors.*w2\.bias"):
-        nio.load(path)
+        load(path)
 
 
 def test_wrong_shape_is_named(tmp_path):
@@ -184,7 +184,7 @@ def test_wrong_shape_is_named(tmp_path):
     path = tmp_path / "m.safetensors"
     _write_safetensors(path, dict(sd), _meta(NCAConfig(hidden=64)))
     with pytest.raises(ValueError, match=r"m\.safetensors.*w1\.weight.*shape"):
-        nio.load(path)
+        load(path)
 
 
 @pytest.mark.parametrize("meta,match", [
@@ -197,7 +197,7 @@ def test_bad_metadata_is_explained(tmp_path, meta, match):
     path = tmp_path / "m.safetensors"
     _write_safetensors(path, dict(_random_model().state_dict()), meta)
     with pytest.raises(ValueError, match=match) as e:
-        nio.load(path)
+        load(path)
     assert "m.safetensors" in str(e.value)
 
 
@@ -208,7 +208,7 @@ def test_non_finite_weights_are_refused(tmp_path):
     path = tmp_path / "m.safetensors"
     _write_safetensors(path, sd, _meta())
     with pytest.raises(ValueError, match="w1.bias"):
-        nio.load(path)
+        load(path)
 
 
 # --------------------------------------------------------------------------- Distill exports
@@ -216,7 +216,7 @@ def test_distill_decoding_follows_the_documented_format(distill_dir):
     """Weights equal the README's formula applied by hand to the raw bytes."""
     path = distill_dir / "ex2_fish.json"
     layers = json.loads(path.read_text())
-    model = nio.load_distill(path)
+    model = load_distill(path)
     assert model.config == NCAConfig(channels=16, hidden=128)
     raw0 = np.frombuffer(base64.b64decode(layers[0]["data_b64"]), np.uint8).reshape(49, 128)
     raw1 = np.frombuffer(base64.b64decode(layers[1]["data_b64"]), np.uint8).reshape(129, 16)
@@ -253,7 +253,7 @@ def test_bad_distill_export_is_explained(tmp_path, distill_dir, mutate, match):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(mutate(_layers(distill_dir))))
     with pytest.raises(ValueError, match=match) as e:
-        nio.load_distill(path)
+        load_distill(path)
     assert "bad.json" in str(e.value)
 
 
@@ -261,7 +261,7 @@ def test_distill_export_that_is_not_json(tmp_path):
     path = tmp_path / "bad.json"
     path.write_bytes(b"\x89PNG not json")
     with pytest.raises(ValueError, match=r"bad\.json.*JSON"):
-        nio.load_distill(path)
+        load_distill(path)
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -274,7 +274,7 @@ def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        nio.atomic_write(path, failing)
+        files.atomic_write(path, failing)
     assert path.read_bytes() == b"old content"
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
@@ -289,7 +289,7 @@ def test_atomic_write_replaces_and_keeps_extension(tmp_path):
         assert tmp.parent == tmp_path and tmp.suffix == ".gif" and tmp != path
         tmp.write_bytes(b"new")
 
-    assert nio.atomic_write(path, write) == path
+    assert files.atomic_write(path, write) == path
     assert path.read_bytes() == b"new" and not seen[0].exists()
 
 
@@ -303,17 +303,17 @@ def test_save_failure_keeps_previous_model(tmp_path, monkeypatch):
         with open(self, "wb") as f:
             f.write(data[:len(data) // 2])
         raise OSError("no space left on device")
-    monkeypatch.setattr(nio.pathlib.Path, "write_bytes", half_then_fail)
+    monkeypatch.setattr(files.pathlib.Path, "write_bytes", half_then_fail)
     with pytest.raises(OSError):
         _random_model(seed=2).save(path)
     monkeypatch.undo()
     assert path.read_bytes() == before
-    assert torch.equal(nio.load(path).w2.weight, good.w2.weight)
+    assert torch.equal(load(path).w2.weight, good.w2.weight)
 
 
 def test_atomic_write_into_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        nio.atomic_write(tmp_path / "no" / "x.bin", lambda t: t.write_bytes(b""))
+        files.atomic_write(tmp_path / "no" / "x.bin", lambda t: t.write_bytes(b""))
 
 
 # --------------------------------------------------------------------------- targets
@@ -322,7 +322,7 @@ def test_load_target_fits_premultiplies_and_pads():
     arr = np.zeros((40, 80, 4), np.uint8)
     arr[:, :40] = (255, 0, 0, 255)
     arr[:, 40:] = (255, 255, 255, 128)
-    t = nio.load_target(Image.fromarray(arr), size=20, pad=3)
+    t = media.load_target(Image.fromarray(arr), size=20, pad=3)
     assert t.shape == (4, 26, 26) and t.dtype == torch.float32
     # 80 x 40 -> 20 x 10, centred vertically: rows 5..14 of the 20 x 20 square, +3 padding.
     inside = t[:, 3 + 5:3 + 15, 3:23]
@@ -337,23 +337,89 @@ def test_load_target_fits_premultiplies_and_pads():
 def test_load_target_from_file_and_errors(tmp_path):
     p = tmp_path / "e.png"
     Image.new("RGBA", (128, 128), (0, 255, 0, 255)).save(p)
-    t = nio.load_target(p, size=40, pad=16)
+    t = media.load_target(p, size=40, pad=16)
     assert t.shape == (4, 72, 72) and t[1, 16:56, 16:56].min() == 1
     with pytest.raises(FileNotFoundError, match="missing.png"):
-        nio.load_target(tmp_path / "missing.png")
+        media.load_target(tmp_path / "missing.png")
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="bad.png"):
-        nio.load_target(tmp_path / "bad.png")
+        media.load_target(tmp_path / "bad.png")
     with pytest.raises(ValueError, match="size"):
-        nio.load_target(p, size=0)
+        media.load_target(p, size=0)
+
+
+# ----------------------------------------------------------------------------- issue 12.9
+def test_16_bit_grayscale_png_is_read_by_its_range(tmp_path):
+    """40000 of 65535 is 61% gray; convert("RGBA") clipped it to white."""
+    p = tmp_path / "g16.png"
+    Image.fromarray(np.full((10, 10), 40000, np.uint16)).save(p)
+    assert Image.open(p).mode.startswith("I")
+    t = media.load_target(p, size=10, pad=2)
+    inside = t[:, 2:12, 2:12]
+    torch.testing.assert_close(inside[:3], torch.full((3, 10, 10), 40000 / 65535))
+    assert (inside[3] == 1).all() and (t[:, :2] == 0).all()
+
+
+def test_16_bit_grayscale_tiff_is_resized_in_its_range(tmp_path):
+    p = tmp_path / "g16.tiff"
+    Image.fromarray(np.full((20, 40), 65535 // 4, np.uint16)).save(p)
+    t = media.load_target(p, size=10, pad=0)               # 40 x 20 -> 10 x 5, centred
+    rows = (t[3] > 0).any(1).nonzero().flatten().tolist()
+    assert rows == [2, 3, 4, 5, 6]
+    torch.testing.assert_close(t[0, 2:7], torch.full((5, 10), (65535 // 4) / 65535),
+                               atol=1e-4, rtol=0)
+
+
+def test_float_tiff_is_taken_as_it_is(tmp_path):
+    """A float TIFF of 0.5 became black."""
+    p = tmp_path / "f.tiff"
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(p)
+    t = media.load_target(p, size=8, pad=0)
+    torch.testing.assert_close(t, torch.cat([torch.full((3, 8, 8), 0.5), torch.ones(1, 8, 8)]))
+
+
+@pytest.mark.parametrize("values,needle", [
+    (np.full((8, 8), 2.5, np.float32), r"float pixels must lie in \[0, 1\], found values "
+                                       r"from 2.5 to 2.5"),
+    (np.array([[0.5, np.nan]] * 2, np.float32), "NaN"),
+    (np.full((8, 8), 70000, np.int32), "32-bit integer pixels"),
+])
+def test_pixels_of_unknown_range_are_refused_with_the_reason(tmp_path, values, needle):
+    p = tmp_path / "odd.tiff"
+    Image.fromarray(values).save(p)
+    with pytest.raises(ValueError, match=needle):
+        media.load_target(p, size=8, pad=0)
+
+
+def test_fully_transparent_target_is_refused(tmp_path, capsys):
+    p = tmp_path / "clear.png"
+    Image.new("RGBA", (16, 16), (255, 0, 0, 0)).save(p)
+    with pytest.raises(ValueError, match="clear.png: the image is fully transparent"):
+        media.load_target(p, size=16, pad=2)
+    from nca_fast.train import cli_main
+    assert cli_main(["--target", str(p), "--size", "8", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fully transparent" in err and len(err.splitlines()) == 1
+
+
+def test_8_bit_targets_are_unchanged():
+    """The shipped target reads as before: Pillow's RGBA, Lanczos-fitted, scaled by 255."""
+    from nca_fast.training.options import DEFAULT_TARGET
+    with Image.open(DEFAULT_TARGET) as im:
+        rgba = im.convert("RGBA")
+    fitted = rgba.resize((24, 24), Image.LANCZOS) if rgba.size != (24, 24) else rgba
+    a = np.asarray(fitted).astype(np.float32) / 255.0
+    a[..., :3] *= a[..., 3:4]
+    expected = torch.from_numpy(np.pad(a, ((4, 4), (4, 4), (0, 0))).transpose(2, 0, 1).copy())
+    assert torch.equal(media.load_target(DEFAULT_TARGET, size=24, pad=4), expected)
 
 
 def test_distill_target_tiles(distill_dir):
     sprite = distill_dir / "emoji_targets.png"
     raw = np.asarray(Image.open(sprite).convert("RGBA")).astype(np.float64) / 255
-    for i, name in enumerate(nio.DISTILL_TARGETS):
-        t = nio.load_distill_target(name, sprite)
-        assert torch.equal(t, nio.load_distill_target(i, sprite))
+    for i, name in enumerate(media.DISTILL_TARGETS):
+        t = media.load_distill_target(name, sprite)
+        assert torch.equal(t, media.load_distill_target(i, sprite))
         assert t.shape == (4, 72, 72)
         tile = raw[:, 40 * i:40 * (i + 1)]
         np.testing.assert_allclose(t[3, 16:56, 16:56].numpy(), tile[..., 3], atol=1e-6)
@@ -362,9 +428,9 @@ def test_distill_target_tiles(distill_dir):
         assert t[:, :16].abs().sum() == 0 and t[:, :, 56:].abs().sum() == 0
         assert t[3].sum() > 50                         # every tile holds an emoji
     with pytest.raises(ValueError, match="which"):
-        nio.load_distill_target("unicorn", sprite)
+        media.load_distill_target("unicorn", sprite)
     with pytest.raises(ValueError, match="which"):
-        nio.load_distill_target(10, sprite)
+        media.load_distill_target(10, sprite)
 
 
 # --------------------------------------------------------------------------- frames, videos
@@ -378,7 +444,7 @@ def _frame():
 
 def test_png_on_white(tmp_path):
     path = tmp_path / "f.png"
-    nio.write_png(_frame(), path, scale=3)
+    media.write_png(_frame(), path, scale=3)
     img = np.asarray(Image.open(path))
     assert img.shape == (12, 15, 3) and img.dtype == np.uint8
     assert (img[0, 0] == 255).all()                                  # empty cell: white
@@ -391,14 +457,14 @@ def test_png_on_white(tmp_path):
 @pytest.mark.parametrize("bad", [torch.zeros(3, 4, 4), torch.zeros(4, 4), torch.zeros(2, 16, 4, 4)])
 def test_png_rejects_bad_frames(tmp_path, bad):
     with pytest.raises(ValueError, match="frame"):
-        nio.write_png(bad, tmp_path / "f.png")
+        media.write_png(bad, tmp_path / "f.png")
     assert not list(tmp_path.iterdir())
 
 
 def test_gif_frames_and_size(tmp_path):
     frames = [_frame() * (i / 4) for i in range(5)]
     path = tmp_path / "v.gif"
-    nio.write_video(frames, path, fps=10, scale=2)
+    media.write_video(frames, path, fps=10, scale=2)
     with Image.open(path) as im:
         assert im.n_frames == 5 and im.size == (10, 8)
         im.seek(4)
@@ -410,17 +476,17 @@ def test_gif_frames_and_size(tmp_path):
 def test_mp4_without_ffmpeg_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)       # import now fails
     with pytest.raises(ImportError, match=r"nca-fast\[video\]"):
-        nio.write_video([_frame()], tmp_path / "v.mp4")
+        media.write_video([_frame()], tmp_path / "v.mp4")
     assert not list(tmp_path.iterdir())
 
 
 def test_video_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="extension"):
-        nio.write_video([_frame()], tmp_path / "v.avi")
+        media.write_video([_frame()], tmp_path / "v.avi")
     with pytest.raises(ValueError, match="frames"):
-        nio.write_video([], tmp_path / "v.gif")
+        media.write_video([], tmp_path / "v.gif")
     with pytest.raises(ValueError, match="fps"):
-        nio.write_video([_frame()], tmp_path / "v.gif", fps=0)
+        media.write_video([_frame()], tmp_path / "v.gif", fps=0)
     assert not list(tmp_path.iterdir())
 
 
@@ -431,7 +497,7 @@ def test_mp4(tmp_path):
 
     frames = [_frame() * (i / 5) for i in range(6)]
     path = tmp_path / "v.mp4"
-    nio.write_video(frames, path, fps=12, scale=3)          # 15 x 12 pixels: odd width
+    media.write_video(frames, path, fps=12, scale=3)          # 15 x 12 pixels: odd width
     reader = imageio.get_reader(path)
     try:
         images = [im for im in reader.iter_data()]          # len(reader) is inf for MP4
@@ -440,6 +506,6 @@ def test_mp4(tmp_path):
         reader.close()
     assert len(images) == 6 and images[0].shape == (12, 16, 3)     # padded to an even width
     # Lossy codec: compare the last frame with the PNG rendering loosely.
-    want = nio.to_rgb(frames[-1], scale=3).astype(int)
+    want = media.to_rgb(frames[-1], scale=3).astype(int)
     assert np.abs(images[-1][:, :15].astype(int) - want).mean() < 12
     assert [p.name for p in tmp_path.iterdir()] == ["v.mp4"]

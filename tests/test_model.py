@@ -131,10 +131,11 @@ def test_parameter_count_and_layout():
     assert sorted(model.state_dict()) == ["w1.bias", "w1.weight", "w2.bias", "w2.weight"]
 
 
-def test_zero_steps_returns_the_input():
+def test_zero_steps_returns_a_copy_of_the_input():
     model = _model()
     x = _state(model)
-    assert torch.equal(model(x, 0, seed=0), x)
+    y = model(x, 0, seed=0)
+    assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
 
 
 def test_same_seed_same_result_different_seed_different():
@@ -221,3 +222,32 @@ def test_input_is_not_modified():
 
 def test_auto_backend_on_cpu_is_torch():
     assert NCA(backend="auto").resolve_backend(torch.device("cpu")) == "torch"
+
+
+def test_filter_bank_keeps_its_taps_when_the_model_changes_dtype():
+    """Taps are rebuilt from the config on .to(dtype): a float32 buffer cast to float64 would
+    carry 0.3 as 0.30000001192..., and the triton backend read the bank from that buffer."""
+    from nca_fast.config import filter_tensor
+
+    bank = (((0.0, 0.3, 0.0), (0.1, 1.0, 0.0), (0.0, 0.0, 0.7)),) * 3
+    model = NCA(NCAConfig(filters=bank)).double()
+    assert model.filters.dtype == torch.float64
+    assert torch.equal(model.filters, filter_tensor(model.config, dtype=torch.float64))
+    assert torch.equal(model.float().filters, filter_tensor(model.config))
+
+
+def test_torch_backend_under_torch_compile_is_one_graph_break():
+    """README: the torch backend runs eagerly in a compiled model, one graph break per rollout
+    (Dynamo broke the graph 35 times inside it before it was excluded from tracing)."""
+    model = _model(seed=3)
+    x = _state(model, b=1, h=6, w=7)
+    explained = torch._dynamo.explain(lambda x: model(x * 1.0, 3, seed=2) * 2.0)(x)
+    assert explained.graph_break_count == 1, [str(r.reason) for r in explained.break_reasons]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    ys = [compiled(xs[0], 3, seed=2), model(xs[1], 3, seed=2)]
+    assert torch.equal(ys[0], ys[1])
+    for x_, y in zip(xs, ys):
+        y.pow(2).sum().backward()
+    assert torch.equal(xs[0].grad, xs[1].grad)

@@ -46,8 +46,10 @@ def _dist_info(wheel, name):
 
 def test_wheel_contains_the_packages(wheel):
     names = _names(wheel)
-    for required in ("nca_fast/__init__.py", "nca_fast/kernels/__init__.py", "nca_fast/cli.py",
-                     "nca_fast/io.py", "nca_fast/model.py", "nca_fast/__main__.py"):
+    # Every module of the package, subpackages included (setup.py lists them one by one).
+    sources = [p.relative_to(ROOT).as_posix() for p in (ROOT / "nca_fast").rglob("*.py")]
+    assert "nca_fast/backends/torch_backend.py" in sources
+    for required in sources + ["nca_fast/kernels/__init__.py"]:
         assert required in names, f"{required} missing from {wheel.name}"
     kernel_sources = {p.name for p in (ROOT / "kernels").glob("*.py")}
     assert kernel_sources <= {pathlib.PurePath(n).name for n in names
@@ -71,6 +73,34 @@ def test_wheel_declares_the_console_script(wheel):
     assert ep["console_scripts"]["nca-fast"].strip() == "nca_fast.cli:main"
     meta = _dist_info(wheel, "METADATA")
     assert "Provides-Extra: video" in meta and "Requires-Dist: safetensors" in meta
+    # What users install: triton 3.6.x (the version the kernels are verified and counted on),
+    # numpy below 2.4 (the triton 3.6 interpreter needs it).
+    requires = [line.split(":", 1)[1].strip() for line in meta.splitlines()
+                if line.startswith("Requires-Dist:")]
+    triton = [r for r in requires if r.startswith("triton")]
+    assert len(triton) == 1 and _spec(triton[0]) == {">=3.6", "<3.7"}, triton
+    assert "Linux" in triton[0]
+    numpy = [r for r in requires if r.startswith("numpy")]
+    assert len(numpy) == 1 and _spec(numpy[0]) == {"<2.4"}, numpy
+
+
+def _spec(requirement):
+    from packaging.requirements import Requirement
+    return {str(s) for s in Requirement(requirement).specifier}
+
+
+def test_installed_triton_is_in_the_supported_range():
+    """CI installs what setup.py requires (no pin of its own): the triton that the compile
+    checks (tests/test_compile.py) and the interpreter tests run with is the users' one."""
+    import importlib.metadata as md
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("triton is required on Linux only")
+    reqs = [Requirement(r) for r in md.requires("nca-fast") or []]
+    (triton,) = [r for r in reqs if r.name == "triton"]
+    assert Version(md.version("triton")) in triton.specifier, (md.version("triton"), triton)
 
 
 def test_installed_wheel_runs(wheel, tmp_path):

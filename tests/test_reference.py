@@ -1,6 +1,6 @@
 """The oracle (nca_fast.reference) against the spec written out cell by cell in float64.
 
-``direct_step`` below restates shared/docs/NCA_SPEC.md with explicit loops over cells,
+``direct_step`` below restates docs/MODEL.md with explicit loops over cells,
 neighbours, channels and filters: no convolutions, no pooling, no padding helpers. It shares
 nothing with nca_fast but the config's filter taps.
 """

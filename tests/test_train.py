@@ -13,8 +13,13 @@ import torch
 from PIL import Image
 
 import nca_fast
-from nca_fast import train as T
-from nca_fast.train import TrainOptions, Trainer, cli_main, train
+from nca_fast import damage, train as T
+from nca_fast.formats import read_metadata
+from nca_fast.media import load_target
+from nca_fast.train import cli_main, train
+from nca_fast.training import run_folder
+from nca_fast.training.options import PRESETS, TrainOptions
+from nca_fast.training.trainer import Trainer, per_sample_loss
 
 TINY = dict(size=8, pad=2, hidden=32, batch=4, pool_size=16, rollout_min=6, rollout_max=10,
             backend="torch", device="cpu")
@@ -88,11 +93,11 @@ def test_damage_counts_against_the_batch_only_when_regenerating():
 
 
 def test_circle_damage_mask():
-    m = T.circle_keep_mask(9, 9, (0.0, 0.0), 0.3)
+    m = damage.keep_mask(9, 9, (0.0, 0.0), 0.3)
     assert m[4, 4] == 0 and m[0, 0] == 1 and m[0, 8] == 1 and m[8, 8] == 1
     assert m.dtype == torch.float32 and int((m == 0).sum()) == 5     # the centre and its 4
     # x runs along W: a circle on the right half leaves the left column whole.
-    right = T.circle_keep_mask(9, 9, (0.75, 0.0), 0.4)
+    right = damage.keep_mask(9, 9, (0.75, 0.0), 0.4)
     assert right[:, 0].eq(1).all() and right[4, 7] == 0 and right[4, 1] == 1
 
 
@@ -100,11 +105,11 @@ def test_loss_pyramid_matches_hand_computation():
     x = torch.rand(2, 16, 8, 8)
     t = torch.rand(4, 8, 8)
     plain = ((x[:, :4] - t) ** 2).mean(dim=(1, 2, 3))
-    assert torch.allclose(T.per_sample_loss(x, t), plain)
+    assert torch.allclose(per_sample_loss(x, t), plain)
     coarse = x[:, :4].reshape(2, 4, 4, 2, 4, 2).mean(dim=(3, 5))
     tc = t.reshape(4, 4, 2, 4, 2).mean(dim=(2, 4))
     two = (plain + ((coarse - tc) ** 2).mean(dim=(1, 2, 3))) / 2
-    assert torch.allclose(T.per_sample_loss(x, t, levels=2), two)
+    assert torch.allclose(per_sample_loss(x, t, levels=2), two)
 
 
 # ----------------------------------------------------------------------------- pool logic
@@ -212,7 +217,7 @@ def test_interrupted_and_resumed_run_is_bitwise_equal(tmp_path):
     with pytest.raises(_Interrupt):
         train(o, run_dir=tmp_path / "cut", on_step=stop_at_5)
     info = json.loads(__import__("safetensors").safe_open(
-        str(tmp_path / "cut" / "checkpoint.safetensors"), "pt").metadata()[T.CHECKPOINT_KEY])
+        str(tmp_path / "cut" / "checkpoint.safetensors"), "pt").metadata()[run_folder.CHECKPOINT_KEY])
     assert info["step"] == 4
     resumed = train(o, run_dir=tmp_path / "cut", resume=True)
 
@@ -261,7 +266,7 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path, capsys, damage):
     else:
         ck.write_bytes(b"")
     tr = Trainer(o, tmp_path)
-    with pytest.raises(T.CheckpointError, match="checkpoint.safetensors"):
+    with pytest.raises(run_folder.CheckpointError, match="checkpoint.safetensors"):
         tr.load_checkpoint()
     rc = cli_main(["--resume", str(tmp_path), "--steps", "3"])
     err = capsys.readouterr().err.strip()
@@ -272,7 +277,7 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path, capsys, damage):
 def test_checkpoint_of_another_run_is_refused(tmp_path):
     train(TrainOptions(**TINY, experiment="grow", steps=1, save_every=1), run_dir=tmp_path)
     other = Trainer(TrainOptions(**{**TINY, "hidden": 16}, experiment="grow", steps=1), tmp_path)
-    with pytest.raises(T.CheckpointError, match="hidden"):
+    with pytest.raises(run_folder.CheckpointError, match="hidden"):
         other.load_checkpoint()
 
 
@@ -298,7 +303,7 @@ def test_cli_writes_every_promised_file(tmp_path, capsys):
     assert rows[0] == "step,loss" and len(rows) == 4
     model = nca_fast.load(out / "model.safetensors")
     assert model.config.hidden == 32
-    training = json.loads(nca_fast.io.read_metadata(out / "model.safetensors")[T.TRAINING_KEY])
+    training = json.loads(read_metadata(out / "model.safetensors")[run_folder.TRAINING_KEY])
     assert training["steps"] == 3 and training["grid"] == 12
     assert training["final_loss"] == pytest.approx(float(rows[-1].split(",")[1]))
     with Image.open(out / "growth.gif") as im:
@@ -361,7 +366,7 @@ def test_init_with_another_architecture_names_the_argument(tmp_path, capsys):
 def test_presets_fill_defaults_and_explicit_options_win():
     ns = T.build_parser().parse_args(["--preset", "quick", "--steps", "5"])
     o = T.options_from_args(ns)
-    assert o.steps == 5 and o.hidden == T.PRESETS["quick"]["hidden"]
+    assert o.steps == 5 and o.hidden == PRESETS["quick"]["hidden"]
     ns = T.build_parser().parse_args(["--preset", "hires", "--size", "64"])
     o = T.options_from_args(ns).resolved()
     assert o.size == 64 and o.checkpoint == "sqrt" and o.loss_levels > 1
@@ -370,7 +375,7 @@ def test_presets_fill_defaults_and_explicit_options_win():
 
 def test_default_assets_exist_and_load():
     assets = pathlib.Path(T.__file__).parent / "assets"
-    target = nca_fast.io.load_target(assets / "default_target.png", 40, 16)
+    target = load_target(assets / "default_target.png", 40, 16)
     assert target.shape == (4, 72, 72)
     alpha = target[3]
     assert 0.1 < float((alpha > 0.5).float().mean()) < 0.6     # an opaque figure on clear ground
@@ -382,7 +387,7 @@ def test_default_model_grows_its_target():
     assets = pathlib.Path(T.__file__).parent / "assets"
     meta = json.loads((assets / "default_model.json").read_text())
     model = nca_fast.load(assets / "default_model.safetensors", backend="torch")
-    target = nca_fast.io.load_target(assets / "default_target.png", meta["size"], meta["pad"])
+    target = load_target(assets / "default_target.png", meta["size"], meta["pad"])
     g = target.shape[-1]
     assert g == meta["grid"]
     with torch.no_grad():
@@ -390,5 +395,53 @@ def test_default_model_grows_its_target():
         later = model(x, 200, seed=12)          # persist: the shape must hold on
     empty = float((target ** 2).mean())
     for state in (x, later):
-        loss = float(T.per_sample_loss(state, target).mean())
+        loss = float(per_sample_loss(state, target).mean())
         assert loss < 0.1 * empty, (loss, empty)
+
+
+# ----------------------------------------------------------------------------- issue 12.6
+@pytest.mark.parametrize("flag", ["--lr", "--lr-drop-factor"])
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_non_finite_rates_are_one_line_errors(tmp_path, capsys, flag, value):
+    """--lr inf passed a check of (0, inf] and ended in a FloatingPointError traceback."""
+    rc = cli_main([flag, value, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"nca-fast train: error: {flag}: expected a finite number")
+
+
+def test_triton_backend_where_it_cannot_run_is_refused_up_front(tmp_path, capsys, monkeypatch):
+    # As on a CPU without TRITON_INTERPRET=1 (the tests set it, so the check is stubbed).
+    monkeypatch.setattr("nca_fast.training.trainer.triton_usable", lambda device: False)
+    rc = cli_main([*"--size 8 --pad 2 --hidden 32 --steps 1 --device cpu".split(),
+                   "--backend", "triton", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "--backend triton cannot run on cpu" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_trains_two_steps_with_another_filter_bank_and_padding(tmp_path):
+    """Issue 13.7: --filters and --padding reach the model; its perception has 4 filters."""
+    run = tmp_path / "lap"
+    rc = cli_main([*"--size 8 --pad 2 --hidden 32 --batch 2 --pool-size 4 --rollout 4 6".split(),
+                   *"--steps 2 --save-every 2 --video-steps 2 --device cpu --backend torch".split(),
+                   "--filters", "sobel_laplacian16", "--padding", "circular", "--no-progress",
+                   "--out", str(run)])
+    assert rc == 0
+    model = nca_fast.load(run / "model.safetensors")
+    assert model.config.filters == nca_fast.FILTER_BANKS["sobel_laplacian16"]
+    assert model.config.padding == "circular"
+    assert tuple(model.w1.weight.shape) == (32, 4 * 16, 1, 1)
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["filters"] == "sobel_laplacian16"
+    losses = [float(r.split(",")[1]) for r in (run / "loss.csv").read_text().split()[1:]]
+    assert len(losses) == 2 and all(v == v and v > 0 for v in losses)
+    assert model.w2.weight.abs().max() > 0          # a new model's w2 is zero: it trained
+
+
+def test_filters_and_padding_are_validated():
+    with pytest.raises(ValueError, match="^filters: expected one of"):
+        TrainOptions(filters="prewitt")
+    with pytest.raises(ValueError, match="^padding: expected one of"):
+        TrainOptions(padding="reflect")

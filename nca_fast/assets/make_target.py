@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("out", nargs="?", default=str(OUT), help=f"PNG to write (default {OUT.name})")
     p.add_argument("--size", type=int, default=256, help="side in pixels (default 256)")
     args = p.parse_args(argv)
-    from nca_fast.io import atomic_write
+    from nca_fast.files import atomic_write
 
     img = draw(args.size)
     atomic_write(args.out, lambda tmp: img.save(tmp, format="PNG", optimize=True))

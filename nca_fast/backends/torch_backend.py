@@ -1,4 +1,4 @@
-"""The torch backend's rollout: the NCA step rewritten for a CPU's caches, on any device.
+"""The torch backend: the NCA step in PyTorch ops, rewritten for a CPU's caches, on any device.
 
 The reference (``nca_fast.reference``) states each step as the common PyTorch port does: a
 depthwise convolution, two 1x1 convolutions over every cell, a full-grid mask multiply, max-pools.
@@ -19,7 +19,8 @@ This module computes the same numbers with far less work:
   (Sobel's 1/8) is folded into the first layer's weights, permuted band-major, so the first
   layer is one K = F*C matmul on the gathered bands.
 * Masks. All update masks of a rollout come from one vectorised Philox pass over a (step, cell)
-  grid (``update_masks``), bit-identical to ``nca_fast.rng.update_mask``.
+  grid (``update_masks``), bit-identical to ``nca_fast.rng.update_mask`` (docs/MODEL.md,
+  "Update masks").
 * Threads. The batch is split into up to ``torch.get_num_threads()`` parts, each run start to
   end by a worker thread whose torch ops are single-threaded: images are independent, so a
   forward or backward pass joins once instead of meeting an OpenMP barrier at every op.
@@ -45,12 +46,11 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
-from .rng import check_seed, fire_threshold
-
-_M32 = 0xFFFFFFFF
-_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
-_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+from ..params import Params, bands as w1_bands
+from ..rng import KEY_A, KEY_B, MASK32, ROUND_A, ROUND_B, check_seed, fire_threshold, philox
+from .interface import check_rollout, run_in_frames
 # Elements of the (step, cell) counter grid hashed per pass: int64 buffers of 512 KiB (L2).
 _MASK_CHUNK = 1 << 16
 # Bytes of hidden activations per MLP chunk on a CPU (the 2 cores' L2 together).
@@ -60,7 +60,7 @@ _CHUNK_BYTES = 1 << 20
 # ---------------------------------------------------------------------------------- masks
 def _s32(v: int) -> int:
     """A uint32 as the int32 with the same bits (for xor into an int32 view)."""
-    v &= _M32
+    v &= MASK32
     return v - (1 << 32) if v >= (1 << 31) else v
 
 
@@ -104,18 +104,18 @@ def _mask_block(out: torch.Tensor, cell0: int, fire_rate: float, seed: int,
         _mask_block_plain(out, cell0, fire_rate, seed, first_step)
         return
     keys = []
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    k0, k1 = seed & MASK32, (seed >> 32) & MASK32
     for _ in range(10):
         keys.append((k0, k1))
-        k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
+        k0, k1 = (k0 + KEY_A) & MASK32, (k1 + KEY_B) & MASK32
     i64 = dict(dtype=torch.int64, device=device)
     # Round 1 with counter (cell, 0, step, 0): the per-cell half.
-    pa = torch.arange(cell0, cell0 + n, **i64).mul_(_ROUND_A)
+    pa = torch.arange(cell0, cell0 + n, **i64).mul_(ROUND_A)
     c2_r1 = torch.zeros(n, **i64)
     torch.bitwise_xor(_halves(pa)[1], _s32(keys[0][1]), out=_halves(c2_r1)[0])
     c3_r1 = _halves(pa)[0]
     # Round 2, per-cell half: c2_r1 * B gives c1 (its low word) and part of c0.
-    pb2 = c2_r1 * _ROUND_B
+    pb2 = c2_r1 * ROUND_B
     pb2_lo, pb2_hi = _halves(pb2)
     per = max(1, _MASK_CHUNK // n) if device.type == "cpu" else steps
     cur = [torch.zeros(min(per, steps) * n, **i64) for _ in range(2)]       # c0, c2
@@ -127,18 +127,18 @@ def _mask_block(out: torch.Tensor, cell0: int, fire_rate: float, seed: int,
         # (buffer, its low half, its high half), made once per chunk: views cost time too.
         pb, pa, pb_old, pa_old = ((b[:s * n],) + _halves(b[:s * n]) for b in prods)
         for i in range(s):
-            step = (first_step + t0 + i) & _M32
-            hi1, lo1 = (step * _ROUND_B) >> 32, (step * _ROUND_B) & _M32     # round 1, per step
+            step = (first_step + t0 + i) & MASK32
+            hi1, lo1 = (step * ROUND_B) >> 32, (step * ROUND_B) & MASK32     # round 1, per step
             c0_r1 = hi1 ^ keys[0][0]
-            p = c0_r1 * _ROUND_A                                              # round 2, per step
+            p = c0_r1 * ROUND_A                                              # round 2, per step
             rows = slice(i * n, (i + 1) * n)
             torch.bitwise_xor(pb2_hi, _s32(lo1 ^ keys[1][0]), out=c0l[rows])
-            torch.bitwise_xor(c3_r1, _s32(((p >> 32) & _M32) ^ keys[1][1]), out=c2l[rows])
+            torch.bitwise_xor(c3_r1, _s32(((p >> 32) & MASK32) ^ keys[1][1]), out=c2l[rows])
             # c3 after round 2 is the per-step low word of p, kept where round 3 reads c3.
-            pa_old[0].view(s, n)[i].fill_(p & _M32)
+            pa_old[0].view(s, n)[i].fill_(p & MASK32)
         # Round 3: c1 is per cell (pb2_lo), c3 per step (held in pa_old's rows).
-        torch.mul(c2, _ROUND_B, out=pb[0])
-        torch.mul(c0, _ROUND_A, out=pa[0])
+        torch.mul(c2, ROUND_B, out=pb[0])
+        torch.mul(c0, ROUND_A, out=pa[0])
         torch.bitwise_xor(pb[2].view(s, n), pb2_lo, out=c0l.view(s, n))
         c0l.bitwise_xor_(_s32(keys[2][0]))
         torch.bitwise_xor(pa[2], pa_old[1], out=c2l)
@@ -146,10 +146,10 @@ def _mask_block(out: torch.Tensor, cell0: int, fire_rate: float, seed: int,
         for r in range(3, 10):
             pb, pb_old = pb_old, pb
             pa, pa_old = pa_old, pa
-            torch.mul(c2, _ROUND_B, out=pb[0])
+            torch.mul(c2, ROUND_B, out=pb[0])
             last = r == 9
             if not last:                    # the last round's c2 is never read
-                torch.mul(c0, _ROUND_A, out=pa[0])
+                torch.mul(c0, ROUND_A, out=pa[0])
             torch.bitwise_xor(pb[2], pb_old[1], out=c0l)
             c0l.bitwise_xor_(_s32(keys[r][0]))
             if not last:
@@ -161,13 +161,12 @@ def _mask_block(out: torch.Tensor, cell0: int, fire_rate: float, seed: int,
 
 def _mask_block_plain(out, cell0, fire_rate, seed, first_step):
     """rng.update_mask's own code, for cell counters past 2**32 or big-endian machines."""
-    from .rng import philox
     steps, n = out.shape
     cell = torch.arange(cell0, cell0 + n, dtype=torch.int64, device=out.device)
     zero = torch.zeros_like(cell)
     for t in range(steps):
-        step = torch.full_like(cell, (first_step + t) & _M32)
-        word = philox(seed, cell & _M32, cell >> 32, step, zero)[0]
+        step = torch.full_like(cell, (first_step + t) & MASK32)
+        word = philox(seed, cell & MASK32, cell >> 32, step, zero)[0]
         out[t] = (word >> 8) < fire_threshold(fire_rate)
 
 
@@ -391,10 +390,9 @@ class _Plan:
 
     # -------------------------------------------------------------- alive masks and halo
     def alive(self, xp: torch.Tensor) -> torch.Tensor:
-        """B x H x W bool: 3x3 max of alpha > threshold, read from the padded state.
-
-        A zero halo stands in for the reference's -inf padding because the threshold is >= 0.
-        """
+        """B x H x W bool: 3x3 max of alpha > threshold, read from the padded state
+        (docs/MODEL.md, "Alive masks"). A zero halo stands in for the reference's -inf padding
+        because the threshold is >= 0."""
         a = self.scratch("alpha", (self.b, self.hp, self.wp))
         a.copy_(xp[..., self.alpha])          # one strided read, then contiguous max passes
         m = self.scratch("alpha_max_v", (self.b, self.h, self.wp))
@@ -774,19 +772,18 @@ class _Rollout(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------ the rollout
 def _band_weights(config, w1: torch.Tensor) -> torch.Tensor:
-    """w1 (hidden x F*C, interleaved c*F + k) -> hidden x F*C band-major (k*C + c), each band
-    times its scale (differentiable: computed once per rollout)."""
+    """w1 (hidden x F*C, interleaved) -> hidden x F*C band-major (``k*C + c``), each band times
+    its scale (differentiable: computed once per rollout). docs/MODEL.md, "W1 layouts"."""
     hidden = w1.shape[0]
     _, bands = _perception_plan(config.filters)
-    f, c = len(bands), config.channels
+    f = len(bands)
     scale = torch.tensor([b.scale for b in bands], dtype=w1.dtype, device=w1.device)
-    w = w1.view(hidden, c, f).permute(0, 2, 1) * scale.view(1, f, 1)
-    return w.reshape(hidden, f * c).contiguous()
+    w = w1_bands(w1, f) * scale.view(1, f, 1)
+    return w.reshape(hidden, -1).contiguous()
 
 
 def _pad(x: torch.Tensor, circular: bool) -> torch.Tensor:
     """B x C x H x W -> the padded channels-last state B x (H+2) x (W+2) x C (differentiable)."""
-    import torch.nn.functional as F
     xp = F.pad(x, (1, 1, 1, 1), mode="circular" if circular else "constant")
     return xp.permute(0, 2, 3, 1).contiguous()
 
@@ -799,38 +796,49 @@ def _unpad(xp: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out.contiguous()
 
 
-def rollout(model, x: torch.Tensor, steps: int, *, seed: int, first_step: int = 0,
-            segment=None) -> torch.Tensor:
-    """``steps`` NCA steps of ``model`` on ``x`` (B x C x H x W), masks of steps first_step...
+# Under torch.compile this runs eagerly, as one graph break: its worker threads, plan cache
+# locks and data-dependent gathers are not traceable (Dynamo broke the graph 35 times inside).
+@torch.compiler.disable
+def rollout(x: torch.Tensor, params: Params, config, *, steps: int, seed: int,
+            first_step: int = 0, checkpoint=None, frames=None):
+    """The backend interface (``nca_fast.backends.interface``) on PyTorch ops, any device.
 
-    Equal (to rounding) to ``nca_fast.reference.rollout`` with the same seed; differentiable
-    with respect to ``x`` and the model's weights. segment: None, or the number of steps per
-    checkpoint segment: only each segment's first state is kept and the segment is recomputed
-    during backward; gradients are bitwise those of segment=None. Returns a new tensor in
-    ``x``'s memory format (``x`` itself for 0 steps).
+    Equal (to rounding) to ``nca_fast.reference.rollout`` with the same seed. With
+    ``checkpoint``, only each segment's first state is kept and the segment is recomputed
+    during backward; gradients are bitwise those without. Returns new tensors in ``x``'s memory
+    format (channels-last for a channels-last ``x``, else contiguous; a copy of ``x`` for 0
+    steps). The filter bank is read from ``config`` (its taps decide the perception plan).
 
     On a CPU the batch is split into up to ``torch.get_num_threads()`` parts run by
     single-threaded worker threads (a batch of 1 runs in the calling thread).
     """
-    check_seed(seed)
+    params, segment = check_rollout(x, params, config, steps, seed, first_step, checkpoint,
+                                    frames)
+    return run_in_frames(
+        lambda x, n, first: _rollout(x, params, config, n, seed, first, segment),
+        x, steps, first_step, frames)
+
+
+def _rollout(x, params: Params, config, steps: int, seed: int, first_step: int, segment):
+    """``steps`` steps from ``first_step``; segment: None or steps per checkpoint segment."""
     if steps == 0:
-        return x
-    cfg = model.config
-    w1, b1, w2, b2 = model.weights()
+        return x.clone()            # a new tensor in x's memory format, differentiable
+    w1, b1, w2, b2 = params.w1, params.b1, params.w2, params.b2
     b, c, h, w = x.shape
     ranges = _split(b, x.device)
     if segment is not None and segment >= steps:
         segment = steps
-    parts = [_Part(cfg, b0, b1_, h, w, c, x.dtype, x.device, steps, seed, first_step, segment)
+    parts = [_Part(config, b0, b1_, h, w, c, x.dtype, x.device, steps, seed, first_step,
+                   segment)
              for b0, b1_ in ranges]
-    params = (w1, b1, w2, b2)
-    grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-    w1b = _band_weights(cfg, w1)
-    xp = _pad(x, cfg.padding == "circular")
+    weights = (w1, b1, w2, b2)
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in weights))
+    w1b = _band_weights(config, w1)
+    xp = _pad(x, config.padding == "circular")
     if not grad:
         with torch.no_grad():
-            weights = (w1b, b1, w2, b2)
-            _parallel(lambda p: p.forward_nograd(xp[p.b0:p.b1], weights), parts)
+            banded = (w1b, b1, w2, b2)
+            _parallel(lambda p: p.forward_nograd(xp[p.b0:p.b1], banded), parts)
             return _unpad(xp, x)
     xp = _Rollout.apply(xp, w1b, b1, w2, b2, parts)
     return _unpad(xp, x)

@@ -1,0 +1,117 @@
+"""What every backend shares: the arguments of a rollout, checked once, and the frames loop.
+
+A backend is a module with one function::
+
+    rollout(x, params, config, *, steps, seed, first_step=0, checkpoint=None, frames=None)
+
+``x``: B x C x H x W floating point, on the device and of the dtype of ``params``
+(``nca_fast.params.Params``); ``config``: the ``NCAConfig`` the parameters belong to. It returns
+the state after ``steps`` steps, a new tensor differentiable in ``x`` and the weights; with
+``frames=k`` it returns ``(state, frames)``, ``frames`` the detached states at steps 0, k, 2k, ...
+and the last one. ``seed`` keys the update masks of steps ``first_step .. first_step + steps - 1``
+(docs/MODEL.md, "Update masks"); ``checkpoint``: None (keep every step's input for backward),
+"sqrt" or a segment length (keep segment boundaries, recompute segments in backward).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ..config import NCAConfig
+from ..params import Params
+from ..rng import check_seed
+
+Checkpoint = Union[None, str, int]
+Result = Union[Tensor, Tuple[Tensor, List[Tensor]]]
+
+
+def has_triton() -> bool:
+    """True when triton can be imported (it is a Linux-only dependency)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_usable(device: torch.device) -> bool:
+    """True when the Triton kernels can run on tensors of ``device``: CUDA, or the CPU under
+    Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    if device.type == "cuda":
+        return has_triton()
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and has_triton()
+
+
+def resolve_checkpoint(checkpoint: Checkpoint, steps: int) -> Optional[int]:
+    """The segment length that ``checkpoint`` asks for (None: keep every step's input)."""
+    if checkpoint is None or checkpoint is False:
+        return None
+    if checkpoint == "sqrt":
+        return max(1, math.isqrt(max(steps, 1) - 1) + 1) if steps > 1 else 1
+    if isinstance(checkpoint, bool) or not isinstance(checkpoint, int) or checkpoint < 1:
+        raise ValueError(f"checkpoint: expected None, 'sqrt' or a positive integer segment "
+                         f"length, got {checkpoint!r}")
+    return checkpoint
+
+
+def check_input(x, params: Params, config: NCAConfig) -> None:
+    """``x`` against the config's channels and the parameters' dtype and device."""
+    w1 = params.w1
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x: expected a 4-D tensor B x C x H x W, got shape {tuple(x.shape)}")
+    if x.shape[1] != config.channels:
+        raise ValueError(f"x: expected {config.channels} channels (config.channels), got "
+                         f"{x.shape[1]} in shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor (float32), got {x.dtype}")
+    if x.dtype != w1.dtype:
+        raise TypeError(f"x: dtype {x.dtype} differs from the parameters' {w1.dtype}; convert "
+                        "one of them")
+    if x.device != w1.device:
+        raise ValueError(f"x: on {x.device} but the parameters are on {w1.device}; move the "
+                         "model or the input")
+    if min(x.shape) == 0:
+        raise ValueError(f"x: expected non-empty dimensions, got shape {tuple(x.shape)}")
+
+
+def check_rollout(x, params: Params, config: NCAConfig, steps, seed, first_step, checkpoint,
+                  frames) -> Tuple[Params, Optional[int]]:
+    """Every argument of ``rollout`` checked, each error naming its argument. Returns the
+    parameters with w1 and w2 as matrices, and the checkpoint segment length (None: no
+    checkpointing)."""
+    check_input(x, params, config)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps: expected a non-negative integer, got {steps!r}")
+    check_seed(seed)
+    segment = resolve_checkpoint(checkpoint, steps)
+    if isinstance(first_step, bool) or not isinstance(first_step, int) or not (
+            0 <= first_step < 2**32):
+        raise ValueError(f"first_step: expected an integer in [0, 2**32), got {first_step!r}")
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int)
+                               or frames < 1):
+        raise ValueError(f"frames: expected None or a positive integer, got {frames!r}")
+    # The module's 1x1 convolution weights as matrices: views, made here rather than by the
+    # caller so that under torch.compile the torch backend's rollout stays one graph break.
+    return params._replace(w1=params.w1.flatten(1), w2=params.w2.flatten(1)), segment
+
+
+def run_in_frames(run: Callable[[Tensor, int, int], Tensor], x: Tensor, steps: int,
+                  first_step: int, frames: Optional[int]) -> Result:
+    """``run(x, n, first)`` (n steps from step ``first``) over the whole rollout, or in pieces
+    of ``frames`` steps, keeping a detached copy of the state before and after each piece."""
+    if frames is None:
+        return run(x, steps, first_step)
+    out: List[Tensor] = [x.detach().clone()]
+    t = 0
+    while t < steps:
+        n = min(frames, steps - t)
+        x = run(x, n, first_step + t)
+        t += n
+        out.append(x.detach().clone())
+    return x, out

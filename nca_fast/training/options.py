@@ -1,0 +1,256 @@
+"""A training run's options: ``TrainOptions`` (every one validated, derived ones resolved), the
+presets, which options a resumed run may change, and the run's memory estimate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Union
+
+import torch
+
+from ..backends import BACKENDS, resolve as resolve_backend
+from ..backends.interface import resolve_checkpoint
+from ..config import ARTICLE_GRID, FILTER_BANKS, PADDINGS, PRECISIONS, NCAConfig
+from ..resources import DEVICE as ON_DEVICE, HOST, Term, rollout_bytes
+
+ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
+DEFAULT_TARGET = ASSETS / "default_target.png"
+
+EXPERIMENTS = ("grow", "persist", "regenerate")
+DEVICES = ("auto", "cpu", "cuda")
+# The article's rollouts are [64, 96) steps on its 72-cell grid: about one to one and a third
+# steps per cell of grid width, so that growth from the centre can reach the corners.
+ARTICLE_ROLLOUT = (64, 96)
+ARTICLE_LR_DROP_AT = 2000
+ARTICLE_STEPS = 8000
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything that defines a training run (``None`` fields are derived by ``resolved``).
+
+    target: image path (None: the project's ``assets/default_target.png``). size: cells the
+    image is fitted in; pad: empty cells on each side (None: ``round(0.4 * size)``, the article's
+    16 for 40). rollout_min / rollout_max: rollout length, uniform in [min, max) steps (None:
+    the article's [64, 96) scaled by grid / 72). curriculum: fraction of the steps over which the
+    rollout range ramps from a quarter to its full length. lr_drop_at: step at which the learning
+    rate is multiplied by lr_drop_factor (None: 2000, scaled by steps / 8000 when fewer steps).
+    replace / damage: samples of each pooled batch reset to the seed / damaged. loss_levels:
+    1 = plain MSE; L > 1 averages the MSE over L 2x-downsampled levels (helps large grids).
+    checkpoint: activation checkpointing of the rollout (None, "sqrt" or a segment length).
+    accumulate: micro-batches per step per process (gradient accumulation). save_every: steps
+    between checkpoints. video_steps: length of the output videos (None: 2 * rollout_max).
+    filters: the perception bank, a name from ``nca_fast.FILTER_BANKS``; padding: "zeros" or
+    "circular" (``NCAConfig``). init: a model file (nca_fast .safetensors or a Distill JSON)
+    whose weights start the run instead of a fresh initialisation (a size curriculum: train
+    small, then larger from it); its architecture must equal the run's.
+    """
+
+    target: Optional[str] = None
+    size: int = 40
+    pad: Optional[int] = None
+    experiment: str = "persist"
+    steps: int = ARTICLE_STEPS
+    batch: int = 8
+    pool_size: int = 1024
+    rollout_min: Optional[int] = None
+    rollout_max: Optional[int] = None
+    curriculum: float = 0.0
+    lr: float = 2e-3
+    lr_drop_at: Optional[int] = None
+    lr_drop_factor: float = 0.1
+    replace: int = 1
+    damage: int = 3
+    loss_levels: int = 1
+    channels: int = 16
+    hidden: int = 128
+    fire_rate: float = 0.5
+    precision: str = "tf32"
+    filters: str = "sobel"
+    padding: str = "zeros"
+    seed: int = 0
+    backend: str = "auto"
+    device: str = "auto"
+    checkpoint: Union[None, str, int] = None
+    accumulate: int = 1
+    save_every: int = 500
+    video_steps: Optional[int] = None
+    mp4: bool = False
+    threads: Optional[int] = None
+    out: Optional[str] = None
+    init: Optional[str] = None
+
+    def __post_init__(self):
+        def bad(name, expected):
+            raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+
+        def pos_int(name, minimum=1, optional=False):
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                bad(name, f"an integer >= {minimum}" + (" or None" if optional else ""))
+
+        for name in ("size", "steps", "batch", "pool_size", "loss_levels", "channels", "hidden",
+                     "accumulate", "save_every"):
+            pos_int(name)
+        for name in ("replace", "damage"):
+            pos_int(name, 0)
+        pos_int("pad", 0, optional=True)
+        pos_int("rollout_min", 1, optional=True)
+        pos_int("rollout_max", 2, optional=True)
+        pos_int("lr_drop_at", 0, optional=True)
+        pos_int("video_steps", 1, optional=True)
+        pos_int("threads", 1, optional=True)
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            bad("seed", "an integer in [0, 2**63)")
+        if self.experiment not in EXPERIMENTS:
+            bad("experiment", f"one of {EXPERIMENTS}")
+        if self.backend not in BACKENDS:
+            bad("backend", f"one of {BACKENDS}")
+        if self.precision not in PRECISIONS:
+            bad("precision", f"one of {PRECISIONS}")
+        if self.filters not in FILTER_BANKS:
+            bad("filters", f"one of {tuple(FILTER_BANKS)}")
+        if self.padding not in PADDINGS:
+            bad("padding", f"one of {PADDINGS}")
+        if self.device not in DEVICES:
+            bad("device", f"one of {DEVICES}")
+        # lr and its drop factor must be finite: lr = inf passed a check of (0, inf] and the
+        # first step made every weight NaN.
+        for name, lo, hi, text in (("lr", 0.0, math.inf, "a finite number > 0"),
+                                   ("lr_drop_factor", 0.0, math.inf, "a finite number >= 0"),
+                                   ("curriculum", 0.0, 1.0, "a number in [0, 1]"),
+                                   ("fire_rate", 0.0, 1.0, "a number in [0, 1]")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi \
+                    or not math.isfinite(v) or (name == "lr" and v == 0):
+                bad(name, text)
+        if (self.rollout_min is not None and self.rollout_max is not None
+                and self.rollout_max <= self.rollout_min):
+            raise ValueError(f"rollout: expected rollout_min < rollout_max, got "
+                             f"[{self.rollout_min}, {self.rollout_max})")
+        # damage only applies to "regenerate"; "persist" only resets samples.
+        damaged = self.damage if self.experiment == "regenerate" else 0
+        if self.experiment != "grow" and self.replace + damaged > self.batch:
+            raise ValueError(f"replace + damage: expected at most batch={self.batch} samples, "
+                             f"got {self.replace} + {damaged}")
+        try:
+            resolve_checkpoint(self.checkpoint, 2)
+        except ValueError as e:
+            raise ValueError(f"checkpoint: {e}") from None
+        if self.init is not None and (not isinstance(self.init, str) or not self.init):
+            bad("init", "a model file path or None")
+        if self.loss_levels > 1 and self.grid >> (self.loss_levels - 1) < 1:
+            raise ValueError(f"loss_levels: {self.loss_levels} levels halve a {self.grid}-cell "
+                             f"grid below one cell; use at most {self.grid.bit_length()}")
+
+    @property
+    def grid(self) -> int:
+        """Side of the square training grid in cells: size + 2 * pad."""
+        pad = self.pad if self.pad is not None else round(0.4 * self.size)
+        return self.size + 2 * pad
+
+    def resolved(self) -> "TrainOptions":
+        """A copy with every ``None`` default replaced by its derived value."""
+        pad = self.pad if self.pad is not None else round(0.4 * self.size)
+        grid = self.size + 2 * pad
+        lo, hi = self.rollout_min, self.rollout_max
+        if lo is None and hi is None:
+            lo = max(1, round(ARTICLE_ROLLOUT[0] * grid / ARTICLE_GRID))
+            hi = max(lo + 1, round(ARTICLE_ROLLOUT[1] * grid / ARTICLE_GRID))
+        elif lo is None:
+            lo = max(1, round(hi * ARTICLE_ROLLOUT[0] / ARTICLE_ROLLOUT[1]))
+            lo = min(lo, hi - 1)
+        elif hi is None:
+            hi = max(lo + 1, round(lo * ARTICLE_ROLLOUT[1] / ARTICLE_ROLLOUT[0]))
+        drop = self.lr_drop_at
+        if drop is None:
+            drop = min(ARTICLE_LR_DROP_AT, round(ARTICLE_LR_DROP_AT * self.steps / ARTICLE_STEPS))
+        video = self.video_steps if self.video_steps is not None else 2 * hi
+        return dataclasses.replace(self, pad=pad, rollout_min=lo, rollout_max=hi,
+                                   lr_drop_at=drop, video_steps=video)
+
+    def model_config(self) -> NCAConfig:
+        return NCAConfig(channels=self.channels, hidden=self.hidden, fire_rate=self.fire_rate,
+                         precision=self.precision, filters=self.filters, padding=self.padding)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainOptions":
+        if not isinstance(d, dict):
+            raise ValueError(f"options: expected a JSON object, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"options: unknown fields {unknown}")
+        return cls(**d)
+
+
+# Options a resumed run may change: they do not alter the maths of a step (a different device or
+# backend still gives a valid continuation, though not a bitwise equal one). A resumed run also
+# keeps writing to its own folder, whatever ``out`` its options hold.
+RESUMABLE = ("steps", "save_every", "video_steps", "mp4", "threads", "device", "backend")
+
+# Presets set defaults; options given explicitly override them.
+PRESETS: Dict[str, dict] = {
+    # The article: 40x40 target on a 72x72 grid, rollouts [64, 96), 8000 steps.
+    "article": {},
+    # A recognisable small target on a 2-core CPU in under 10 minutes (docs/TRAINING.md).
+    # A 32x32 grid (rollouts [28, 43) by the grid rule); the lr drop comes late because the
+    # loss is still falling fast at a few hundred steps.
+    "quick": dict(size=24, pad=4, hidden=64, steps=1800, pool_size=256, lr_drop_at=1400,
+                  save_every=200),
+    # Large grids: memory-light rollouts, a loss that also sees the coarse shape, a rollout
+    # curriculum so early training is not wasted on long rollouts of an untrained model.
+    "hires": dict(size=128, batch=4, pool_size=256, checkpoint="sqrt", loss_levels=3,
+                  curriculum=0.3, save_every=250),
+}
+
+
+def train_memory(o: TrainOptions, shards: int, device: torch.device) -> List[Term]:
+    """The large buffers of one training process (resources.Term; ``o`` resolved): the pool,
+    the parameters with their gradients and Adam moments, the target and the batch's states,
+    a micro-batch's rollout kept for backward, the checkpoint's copy of the pool, the videos."""
+    cfg = o.model_config()
+    grid = o.size + 2 * o.pad
+    cells = grid * grid
+    state = o.channels * cells * 4
+    where = f"{o.channels} x {grid} x {grid}"
+    sized = f"--size {o.size} --pad {o.pad}"
+    pool_states = 0 if o.experiment == "grow" else o.pool_size // shards * o.accumulate
+    n_params = (cfg.num_filters * o.channels + o.channels + 1) * o.hidden + o.channels
+    micro = o.batch // shards
+    steps = o.rollout_max - 1
+    rollout = rollout_bytes(resolve_backend(o.backend, device), micro * cells, o.channels, o.hidden, cfg.num_filters,
+                            steps, resolve_checkpoint(o.checkpoint, steps), True, grad=True)
+    frames = min(o.video_steps, 96) + 2                     # write_outputs keeps about 97
+    frames *= 2 if o.experiment == "regenerate" else 1
+    side = grid * max(1, 256 // grid)
+    ckpt = f" --checkpoint {o.checkpoint}" if o.checkpoint is not None else ""
+    return [
+        Term(f"--pool-size {o.pool_size} {sized}", f"the pool of {pool_states} states of {where}",
+             pool_states * state, ON_DEVICE),
+        Term(f"--pool-size {o.pool_size} {sized}", "the checkpoint's copy of the pool",
+             pool_states * state, HOST),
+        Term(f"--hidden {o.hidden} --channels {o.channels}",
+             f"{n_params} parameters with their gradients and Adam moments", 4 * 4 * n_params,
+             ON_DEVICE),
+        Term(sized, f"the target and the seed on a {grid} x {grid} grid", 4 * 4 * cells + state,
+             ON_DEVICE),
+        Term(f"--batch {o.batch} {sized}", f"the batch's {o.batch * o.accumulate // shards} "
+             f"states (start, final and the pool's rows)", 3 * micro * o.accumulate * state,
+             ON_DEVICE),
+        Term(f"--batch {o.batch} --rollout {o.rollout_min} {o.rollout_max} {sized}{ckpt}",
+             f"a rollout of {steps} steps on {micro} x {grid} x {grid} cells",
+             rollout, ON_DEVICE),
+        Term(f"--video-steps {o.video_steps} {sized}",
+             f"the {frames} video frames ({where} states and {side} x {side} pictures)",
+             frames * (state + 2 * side * side * 3), HOST),
+    ]

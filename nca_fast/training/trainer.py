@@ -1,0 +1,474 @@
+"""The trainer: one run of the article's recipe (docs/MODEL.md, "Training"), step by step.
+
+The recipe: a target image fitted in ``size`` cells and padded by ``pad`` on each side; every
+batch starts from the seed ("grow") or is drawn from a pool of states ("persist": the
+highest-loss sample is replaced by the seed and the final states are written back;
+"regenerate": also damages the lowest-loss samples with a random circle); rollouts of a random
+length; MSE over RGBA; Adam with a step drop of the learning rate; each parameter's gradient
+divided by its own L2 norm before the optimizer step.
+
+Reproducibility: every random choice (rollout length, pool samples, damage circles, the update
+mask seeds given to ``NCA.forward``) comes from one ``torch.Generator`` seeded with ``--seed``,
+drawn identically on every rank. A checkpoint holds the weights, the Adam state, the generator
+state, the pool and the loss history, so a run resumed from it ends bitwise equal to one that
+was never interrupted (same device, same thread count).
+
+Shards: the global batch is split into ``world_size * accumulate`` shards; shard ``s`` owns the
+``s``-th contiguous part of the pool, samples its ``batch / shards`` states from it and runs its
+rollout with its own mask seed. A single process with ``--accumulate 2`` therefore computes the
+same thing as two DDP ranks (up to float summation order), and each rank stores only its part
+of the pool.
+
+Where to extend it: ``sample_batch`` draws a step's inputs, ``optimisation_step`` is one
+optimizer step on them, ``at_checkpoint`` runs every ``save_every`` steps (evaluations of the
+model belong there, before the checkpoint is written).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import damage
+from ..backends.interface import triton_usable
+from ..devices import resolve_device
+from ..media import load_target, write_png, write_video
+from ..model import NCA, load_any
+from ..resources import check as check_memory
+from .distributed import Dist
+from .options import DEFAULT_TARGET, RESUMABLE, TrainOptions, train_memory
+from .run_folder import (CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointError, checkpoint_path,
+                         read_checkpoint, save_model, write_loss_outputs, write_safetensors)
+
+
+def per_sample_loss(x: torch.Tensor, target: torch.Tensor, levels: int = 1) -> torch.Tensor:
+    """MSE between the RGBA channels of ``x`` (B x C x H x W) and ``target`` (4 x H x W): (B,).
+
+    With ``levels`` > 1, the mean of the MSEs at ``levels`` resolutions, each one a 2x2 average
+    pooling of the previous (premultiplied RGBA averages correctly).
+    """
+    d, t = x[:, :4], target.unsqueeze(0)
+    total = ((d - t) ** 2).mean(dim=(1, 2, 3))
+    for _ in range(levels - 1):
+        d, t = F.avg_pool2d(d, 2), F.avg_pool2d(t, 2)
+        total = total + ((d - t) ** 2).mean(dim=(1, 2, 3))
+    return total / levels
+
+
+def warm_start(model: NCA, path: str) -> None:
+    """Copy the weights of the model file ``path`` into ``model`` (same architecture)."""
+    init = load_any(path, backend="torch")
+    a, b = dataclasses.asdict(init.config), dataclasses.asdict(model.config)
+    a.pop("precision", None)
+    b.pop("precision", None)
+    diff = {k: (a[k], b[k]) for k in b if a.get(k) != b[k]}
+    if diff:
+        shown = ", ".join(f"{k}={v[0]!r} (run: {v[1]!r})" for k, v in diff.items())
+        raise ValueError(f"init: {path} has a different architecture: {shown}; give the run the "
+                         "same --channels / --hidden / --fire-rate / --filters / --padding")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(dict(init.named_parameters())[name])
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal (Ctrl-C, SIGTERM) after a checkpoint at ``step``."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        self.step, self.signum = step, signum
+
+
+class GracefulStop:
+    """SIGINT and SIGTERM handlers for a training loop: the first signal asks the loop to stop
+    after the step in progress (``Trainer.run`` then writes a checkpoint); a second Ctrl-C
+    stops at once (KeyboardInterrupt; the last checkpoint stays as it was). A SIGTERM after
+    the request changes nothing: torchrun answers a Ctrl-C by sending SIGTERM to its workers,
+    and schedulers repeat SIGTERM; neither should cut the checkpoint short. Main thread only."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():   # else signal.signal fails
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        # os.write: print() could find sys.stderr's buffer in use by the progress bar.
+        os.write(2, f"\nnca-fast train: {signal.Signals(signum).name}: stopping after this step "
+                    "and saving a checkpoint (press Ctrl-C again to stop at once, without "
+                    "one)\n".encode())
+
+
+@dataclass
+class Batch:
+    """One step's inputs on this process: ``x0`` (its shards' starting states, in order),
+    ``rows`` (their pool rows; None without a pool), the rollout length and its shards' mask
+    seeds."""
+
+    x0: torch.Tensor
+    rows: Optional[torch.Tensor]
+    steps: int
+    seeds: List[int]
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns: the run folder, the trained model (on the CPU), the loss per step."""
+
+    run_dir: pathlib.Path
+    model: NCA
+    losses: List[float]
+    steps: int
+
+
+class Trainer:
+    """One training run: model, optimizer, generator, pool; see the module docstring."""
+
+    def __init__(self, options: TrainOptions, run_dir: pathlib.Path, *,
+                 dist_info: Optional[Dist] = None, progress: bool = True, log_every: int = 0):
+        self.opts = o = options.resolved()
+        self.run_dir = pathlib.Path(run_dir)
+        self.dist = dist_info or Dist()
+        self.progress = progress
+        self.log_every = log_every
+        try:
+            self.device = resolve_device(
+                o.device, index=self.dist.local_rank if self.dist.enabled else None)
+        except ValueError as e:
+            raise ValueError(f"device: {e}") from None
+        self.shards = self.dist.world * o.accumulate
+        if o.batch % self.shards:
+            raise ValueError(f"batch: {o.batch} does not split into {self.shards} equal shards "
+                             f"(world size {self.dist.world} x accumulate {o.accumulate})")
+        if o.experiment != "grow" and o.pool_size % self.shards:
+            raise ValueError(f"pool_size: {o.pool_size} does not split into {self.shards} equal "
+                             f"parts (world size {self.dist.world} x accumulate {o.accumulate})")
+        self.shard_batch = o.batch // self.shards
+        self.part = o.pool_size // self.shards
+        if o.backend == "triton" and not triton_usable(self.device):
+            raise ValueError(f"--backend triton cannot run on {self.device.type} here: use "
+                             "--device cuda on a machine with CUDA, --backend torch, or set "
+                             "TRITON_INTERPRET=1 (Triton's slow CPU interpreter)")
+        check_memory(train_memory(o, self.shards, self.device), self.device, "training")
+
+        target = o.target if o.target is not None else DEFAULT_TARGET
+        self.target = load_target(target, o.size, o.pad).to(self.device)
+        self.grid = self.target.shape[-1]
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(o.seed)
+            model = NCA(o.model_config(), backend=o.backend)
+        if o.init is not None:
+            warm_start(model, o.init)
+        self.model = model.to(self.device)
+        self.net = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # The filter bank is a constant buffer: nothing to broadcast each forward.
+            self.net = DDP(self.model, device_ids=ids, broadcast_buffers=False)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=o.lr)
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(o.seed)
+        self.seed_state = self.model.seed_state(1, self.grid, self.grid)
+        self.pool = None
+        if o.experiment != "grow":
+            self.pool = self.seed_state.repeat(o.accumulate * self.part, 1, 1, 1)
+        self.step = 0
+        self.losses: List[float] = []
+        self.elapsed = 0.0
+        self.cpu_time = 0.0
+        self.stop: Optional[GracefulStop] = None      # set by cli_main: signals stop the loop
+
+    # ------------------------------------------------------------------ schedule
+    def lr_at(self, step: int) -> float:
+        o = self.opts
+        return o.lr * (o.lr_drop_factor if step >= o.lr_drop_at else 1.0)
+
+    def rollout_range(self, step: int):
+        """[lo, hi) rollout lengths at ``step``, after the curriculum's ramp."""
+        o = self.opts
+        lo, hi = o.rollout_min, o.rollout_max
+        ramp = o.curriculum * o.steps
+        if ramp > 0 and step < ramp:
+            f = 0.25 + 0.75 * step / ramp
+            lo = max(1, round(lo * f))
+            hi = max(lo + 1, round(hi * f))
+        return lo, hi
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> float:
+        """One step of the run: draw the batch, one optimizer step, the pool updated; returns
+        the batch's mean loss (before the update)."""
+        batch = self.sample_batch()
+        finals, losses = self.optimisation_step(batch.x0, batch.steps, batch.seeds)
+        if batch.rows is not None:
+            self.pool[batch.rows] = torch.cat(finals)
+        loss = float(self.dist.gather(torch.cat(losses)).double().mean())
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss} at step {self.step + 1}; lower --lr "
+                                     "or check the target image")
+        self.losses.append(loss)
+        self.step += 1
+        return loss
+
+    def sample_batch(self) -> "Batch":
+        """This step's inputs, drawn from the run's generator in a fixed order: the rollout
+        length, every shard's mask seed, then (pooled experiments) the samples and the damage
+        circles. The highest-loss samples are reset to the seed, the lowest-loss damaged."""
+        o, g = self.opts, self.generator
+        K, S, bs = o.accumulate, self.shards, self.shard_batch
+        first = self.dist.rank * K                      # this process's first shard
+        lo, hi = self.rollout_range(self.step)
+        n = int(torch.randint(lo, hi, (1,), generator=g))
+        seeds = torch.randint(0, 2**62, (S,), generator=g).tolist()
+        mine = seeds[first:first + K]
+        if self.pool is None:
+            return Batch(self.seed_state.expand(K * bs, -1, -1, -1).clone(), None, n, mine)
+        picks = [torch.randperm(self.part, generator=g)[:bs] for _ in range(S)]
+        rows = torch.cat([picks[first + k] + k * self.part for k in range(K)]).to(self.device)
+        if o.experiment == "regenerate":
+            circles = damage.draw_circles(o.damage, g)
+        x0 = self.pool[rows].clone()
+        with torch.no_grad():
+            pre = self.dist.gather(per_sample_loss(x0, self.target, o.loss_levels))
+        # Stable sort: ties (a pool full of seeds) break by sample order on every rank.
+        order = torch.sort(pre.cpu(), descending=True, stable=True).indices.tolist()
+        owned = range(first * bs, (first + K) * bs)
+        for gi in order[:o.replace]:
+            if gi in owned:
+                x0[gi - owned.start] = self.seed_state[0]
+        if o.experiment == "regenerate":
+            lowest = order[::-1][:o.damage]
+            for (centre, radius), gi in zip(circles, lowest):
+                if gi in owned:
+                    x0[gi - owned.start] *= damage.keep_mask(self.grid, self.grid, centre,
+                                                             radius, device=self.device)
+        return Batch(x0, rows, n, mine)
+
+    def optimisation_step(self, x0: torch.Tensor, steps: int,
+                          seeds: Sequence[int]) -> "tuple[List[torch.Tensor], List[torch.Tensor]]":
+        """One optimizer step: this process's shards of ``x0`` (``accumulate`` micro-batches,
+        shard k with mask seed ``seeds[k]``) rolled out ``steps`` steps, the loss's gradients
+        (all-reduced under DDP), each normalised, and Adam at this step's learning rate.
+        Returns the shards' final states (detached) and per-sample losses."""
+        o = self.opts
+        K, bs = o.accumulate, self.shard_batch
+        self.optimizer.zero_grad(set_to_none=True)
+        finals, losses = [], []
+        for k in range(K):
+            sync = self.net is self.model or k == K - 1
+            ctx = contextlib.nullcontext() if sync else self.net.no_sync()
+            with ctx:
+                y = self.net(x0[k * bs:(k + 1) * bs], steps, seed=seeds[k],
+                             checkpoint=o.checkpoint)
+                per = per_sample_loss(y, self.target, o.loss_levels)
+                (per.mean() / K).backward()
+            finals.append(y.detach())
+            losses.append(per.detach())
+        # After DDP's all-reduce: normalise the averaged gradients, identically on every rank.
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad /= p.grad.norm() + 1e-8
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.optimizer.step()
+        return finals, losses
+
+    # ------------------------------------------------------------------ checkpoints
+    def at_checkpoint(self) -> None:
+        """What the run does every ``save_every`` steps and after its last step: write the
+        checkpoint. Evaluations of the model at checkpoints belong here, before the save, so
+        that a run resumed from any checkpoint repeats none of them and misses none."""
+        self.save_checkpoint()
+
+    def _info(self) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "step": self.step, "world_size": self.dist.world,
+                "rank": self.dist.rank, "shards": self.shards,
+                "options": self.opts.to_dict(), "model": self.model.config.to_dict(),
+                "elapsed_s": self.elapsed, "cpu_s": self.cpu_time}
+
+    def save_checkpoint(self) -> pathlib.Path:
+        """Write this rank's checkpoint atomically (rank 0's file also holds the shared state)."""
+        path = checkpoint_path(self.run_dir, self.dist.rank)
+        tensors: Dict[str, torch.Tensor] = {}
+        info = self._info()
+        if self.pool is not None:
+            K = self.opts.accumulate
+            for k in range(K):
+                s = self.dist.rank * K + k
+                tensors[f"pool.{s}"] = self.pool[k * self.part:(k + 1) * self.part]
+        if self.dist.rank == 0:
+            for name, t in self.model.state_dict().items():
+                tensors[f"model.{name}"] = t
+            sd = self.optimizer.state_dict()
+            plain = {}
+            for pid, st in sd["state"].items():
+                for key, v in st.items():
+                    if torch.is_tensor(v):
+                        tensors[f"optim.{pid}.{key}"] = v
+                    else:
+                        plain.setdefault(str(pid), {})[key] = v
+            info["optimizer"] = {
+                "param_groups": sd["param_groups"], "plain_state": plain,
+                "tensor_state": sorted(k for k in tensors if k.startswith("optim."))}
+            info["lr"] = self.lr_at(self.step)
+            tensors["rng.generator"] = self.generator.get_state()
+            tensors["history.loss"] = torch.tensor(self.losses, dtype=torch.float64)
+        write_safetensors(path, tensors, {CHECKPOINT_KEY: json.dumps(info)})
+        self.dist.barrier()
+        return path
+
+    def load_checkpoint(self) -> None:
+        """Restore the state saved in ``run_dir`` (this rank's file and rank 0's shared state)."""
+        own_path = checkpoint_path(self.run_dir, self.dist.rank)
+        main_path = checkpoint_path(self.run_dir, 0)
+        own, own_info = read_checkpoint(own_path)
+        main, info = (own, own_info) if self.dist.rank == 0 else read_checkpoint(main_path)
+        if info.get("world_size") != self.dist.world:
+            raise CheckpointError(f"{main_path}: the run was saved with world size "
+                                  f"{info.get('world_size')}, this process group has "
+                                  f"{self.dist.world}; resume with the same number of processes")
+        if own_info.get("step") != info.get("step"):
+            raise CheckpointError(f"{own_path}: at step {own_info.get('step')} but {main_path} is "
+                                  f"at step {info.get('step')} (interrupted while saving?)")
+        saved = TrainOptions.from_dict(info["options"]).resolved()
+        mine = dataclasses.replace(self.opts, out=saved.out,
+                                   **{k: getattr(saved, k) for k in RESUMABLE})
+        if mine != saved:
+            diff = [f.name for f in dataclasses.fields(saved)
+                    if getattr(saved, f.name) != getattr(mine, f.name)]
+            raise CheckpointError(f"{main_path}: saved with different training options {diff}")
+        try:
+            self.model.load_state_dict(
+                {k[len("model."):]: v for k, v in main.items() if k.startswith("model.")})
+            opt = info["optimizer"]
+            state: Dict[int, dict] = {}
+            for key in opt["tensor_state"]:
+                _, pid, name = key.split(".", 2)
+                state.setdefault(int(pid), {})[name] = main[key]
+            for pid, extra in opt["plain_state"].items():
+                state.setdefault(int(pid), {}).update(extra)
+            self.optimizer.load_state_dict({"state": state, "param_groups": opt["param_groups"]})
+            self.generator.set_state(main["rng.generator"])
+            self.losses = [float(v) for v in main["history.loss"].tolist()]
+            if self.pool is not None:
+                K = self.opts.accumulate
+                for k in range(K):
+                    part = own[f"pool.{self.dist.rank * K + k}"]
+                    if tuple(part.shape) != tuple(self.pool[:self.part].shape):
+                        raise ValueError(f"pool part {self.dist.rank * K + k} has shape "
+                                         f"{tuple(part.shape)}")
+                    self.pool[k * self.part:(k + 1) * self.part] = part.to(self.device)
+            self.step = int(info["step"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise CheckpointError(f"{main_path}: incomplete or inconsistent checkpoint "
+                                  f"({type(e).__name__}: {e})") from None
+        if len(self.losses) != self.step:
+            raise CheckpointError(f"{main_path}: holds {len(self.losses)} losses for step "
+                                  f"{self.step}")
+        self.elapsed = float(info.get("elapsed_s", 0.0))
+        self.cpu_time = float(info.get("cpu_s", 0.0))
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, on_step: Optional[Callable[["Trainer"], None]] = None) -> None:
+        """Train up to ``opts.steps``, checkpointing every ``save_every`` steps and at the end."""
+        from tqdm.auto import tqdm
+
+        o = self.opts
+        show = self.progress and self.dist.rank == 0
+        bar = tqdm(total=o.steps, initial=self.step, disable=not show, dynamic_ncols=True,
+                   desc=f"{o.experiment} {self.grid}x{self.grid}")
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            while self.step < o.steps:
+                loss = self.train_step()
+                now, cnow = time.perf_counter(), time.process_time()
+                self.elapsed += now - t0
+                self.cpu_time += cnow - c0
+                t0, c0 = now, cnow
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4g}", lr=f"{self.lr_at(self.step - 1):.0e}")
+                if (self.log_every and self.dist.rank == 0
+                        and (self.step % self.log_every == 0 or self.step == o.steps)):
+                    print(f"step {self.step}/{o.steps} loss {loss:.6f} "
+                          f"lr {self.lr_at(self.step - 1):.1e} elapsed {self.elapsed:.0f}s "
+                          f"(process cpu {self.cpu_time:.0f}s)",
+                          flush=True)
+                saved = self.step % o.save_every == 0 or self.step == o.steps
+                if saved:
+                    self.at_checkpoint()
+                if on_step is not None:
+                    on_step(self)
+                signum = self.stop.signum if self.stop is not None else None
+                if self.dist.any(signum is not None, self.device):
+                    if not saved:
+                        self.save_checkpoint()
+                    raise TrainingInterrupted(self.step, signum or signal.SIGTERM)
+        finally:
+            bar.close()
+
+    # ------------------------------------------------------------------ outputs
+    def training_metadata(self) -> dict:
+        """What a user of the final model needs to grow it as it was trained."""
+        o = self.opts
+        return {"experiment": o.experiment, "grid": self.grid, "size": o.size, "pad": o.pad,
+                "rollout": [o.rollout_min, o.rollout_max], "steps": self.step, "seed": o.seed,
+                "final_loss": self.losses[-1] if self.losses else None,
+                "train_wall_s": round(self.elapsed, 1), "train_cpu_s": round(self.cpu_time, 1),
+                "target": str(o.target) if o.target is not None else "default_target.png",
+                "init": o.init}
+
+    def write_outputs(self) -> None:
+        """Final model, loss curve, videos (rank 0 only)."""
+        if self.dist.rank != 0:
+            return
+        o = self.opts
+        model = self.model
+        save_model(model, self.run_dir / "model.safetensors", self.training_metadata())
+        write_loss_outputs(self.losses, self.run_dir, lr_drop_at=o.lr_drop_at,
+                           levels=o.loss_levels)
+        ext = ".mp4" if o.mp4 else ".gif"
+        every = max(1, o.video_steps // 96)
+        scale = max(1, 256 // self.grid)
+        video_seed = (o.seed * 2654435761 + 1) % 2**62
+        with torch.no_grad():
+            x = self.seed_state.clone()
+            x, frames = model(x, o.video_steps, seed=video_seed, frames=every)
+            write_video(frames, self.run_dir / f"growth{ext}", fps=20, scale=scale)
+            write_png(x[0], self.run_dir / "final.png", scale=scale)
+            if o.experiment == "regenerate":
+                # Cut out the lower-right part of the grown pattern, then let it regrow.
+                damaged = x * damage.keep_mask(self.grid, self.grid, (0.3, 0.3), 0.4,
+                                               device=x.device)
+                _, regrow = model(damaged, o.video_steps, seed=video_seed + 1, frames=every)
+                write_video(frames[-10:] + regrow, self.run_dir / f"regenerate{ext}",
+                                fps=20, scale=scale)

@@ -1,0 +1,211 @@
+"""The package's shape (issue 13): imports flow one way, every module imports alone, the two
+backends share one signature, both custom ops one schema, and the maths the code cites is in
+this repository.
+"""
+import ast
+import inspect
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import nca_fast
+from nca_fast import backends
+from nca_fast.backends import torch_backend, triton_backend
+from nca_fast.params import Params
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Where each importable package lives in the checkout (kernels/ is installed as nca_fast.kernels).
+PACKAGES = {"nca_fast": ROOT / "nca_fast", "nca_fast.kernels": ROOT / "kernels",
+            "bench": ROOT / "bench"}
+
+
+def _modules():
+    """{module name: file} of every module of nca_fast (kernels included) and bench."""
+    out = {}
+    for pkg, folder in PACKAGES.items():
+        for path in sorted(folder.rglob("*.py")):
+            rel = path.relative_to(folder).with_suffix("").parts
+            if "assets" in rel or (pkg == "nca_fast" and rel[0] == "kernels"):
+                continue                 # a script folder; the kernels are listed on their own
+            if rel[-1] == "__init__":
+                rel = rel[:-1]
+            out[".".join((pkg,) + rel)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _resolve(module, node):
+    """The internal modules an import statement of ``module`` names (ImportFrom names that are
+    submodules count as such; attributes count as their module)."""
+    is_pkg = MODULES[module].name == "__init__.py"
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name in MODULES]
+    if node.level:
+        parts = module.split(".")
+        base = parts if is_pkg else parts[:-1]
+        base = base[:len(base) - (node.level - 1)]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    found = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in MODULES]
+    if target in MODULES and len(found) < len(node.names):
+        found.append(target)
+    return found
+
+
+def _graph():
+    graph = {}
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text(), str(path))
+        graph[name] = sorted({t for node in ast.walk(tree)
+                              if isinstance(node, (ast.Import, ast.ImportFrom))
+                              for t in _resolve(name, node) if t != name})
+    return graph
+
+
+def test_the_import_graph_has_no_cycle():
+    """Every import counts, those inside functions too: a cycle hidden in a function is one."""
+    graph = _graph()
+    assert graph["nca_fast.model"] and "nca_fast.backends" in graph["nca_fast.model"]
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for t in graph[m]:
+            if state.get(t) == "open":
+                cycle = stack[stack.index(t):] + [t]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = "done"
+
+    for m in graph:
+        if m not in state:
+            visit(m)
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """(The kernels' ``@triton.jit`` helpers are shared inside their own package.)"""
+    for name, path in MODULES.items():
+        if name.startswith("nca_fast.kernels"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or node.level):
+                private = [a.name for a in node.names if a.name.startswith("_")
+                           and not a.name.startswith("__")]
+                assert not private, f"{name} imports private names {private}"
+
+
+FRESH = r"""
+import importlib, os, sys, traceback
+import numpy, torch            # third-party, loaded once; every child imports ours afresh
+failed = []
+for name in sys.argv[1:]:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            importlib.import_module(name)
+        except BaseException:
+            print(f"--- {name}", file=sys.stderr)
+            traceback.print_exc()
+            os._exit(1)
+        os._exit(0)
+    if os.waitpid(pid, 0)[1] != 0:
+        failed.append(name)
+print("failed:", " ".join(failed))
+sys.exit(1 if failed else 0)
+"""
+
+
+def test_every_module_imports_alone():
+    """Each module first, in a process that has imported none of the project (forked from one
+    that has loaded torch only): an import that works only after another one fails here."""
+    if not hasattr(os, "fork"):
+        pytest.skip("needs os.fork (one process per module, forked after torch is loaded)")
+    names = [n for n in MODULES if not n.endswith("__main__")]
+    r = subprocess.run([sys.executable, "-c", FRESH, *names], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-6000:]
+    assert r.stdout.strip() == "failed:"
+
+
+# ----------------------------------------------------------------------------- backends
+def test_the_backends_have_one_signature():
+    want = inspect.signature(torch_backend.rollout)
+    assert list(want.parameters)[:3] == ["x", "params", "config"]
+    assert inspect.signature(triton_backend.rollout) == want
+    assert backends.get("torch") is torch_backend and backends.get("triton") is triton_backend
+    with pytest.raises(ValueError, match="backend"):
+        backends.get("auto")
+
+
+def test_forward_hands_the_backend_tensors_and_the_config(monkeypatch):
+    seen = {}
+
+    def rollout(x, params, config, **kwargs):
+        seen.update(x=x, params=params, config=config, **kwargs)
+        return x.clone()
+
+    monkeypatch.setitem(backends._MODULES, "torch", types.SimpleNamespace(rollout=rollout))
+    model = nca_fast.NCA(backend="torch")
+    x = model.seed_state(1, 6, 6)
+    model(x, 3, seed=4, checkpoint="sqrt", first_step=2)
+    assert isinstance(seen["params"], Params) and seen["config"] is model.config
+    assert all(isinstance(t, torch.Tensor) for t in seen["params"])
+    assert seen["params"].w1 is model.w1.weight and seen["params"].filters is model.filters
+    assert (seen["steps"], seen["seed"], seen["checkpoint"], seen["first_step"],
+            seen["frames"]) == (3, 4, "sqrt", 2, None)
+
+
+def test_the_torch_backend_runs_from_tensors_alone():
+    torch.manual_seed(0)
+    model = nca_fast.NCA(backend="torch")
+    torch.nn.init.normal_(model.w2.weight, std=0.05)
+    x = model.seed_state(1, 9, 9)
+    params = Params(*(t.detach().clone() for t in model.params()))
+    with torch.no_grad():
+        assert torch.equal(torch_backend.rollout(x, params, model.config, steps=5, seed=3),
+                           model(x, 5, seed=3))
+
+
+# ----------------------------------------------------------------------------- the custom ops
+def test_both_ops_take_the_same_numbers_and_an_optional_threshold():
+    from nca_fast import functional
+
+    fwd = torch.ops.nca_fast.rollout.default._schema.arguments
+    bwd = torch.ops.nca_fast.rollout_backward.default._schema.arguments
+    fields = list(functional.Static._fields)
+    assert [a.name for a in fwd[-len(fields):]] == fields
+    assert [str(a.type) for a in fwd[-len(fields):]] == [str(a.type) for a in bwd[-len(fields):]]
+    threshold = next(a for a in fwd if a.name == "alive_threshold")
+    assert str(threshold.type) == "Optional[float]"
+
+
+# ----------------------------------------------------------------------------- the maths
+CITATION = re.compile(r'docs/MODEL\.md(?:,? \(?"([^"]+)")?')
+
+
+def test_the_code_cites_the_repository_s_own_maths():
+    headings = {m.group(1).strip() for m in
+                re.finditer(r"^#+ (.+)$", (ROOT / "docs" / "MODEL.md").read_text(), re.M)}
+    cited = 0
+    files = [*MODULES.values(), ROOT / "README.md", *(ROOT / "tests").glob("*.py")]
+    for path in files:
+        text = path.read_text()
+        if path.name != "test_layout.py":
+            assert "NCA_SPEC" not in text, f"{path} cites shared/docs/NCA_SPEC.md"
+        for m in CITATION.finditer(text):
+            cited += 1
+            if m.group(1):
+                assert m.group(1) in headings, f"{path}: docs/MODEL.md has no section {m.group(1)!r}"
+    assert cited >= 8
