@@ -192,11 +192,14 @@ def _nca_step_bwd_gp_kernel(
                 gp = tl.zeros([M, 4 * C], dtype=dtype)
 
             # ---- hidden chunks: gp += gh @ W1^T
-            for j in tl.static_range(NCH):
-                if RESIDENT:
+            if RESIDENT:
+                for j in tl.static_range(NCH):
                     gp = _gp_chunk(pc, gdx, ones, w1s[j], bss[j], wts[j], w2s[j], gp, NF,
                                    PRECISION)
-                else:
+            else:
+                # weights per tile: a loop whose trip count the compiler cannot see (lz), so
+                # that it is not unrolled and one chunk's weights and activations are live at once
+                for j in range(0, NCH + lz):
                     gp = _gp_chunk(pc, gdx, ones,
                                    _w1_tile(w1p, b1p, lap, j * HC, C, HID, HC, NF, BANK,
                                             True, False, 0).to(dtype),

@@ -132,7 +132,10 @@ def _nca_step_fwd_kernel(
                         _w2_rows(w2p, j * HC, C, HC, PRECISION), dx, NF)
             elif RESIDENT:
                 dx = _mlp_chunk(pc, ones, w1s[j], bss[j], w2s[j], dx, NF, PRECISION)
-            else:
+        if PRECISION != 0 and not RESIDENT:
+            # weights per tile: a loop whose trip count the compiler cannot see (lz), so
+            # that it is not unrolled and one chunk's weights and activations are live at once
+            for j in range(0, NCH + lz):
                 dx = _mlp_chunk(pc, ones,
                                 _w1_tile(w1p, b1p, lap, j * HC, C, HID, HC, NF, BANK, True,
                                          False, 0).to(dtype),
