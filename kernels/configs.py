@@ -134,9 +134,11 @@ def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
 
     Rules (bench/NOTES.md, section 6):
 
-    - C*F = 128 on tensor cores, hidden <= 64: 8 x 16 tiles, 8 warps (two warpgroups of 64
-      cells), weights resident in chunks of 16: at 4 x 16 and 4 warps the Laplacian bank
-      spills 7.9-10.6 KB on sm_80 (ptxas settles at 32 registers), none so.
+    - C*F = 128 in bf16, hidden <= 64: 8 x 16 tiles, 8 warps (two warpgroups of 64 cells),
+      weights resident in chunks of 16: at 4 x 16 and 4 warps the Laplacian bank spills
+      7.9-10.6 KB on sm_80 (ptxas settles at 32 registers), none so on either arch. tf32
+      keeps 4 x 16 at 4 warps: spill-free on sm_80 under no configuration tried, and on
+      sm_90a only so (227-236 registers; 12-76 B spilled at 8 warps).
     - C*F = 128 on tensor cores, hidden >= 128: weights per tile, in a loop of 32-unit
       chunks: resident they need 196-360 KB of shared memory and spill 108-648 B on sm_90a;
       so, none there (8 x 16 tiles at 8 warps still spill 4-12 B).
@@ -147,7 +149,8 @@ def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
     th, tw, warps, resident, hc = 4, 16, 4, True, min(hidden, 64)
     if channels * num_filters >= 128 and precision != "ieee":
         if hidden <= 64:
-            th, warps, hc = 8, 8, 16
+            if precision == "bf16":
+                th, warps, hc = 8, 8, 16
         else:
             resident, hc = False, 32
     return StepConfig(th * tw, warps, 1, int64, _dense_programs(warps, device), hc,
