@@ -108,8 +108,8 @@ def select_forward(n_cells: int, channels: int, hidden: int, num_filters: int,
 
     - C*F >= 96 on tensor cores (tf32, bf16): 8 warps, weights per tile, chunks of 32 in a
       loop. Resident, the F [C, 64] weight slices of every chunk and the 9 taps of a 128-cell
-      tile spill 20-1936 B at 4 warps (C = 32, F = 4, hidden 32-256); so configured, hidden
-      64-256 compile spill-free on sm_90a and sm_80.
+      tile spill 20-1936 B at 4 warps (C = 32, F = 3 and 4, hidden 32-256); so configured, all
+      compile spill-free on sm_90a and sm_80.
     - C*F >= 96 in "ieee" (FMA dots, operands in registers): 8 warps: hidden 32 spills
       208-336 B at 4 warps, none at 8 (hidden 64 and more still spill: section 6).
     """
@@ -136,7 +136,7 @@ def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
 
     - C*F = 128 in bf16, hidden <= 64: 8 x 16 tiles, 8 warps (two warpgroups of 64 cells),
       weights resident in chunks of 16: at 4 x 16 and 4 warps the Laplacian bank spills
-      7.9-10.6 KB on sm_80 (ptxas settles at 32 registers), none so on either arch. tf32
+      7.9-38.8 KB on sm_80 (ptxas settles at 32 registers), none so on either arch. tf32
       keeps 4 x 16 at 4 warps: spill-free on sm_80 under no configuration tried, and on
       sm_90a only so (227-236 registers; 12-76 B spilled at 8 warps).
     - C*F = 128 on tensor cores, hidden >= 128: weights per tile, in a loop of 32-unit
@@ -163,7 +163,7 @@ def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
 
     Rule (bench/NOTES.md, section 6): C*F = 128 and hidden >= 64 on tensor cores: 4 x 8 tiles
     (32 cells, the K of the weight-gradient dots): the [HR, 64] activations next to the
-    [HR, 4C] accumulators spill 20-112 B at 64 cells (sm_90a), none at 32.
+    [HR, 4C] accumulators spill 20-492 B at 64 cells (sm_90a), none at 32.
     """
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
