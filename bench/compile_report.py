@@ -401,17 +401,29 @@ def parse_cfg(text: str):
     return ins
 
 
-def executed_per_program(ins, trips: int) -> int:
+def executed_per_program(ins, trips: int, inner_trips: int = 0) -> int:
     """Instructions one program executes: the longest path from the entry to EXIT, the loop
-    body (at most one natural loop: a backward branch) counted ``trips`` times.
+    body (a backward branch) counted ``trips`` times.
 
+    At most one loop, or the tile loop with one loop nested in it (the hidden chunks of
+    weights staged per tile), whose body counts ``inner_trips`` times per tile.
     Forward branches take their longer side; a conditional branch falls through or jumps;
     EXIT and unconditional branches end a path (with a predicate, EXIT falls through too)."""
     n = len(ins)
     # a branch to itself is the trap ptxas places after the last EXIT, never reached
-    back = [(i, t) for i, (op, _, t) in enumerate(ins) if t is not None and t < i]
-    if len(back) > 1:
-        raise ValueError(f"{len(back)} loops in the SASS; the report counts kernels with one")
+    back = sorted((t, i) for i, (op, _, t) in enumerate(ins) if t is not None and t < i)
+    inner = None
+    if len(back) == 2 and inner_trips:
+        (h0, l0), (h1, l1) = back
+        if not (h0 <= h1 and l1 < l0):
+            raise ValueError("2 loops in the SASS, not nested")
+        inner = (h1, l1)
+        back = [(l0, h0)]
+    elif len(back) > 1:
+        raise ValueError(f"{len(back)} loops in the SASS; the report counts kernels with one "
+                         f"(or one nested in the tile loop)")
+    else:
+        back = [(i, t) for t, i in back]
     head, latch = (back[0][1], back[0][0]) if back else (n, n)
 
     def succ(i):
@@ -454,7 +466,13 @@ def executed_per_program(ins, trips: int) -> int:
 
     if not back:
         return longest(0, set(), 0, n - 1)
-    body = longest(head, {latch + 1}, head, latch)         # one trip: head .. the back edge
+    if inner is None:
+        body = longest(head, {latch + 1}, head, latch)     # one trip: head .. the back edge
+    else:                                                  # head .. inner loop .. back edge
+        ih, il = inner
+        body = (longest(head, {ih}, head, ih - 1) if ih > head else 0)
+        body += longest(ih, {il + 1}, ih, il) * inner_trips
+        body += longest(il + 1, {latch + 1}, il + 1, latch)
     before = longest(0, {head}, 0, head - 1) if head else 0
     after = longest(latch + 1, set(), latch + 1, n - 1) if latch + 1 < n else 0
     return before + body * trips + after
@@ -466,10 +484,12 @@ def executed_per_cell(sass_text: str, launch, bound, num_warps: int) -> float:
     programs = gx * gy * gz
     n_tiles = int(bound["n_tiles"])
     ins = parse_cfg(sass_text)
+    # a loop inside the tile loop: the hidden chunks (weights staged per tile)
+    inner = int(bound["HID"]) // int(bound["HC"]) if bound.get("HC") else 0
     total = 0
     for p in range(gx):              # programs along axis 0 walk tiles p, p + gx, ...
         trips = max(0, -(-(n_tiles - p) // gx))
-        total += executed_per_program(ins, trips) * gy * gz
+        total += executed_per_program(ins, trips, inner) * gy * gz
     return total * num_warps / N_CELLS if programs else 0.0
 
 

@@ -399,6 +399,38 @@ def _mlp_chunk(pc, ones, w1c, bc, w2c, dx, NF: tl.constexpr, PRECISION: tl.const
 
 
 @triton.jit
+def _w1_block(w1_ptr, lap, k: tl.constexpr, j0, C: tl.constexpr, HID: tl.constexpr,
+              NJ: tl.constexpr, BANK: tl.constexpr, TRANS: tl.constexpr = False):
+    """W1_k [C, NJ], filter k's rows for hidden units j0 .. j0 + NJ ([NJ, C] when TRANS), with
+    the named bank's scale of ``_w1_tile``."""
+    c = k * C + tl.arange(0, C)
+    j = j0 + tl.arange(0, NJ)
+    if TRANS:
+        w = tl.load(w1_ptr + c[None, :] * HID + j[:, None])
+    else:
+        w = tl.load(w1_ptr + c[:, None] * HID + j[None, :])
+    if BANK != 0:
+        if k == 3:
+            w = w * lap
+        elif k != 0:
+            w = w * 0.125
+    return w
+
+
+@triton.jit
+def _mlp_chunk_fma(p0, p1, p2, p3, w0, w1, w2, w3, b1c, w2c, dx, NF: tl.constexpr):
+    """``_mlp_chunk`` for "ieee" (FMA dots on CUDA cores, which pay for every K): one K = C dot
+    per filter and b1 added, not the K = 4C dot whose fourth block is the bias column (at F = 3
+    a quarter of its FMAs multiply zeros)."""
+    acc = _mm(p0, w0, tl.zeros([p0.shape[0], w0.shape[1]], dtype=dx.dtype), 0)
+    acc = _mm(p1, w1, acc, 0)
+    acc = _mm(p2, w2, acc, 0)
+    if NF == 4:
+        acc = _mm(p3, w3, acc, 0)
+    return _mm(tl.maximum(acc + b1c[None, :], 0.0), w2c, dx, 0)
+
+
+@triton.jit
 def _k_rows(v, PRECISION: tl.constexpr):
     """Rows of v [M, N] in the K order of ``_as_k_operand`` (for a B operand whose K runs over
     cells: row 4e + c of each group of 8 holds row 2c + e)."""

@@ -88,68 +88,89 @@ def _sm_count(device) -> int:
     return 132
 
 
-def hidden_chunk(channels: int, hidden: int, num_filters: int) -> int:
-    """64 hidden units at a time keeps [BLOCK_M, 64] activations and F [C, 64] weight slices
-    live; the widest inputs (F*C = 128) take 32 so the backward's accumulators fit too."""
-    return min(hidden, 64 if channels * num_filters <= 64 else 32)
+def _wide(channels: int, num_filters: int) -> bool:
+    """The wide inputs: C = 32 (C*F = 96 or 128 perception features). Every rule below that
+    departs from the C = 16 configuration is for these; C = 16 compiles as it always has."""
+    return channels * num_filters >= 96
 
 
-def _tile(channels, num_filters, precision):
-    """(BLOCK_M, num_warps) of the dense kernels.
-
-    64 cells: one warpgroup's wgmma M on sm_90a (32-row tiles fall back to mma.sync there).
-    Wide inputs (F*C = 96 or 128) keep F perception tiles [64, C] live: 8 warps spread them.
-    "ieee" dots run on CUDA cores as FMA chains holding whole operand tiles: 32 cells.
-    """
-    warps = 4 if channels * num_filters <= 64 else 8
-    return (32 if precision == "ieee" else 64), warps
-
-
-def _maxnreg(precision):
-    """The ptxas register ceiling of the dense kernels.
-
-    "ieee" (FMA dots): uncapped (255). Left to itself, ptxas holds these kernels to 80
-    registers at 8 warps or 128 at 4 (an occupancy target) and spills 4-20 B (11 of the 96
-    circular, 64-bit, mid-rollout variants); uncapped, all spill-free. Tensor-core precisions:
-    ptxas's own choice, except where a ``select_*`` rule below uncaps a class it was measured to
-    spill in (bench/NOTES.md, section 6). Uncapping them all made ptxas fill all 255 registers
-    and spill where it had fitted (bwd_gp sm_80 C = 32 hidden 32 F = 4 bf16: 222 registers,
-    none spilled -> 24 B).
-    """
-    return 255 if precision == "ieee" else None
+def _dense_programs(num_warps: int, device) -> int:
+    """Persistent programs of a dense kernel: 2 per SM at 4 warps; 1 at 8 warps, whose
+    170-255 registers x 256 threads leave room for one program per SM."""
+    return (2 if num_warps == 4 else 1) * _sm_count(device)
 
 
 def select_forward(n_cells: int, channels: int, hidden: int, num_filters: int,
-                   device=None, precision: str = "tf32") -> StepConfig:
+                   device=None, precision: str = "tf32", bank: int = 0) -> StepConfig:
+    """The forward: persistent 8 x 16 tiles, weights resident, hidden in chunks of 64.
+
+    Rules (bench/NOTES.md, section 6, has the compile report's rows):
+
+    - C*F >= 96 on tensor cores (tf32, bf16): 8 warps, weights per tile, chunks of 32 in a
+      loop. Resident, the F [C, 64] weight slices of every chunk and the 9 taps of a 128-cell
+      tile spill 20-1936 B at 4 warps (C = 32, F = 3 and 4, hidden 32-256); so configured, all
+      compile spill-free on sm_90a and sm_80.
+    - C*F >= 96 in "ieee" (FMA dots, operands in registers): 8 warps: hidden 32 spills
+      208-336 B at 4 warps, none at 8 (hidden 64 and more still spill: section 6).
+    """
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
         # The interpreter pays per program, not per cell: few, large tiles.
         return StepConfig(64 * 64, 4, 1, int64, 4, hidden, tile_h=64, tile_w=64)
-    th, tw = 8, 16
-    hc = min(hidden, 64)
-    programs = 2 * _sm_count(device)
-    return StepConfig(th * tw, 4, 1, int64, programs, hc, tile_h=th, tile_w=tw)
+    th, tw, warps, resident, hc = 8, 16, 4, True, min(hidden, 64)
+    if _wide(channels, num_filters):
+        if precision == "ieee":
+            warps = 8
+        else:
+            warps, resident, hc = 8, False, min(hidden, 32)
+    return StepConfig(th * tw, warps, 1, int64, _dense_programs(warps, device), hc,
+                      tile_h=th, tile_w=tw, resident=resident)
 
 
 def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
-                    device=None, precision: str = "tf32") -> StepConfig:
-    """The perception-gradient kernel: persistent 2-D tiles, hidden in chunks."""
+                    device=None, precision: str = "tf32", bank: int = 0) -> StepConfig:
+    """The perception-gradient kernel: persistent 4 x 16 tiles, weights resident, hidden in
+    chunks of 64.
+
+    Rules (bench/NOTES.md, section 6):
+
+    - C*F = 128 in bf16, hidden <= 64: 8 x 16 tiles, 8 warps (two warpgroups of 64 cells),
+      weights resident in chunks of 16: at 4 x 16 and 4 warps the Laplacian bank spills
+      7.9-38.8 KB on sm_80 (ptxas settles at 32 registers), none so on either arch. tf32
+      keeps 4 x 16 at 4 warps: spill-free on sm_80 under no configuration tried, and on
+      sm_90a only so (227-236 registers; 12-76 B spilled at 8 warps).
+    - C*F = 128 on tensor cores, hidden >= 128: weights per tile, in a loop of 32-unit
+      chunks: resident they need 196-360 KB of shared memory and spill 108-648 B on sm_90a;
+      so, none there (8 x 16 tiles at 8 warps still spill 4-12 B).
+    """
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
         return StepConfig(64 * 64, 4, 1, int64, 4, hidden, tile_h=64, tile_w=64)
-    th, tw = 4, 16
-    hc = min(hidden, 64)
-    programs = 2 * _sm_count(device)
-    return StepConfig(th * tw, 4, 1, int64, programs, hc, tile_h=th, tile_w=tw)
+    th, tw, warps, resident, hc = 4, 16, 4, True, min(hidden, 64)
+    if channels * num_filters >= 128 and precision != "ieee":
+        if hidden <= 64:
+            if precision == "bf16":
+                th, warps, hc = 8, 8, 16
+        else:
+            resident, hc = False, 32
+    return StepConfig(th * tw, warps, 1, int64, _dense_programs(warps, device), hc,
+                      tile_h=th, tile_w=tw, resident=resident)
 
 
 def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
                    device=None, precision: str = "tf32") -> StepConfig:
-    """The weight-gradient kernel: persistent 2-D tiles, hidden units as the MMA rows."""
+    """The weight-gradient kernel: persistent 2-D tiles, hidden units as the MMA rows.
+
+    Rule (bench/NOTES.md, section 6): C*F = 128 and hidden >= 64 on tensor cores: 4 x 8 tiles
+    (32 cells, the K of the weight-gradient dots): the [HR, 64] activations next to the
+    [HR, 4C] accumulators spill 20-492 B at 64 cells (sm_90a), none at 32.
+    """
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
         return StepConfig(64 * 64, 4, 1, int64, 4, hidden, tile_h=64, tile_w=64)
     th, tw = 4, 16
+    if channels * num_filters >= 128 and hidden >= 64 and precision != "ieee":
+        tw = 8
     # hidden_chunk = HR, the hidden units (MMA rows) of one program: 128 at most. 8 warps: the
     # two warpgroups take half of them each; ~170 registers a thread, so one program per SM.
     hr = min(hidden, 128)
@@ -158,14 +179,20 @@ def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
                       tile_w=tw)
 
 
-def select_transpose(n_cells: int, channels: int, num_filters: int, device=None) -> StepConfig:
-    """The transposed-stencil kernel: a gather of neighbours' perception gradients."""
+def select_transpose(n_cells: int, channels: int, num_filters: int, device=None,
+                     bank: int = 0) -> StepConfig:
+    """The transposed-stencil kernel: a gather of neighbours' perception gradients.
+
+    Rule (bench/NOTES.md, section 6): C*F >= 96: 8 warps: the 9 gathered [128, 32] taps
+    spill 28-100 B at 4 warps with circular padding and 64-bit offsets (sm_90a), none at 8.
+    """
     int64 = needs_int64(n_cells, channels, 0, num_filters)
     if interpreting():
         return StepConfig(64 * 64, 4, 1, int64, 4, 0, tile_h=64, tile_w=64)
     th, tw = 8, 16
+    warps = 8 if _wide(channels, num_filters) else 4
     programs = 4 * _sm_count(device)
-    return StepConfig(th * tw, 4, 1, int64, programs, 0, tile_h=th, tile_w=tw)
+    return StepConfig(th * tw, warps, 1, int64, programs, 0, tile_h=th, tile_w=tw)
 
 
 def _next_pow2(n: int) -> int:

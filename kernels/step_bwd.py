@@ -44,7 +44,8 @@ import triton.language as tl
 
 from . import configs
 from ._tile import (_as_k_operand, _bank, _bias_rows, _concat4, _k_rows, _load_taps, _loop_zero, _mm, _nb,
-                    _plain_bits, _tap_bit, _tile_cells, _tile_next, _tile_start, _w1_tile)
+                    _plain_bits, _tap_bit, _tile_cells, _tile_next, _tile_start, _w1_block,
+                    _w1_tile)
 from .step_fwd import check_shapes, lap_scale, nca_step_fwd, persistent_grid
 
 
@@ -64,6 +65,26 @@ def _gp_chunk(pc, gdx, ones, w1c, bc, w1tc, w2c, gp, NF: tl.constexpr, PRECISION
         hp = _mm(ones, bc, hp, PRECISION)
     gh = tl.where(hp > 0, _mm(gdx, w2c, tl.zeros_like(hp), PRECISION), 0.0)
     return _mm(_as_k_operand(gh, PRECISION), w1tc, gp, PRECISION)
+
+
+@triton.jit
+def _gp_chunk_fma(p0, p1, p2, p3, gdx, w0, w1, w2, w3, b1c, t0, t1, t2, t3, w2c, g0, g1, g2, g3,
+                  NF: tl.constexpr):
+    """``_gp_chunk`` for "ieee" (FMA dots, ``_mlp_chunk_fma``): one dot per filter each way, no
+    bias block in K, no padded gp_3 at F = 3; g0..g3 accumulate gp_k."""
+    hp = _mm(p0, w0, tl.zeros([p0.shape[0], w0.shape[1]], dtype=gdx.dtype), 0)
+    hp = _mm(p1, w1, hp, 0)
+    hp = _mm(p2, w2, hp, 0)
+    if NF == 4:
+        hp = _mm(p3, w3, hp, 0)
+    hp += b1c[None, :]
+    gh = tl.where(hp > 0, _mm(gdx, w2c, tl.zeros_like(hp), 0), 0.0)
+    g0 = _mm(gh, t0, g0, 0)
+    g1 = _mm(gh, t1, g1, 0)
+    g2 = _mm(gh, t2, g2, 0)
+    if NF == 4:
+        g3 = _mm(gh, t3, g3, 0)
+    return g0, g1, g2, g3
 
 
 @triton.jit
@@ -93,11 +114,19 @@ def _nca_step_bwd_gp_kernel(
         wts = ()
         w2s = ()
         for j in tl.static_range(NCH):
-            w1s = w1s + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, True, False,
-                                  0).to(dtype),)
-            bss = bss + (_bias_rows(b1_ptr, j * HC, C, HC).to(dtype),)
-            wts = wts + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, False, True,
-                                  PRECISION).to(dtype),)
+            if PRECISION == 0:
+                # FMA dots: W1_k and W1_k^T per filter (index j * NF + k), b1 as a row
+                for k in tl.static_range(NF):
+                    w1s = w1s + (_w1_block(w1_ptr, lap, k, j * HC, C, HID, HC, BANK).to(dtype),)
+                    wts = wts + (_w1_block(w1_ptr, lap, k, j * HC, C, HID, HC, BANK,
+                                           True).to(dtype),)
+                bss = bss + (tl.load(b1_ptr + j * HC + tl.arange(0, HC)).to(dtype),)
+            else:
+                w1s = w1s + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, True,
+                                      False, 0).to(dtype),)
+                bss = bss + (_bias_rows(b1_ptr, j * HC, C, HC).to(dtype),)
+                wts = wts + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, False,
+                                      True, PRECISION).to(dtype),)
             w2s = w2s + (_w2_cols(w2_ptr, j * HC, C, HC),)
 
     pid = tl.program_id(0)
@@ -108,6 +137,9 @@ def _nca_step_bwd_gp_kernel(
         cw = tl.load(cw_ptr + cell).to(tl.int32)
         lz = _loop_zero(tx)
         cl = tl.arange(0, C) + lz                       # index tensors built in the loop
+        w1p = w1_ptr + lz       # weights staged per tile: in the loop too (step_fwd)
+        b1p = b1_ptr + lz
+        w2p = w2_ptr + lz
 
         # ---- the forward's perception again: [M, 4C], a constant-1 column after F = 3
         v0, v1, v2, v3, v4, v5, v6, v7, v8 = _load_taps(r_ptr, cw, base, y, x, H, W, lz, C,
@@ -120,25 +152,61 @@ def _nca_step_bwd_gp_kernel(
         # ---- the update's gradient: the cells that fired (and are in the grid)
         g = tl.load(g_ptr + cell[:, None] * C + cl[None, :])
         gdx = tl.where(((cw & 512) != 0)[:, None] & ok[:, None], g, 0.0).to(dtype)
-        if BANK != 0:
-            # the identity path joins gp's first slot: the accumulator starts at [g, 0, 0, 0]
-            zero = tl.where(cl[None, :] < 0, g, 0.0)
-            gp = _concat4(tl.where(ok[:, None], g, 0.0), zero, zero, zero)
-        else:
-            gp = tl.zeros([M, 4 * C], dtype=dtype)
-
-        # ---- hidden chunks: gp += gh @ W1^T
-        for j in tl.static_range(NCH):
-            if RESIDENT:
-                gp = _gp_chunk(pc, gdx, ones, w1s[j], bss[j], wts[j], w2s[j], gp, NF, PRECISION)
+        if PRECISION == 0:
+            # ---- FMA dots: gp_k += gh @ W1_k^T, one accumulator per filter (the identity path
+            # of a named bank starts gp_0 at g)
+            if BANK != 0:
+                g0 = tl.where(ok[:, None], g, 0.0).to(dtype)
             else:
-                gp = _gp_chunk(pc, gdx, ones,
-                               _w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, True,
-                                        False, 0).to(dtype),
-                               _bias_rows(b1_ptr, j * HC, C, HC).to(dtype),
-                               _w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, False,
-                                        True, PRECISION).to(dtype),
-                               _w2_cols(w2_ptr, j * HC, C, HC), gp, NF, PRECISION)
+                g0 = tl.zeros([M, C], dtype=dtype)
+            g1 = tl.zeros([M, C], dtype=dtype)
+            g2 = tl.zeros([M, C], dtype=dtype)
+            g3 = tl.zeros([M, C], dtype=dtype)
+            for j in tl.static_range(NCH):
+                if RESIDENT:
+                    g0, g1, g2, g3 = _gp_chunk_fma(
+                        p0, p1, p2, p3, gdx, w1s[j * NF], w1s[j * NF + 1], w1s[j * NF + 2],
+                        w1s[j * NF + NF - 1], bss[j], wts[j * NF], wts[j * NF + 1],
+                        wts[j * NF + 2], wts[j * NF + NF - 1], w2s[j], g0, g1, g2, g3, NF)
+                else:
+                    g0, g1, g2, g3 = _gp_chunk_fma(
+                        p0, p1, p2, p3, gdx,
+                        _w1_block(w1p, lap, 0, j * HC, C, HID, HC, BANK).to(dtype),
+                        _w1_block(w1p, lap, 1, j * HC, C, HID, HC, BANK).to(dtype),
+                        _w1_block(w1p, lap, 2, j * HC, C, HID, HC, BANK).to(dtype),
+                        _w1_block(w1p, lap, NF - 1, j * HC, C, HID, HC, BANK).to(dtype),
+                        tl.load(b1p + j * HC + tl.arange(0, HC)).to(dtype),
+                        _w1_block(w1p, lap, 0, j * HC, C, HID, HC, BANK, True).to(dtype),
+                        _w1_block(w1p, lap, 1, j * HC, C, HID, HC, BANK, True).to(dtype),
+                        _w1_block(w1p, lap, 2, j * HC, C, HID, HC, BANK, True).to(dtype),
+                        _w1_block(w1p, lap, NF - 1, j * HC, C, HID, HC, BANK,
+                                  True).to(dtype),
+                        _w2_cols(w2p, j * HC, C, HC), g0, g1, g2, g3, NF)
+            gp = _concat4(g0, g1, g2, g3)
+        else:
+            if BANK != 0:
+                # the identity path joins gp's first slot: the accumulator starts at [g, 0, 0, 0]
+                zero = tl.where(cl[None, :] < 0, g, 0.0)
+                gp = _concat4(tl.where(ok[:, None], g, 0.0), zero, zero, zero)
+            else:
+                gp = tl.zeros([M, 4 * C], dtype=dtype)
+
+            # ---- hidden chunks: gp += gh @ W1^T
+            if RESIDENT:
+                for j in tl.static_range(NCH):
+                    gp = _gp_chunk(pc, gdx, ones, w1s[j], bss[j], wts[j], w2s[j], gp, NF,
+                                   PRECISION)
+            else:
+                # weights per tile: a loop whose trip count the compiler cannot see (lz), so
+                # that it is not unrolled and one chunk's weights and activations are live at once
+                for j in range(0, NCH + lz):
+                    gp = _gp_chunk(pc, gdx, ones,
+                                   _w1_tile(w1p, b1p, lap, j * HC, C, HID, HC, NF, BANK,
+                                            True, False, 0).to(dtype),
+                                   _bias_rows(b1p, j * HC, C, HC).to(dtype),
+                                   _w1_tile(w1p, b1p, lap, j * HC, C, HID, HC, NF, BANK,
+                                            False, True, PRECISION).to(dtype),
+                                   _w2_cols(w2p, j * HC, C, HC), gp, NF, PRECISION)
 
         # ---- perception gradient to scratch, [cell, k, c]
         kc = tl.arange(0, 4 * C) + lz
@@ -409,7 +477,7 @@ def bwd_gp(r, cw, g, w1k, b1, w2t, filters, *, circular: bool, precision: str, b
     three launchers check nothing: ``nca_step_bwd`` validates, a rollout validates once."""
     B, H, W, C = r.shape
     F_, _, HID = w1k.shape
-    cfg = cfg or configs.select_backward(B * H * W, C, HID, F_, r.device, precision)
+    cfg = cfg or configs.select_backward(B * H * W, C, HID, F_, r.device, precision, bank)
     programs, *sizes = persistent_grid(B, H, W, cfg)
     gp = torch.empty((B * H * W, F_, C), dtype=r.dtype, device=r.device) if gp is None else gp
     _nca_step_bwd_gp_kernel[(programs,)](
@@ -451,7 +519,7 @@ def bwd_input(gp, cw, g, filters, shape, *, circular: bool, bank: int, grad_r=No
     cfg: ``configs.select_transpose(...)``."""
     B, H, W, C = shape
     F_ = gp.shape[1]
-    cfg = cfg or configs.select_transpose(B * H * W, C, F_, gp.device)
+    cfg = cfg or configs.select_transpose(B * H * W, C, F_, gp.device, bank)
     programs, *sizes = persistent_grid(B, H, W, cfg)
     grad_r = torch.empty(shape, dtype=gp.dtype, device=gp.device) if grad_r is None else grad_r
     _nca_step_bwd_input_kernel[(programs,)](

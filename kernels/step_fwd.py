@@ -32,6 +32,7 @@ import triton.language as tl
 
 from . import configs
 from ._tile import (_bank, _bias_rows, _concat4, _fire_bit, _hq_index, _load_taps, _loop_zero, _mlp_chunk,
+                    _mlp_chunk_fma, _w1_block,
                     _pack_cw, _plain_bits, _tile_cells, _tile_next, _tile_start, _w1_tile, _w2_rows,
                     _window_bits)
 
@@ -73,9 +74,15 @@ def _nca_step_fwd_kernel(
         bss = ()
         w2s = ()
         for j in tl.static_range(NCH):
-            w1s = w1s + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, True, False,
-                                  0).to(dtype),)
-            bss = bss + (_bias_rows(b1_ptr, j * HC, C, HC).to(dtype),)
+            if PRECISION == 0:
+                # FMA dots: W1 per filter (w1s[j * NF + k]), b1 as a row
+                for k in tl.static_range(NF):
+                    w1s = w1s + (_w1_block(w1_ptr, lap, k, j * HC, C, HID, HC, BANK).to(dtype),)
+                bss = bss + (tl.load(b1_ptr + j * HC + tl.arange(0, HC)).to(dtype),)
+            else:
+                w1s = w1s + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, True,
+                                      False, 0).to(dtype),)
+                bss = bss + (_bias_rows(b1_ptr, j * HC, C, HC).to(dtype),)
             w2s = w2s + (_w2_rows(w2_ptr, j * HC, C, HC, PRECISION),)
 
     pid = tl.program_id(0)
@@ -94,6 +101,11 @@ def _nca_step_fwd_kernel(
 
         # ---- neighbourhood and perception: [M, 4C], a constant-1 column after F = 3 filters
         lz = _loop_zero(tx)
+        # weights staged per tile (not RESIDENT): addressed through lz, or the compiler hoists
+        # their loads out of the tile loop and holds every chunk's weights in registers
+        w1p = w1_ptr + lz
+        b1p = b1_ptr + lz
+        w2p = w2_ptr + lz
         v0, v1, v2, v3, v4, v5, v6, v7, v8 = _load_taps(r_ptr, cw, base, y, x, H, W, lz, C,
                                                         CIRCULAR)
         p0, p1, p2, p3 = _bank(v0, v1, v2, v3, v4, v5, v6, v7, v8, filt_ptr, NF, BANK)
@@ -104,14 +116,31 @@ def _nca_step_fwd_kernel(
         # ---- dense layers on tensor cores, hidden in chunks of HC
         dx = tl.zeros([M, C], dtype=dtype)
         for j in tl.static_range(NCH):
-            if RESIDENT:
+            if PRECISION == 0:
+                if RESIDENT:
+                    dx = _mlp_chunk_fma(p0, p1, p2, p3, w1s[j * NF], w1s[j * NF + 1],
+                                        w1s[j * NF + 2], w1s[j * NF + NF - 1], bss[j], w2s[j],
+                                        dx, NF)
+                else:
+                    dx = _mlp_chunk_fma(
+                        p0, p1, p2, p3,
+                        _w1_block(w1p, lap, 0, j * HC, C, HID, HC, BANK).to(dtype),
+                        _w1_block(w1p, lap, 1, j * HC, C, HID, HC, BANK).to(dtype),
+                        _w1_block(w1p, lap, 2, j * HC, C, HID, HC, BANK).to(dtype),
+                        _w1_block(w1p, lap, NF - 1, j * HC, C, HID, HC, BANK).to(dtype),
+                        tl.load(b1p + j * HC + tl.arange(0, HC)).to(dtype),
+                        _w2_rows(w2p, j * HC, C, HC, PRECISION), dx, NF)
+            elif RESIDENT:
                 dx = _mlp_chunk(pc, ones, w1s[j], bss[j], w2s[j], dx, NF, PRECISION)
-            else:
+        if PRECISION != 0 and not RESIDENT:
+            # weights per tile: a loop whose trip count the compiler cannot see (lz), so
+            # that it is not unrolled and one chunk's weights and activations are live at once
+            for j in range(0, NCH + lz):
                 dx = _mlp_chunk(pc, ones,
-                                _w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, True,
+                                _w1_tile(w1p, b1p, lap, j * HC, C, HID, HC, NF, BANK, True,
                                          False, 0).to(dtype),
-                                _bias_rows(b1_ptr, j * HC, C, HC).to(dtype),
-                                _w2_rows(w2_ptr, j * HC, C, HC, PRECISION), dx, NF, PRECISION)
+                                _bias_rows(b1p, j * HC, C, HC).to(dtype),
+                                _w2_rows(w2p, j * HC, C, HC, PRECISION), dx, NF, PRECISION)
         dx += b2[None, :]
 
         # ---- stochastic update, store
@@ -221,9 +250,9 @@ def nca_step_fwd(r: torch.Tensor, q, w1k, b1, w2t, b2, filters, *, seed: int, st
     if precision not in configs.PRECISION_CODES:
         raise ValueError(f"precision: expected one of {tuple(configs.PRECISION_CODES)}, "
                          f"got {precision!r}")
-    cfg = configs.select_forward(B * H * W, C, HID, F_, r.device, precision)
     if named_bank is None:
         named_bank = configs.bank_code(filters)
+    cfg = configs.select_forward(B * H * W, C, HID, F_, r.device, precision, named_bank)
     return launch_fwd(cfg, r, q, w1k.contiguous(), b1.contiguous(), w2t.contiguous(),
                       b2.contiguous(), filters.contiguous(), seed=seed, step=step,
                       fire_threshold=fire_threshold, alive_threshold=alive_threshold,

@@ -93,10 +93,10 @@ class _Steps:
                               self.filters)
         HID = self.w1k.shape[2]
         n = B * H * W
-        self.cfg_fwd = configs.select_forward(n, C, HID, nf, x.device, s.precision)
-        self.cfg_gp = configs.select_backward(n, C, HID, nf, x.device, s.precision)
+        self.cfg_fwd = configs.select_forward(n, C, HID, nf, x.device, s.precision, self.bank)
+        self.cfg_gp = configs.select_backward(n, C, HID, nf, x.device, s.precision, self.bank)
         self.cfg_w = configs.select_weights(n, C, HID, nf, x.device, s.precision)
-        self.cfg_in = configs.select_transpose(n, C, nf, x.device)
+        self.cfg_in = configs.select_transpose(n, C, nf, x.device, self.bank)
         self.kw = dict(seed=s.seed, fire_threshold=fire_threshold(s.fire_rate),
                        alive_threshold=s.alive_threshold, alpha_channel=s.alpha_channel,
                        circular=s.circular, precision=s.precision, bank=self.bank)

@@ -214,3 +214,19 @@ def test_problems_name_each_failure():
                      block_m=128, num_warps=4, registers=100, spill_stores=0, spill_loads=0,
                      stack=0, smem=0)
     assert ieee.problems() == []     # exact fp32 has no tensor-core instruction by design
+
+
+def test_executed_count_of_a_loop_nested_in_the_tile_loop():
+    """A hidden-chunk loop inside the tile loop (weights staged per tile) counts its body once
+    per chunk of every tile; without a chunk count two loops are refused."""
+    ins = [["MOV", False, None],            # before the tile loop
+           ["IADD", False, None],           # tile loop head
+           ["FFMA", False, None],           # chunk loop head
+           ["FFMA", False, None],
+           ["BRA", True, 2],                # chunk loop latch
+           ["STG", False, None],
+           ["BRA", True, 1],                # tile loop latch
+           ["EXIT", False, None]]
+    assert cr.executed_per_program(ins, 3, 4) == 1 + 3 * (1 + 3 * 4 + 2) + 1
+    with pytest.raises(ValueError, match="loops"):
+        cr.executed_per_program(ins, 3)
