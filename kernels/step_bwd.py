@@ -32,7 +32,7 @@ Three kernels, no atomics (the same inputs give bitwise the same gradients):
 
 The weight kernel could not join the gp kernel: the weight-gradient accumulators, the operands
 of five dots and the hoisted shared-memory descriptors of their k-steps need more than 255
-registers a thread (bench/NOTES.md, section 4).
+registers a thread (bench/NOTES.md, section 2).
 """
 from __future__ import annotations
 
