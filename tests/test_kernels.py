@@ -99,7 +99,7 @@ def test_gradients_match_reference(case):
     probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     (out * probe).sum().backward()
     (ref * probe).sum().backward()
-    atol, rtol = tolerance(torch.float32, "ieee", "grad")
+    atol, rtol = tolerance(torch.float32, precision, "grad")
     for name, a, b in zip(("x", "w1", "b1", "w2", "b2"), ours, theirs):
         scale = b.grad.abs().max().item()
         assert scale > 0, f"{name}: reference gradient is zero, the test would prove nothing"
@@ -362,12 +362,13 @@ def test_distill_model_grows_with_triton(distill_dir, name):
     assert mse < 0.01, f"{name}: MSE {mse:.4f}"
 
 
-@pytest.mark.parametrize("hidden,chunk,rows,resident", [
-    (64, 16, 32, True),         # 4 chunks resident; the weight kernel in two blocks of rows
-    (64, 32, 64, False),        # weights staged per tile
-    (32, 32, 64, True),         # a hidden layer smaller than the weight kernel's 64 rows
+@pytest.mark.parametrize("hidden,chunk,rows,resident,precision", [
+    (64, 16, 32, True, "ieee"),     # 4 chunks resident; the weight kernel in two blocks of rows
+    (64, 32, 64, False, "ieee"),    # weights staged per tile
+    (32, 32, 64, True, "ieee"),     # a hidden layer smaller than the weight kernel's 64 rows
+    (64, 16, 64, False, "tf32"),    # tensor-core dots: weights per tile, a loop of 4 chunks
 ])
-def test_hidden_chunks_and_row_blocks(monkeypatch, hidden, chunk, rows, resident):
+def test_hidden_chunks_and_row_blocks(monkeypatch, hidden, chunk, rows, resident, precision):
     """The launch configurations a GPU picks for wider models (hidden in chunks, weights staged
     per tile, the weight kernel's rows split or padded) give the reference's results: forced
     here on the interpreter's large tiles."""
@@ -382,17 +383,17 @@ def test_hidden_chunks_and_row_blocks(monkeypatch, hidden, chunk, rows, resident
     monkeypatch.setattr(configs, "select_forward", forced(configs.select_forward, chunk))
     monkeypatch.setattr(configs, "select_backward", forced(configs.select_backward, chunk))
     monkeypatch.setattr(configs, "select_weights", forced(configs.select_weights, rows))
-    cfg = NCAConfig(precision="ieee", hidden=hidden, filters="sobel_laplacian")
+    cfg = NCAConfig(precision=precision, hidden=hidden, filters="sobel_laplacian")
     tensors = random_case(cfg, 2, 6, 5, seed=11)
     ours = [t.clone().requires_grad_() for t in tensors]
     theirs = [t.clone().requires_grad_() for t in tensors]
     out, _ = run_both(cfg, *ours, steps=2)
     _, ref = run_both(cfg, *theirs, steps=2)
-    assert_close_verbose(out, ref, *tolerance(torch.float32, "ieee", "state"), name="state")
+    assert_close_verbose(out, ref, *tolerance(torch.float32, precision, "state"), name="state")
     probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     (out * probe).sum().backward()
     (ref * probe).sum().backward()
-    atol, rtol = tolerance(torch.float32, "ieee", "grad")
+    atol, rtol = tolerance(torch.float32, precision, "grad")
     for name, a, b in zip(("x", "w1", "b1", "w2", "b2"), ours, theirs):
         scale = b.grad.abs().max().item()
         assert scale > 0, f"{name}: reference gradient is zero"
