@@ -71,13 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Grow a saved (.safetensors) or Distill (.json) model from the "
                                    "one-cell seed; write the growth video (GIF, or MP4 by "
                                    "extension) and the final frame as a PNG with the same stem.")
-    g.add_argument("--model", metavar="PATH",
+    from .model import shipped_models
+
+    g.add_argument("--model", metavar="PATH|NAME",
                    help="model file: saved by nca_fast (.safetensors) or a Distill export "
-                        "(ex*_NAME.json); default: the model shipped with the package")
+                        "(ex*_NAME.json), or the name of a model shipped with the package ("
+                        + ", ".join(sorted(shipped_models())) + "); default: flower")
     g.add_argument("--size", type=_positive_int, default=None,
-                   help="grid side in cells (default: the grid the shipped model is drawn for, "
-                        f"{DEFAULT_GROW_SIZE}, with no --model; 72, the article's, with one)")
-    g.add_argument("--steps", type=_non_negative_int, default=96, help="NCA steps (96)")
+                   help="grid side in cells (default: the grid the model was trained on when "
+                        f"its file says; {DEFAULT_GROW_SIZE} for the default model; else 72, "
+                        "the article's)")
+    g.add_argument("--steps", type=_non_negative_int, default=None,
+                   help="NCA steps (default: 96, or twice the model's longest training rollout "
+                        "when its file says)")
+    g.add_argument("--target", metavar="PNG", default=None,
+                   help="target image to score the growth against (default: the one the model "
+                        "was trained on, when its file names it)")
     g.add_argument("--seed", type=_seed_int, default=0,
                    help="key of the update masks and of the damage circle (0)")
     g.add_argument("--out", default="growth.gif", metavar="PATH",
@@ -99,6 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernel throughput benchmark, from a source checkout "
                         "(see: nca-fast bench --help)")
     return parser
+
+
+def resolve_model(arg: Optional[str]) -> pathlib.Path:
+    """``--model``: a file, or the name of a shipped model (a file of that name wins)."""
+    from .model import shipped_models
+
+    if arg is None:
+        return DEFAULT_MODEL
+    path = pathlib.Path(arg)
+    named = shipped_models()
+    if not path.exists() and arg in named:
+        return named[arg]
+    if not path.exists() and not path.suffix:
+        raise UsageError(f"--model {arg}: no such file, and not the name of a shipped model ("
+                         + ", ".join(sorted(named)) + ")")
+    return path
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -125,7 +150,7 @@ def grow(args: argparse.Namespace) -> int:
     """The ``grow`` command: seed -> ``args.steps`` steps -> video + final PNG."""
     import torch
 
-    from . import damage
+    from . import damage, stability
     from .backends.interface import triton_usable
     from .devices import resolve_device
     from .files import writable_folder
@@ -137,7 +162,7 @@ def grow(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".gif", ".mp4"):
         raise UsageError(f"--out {out}: expected a .gif or .mp4 file name")
     png = out.with_suffix(".png")
-    model_path = pathlib.Path(args.model) if args.model else DEFAULT_MODEL
+    model_path = resolve_model(args.model)
     if args.model is None and not model_path.exists():
         raise UsageError(f"no --model given and the default model is not in this install "
                          f"({model_path}); pass --model PATH (a .safetensors saved by nca_fast "
@@ -158,8 +183,15 @@ def grow(args: argparse.Namespace) -> int:
     # Fail before the rollout, not after it, if the video cannot be written.
     if out.suffix.lower() == ".mp4" and mp4_missing():
         raise UsageError(f"--out {out}: MP4 {mp4_missing()} (or write a .gif)")
+    facts = stability.model_facts(model_path)
+    hint = facts.get("grow_hint") if isinstance(facts.get("grow_hint"), dict) else {}
     if args.size is None:
-        args.size = DEFAULT_GROW_SIZE if args.model is None else ARTICLE_GRID
+        args.size = hint.get("size") or facts.get("grid") or (
+            DEFAULT_GROW_SIZE if args.model is None else ARTICLE_GRID)
+    longest = facts.get("longest_rollout")
+    if args.steps is None:
+        args.steps = hint.get("steps") or (2 * int(longest) if longest else 96)
+    target = _score_target(args, facts, model_path)
     scale = args.scale if args.scale is not None else max(1, 288 // args.size)
     try:
         check(grow_memory(model, args.size, args.steps, scale, args.backend, device), device,
@@ -174,6 +206,10 @@ def grow(args: argparse.Namespace) -> int:
     x = model.seed_state(1, args.size, args.size)
     frames = [x[0].cpu()]
     damage_at = args.steps // 2 if args.damage else None
+    marks, base = _score_steps(args.steps, longest)
+    threshold = model.config.alive_threshold or stability.LIVE_THRESHOLD
+    t_live = stability.target_live_cells(target, threshold) if target is not None else None
+    scores = []
     with torch.no_grad(), _progress(args.steps, args.quiet) as bar:
         for t in range(args.steps):
             if t == damage_at:
@@ -182,6 +218,11 @@ def grow(args: argparse.Namespace) -> int:
             # Step t's own masks: the last frame is the state of model(x, steps, seed=seed).
             x = model(x, 1, seed=args.seed, first_step=t)
             frames.append(x[0].cpu())
+            if t + 1 in marks:
+                err = None if target is None else \
+                    float(stability.mse(x, target.to(x.device))[0])
+                scores.append(stability.HorizonPoint(
+                    marks[t + 1], t + 1, err, int(stability.live_cells(x, threshold)[0]), t_live))
             bar.update(1)
 
     try:
@@ -193,7 +234,64 @@ def grow(args: argparse.Namespace) -> int:
         alive = int((frames[-1][3] > 0.1).sum())
         print(f"wrote {out} ({len(frames)} frames) and {png}; {alive} live cells at step "
               f"{args.steps}", file=sys.stderr)
+        if scores:
+            what = (f"x the longest training rollout, {base} steps" if longest else
+                    f"x {base} steps (steps / 10: the model file has no training record)")
+            against = "" if target is not None else " (no target known: live cells only; " \
+                "--target PNG scores against one)"
+            print(f"long-horizon score, update-mask seed {args.seed}; horizon in {what}"
+                  f"{against}:\n{stability.format_rows(scores)}")
     return 0
+
+
+def _score_steps(steps: int, longest):
+    """Steps of ``grow``'s score -> their multiple of the base horizon: 1x, 2x, 5x, 10x the
+    model's longest training rollout that fit in ``steps`` (and ``steps`` itself), or of
+    steps / 10 for a model without a training record."""
+    from .stability import MULTIPLES
+
+    if steps < 1:
+        return {}, 0
+    base = int(longest) if longest else max(1, steps // 10)
+    marks = {m * base: m for m in MULTIPLES if m * base <= steps}
+    if steps not in marks:
+        marks[steps] = round(steps / base, 2)
+    return marks, base
+
+
+def _score_target(args, facts: dict, model_path: pathlib.Path):
+    """The target image on the grow grid (4 x size x size), or None: ``--target``, else the
+    image the model's training metadata names, fitted as in training and padded to the grid."""
+    import torch.nn.functional as F
+
+    from .media import load_target
+    from .stability import resolve_target
+
+    if args.target is not None:
+        image = pathlib.Path(args.target)
+        if not image.is_file():
+            raise UsageError(f"--target {image}: no such file")
+    else:
+        image = resolve_target(facts.get("target"), model_path)
+        if image is None:
+            return None
+    size, pad = facts.get("size"), facts.get("pad")
+    if not (isinstance(size, int) and isinstance(pad, int)):
+        # No training record: the article's geometry (40 cells in a 72 grid) scaled to --size.
+        size = max(1, round(args.size * 40 / ARTICLE_GRID))
+        pad = (args.size - size) // 2
+    grid = size + 2 * pad
+    if grid > args.size:
+        if args.target is not None:
+            raise UsageError(f"--target: the model was trained with the target in {size} cells "
+                             f"on a {grid} grid; grow on --size {grid} or more to score it")
+        return None
+    try:
+        t = load_target(image, size, pad)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--target {image}: {e}") from None
+    extra = args.size - grid
+    return F.pad(t, (extra // 2, extra - extra // 2, extra // 2, extra - extra // 2))
 
 
 def grow_memory(model, size: int, steps: int, scale: int, backend: str, device):

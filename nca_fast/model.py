@@ -1,6 +1,7 @@
 """The drop-in layer: ``NCA``, an nn.Module whose forward is a differentiable rollout."""
 from __future__ import annotations
 
+import pathlib
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -144,3 +145,15 @@ def load_any(path, *, backend: str = "auto") -> NCA:
     """``load`` or ``load_distill``, by extension (``.safetensors`` / ``.json``), else by
     content."""
     return _from_file(formats.read_any, path, backend)
+
+
+ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
+
+
+def shipped_models() -> dict:
+    """Names of the models shipped in the package's assets -> their files: ``flower`` (the
+    default model) and the size curriculum's stages (``flower96`` ...; docs/TRAINING.md)."""
+    found = {}
+    for path in sorted(ASSETS.glob("*.safetensors")):
+        found["flower" if path.name == "default_model.safetensors" else path.stem] = path
+    return found

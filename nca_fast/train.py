@@ -22,7 +22,8 @@ from .config import FILTER_BANKS, PADDINGS, PRECISIONS
 from .files import remove_stale_temporaries, writable_folder
 from .media import mp4_missing
 from .training.distributed import init_distributed
-from .training.options import DEVICES, EXPERIMENTS, PRESETS, RESUMABLE, TrainOptions
+from .model import shipped_models
+from .training.options import DEVICES, EXPERIMENTS, PRESETS, RESUMABLE, TrainOptions, run_plan
 from .training.run_folder import (CheckpointError, RunFolderBusy, RunFolderLock, append_text,
                                   default_out, read_run_options, write_config)
 from .training.trainer import GracefulStop, Trainer, TrainingInterrupted, TrainResult
@@ -75,10 +76,12 @@ def build_parser(prog: str = "nca-fast train") -> argparse.ArgumentParser:
                 description="Train a Growing-NCA on a target image (the Distill article's "
                             "recipe). Outputs go to one run folder: model.safetensors, "
                             "checkpoint.safetensors, config.json, command.txt, loss.png, "
-                            "loss.csv, growth.gif (regenerate.gif), final.png.")
+                            "loss.csv, stability.csv, stability.png, events.csv, growth.gif "
+                            "(regenerate.gif), final.png.")
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), help="defaults for: article (8000 steps, 72x72), quick "
-      "(2-core CPU, < 10 min), hires (large grids: --size 128 and up)")
+      "(2-core CPU, < 10 min), hires (large grids: --size 128 and up), hires512 / hires1024 (one "
+      "GPU, from a smaller model given with --init)")
     a("--target", help="target image (PNG with alpha); default: the project's own drawing")
     a("--size", type=int, help="cells the target is fitted in (default 40)")
     a("--pad", type=int, help="empty cells around the target (default 0.4 * size)")
@@ -106,8 +109,21 @@ def build_parser(prog: str = "nca-fast train") -> argparse.ArgumentParser:
     a("--filters", choices=tuple(FILTER_BANKS), help="perception filter bank (default sobel)")
     a("--padding", choices=PADDINGS, help="zeros (outside the grid is dead) or circular (a "
       "torus); default zeros")
-    a("--init", metavar="MODEL", help="start from this model's weights (.safetensors or a "
-      "Distill JSON) instead of a fresh initialisation: train small, then larger from it")
+    a("--init", metavar="MODEL", help="start from this model's weights (.safetensors, a "
+      "Distill JSON, or the name of a shipped model) instead of a fresh initialisation: train "
+      "small, then larger from it")
+    a("--state-bound", type=float, help="a step whose states exceed this magnitude (or whose "
+      "loss or gradients are not finite) is not applied; its pool states are reseeded "
+      "(default 1e3)")
+    a("--overflow-loss", type=float, metavar="W", help="penalty weight on state values outside "
+      "[-1, 1] (default 0: off)")
+    a("--late-loss", type=float, metavar="F", help="continue each n-step rollout to a second "
+      "length in [n+1, F*n] and average the losses at both: trains the pattern to stay (default "
+      "0: off)")
+    a("--reseed-runaway", type=float, metavar="R", help="reseed pool states with more than R x "
+      "the target's live cells instead of writing them back (default 0: off)")
+    a("--no-stability", dest="stability", action="store_false", help="do not grow the "
+      "long-horizon score (10x the longest rollout) at each checkpoint")
     a("--seed", type=int, help="seed of every random choice (default 0)")
     a("--backend", choices=BACKENDS, help="NCA backend (default auto)")
     a("--device", choices=DEVICES, help="default auto (cuda when available)")
@@ -121,6 +137,8 @@ def build_parser(prog: str = "nca-fast train") -> argparse.ArgumentParser:
     a("--out", help="run folder (default runs/EXPERIMENT-DATE)")
     a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint "
       "(only --steps and output options may change)")
+    a("--dry-run", action="store_true", help="print the memory and time estimates of the run "
+      "(for --device cuda even on a machine without one) and exit")
     a("--no-progress", action="store_true", help="no progress bar; log a line every "
       "--log-every steps instead")
     a("--log-every", type=int, help="steps between log lines (default 50 without a progress bar)")
@@ -130,7 +148,7 @@ def build_parser(prog: str = "nca-fast train") -> argparse.ArgumentParser:
 def options_from_args(ns: argparse.Namespace) -> TrainOptions:
     """Merge defaults <- preset <- explicit options (or the resumed run's config)."""
     given = dict(vars(ns))
-    for k in ("resume", "no_progress", "log_every", "preset"):
+    for k in ("resume", "no_progress", "log_every", "preset", "dry_run"):
         given.pop(k, None)
     if "rollout" in given:
         given["rollout_min"], given["rollout_max"] = given.pop("rollout")
@@ -157,7 +175,11 @@ def options_from_args(ns: argparse.Namespace) -> TrainOptions:
         # config.json must still find the image when the run is resumed from another folder.
         merged["target"] = str(pathlib.Path(merged["target"]).expanduser().absolute())
     if merged.get("init") is not None:
-        merged["init"] = str(pathlib.Path(merged["init"]).expanduser().absolute())
+        init = pathlib.Path(merged["init"]).expanduser()
+        named = shipped_models()
+        if not init.exists() and merged["init"] in named:   # a shipped model by name
+            init = named[merged["init"]]
+        merged["init"] = str(init.absolute())
     return TrainOptions(**merged)
 
 
@@ -208,6 +230,12 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         log_every = getattr(ns, "log_every", 0 if progress else 50)
         if isinstance(log_every, int) and log_every < 0:
             raise ValueError(f"--log-every: expected an integer >= 0, got {log_every}")
+        if getattr(ns, "dry_run", False):
+            dev = options.device if options.device != "auto" else (
+                "cuda" if torch.cuda.is_available() else "cpu")
+            for line in run_plan(options, options.accumulate, torch.device(dev)):
+                print(line)
+            return 0
         run_dir = pathlib.Path(resume) if resume is not None else \
             pathlib.Path(options.out or default_out(options))
         if resume is None and (run_dir / "checkpoint.safetensors").exists():
@@ -215,6 +243,10 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
                              f"{run_dir} or choose another folder")
         runner = _Runner(options, run_dir, resume is not None, progress, log_every, _command(argv))
         runner.setup()
+        if runner.dist_info.rank == 0:
+            t = runner.trainer
+            for line in run_plan(t.opts, t.shards, t.device):
+                print(line, flush=True)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"nca-fast train: error: {_as_flag(str(e))}", file=sys.stderr)
         return 2
@@ -246,6 +278,12 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"trained {result.steps} steps in {t.elapsed:.0f} s (process cpu "
               f"{t.cpu_time:.0f} s), final loss {result.losses[-1]:.6f}; outputs in "
               f"{result.run_dir}")
+        if t.last_stability:
+            from .stability import format_rows, holds
+            print(f"long-horizon score (grown from the seed; stability.csv):\n"
+                  f"{format_rows(t.last_stability)}\n"
+                  f"{'holds' if holds(t.last_stability) else 'does not hold'}: MSE at 10x "
+                  f"within 1.5x of 1x and live cells within 20 % of the target's")
     return 0
 
 

@@ -116,6 +116,22 @@ def test_grow_as_written(tmp_path):
     assert (tmp_path / "growth.gif").is_file() and (tmp_path / "growth.png").is_file()
 
 
+def test_grow_shipped_model_by_name_as_written(tmp_path):
+    from nca_fast.model import shipped_models
+
+    named = shipped_models()
+    found = [a for a in _commands() if a[:2] == ["nca-fast", "grow"] and "--model" in a
+             and a[a.index("--model") + 1] in named]
+    assert found, "the README names no shipped model in a grow command"
+    for argv in found:
+        r = subprocess.run(argv, cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "long-horizon score" in r.stdout, r.stdout[-3000:]
+        rows = [ln.split() for ln in r.stdout.splitlines() if ln.strip().startswith("1x")]
+        assert rows and 0 <= float(rows[0][2]) < 0.05, r.stdout[-3000:]   # MSE of a grown flower
+
+
 def test_mp4_example_as_written(tmp_path):
     argv = next(a for a in _commands() if a[:2] == ["nca-fast", "grow"] and "--out" in a
                 and a[a.index("--out") + 1].endswith(".mp4"))

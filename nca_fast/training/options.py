@@ -14,7 +14,7 @@ import torch
 from ..backends import BACKENDS, resolve as resolve_backend
 from ..backends.interface import resolve_checkpoint
 from ..config import ARTICLE_GRID, FILTER_BANKS, PADDINGS, PRECISIONS, NCAConfig
-from ..resources import DEVICE as ON_DEVICE, HOST, Term, rollout_bytes
+from ..resources import DEVICE as ON_DEVICE, HOST, Term, format_bytes, rollout_bytes
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_TARGET = ASSETS / "default_target.png"
@@ -47,6 +47,17 @@ class TrainOptions:
     "circular" (``NCAConfig``). init: a model file (nca_fast .safetensors or a Distill JSON)
     whose weights start the run instead of a fresh initialisation (a size curriculum: train
     small, then larger from it); its architecture must equal the run's.
+
+    Growth that holds (docs/TRAINING.md, "Growth that holds"; all off by default except the
+    guard). state_bound: a step whose states reach a magnitude above this (or a non-finite
+    value), or whose loss or gradients are not finite, is not applied (no optimizer step, no
+    pool write-back; the offending pool states are reseeded). overflow_loss: weight of a penalty
+    on state values outside [-1, 1]. late_loss: F > 1 continues each rollout of n steps to a
+    second length uniform in [n + 1, F n] and averages the losses at both, so the pattern is also
+    trained to stay after it has grown. reseed_runaway: R > 1 reseeds, instead of writing back,
+    pool states with more than R times the target's live cells. stability: grow from the seed at
+    every checkpoint for 10x the longest rollout and write the long-horizon score
+    (stability.csv, stability.png).
     """
 
     target: Optional[str] = None
@@ -82,6 +93,11 @@ class TrainOptions:
     threads: Optional[int] = None
     out: Optional[str] = None
     init: Optional[str] = None
+    state_bound: float = 1e3
+    overflow_loss: float = 0.0
+    late_loss: float = 0.0
+    reseed_runaway: float = 0.0
+    stability: bool = True
 
     def __post_init__(self):
         def bad(name, expected):
@@ -125,11 +141,19 @@ class TrainOptions:
         for name, lo, hi, text in (("lr", 0.0, math.inf, "a finite number > 0"),
                                    ("lr_drop_factor", 0.0, math.inf, "a finite number >= 0"),
                                    ("curriculum", 0.0, 1.0, "a number in [0, 1]"),
-                                   ("fire_rate", 0.0, 1.0, "a number in [0, 1]")):
+                                   ("fire_rate", 0.0, 1.0, "a number in [0, 1]"),
+                                   ("state_bound", 0.0, math.inf, "a finite number > 0"),
+                                   ("overflow_loss", 0.0, math.inf, "a finite number >= 0"),
+                                   ("late_loss", 0.0, 100.0, "0 (off) or a number in (1, 100]"),
+                                   ("reseed_runaway", 0.0, math.inf,
+                                    "0 (off) or a finite number > 1")):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi \
-                    or not math.isfinite(v) or (name == "lr" and v == 0):
+                    or not math.isfinite(v) or (name in ("lr", "state_bound") and v == 0) \
+                    or (name in ("late_loss", "reseed_runaway") and 0 < v <= 1):
                 bad(name, text)
+        if not isinstance(self.stability, bool):
+            bad("stability", "True or False")
         if (self.rollout_min is not None and self.rollout_max is not None
                 and self.rollout_max <= self.rollout_min):
             raise ValueError(f"rollout: expected rollout_min < rollout_max, got "
@@ -148,6 +172,17 @@ class TrainOptions:
         if self.loss_levels > 1 and self.grid >> (self.loss_levels - 1) < 1:
             raise ValueError(f"loss_levels: {self.loss_levels} levels halve a {self.grid}-cell "
                              f"grid below one cell; use at most {self.grid.bit_length()}")
+
+    @property
+    def longest_rollout(self) -> int:
+        """The longest rollout of the range (resolved options): the unit of the long-horizon
+        score. ``late_loss`` trains beyond it (``longest_trained``)."""
+        return self.rollout_max - 1
+
+    @property
+    def longest_trained(self) -> int:
+        """The most steps a training rollout runs, ``late_loss``'s continuation included."""
+        return late_length(self.rollout_max - 1, self.late_loss)
 
     @property
     def grid(self) -> int:
@@ -196,7 +231,8 @@ class TrainOptions:
 # Options a resumed run may change: they do not alter the maths of a step (a different device or
 # backend still gives a valid continuation, though not a bitwise equal one). A resumed run also
 # keeps writing to its own folder, whatever ``out`` its options hold.
-RESUMABLE = ("steps", "save_every", "video_steps", "mp4", "threads", "device", "backend")
+RESUMABLE = ("steps", "save_every", "video_steps", "mp4", "threads", "device", "backend",
+             "stability")
 
 # Presets set defaults; options given explicitly override them.
 PRESETS: Dict[str, dict] = {
@@ -211,7 +247,34 @@ PRESETS: Dict[str, dict] = {
     # curriculum so early training is not wasted on long rollouts of an untrained model.
     "hires": dict(size=128, batch=4, pool_size=256, checkpoint="sqrt", loss_levels=3,
                   curriculum=0.3, save_every=250),
+    # One GPU, 512 and 1024 cells: start from a grown smaller flower (--init MODEL), a padding of
+    # 1/16 of the size, activation checkpointing (the rollouts are 500-1500 steps: their saved
+    # states would not fit 80 GB otherwise), a loss pyramid down to ~32 cells, and the loss past
+    # the rollout's end that made the CPU curriculum hold its pattern (docs/TRAINING.md).
+    "hires512": dict(size=512, pad=32, hidden=128, batch=2, pool_size=64, steps=3000,
+                     lr=1e-3, lr_drop_at=2400, checkpoint="sqrt", loss_levels=5,
+                     curriculum=0.3, save_every=100, late_loss=3.0),
+    "hires1024": dict(size=1024, pad=64, hidden=128, batch=1, pool_size=32, steps=3000,
+                      lr=1e-3, lr_drop_at=2400, checkpoint="sqrt", loss_levels=6,
+                      curriculum=0.3, save_every=100, late_loss=3.0),
 }
+
+# What the time estimate of ``run_plan`` is scaled from (bench/RESULTS.md). The H200's measured
+# ceilings (2026-11-29): dense tf32 / bf16 matmul rates and device copy bandwidth; the CPU path's
+# measured training rate as a fraction of its own compute floor (train 8 x 72 x 72,
+# nca_fast-torch: 0.742 of the floor). The fused kernels have not been timed on a GPU: the
+# estimate assumes they reach the same fraction of their floor as the CPU path does of its own.
+H200_FLOPS = {"tf32": 360e12, "bf16": 686e12, "ieee": 51e12}
+H200_BYTES_PER_S = 4.24e12
+CPU_TRAIN_FRACTION_OF_FLOOR = 0.742
+CPU_TRAIN_CELL_STEPS_PER_S = 2.59e5      # the same run, one thread of the 2-core CPU
+
+
+def late_length(n: int, factor: float) -> int:
+    """The longest continuation of an n-step rollout under ``--late-loss factor`` (n if off)."""
+    if not factor:
+        return n
+    return n + max(1, math.ceil((factor - 1) * n))
 
 
 def train_memory(o: TrainOptions, shards: int, device: torch.device) -> List[Term]:
@@ -227,9 +290,10 @@ def train_memory(o: TrainOptions, shards: int, device: torch.device) -> List[Ter
     pool_states = 0 if o.experiment == "grow" else o.pool_size // shards * o.accumulate
     n_params = (cfg.num_filters * o.channels + o.channels + 1) * o.hidden + o.channels
     micro = o.batch // shards
-    steps = o.rollout_max - 1
-    rollout = rollout_bytes(resolve_backend(o.backend, device), micro * cells, o.channels, o.hidden, cfg.num_filters,
-                            steps, resolve_checkpoint(o.checkpoint, steps), True, grad=True)
+    steps = o.longest_trained
+    rollout = rollout_bytes(resolve_backend(o.backend, device), micro * cells, o.channels,
+                            o.hidden, cfg.num_filters, steps,
+                            resolve_checkpoint(o.checkpoint, steps), True, grad=True)
     frames = min(o.video_steps, 96) + 2                     # write_outputs keeps about 97
     frames *= 2 if o.experiment == "regenerate" else 1
     side = grid * max(1, 256 // grid)
@@ -254,3 +318,58 @@ def train_memory(o: TrainOptions, shards: int, device: torch.device) -> List[Ter
              f"the {frames} video frames ({where} states and {side} x {side} pictures)",
              frames * (state + 2 * side * side * 3), HOST),
     ]
+
+
+def training_cost(o: TrainOptions):
+    """(tensor FLOPs, HBM bytes) of one training cell-step of the fused kernels (``o``
+    resolved): forward, perception-gradient and weight-gradient kernels (bench/NOTES.md,
+    section 1), plus one more forward per cell-step when the rollout is checkpointed."""
+    c, h, f = o.channels, o.hidden, o.model_config().num_filters
+    k1 = -(-(f * c + 1) // 16) * 16              # perception columns + the bias column, padded
+    fwd = k1 * h + h * c
+    macs = fwd + (fwd + h * k1) + (fwd + k1 * h + h * c)
+    nbytes = 24 * c + 8 * f * c + 8
+    if o.checkpoint is not None:
+        macs += fwd
+        nbytes += 8 * c + 2
+    return 2 * macs, nbytes
+
+
+def run_plan(o: TrainOptions, shards: int, device: torch.device) -> List[str]:
+    """Lines printed before a run starts: the memory estimate (the large buffers of
+    ``train_memory``, device and host) and, labelled as an estimate, the time per step."""
+    o = o.resolved()
+    if device.type == "cuda" and o.backend == "auto":
+        o = dataclasses.replace(o, backend="triton")     # what a GPU runs (a dry run here)
+    terms = train_memory(o, shards, device)
+    lines = []
+    for where, name in ((ON_DEVICE, "cuda device"), (HOST, "host")):
+        mine = [t for t in terms if (t.where == ON_DEVICE and device.type == "cuda")
+                == (where == ON_DEVICE)]
+        if not mine:
+            continue
+        total = sum(t.nbytes for t in mine)
+        parts = ", ".join(f"{t.what} {format_bytes(t.nbytes)}"
+                          for t in sorted(mine, key=lambda t: -t.nbytes)[:3])
+        label = name if device.type == "cuda" else "host (the CPU path)"
+        lines.append(f"memory estimate, {label}: {format_bytes(total)} per process ({parts})")
+    mean_rollout = (o.rollout_min + o.rollout_max - 1) / 2
+    if o.late_loss:                    # continued to a length uniform in [n + 1, F n]
+        mean_rollout *= 1 + (o.late_loss - 1) / 2
+    cell_steps = o.batch * o.grid * o.grid * mean_rollout
+    if device.type == "cuda":
+        flops, nbytes = training_cost(o)
+        floor = min(H200_FLOPS[o.precision] / flops, H200_BYTES_PER_S / nbytes)
+        rate = CPU_TRAIN_FRACTION_OF_FLOOR * floor
+        where = ("one H200 (the fused kernels, not yet timed on a GPU: the CPU path's measured "
+                 f"{CPU_TRAIN_FRACTION_OF_FLOOR:.0%} of its floor applied to the H200 floor of "
+                 f"{floor:.2e} cell-steps/s)")
+    else:
+        rate = CPU_TRAIN_CELL_STEPS_PER_S * 128 / o.hidden
+        where = ("one thread of this project's 2-core CPU (its rate measured at hidden 128, "
+                 "scaled by 128 / hidden; dead cells, which the CPU path skips, make it faster)")
+    sec = cell_steps / rate
+    lines.append(f"time estimate: about {sec:.3g} s per step, {sec * o.steps / 3600:.3g} h for "
+                 f"{o.steps} steps ({cell_steps:.3g} cell-steps a step at {rate:.3g} "
+                 f"cell-steps/s on {where}; an estimate, not a measurement)")
+    return lines

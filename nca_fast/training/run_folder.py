@@ -11,6 +11,7 @@ import csv
 import datetime
 import io as _pyio
 import json
+import math
 import os
 import pathlib
 import sys
@@ -168,7 +169,8 @@ def write_loss_outputs(losses: Sequence[float], run_dir: pathlib.Path, *,
         ax.plot(steps[win - 1:], smooth, lw=1.5, label=f"mean of {win}")
     if lr_drop_at and 0 < lr_drop_at < len(losses):
         ax.axvline(lr_drop_at, color="grey", ls=":", lw=1, label="lr drop")
-    if losses and min(losses) > 0:
+    finite = [v for v in losses if math.isfinite(v)]     # a step the guard skipped may be NaN
+    if finite and min(finite) > 0:
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("MSE (RGBA)" if levels == 1 else f"MSE (RGBA), mean of {levels} levels")

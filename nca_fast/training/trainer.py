@@ -22,6 +22,13 @@ of the pool.
 Where to extend it: ``sample_batch`` draws a step's inputs, ``optimisation_step`` is one
 optimizer step on them, ``at_checkpoint`` runs every ``save_every`` steps (evaluations of the
 model belong there, before the checkpoint is written).
+
+The guard (docs/TRAINING.md, "Divergence"): a step whose loss or gradients are not finite, or
+one of whose states leaves ``|x| <= state_bound``, is not applied: no optimizer step, no pool
+write-back; the pool rows whose states failed are reseeded; the event is counted, logged and
+kept in events.csv. A checkpoint or model is never written with a non-finite weight or pool
+state. ``MAX_SKIPPED_IN_A_ROW`` failed steps in a row end the run with an error (the weights
+have not changed since the first: the model diverges from every state it is given).
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ import math
 import os
 import pathlib
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -40,16 +48,20 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import damage
+from .. import damage, stability
 from ..backends.interface import triton_usable
 from ..devices import resolve_device
+from ..files import atomic_write
 from ..media import load_target, write_png, write_video
 from ..model import NCA, load_any
 from ..resources import check as check_memory
 from .distributed import Dist
-from .options import DEFAULT_TARGET, RESUMABLE, TrainOptions, train_memory
+from .options import DEFAULT_TARGET, RESUMABLE, TrainOptions, late_length, train_memory
 from .run_folder import (CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointError, checkpoint_path,
                          read_checkpoint, save_model, write_loss_outputs, write_safetensors)
+
+
+MAX_SKIPPED_IN_A_ROW = 50
 
 
 def per_sample_loss(x: torch.Tensor, target: torch.Tensor, levels: int = 1) -> torch.Tensor:
@@ -136,6 +148,7 @@ class Batch:
     rows: Optional[torch.Tensor]
     steps: int
     seeds: List[int]
+    late: Optional[int] = None      # --late-loss: the continued rollout's length
 
 
 @dataclass
@@ -203,6 +216,11 @@ class Trainer:
             self.pool = self.seed_state.repeat(o.accumulate * self.part, 1, 1, 1)
         self.step = 0
         self.losses: List[float] = []
+        self.target_live = stability.target_live_cells(self.target)
+        self.counts: Dict[str, int] = {}         # guard events by kind (see _event)
+        self.events: List[dict] = []             # rank 0: the events, for events.csv
+        self.skipped_in_a_row = 0
+        self.last_stability: List[stability.HorizonPoint] = []
         self.elapsed = 0.0
         self.cpu_time = 0.0
         self.stop: Optional[GracefulStop] = None      # set by cli_main: signals stop the loop
@@ -225,18 +243,37 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> float:
-        """One step of the run: draw the batch, one optimizer step, the pool updated; returns
-        the batch's mean loss (before the update)."""
+        """One step of the run: draw the batch, one optimizer step (unless the guard rejects
+        it), the pool updated; returns the batch's mean loss (before the update; over the
+        samples with a finite loss, NaN if none had one)."""
+        o = self.opts
         batch = self.sample_batch()
-        finals, losses = self.optimisation_step(batch.x0, batch.steps, batch.seeds)
-        if batch.rows is not None:
-            self.pool[batch.rows] = torch.cat(finals)
-        loss = float(self.dist.gather(torch.cat(losses)).double().mean())
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss} at step {self.step + 1}; lower --lr "
-                                     "or check the target image")
+        finals, losses, faults, applied = self.optimisation_step(batch.x0, batch.steps,
+                                                                 batch.seeds, batch.late)
+        losses_all = self.dist.gather(torch.cat(losses))
+        fault = torch.cat(faults)
+        if not applied:
+            self._skipped(fault, batch.rows, losses_all)
+        elif batch.rows is not None:
+            final = torch.cat(finals)
+            if o.reseed_runaway:
+                runaway = stability.live_cells(final) > o.reseed_runaway * self.target_live
+                n_run = int(self.dist.gather(runaway.sum().view(1)).sum())
+                if n_run:
+                    final[runaway] = self.seed_state[0]
+                    self._event("runaway", n_run, f"> {o.reseed_runaway:g} x "
+                                f"{self.target_live} live cells: reseeded")
+            self.pool[batch.rows] = final
+        finite = losses_all[torch.isfinite(losses_all)]
+        loss = float(finite.double().mean()) if finite.numel() else math.nan
         self.losses.append(loss)
         self.step += 1
+        self.skipped_in_a_row = 0 if applied else self.skipped_in_a_row + 1
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise FloatingPointError(
+                f"{self.skipped_in_a_row} steps in a row up to step {self.step} were not applied "
+                f"(non-finite losses, states or gradients; events.csv): the model diverges from "
+                f"every state it is given; lower --lr, or start from an earlier checkpoint")
         return loss
 
     def sample_batch(self) -> "Batch":
@@ -250,8 +287,11 @@ class Trainer:
         n = int(torch.randint(lo, hi, (1,), generator=g))
         seeds = torch.randint(0, 2**62, (S,), generator=g).tolist()
         mine = seeds[first:first + K]
+        # Drawn only when asked for: runs without --late-loss keep the article's random stream.
+        late = int(torch.randint(n + 1, late_length(n, o.late_loss) + 1, (1,), generator=g)) \
+            if o.late_loss else None
         if self.pool is None:
-            return Batch(self.seed_state.expand(K * bs, -1, -1, -1).clone(), None, n, mine)
+            return Batch(self.seed_state.expand(K * bs, -1, -1, -1).clone(), None, n, mine, late)
         picks = [torch.randperm(self.part, generator=g)[:bs] for _ in range(S)]
         rows = torch.cat([picks[first + k] + k * self.part for k in range(K)]).to(self.device)
         if o.experiment == "regenerate":
@@ -271,28 +311,53 @@ class Trainer:
                 if gi in owned:
                     x0[gi - owned.start] *= damage.keep_mask(self.grid, self.grid, centre,
                                                              radius, device=self.device)
-        return Batch(x0, rows, n, mine)
+        return Batch(x0, rows, n, mine, late)
 
-    def optimisation_step(self, x0: torch.Tensor, steps: int,
-                          seeds: Sequence[int]) -> "tuple[List[torch.Tensor], List[torch.Tensor]]":
+    def optimisation_step(self, x0: torch.Tensor, steps: int, seeds: Sequence[int],
+                          late: Optional[int] = None):
         """One optimizer step: this process's shards of ``x0`` (``accumulate`` micro-batches,
-        shard k with mask seed ``seeds[k]``) rolled out ``steps`` steps, the loss's gradients
-        (all-reduced under DDP), each normalised, and Adam at this step's learning rate.
-        Returns the shards' final states (detached) and per-sample losses."""
+        shard k with mask seed ``seeds[k]``) rolled out ``steps`` steps (and on to ``late``
+        with ``--late-loss``), the loss's gradients (all-reduced under DDP), each normalised,
+        and Adam at this step's learning rate -- unless the guard rejects the step.
+
+        Returns the shards' final states (detached), per-sample losses, per-sample faults
+        (non-finite loss, or a state beyond ``state_bound``) and whether the step was applied
+        (the same answer on every rank)."""
         o = self.opts
         K, bs = o.accumulate, self.shard_batch
         self.optimizer.zero_grad(set_to_none=True)
-        finals, losses = [], []
+        finals, losses, faults = [], [], []
         for k in range(K):
             sync = self.net is self.model or k == K - 1
             ctx = contextlib.nullcontext() if sync else self.net.no_sync()
             with ctx:
                 y = self.net(x0[k * bs:(k + 1) * bs], steps, seed=seeds[k],
                              checkpoint=o.checkpoint)
-                per = per_sample_loss(y, self.target, o.loss_levels)
+                states = [y]
+                if late is not None:
+                    # The same rollout continued (its masks are those of one ``late``-step
+                    # rollout), through the bare module: DDP prepares its reducer once a step.
+                    states.append(self.model(y, late - steps, seed=seeds[k], first_step=steps,
+                                             checkpoint=o.checkpoint))
+                per = sum(per_sample_loss(z, self.target, o.loss_levels)
+                          for z in states) / len(states)
+                if o.overflow_loss:
+                    per = per + o.overflow_loss * sum(stability.overflow(z)
+                                                      for z in states) / len(states)
                 (per.mean() / K).backward()
-            finals.append(y.detach())
+            bad = ~torch.isfinite(per.detach())
+            for z in states:
+                bad |= stability.state_faults(z, o.state_bound)
+            finals.append(states[-1].detach())
             losses.append(per.detach())
+            faults.append(bad)
+        self.grads_finite = all(bool(torch.isfinite(p.grad).all())
+                                for p in self.model.parameters() if p.grad is not None)
+        # Gradients are all-reduced (equal on every rank); faulty states are per rank.
+        if self.dist.any(any(bool(f.any()) for f in faults) or not self.grads_finite,
+                         self.device):
+            self.optimizer.zero_grad(set_to_none=True)
+            return finals, losses, faults, False
         # After DDP's all-reduce: normalise the averaged gradients, identically on every rank.
         with torch.no_grad():
             for p in self.model.parameters():
@@ -301,24 +366,71 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.optimizer.step()
-        return finals, losses
+        return finals, losses, faults, True
+
+    # ------------------------------------------------------------------ the guard
+    def _event(self, kind: str, samples: int, detail: str, step: Optional[int] = None) -> None:
+        """Count an event of the guards (at ``step``, default: the step in progress); rank 0
+        keeps it for events.csv and prints it (runaway reseeds are routine once asked for:
+        they are counted in the log lines instead)."""
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        step = self.step + 1 if step is None else step
+        if self.dist.rank == 0:
+            self.events.append({"step": step, "event": kind, "samples": samples,
+                                "detail": detail})
+            if kind != "runaway":
+                print(f"nca-fast train: step {step}: {kind}: {detail}", file=sys.stderr,
+                      flush=True)
+
+    def _skipped(self, fault: torch.Tensor, rows, losses_all: torch.Tensor) -> None:
+        """A step that is not applied: reseed the pool rows whose states failed."""
+        n_fault = int(self.dist.gather(fault.sum().view(1)).sum())
+        if rows is not None and bool(fault.any()):
+            self.pool[rows[fault.to(rows.device)]] = self.seed_state[0]
+        why = []
+        if n_fault:
+            why.append(f"{n_fault} sample(s) with a non-finite loss or a state beyond "
+                       f"|x| <= {self.opts.state_bound:g}" +
+                       (" (their pool states reseeded)" if rows is not None else ""))
+        if not self.grads_finite:
+            why.append("non-finite gradients")
+        self._event("skipped", n_fault, "step not applied: " + "; ".join(why))
+
+    def sanitize_pool(self) -> None:
+        """Reseed pool states that are not finite (a checkpoint never holds one)."""
+        if self.pool is None:
+            return
+        bad = ~torch.isfinite(self.pool).flatten(1).all(dim=1)
+        if bool(bad.any()):
+            self.pool[bad] = self.seed_state[0]
+            self._event("pool", int(bad.sum()), "non-finite pool states reseeded before "
+                        "the checkpoint", step=self.step)
 
     # ------------------------------------------------------------------ checkpoints
     def at_checkpoint(self) -> None:
         """What the run does every ``save_every`` steps and after its last step: write the
         checkpoint. Evaluations of the model at checkpoints belong here, before the save, so
-        that a run resumed from any checkpoint repeats none of them and misses none."""
+        that a run resumed from any checkpoint repeats none of them and misses none: the
+        long-horizon score (stability.csv) and the guard's events (events.csv)."""
+        self.write_stability()
         self.save_checkpoint()
 
     def _info(self) -> dict:
         return {"format": CHECKPOINT_FORMAT, "step": self.step, "world_size": self.dist.world,
                 "rank": self.dist.rank, "shards": self.shards,
                 "options": self.opts.to_dict(), "model": self.model.config.to_dict(),
-                "elapsed_s": self.elapsed, "cpu_s": self.cpu_time}
+                "elapsed_s": self.elapsed, "cpu_s": self.cpu_time,
+                "guard": {"counts": self.counts, "events": self.events,
+                          "skipped_in_a_row": self.skipped_in_a_row}}
 
     def save_checkpoint(self) -> pathlib.Path:
         """Write this rank's checkpoint atomically (rank 0's file also holds the shared state)."""
         path = checkpoint_path(self.run_dir, self.dist.rank)
+        self.sanitize_pool()
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:        # cannot happen while the guard holds; never overwrite a good checkpoint
+            raise FloatingPointError(f"parameters {bad} are not finite at step {self.step}; the "
+                                     "checkpoint was not written (the previous one is kept)")
         tensors: Dict[str, torch.Tensor] = {}
         info = self._info()
         if self.pool is not None:
@@ -397,6 +509,10 @@ class Trainer:
                                   f"{self.step}")
         self.elapsed = float(info.get("elapsed_s", 0.0))
         self.cpu_time = float(info.get("cpu_s", 0.0))
+        guard = info.get("guard", {})
+        self.counts = dict(guard.get("counts", {}))
+        self.events = list(guard.get("events", [])) if self.dist.rank == 0 else []
+        self.skipped_in_a_row = int(guard.get("skipped_in_a_row", 0))
 
     # ------------------------------------------------------------------ the loop
     def run(self, on_step: Optional[Callable[["Trainer"], None]] = None) -> None:
@@ -419,9 +535,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4g}", lr=f"{self.lr_at(self.step - 1):.0e}")
                 if (self.log_every and self.dist.rank == 0
                         and (self.step % self.log_every == 0 or self.step == o.steps)):
+                    events = "".join(f", {k} {v}" for k, v in sorted(self.counts.items()))
                     print(f"step {self.step}/{o.steps} loss {loss:.6f} "
                           f"lr {self.lr_at(self.step - 1):.1e} elapsed {self.elapsed:.0f}s "
-                          f"(process cpu {self.cpu_time:.0f}s)",
+                          f"(process cpu {self.cpu_time:.0f}s){events}",
                           flush=True)
                 saved = self.step % o.save_every == 0 or self.step == o.steps
                 if saved:
@@ -437,15 +554,53 @@ class Trainer:
             bar.close()
 
     # ------------------------------------------------------------------ outputs
+    def write_stability(self) -> None:
+        """Rank 0: events.csv with the guard's events so far and, with ``opts.stability``, the
+        long-horizon score of the model as it is now, added to stability.csv / .png."""
+        if self.dist.rank != 0:
+            return
+        self.write_events()
+        if not self.opts.stability:
+            return
+        was = self.model.training
+        self.model.eval()
+        try:
+            rows = stability.long_horizon(self.model, self.target, self.opts.longest_rollout)
+        finally:
+            self.model.train(was)
+        self.last_stability = rows
+        stability.write_files(self.run_dir, self.step, rows)
+        if self.log_every:
+            first, last = rows[0], rows[-1]
+            print(f"step {self.step}: long-horizon score: MSE {first.mse:.5f} at "
+                  f"{first.grow_steps} steps, {last.mse:.5f} at {last.grow_steps}; live cells "
+                  f"{last.live_cells} (target {last.target_live_cells})", flush=True)
+
+    def write_events(self) -> None:
+        """events.csv: every step the guard skipped, or reseeded states in (rank 0)."""
+        import csv
+        import io
+
+        if self.dist.rank != 0:
+            return
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, ["step", "event", "samples", "detail"], lineterminator="\n")
+        w.writeheader()
+        w.writerows(self.events)
+        text = buf.getvalue()
+        atomic_write(self.run_dir / "events.csv", lambda tmp: tmp.write_text(text))
+
     def training_metadata(self) -> dict:
         """What a user of the final model needs to grow it as it was trained."""
         o = self.opts
         return {"experiment": o.experiment, "grid": self.grid, "size": o.size, "pad": o.pad,
                 "rollout": [o.rollout_min, o.rollout_max], "steps": self.step, "seed": o.seed,
-                "final_loss": self.losses[-1] if self.losses else None,
+                "final_loss": next((v for v in reversed(self.losses) if math.isfinite(v)), None),
                 "train_wall_s": round(self.elapsed, 1), "train_cpu_s": round(self.cpu_time, 1),
                 "target": str(o.target) if o.target is not None else "default_target.png",
-                "init": o.init}
+                "init": o.init, "longest_rollout": o.longest_rollout,
+                "longest_trained": o.longest_trained, "guard_events": dict(self.counts),
+                "stability": [dataclasses.asdict(r) for r in self.last_stability]}
 
     def write_outputs(self) -> None:
         """Final model, loss curve, videos (rank 0 only)."""
