@@ -142,6 +142,10 @@ def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
     - C*F = 128 on tensor cores, hidden >= 128: weights per tile, in a loop of 32-unit
       chunks: resident they need 196-360 KB of shared memory and spill 108-648 B on sm_90a;
       so, none there (8 x 16 tiles at 8 warps still spill 4-12 B).
+    - C*F = 96 on tensor cores, hidden >= 128: 2 x 16 tiles (32 cells), weights per tile in a
+      loop of 32-unit chunks: resident, tf32 needs 184-328 KB of shared memory (over sm_80's
+      164 KB) and spills 40-2144 B (bf16 on sm_80: 112-204 B); at 4 x 16 in the loop 20-620 B;
+      so, none on either arch (206-250 registers), at ~3x the instructions of a 64-cell tile.
     """
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
@@ -153,6 +157,8 @@ def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
                 th, warps, hc = 8, 8, 16
         else:
             resident, hc = False, 32
+    elif channels * num_filters == 96 and precision != "ieee" and hidden >= 128:
+        th, resident, hc = 2, False, 32
     return StepConfig(th * tw, warps, 1, int64, _dense_programs(warps, device), hc,
                       tile_h=th, tile_w=tw, resident=resident)
 
