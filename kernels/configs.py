@@ -34,6 +34,7 @@ class StepConfig:
     tile_h: int = 0   # 2-D tiles: rows x columns of cells (block_m = tile_h * tile_w)
     tile_w: int = 0
     resident: bool = True   # weights loaded once per program (else once per tile)
+    anchor: bool = False    # bwd_weights: the perception tile through an opaque move (_layout_anchor)
 
 
 # The filter banks the kernels hold as constants (``_tile._bank``: the Sobel pair's zero taps
@@ -164,25 +165,31 @@ def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
 
 
 def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
-                   device=None, precision: str = "tf32") -> StepConfig:
+                   device=None, precision: str = "tf32", bank: int = 0) -> StepConfig:
     """The weight-gradient kernel: persistent 2-D tiles, hidden units as the MMA rows.
 
-    Rule (bench/NOTES.md, section 6): C*F = 128 and hidden >= 64 on tensor cores: 4 x 8 tiles
-    (32 cells, the K of the weight-gradient dots): the [HR, 64] activations next to the
-    [HR, 4C] accumulators spill 20-492 B at 64 cells (sm_90a), none at 32.
+    Rules (bench/NOTES.md, section 6):
+
+    - The Laplacian bank (codes 2, 3): the perception tile through a layout anchor. Its
+      conversions were otherwise pushed back onto the 9 taps (18 [M, C] conversions instead of
+      two): ptxas settled at 32 registers and spilled 10-26 KB (C = 32: sm_80 at every hidden
+      size, sm_90a at hidden 32; C = 16 too).
+    - C*F = 128 on tensor cores: 4 x 8 tiles (32 cells, the K of the weight-gradient dots):
+      the [HR, 64] activations next to the [HR, 4C] accumulators spill 20-492 B at 64 cells
+      (sm_90a, hidden 64-256), and 496-716 B at hidden 32 with the anchor; none at 32 cells.
     """
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
         return StepConfig(64 * 64, 4, 1, int64, 4, hidden, tile_h=64, tile_w=64)
     th, tw = 4, 16
-    if channels * num_filters >= 128 and hidden >= 64 and precision != "ieee":
+    if channels * num_filters >= 128 and precision != "ieee":
         tw = 8
     # hidden_chunk = HR, the hidden units (MMA rows) of one program: 128 at most. 8 warps: the
     # two warpgroups take half of them each; ~170 registers a thread, so one program per SM.
     hr = min(hidden, 128)
     programs = max(1, _sm_count(device) // (hidden // hr))
     return StepConfig(th * tw, 8 if hr >= 128 else 4, 1, int64, programs, hr, tile_h=th,
-                      tile_w=tw)
+                      tile_w=tw, anchor=bank >= 2)
 
 
 def select_transpose(n_cells: int, channels: int, num_filters: int, device=None,
