@@ -101,7 +101,7 @@ def _nca_step_bwd_gp_kernel(
     C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, HC: tl.constexpr, BANK: tl.constexpr,
     CIRCULAR: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
-    RESIDENT: tl.constexpr,
+    RESIDENT: tl.constexpr, ANCHOR: tl.constexpr,
 ):
     M: tl.constexpr = TH * TW
     NCH: tl.constexpr = HID // HC
@@ -148,7 +148,7 @@ def _nca_step_bwd_gp_kernel(
         p0, p1, p2, p3 = _bank(v0, v1, v2, v3, v4, v5, v6, v7, v8, filt_ptr, NF, BANK)
         if NF == 3:
             p3 = tl.where((cl[None, :] == 0) & (cw >= 0)[:, None], 1.0, 0.0).to(dtype)
-        pc = _concat4(p0, p1, p2, p3)
+        pc = _layout_anchor(_concat4(p0, p1, p2, p3), ANCHOR)
 
         # ---- the update's gradient: the cells that fired (and are in the grid)
         g = tl.load(g_ptr + cell[:, None] * C + cl[None, :])
@@ -488,7 +488,7 @@ def bwd_gp(r, cw, g, w1k, b1, w2t, filters, *, circular: bool, precision: str, b
         C=C, HID=HID, NF=F_, TH=cfg.tile_h, TW=cfg.tile_w, HC=cfg.hidden_chunk,
         BANK=min(bank, 2),
         CIRCULAR=circular, PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64,
-        RESIDENT=cfg.resident,
+        RESIDENT=cfg.resident, ANCHOR=cfg.anchor,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
     return gp
 
