@@ -203,6 +203,24 @@ def _fire_bit(seed, cell, step, fire_threshold, INT64: tl.constexpr):
 
 
 @triton.jit
+def _layout_anchor(x, ON: tl.constexpr):
+    """x itself; with ON, through an opaque move (compiled code only: the interpreter runs no
+    PTX) that the layout pass cannot rematerialise. Without it, the conversions of a
+    perception tile built from the taps by additions alone (the named banks) are pushed back
+    onto the 9 taps, one copy of each per consumer layout: the Laplacian bank's weight kernel
+    then needs more than 255 registers and ptxas settles at 32 (bench/NOTES.md, section 6)."""
+    if ON:
+        if x.dtype == tl.bfloat16:
+            return tl.inline_asm_elementwise("mov.b16 $0, $1;", "=h,h", [x], dtype=tl.bfloat16,
+                                             is_pure=False, pack=1)
+        else:
+            return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                             is_pure=False, pack=1)
+    else:
+        return x
+
+
+@triton.jit
 def _loop_zero(v):
     """0 for a v >= 0 that the compiler cannot prove non-negative (a tile coordinate).
 

@@ -34,6 +34,7 @@ class StepConfig:
     tile_h: int = 0   # 2-D tiles: rows x columns of cells (block_m = tile_h * tile_w)
     tile_w: int = 0
     resident: bool = True   # weights loaded once per program (else once per tile)
+    anchor: bool = False    # backward dense kernels: the perception tile through an opaque move (_layout_anchor)
 
 
 # The filter banks the kernels hold as constants (``_tile._bank``: the Sobel pair's zero taps
@@ -134,49 +135,60 @@ def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
 
     Rules (bench/NOTES.md, section 6):
 
-    - C*F = 128 in bf16, hidden <= 64: 8 x 16 tiles, 8 warps (two warpgroups of 64 cells),
-      weights resident in chunks of 16: at 4 x 16 and 4 warps the Laplacian bank spills
-      7.9-38.8 KB on sm_80 (ptxas settles at 32 registers), none so on either arch. tf32
-      keeps 4 x 16 at 4 warps: spill-free on sm_80 under no configuration tried, and on
-      sm_90a only so (227-236 registers; 12-76 B spilled at 8 warps).
+    - C*F = 128, the Laplacian bank, tensor cores: the perception tile through a layout
+      anchor (``_layout_anchor``): without it the 9 taps are converted to the tile's layout
+      one by one and, on sm_80, ptxas settles at 32 registers: 7.9-38.8 KB spilled (hidden
+      32-256); so, hidden 32 / 64 compile spill-free at 4 x 16 on both archs (bf16 no longer
+      needs 8 x 16 tiles at 8 warps).
     - C*F = 128 on tensor cores, hidden >= 128: weights per tile, in a loop of 32-unit
       chunks: resident they need 196-360 KB of shared memory and spill 108-648 B on sm_90a;
       so, none there (8 x 16 tiles at 8 warps still spill 4-12 B).
+    - C*F = 96 on tensor cores, hidden >= 128: 2 x 16 tiles (32 cells), weights per tile in a
+      loop of 32-unit chunks: resident, tf32 needs 184-328 KB of shared memory (over sm_80's
+      164 KB) and spills 40-2144 B (bf16 on sm_80: 112-204 B); at 4 x 16 in the loop 20-620 B;
+      so, none on either arch (206-250 registers), at ~3x the instructions of a 64-cell tile.
     """
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
         return StepConfig(64 * 64, 4, 1, int64, 4, hidden, tile_h=64, tile_w=64)
     th, tw, warps, resident, hc = 4, 16, 4, True, min(hidden, 64)
-    if channels * num_filters >= 128 and precision != "ieee":
-        if hidden <= 64:
-            if precision == "bf16":
-                th, warps, hc = 8, 8, 16
-        else:
-            resident, hc = False, 32
+    anchor = channels * num_filters >= 128 and bank >= 2 and precision != "ieee"
+    if channels * num_filters >= 128 and precision != "ieee" and hidden >= 128:
+        resident, hc = False, 32
+    elif channels * num_filters == 96 and precision != "ieee" and hidden >= 128:
+        th, resident, hc = 2, False, 32
     return StepConfig(th * tw, warps, 1, int64, _dense_programs(warps, device), hc,
-                      tile_h=th, tile_w=tw, resident=resident)
+                      tile_h=th, tile_w=tw, resident=resident, anchor=anchor)
 
 
 def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
-                   device=None, precision: str = "tf32") -> StepConfig:
+                   device=None, precision: str = "tf32", bank: int = 0) -> StepConfig:
     """The weight-gradient kernel: persistent 2-D tiles, hidden units as the MMA rows.
 
-    Rule (bench/NOTES.md, section 6): C*F = 128 and hidden >= 64 on tensor cores: 4 x 8 tiles
-    (32 cells, the K of the weight-gradient dots): the [HR, 64] activations next to the
-    [HR, 4C] accumulators spill 20-492 B at 64 cells (sm_90a), none at 32.
+    Rules (bench/NOTES.md, section 6):
+
+    - C*F = 128, the Laplacian bank (codes 2, 3), tensor cores: the perception tile through
+      a layout anchor (``_layout_anchor``). Its conversions were otherwise pushed back onto the
+      9 taps (18 [M, C] conversions instead of two): ptxas settled at 32 registers and spilled
+      10-26 KB (sm_80 at every hidden size, sm_90a at hidden 32). C = 16 keeps its code (its
+      F = 4 Laplacian class spills so too).
+    - C*F = 128 on tensor cores: 4 x 8 tiles (32 cells, the K of the weight-gradient dots):
+      the [HR, 64] activations next to the [HR, 4C] accumulators spill 20-492 B at 64 cells
+      (sm_90a, hidden 64-256), and 496-716 B at hidden 32 with the anchor; none at 32 cells.
     """
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
         return StepConfig(64 * 64, 4, 1, int64, 4, hidden, tile_h=64, tile_w=64)
     th, tw = 4, 16
-    if channels * num_filters >= 128 and hidden >= 64 and precision != "ieee":
+    if channels * num_filters >= 128 and precision != "ieee":
         tw = 8
     # hidden_chunk = HR, the hidden units (MMA rows) of one program: 128 at most. 8 warps: the
     # two warpgroups take half of them each; ~170 registers a thread, so one program per SM.
     hr = min(hidden, 128)
     programs = max(1, _sm_count(device) // (hidden // hr))
+    anchor = bank >= 2 and channels * num_filters >= 128 and precision != "ieee"
     return StepConfig(th * tw, 8 if hr >= 128 else 4, 1, int64, programs, hr, tile_h=th,
-                      tile_w=tw)
+                      tile_w=tw, anchor=anchor)
 
 
 def select_transpose(n_cells: int, channels: int, num_filters: int, device=None,

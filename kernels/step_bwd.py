@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._tile import (_as_k_operand, _bank, _bias_rows, _concat4, _k_rows, _load_taps, _loop_zero, _mm, _nb,
+from ._tile import (_as_k_operand, _bank, _bias_rows, _concat4, _k_rows, _layout_anchor, _load_taps,
+                    _loop_zero, _mm, _nb,
                     _plain_bits, _tap_bit, _tile_cells, _tile_next, _tile_start, _w1_block,
                     _w1_tile)
 from .step_fwd import check_shapes, lap_scale, nca_step_fwd, persistent_grid
@@ -100,7 +101,7 @@ def _nca_step_bwd_gp_kernel(
     C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, HC: tl.constexpr, BANK: tl.constexpr,
     CIRCULAR: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
-    RESIDENT: tl.constexpr,
+    RESIDENT: tl.constexpr, ANCHOR: tl.constexpr,
 ):
     M: tl.constexpr = TH * TW
     NCH: tl.constexpr = HID // HC
@@ -147,7 +148,7 @@ def _nca_step_bwd_gp_kernel(
         p0, p1, p2, p3 = _bank(v0, v1, v2, v3, v4, v5, v6, v7, v8, filt_ptr, NF, BANK)
         if NF == 3:
             p3 = tl.where((cl[None, :] == 0) & (cw >= 0)[:, None], 1.0, 0.0).to(dtype)
-        pc = _concat4(p0, p1, p2, p3)
+        pc = _layout_anchor(_concat4(p0, p1, p2, p3), ANCHOR)
 
         # ---- the update's gradient: the cells that fired (and are in the grid)
         g = tl.load(g_ptr + cell[:, None] * C + cl[None, :])
@@ -315,6 +316,7 @@ def _nca_step_bwd_weights_kernel(
     C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr, HR: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BANK: tl.constexpr, NEXT: tl.constexpr,
     CIRCULAR: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+    ANCHOR: tl.constexpr,
 ):
     """Program (p, j) walks tiles p, p + P, ... for hidden units j*HR .. j*HR + HR (HR = HID
     unless the accumulators of every unit would not fit). PART = 4C*HID (dW1 as [4C, HID],
@@ -367,7 +369,7 @@ def _nca_step_bwd_weights_kernel(
         p0, p1, p2, p3 = _bank(v0, v1, v2, v3, v4, v5, v6, v7, v8, filt_ptr, NF, BANK)
         if NF == 3:
             p3 = tl.where((cl[None, :] == 0) & (cw >= 0)[:, None], 1.0, 0.0).to(dtype)
-        pc = _concat4(p0, p1, p2, p3)
+        pc = _layout_anchor(_concat4(p0, p1, p2, p3), ANCHOR)
 
         # ---- hidden units as rows: h^T = W1^T p^T, gh^T = (W2^T gdx^T) * (h_pre > 0)
         hp = _mm(w1t, tl.trans(pc), tl.zeros([HR, M], dtype=dtype), PRECISION)
@@ -486,7 +488,7 @@ def bwd_gp(r, cw, g, w1k, b1, w2t, filters, *, circular: bool, precision: str, b
         C=C, HID=HID, NF=F_, TH=cfg.tile_h, TW=cfg.tile_w, HC=cfg.hidden_chunk,
         BANK=min(bank, 2),
         CIRCULAR=circular, PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64,
-        RESIDENT=cfg.resident,
+        RESIDENT=cfg.resident, ANCHOR=cfg.anchor,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
     return gp
 
@@ -498,7 +500,7 @@ def bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, *, circular: bool, preci
     cfg: ``configs.select_weights(...)``."""
     B, H, W, C = r.shape
     F_, _, HID = w1k.shape
-    cfg = cfg or configs.select_weights(B * H * W, C, HID, F_, r.device, precision)
+    cfg = cfg or configs.select_weights(B * H * W, C, HID, F_, r.device, precision, bank)
     programs, *sizes = persistent_grid(B, H, W, cfg)
     if tuple(parts.shape) != (programs, part_size(C, HID)) or parts.dtype != r.dtype:
         raise ValueError(f"parts: expected a {r.dtype} [{programs}, {part_size(C, HID)}] buffer "
@@ -510,7 +512,7 @@ def bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, *, circular: bool, preci
         C=C, HID=HID, NF=F_, HR=cfg.hidden_chunk, TH=cfg.tile_h, TW=cfg.tile_w,
         BANK=min(bank, 2),
         NEXT=next_step is not None, CIRCULAR=circular,
-        PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64,
+        PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64, ANCHOR=cfg.anchor,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
 
 

@@ -95,7 +95,7 @@ class _Steps:
         n = B * H * W
         self.cfg_fwd = configs.select_forward(n, C, HID, nf, x.device, s.precision, self.bank)
         self.cfg_gp = configs.select_backward(n, C, HID, nf, x.device, s.precision, self.bank)
-        self.cfg_w = configs.select_weights(n, C, HID, nf, x.device, s.precision)
+        self.cfg_w = configs.select_weights(n, C, HID, nf, x.device, s.precision, self.bank)
         self.cfg_in = configs.select_transpose(n, C, nf, x.device, self.bank)
         self.kw = dict(seed=s.seed, fire_threshold=fire_threshold(s.fire_rate),
                        alive_threshold=s.alive_threshold, alpha_channel=s.alpha_channel,
