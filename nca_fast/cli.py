@@ -191,7 +191,6 @@ def grow(args: argparse.Namespace) -> int:
     longest = facts.get("longest_rollout")
     if args.steps is None:
         args.steps = hint.get("steps") or (2 * int(longest) if longest else 96)
-    target = _score_target(args, facts, model_path)
     scale = args.scale if args.scale is not None else max(1, 288 // args.size)
     try:
         check(grow_memory(model, args.size, args.steps, scale, args.backend, device), device,
@@ -202,6 +201,7 @@ def grow(args: argparse.Namespace) -> int:
         writable_folder(out.parent)
     except OSError as e:
         raise UsageError(f"--out {out}: {e}") from None
+    target = _score_target(args, facts, model_path)      # after the memory check: size^2 pixels
 
     x = model.seed_state(1, args.size, args.size)
     frames = [x[0].cpu()]
@@ -307,6 +307,7 @@ def grow_memory(model, size: int, steps: int, scale: int, backend: str, device):
                          None, cfg.alive_masking, grad=False) + 2 * cfg.channels * size * size * 4
     return [
         Term(f"--size {size}", f"the rollout on a {size} x {size} grid", work, DEVICE),
+        Term(f"--size {size}", "the score's target, RGBA on the grid", 4 * size * size * 4, HOST),
         Term(f"--size {size} --steps {steps}", f"the {n} states kept for the video",
              n * cfg.channels * size * size * 4, HOST),
         Term(f"--scale {scale} --size {size} --steps {steps}",
