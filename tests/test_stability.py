@@ -302,3 +302,22 @@ def test_training_cost_matches_the_kernel_notes():
     # at C = 16, hidden = 128, the Sobel bank.
     flops, nbytes = O.training_cost(TrainOptions(hidden=128).resolved())
     assert flops == 2 * 49152 and nbytes == 776
+
+
+@pytest.mark.parametrize("name", ["flower48", "flower96"])
+def test_shipped_curriculum_models_hold(name):
+    """The shipped stages hold by the project's criterion, grown as their metadata says."""
+    from nca_fast.media import load_target
+    from nca_fast.model import load_any, shipped_models
+
+    path = shipped_models()[name]
+    facts = stability.model_facts(path)
+    model = load_any(path, backend="torch")
+    target = load_target(stability.resolve_target(facts["target"], path), facts["size"],
+                         facts["pad"])
+    rows = stability.long_horizon(model, target, facts["longest_rollout"])
+    assert [r.grow_steps for r in rows] == [m * facts["longest_rollout"] for m in (1, 2, 5, 10)]
+    assert stability.holds(rows), stability.format_rows(rows)
+    recorded = facts["score"]["rows"]
+    for r, (m, steps, mse, live) in zip(rows, recorded):
+        assert r.grow_steps == steps and r.mse == pytest.approx(mse, rel=0.02), (r, mse)
