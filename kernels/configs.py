@@ -176,21 +176,29 @@ def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
     - C = 16, the Laplacian bank, tensor cores: the same anchor: the same 32 registers and
       7.8-11.6 KB spilled (sm_80 hidden 32-256, sm_90a hidden 32, tf32 / bf16, next); anchored
       none, at 65-278 warp-instr / cell instead of 405-1724 (sm_90a hidden >= 64 unchanged).
-    - C*F = 128 on tensor cores: 4 x 8 tiles (32 cells, the K of the weight-gradient dots):
+    - C*F >= 96 on tensor cores: 4 x 8 tiles (32 cells, the K of the weight-gradient dots):
       the [HR, 64] activations next to the [HR, 4C] accumulators spill 20-492 B at 64 cells
-      (sm_90a, hidden 64-256), and 496-716 B at hidden 32 with the anchor; none at 32 cells.
+      (C*F = 128, sm_90a, hidden 64-256), and 496-716 B at hidden 32 with the anchor; C*F = 96
+      (next) 4-400 B (sobel and data banks, hidden 32-256, one arch or both); none at 32 cells
+      (sm_90a cost at C*F = 96: 0.97-1.18x warp-instr / cell).
+    - C*F = 96, the Sobel bank, tensor cores: the anchor too: at 4 x 8 it saves 1-12% of the
+      warp-instructions (sm_90a h32 tf32 170.5 -> 149.9) and is spill-free on both archs.
+    - C*F = 128, taps as data (bank 0), hidden 32: 2 x 8 tiles (16 cells): 4 x 8 spills 8 B
+      (sm_80) / 64 B (sm_90a), 2 x 8 none, at 1.13x on sm_90a (8 warps: none, 1.47x).
     """
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
         return StepConfig(64 * 64, 4, 1, int64, 4, hidden, tile_h=64, tile_w=64)
     th, tw = 4, 16
-    if channels * num_filters >= 128 and precision != "ieee":
+    if _wide(channels, num_filters) and precision != "ieee":
         tw = 8
+        if bank == 0 and channels * num_filters >= 128 and hidden == 32:
+            th = 2
     # hidden_chunk = HR, the hidden units (MMA rows) of one program: 128 at most. 8 warps: the
     # two warpgroups take half of them each; ~170 registers a thread, so one program per SM.
     hr = min(hidden, 128)
     programs = max(1, _sm_count(device) // (hidden // hr))
-    anchor = bank >= 2 and precision != "ieee"
+    anchor = precision != "ieee" and (bank >= 2 or (bank == 1 and _wide(channels, num_filters)))
     return StepConfig(th * tw, 8 if hr >= 128 else 4, 1, int64, programs, hr, tile_h=th,
                       tile_w=tw, anchor=anchor)
 
