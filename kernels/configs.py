@@ -91,7 +91,8 @@ def _sm_count(device) -> int:
 
 def _wide(channels: int, num_filters: int) -> bool:
     """The wide inputs: C = 32 (C*F = 96 or 128 perception features). Every rule below that
-    departs from the C = 16 configuration is for these; C = 16 compiles as it always has."""
+    departs from the C = 16 configuration is for these; C = 16 compiles as it always has, but
+    for the Laplacian bank's layout anchor (select_backward, select_weights)."""
     return channels * num_filters >= 96
 
 
@@ -139,7 +140,8 @@ def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
       anchor (``_layout_anchor``): without it the 9 taps are converted to the tile's layout
       one by one and, on sm_80, ptxas settles at 32 registers: 7.9-38.8 KB spilled (hidden
       32-256); so, hidden 32 / 64 compile spill-free at 4 x 16 on both archs (bf16 no longer
-      needs 8 x 16 tiles at 8 warps).
+      needs 8 x 16 tiles at 8 warps). C = 16 with the Laplacian bank takes it too: spill-free
+      either way, 3-12% fewer warp-instructions per cell anchored (hidden 32 / 128, both archs).
     - C*F = 128 on tensor cores, hidden >= 128: weights per tile, in a loop of 32-unit
       chunks: resident they need 196-360 KB of shared memory and spill 108-648 B on sm_90a;
       so, none there (8 x 16 tiles at 8 warps still spill 4-12 B).
@@ -152,7 +154,7 @@ def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
     if interpreting():
         return StepConfig(64 * 64, 4, 1, int64, 4, hidden, tile_h=64, tile_w=64)
     th, tw, warps, resident, hc = 4, 16, 4, True, min(hidden, 64)
-    anchor = channels * num_filters >= 128 and bank >= 2 and precision != "ieee"
+    anchor = bank >= 2 and precision != "ieee"
     if channels * num_filters >= 128 and precision != "ieee" and hidden >= 128:
         resident, hc = False, 32
     elif channels * num_filters == 96 and precision != "ieee" and hidden >= 128:
@@ -170,23 +172,33 @@ def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
     - C*F = 128, the Laplacian bank (codes 2, 3), tensor cores: the perception tile through
       a layout anchor (``_layout_anchor``). Its conversions were otherwise pushed back onto the
       9 taps (18 [M, C] conversions instead of two): ptxas settled at 32 registers and spilled
-      10-26 KB (sm_80 at every hidden size, sm_90a at hidden 32). C = 16 keeps its code (its
-      F = 4 Laplacian class spills so too).
-    - C*F = 128 on tensor cores: 4 x 8 tiles (32 cells, the K of the weight-gradient dots):
+      10-26 KB (sm_80 at every hidden size, sm_90a at hidden 32).
+    - C = 16, the Laplacian bank, tensor cores: the same anchor: the same 32 registers and
+      7.8-11.6 KB spilled (sm_80 hidden 32-256, sm_90a hidden 32, tf32 / bf16, next); anchored
+      none, at 65-278 warp-instr / cell instead of 405-1724 (sm_90a hidden >= 64 unchanged).
+    - C*F >= 96 on tensor cores: 4 x 8 tiles (32 cells, the K of the weight-gradient dots):
       the [HR, 64] activations next to the [HR, 4C] accumulators spill 20-492 B at 64 cells
-      (sm_90a, hidden 64-256), and 496-716 B at hidden 32 with the anchor; none at 32 cells.
+      (C*F = 128, sm_90a, hidden 64-256), and 496-716 B at hidden 32 with the anchor; C*F = 96
+      (next) 4-400 B (sobel and data banks, hidden 32-256, one arch or both); none at 32 cells
+      (sm_90a cost at C*F = 96: 0.97-1.18x warp-instr / cell).
+    - C*F = 96, the Sobel bank, tensor cores: the anchor too: at 4 x 8 it saves 1-12% of the
+      warp-instructions (sm_90a h32 tf32 170.5 -> 149.9) and is spill-free on both archs.
+    - C*F = 128, taps as data (bank 0), hidden 32: 2 x 8 tiles (16 cells): 4 x 8 spills 8 B
+      (sm_80) / 64 B (sm_90a), 2 x 8 none, at 1.13x on sm_90a (8 warps: none, 1.47x).
     """
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
         return StepConfig(64 * 64, 4, 1, int64, 4, hidden, tile_h=64, tile_w=64)
     th, tw = 4, 16
-    if channels * num_filters >= 128 and precision != "ieee":
+    if _wide(channels, num_filters) and precision != "ieee":
         tw = 8
+        if bank == 0 and channels * num_filters >= 128 and hidden == 32:
+            th = 2
     # hidden_chunk = HR, the hidden units (MMA rows) of one program: 128 at most. 8 warps: the
     # two warpgroups take half of them each; ~170 registers a thread, so one program per SM.
     hr = min(hidden, 128)
     programs = max(1, _sm_count(device) // (hidden // hr))
-    anchor = bank >= 2 and channels * num_filters >= 128 and precision != "ieee"
+    anchor = precision != "ieee" and (bank >= 2 or (bank == 1 and _wide(channels, num_filters)))
     return StepConfig(th * tw, 8 if hr >= 128 else 4, 1, int64, programs, hr, tile_h=th,
                       tile_w=tw, anchor=anchor)
 
