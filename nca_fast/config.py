@@ -126,17 +126,23 @@ class NCAConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "NCAConfig":
-        if not isinstance(d, dict):
-            raise ValueError(f"config: expected a JSON object, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"config: unknown fields {unknown}; expected a subset of "
-                             f"{sorted(names)}")
-        return cls(**d)
+        return from_fields(cls, d, "config")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def from_fields(cls, d, what: str):
+    """``cls(**d)`` for a dataclass ``cls`` read from JSON: ``d`` must be an object whose keys
+    are fields of ``cls``; a ValueError names ``what`` and the unknown fields."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{what}: expected a JSON object, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{what}: unknown fields {unknown}; expected a subset of "
+                         f"{sorted(names)}")
+    return cls(**d)
 
 
 def _is_int(v) -> bool:

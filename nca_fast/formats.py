@@ -169,15 +169,20 @@ def _check_file_sizes(path, channels: int, hidden: int, num_filters: int) -> Non
                              f"(at most {cap}); refusing to allocate it")
 
 
-def _check_header_shapes(path, header: dict, config: NCAConfig) -> None:
-    """The safetensors header's tensor names, shapes and dtypes against the config's."""
-    names = [k for k in header if k != "__metadata__"]
+def _check_names(path, names) -> None:
+    """``names`` (tensor names) are exactly ``PARAM_NAMES``."""
     missing = [k for k in PARAM_NAMES if k not in names]
     if missing:
         raise ValueError(f"{path}: missing tensors {missing}; expected {list(PARAM_NAMES)}")
     extra = sorted(set(names) - set(PARAM_NAMES))
     if extra:
         raise ValueError(f"{path}: unexpected tensors {extra}; expected {list(PARAM_NAMES)}")
+
+
+def _check_header_shapes(path, header: dict, config: NCAConfig) -> None:
+    """The safetensors header's tensor names, shapes and dtypes against the config's."""
+    names = [k for k in header if k != "__metadata__"]
+    _check_names(path, names)
     for k, shape in param_shapes(config).items():
         info = header[k]
         got = info.get("shape") if isinstance(info, dict) else None
@@ -194,12 +199,7 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], config: NCAConfig, path) 
     """``tensors`` hold exactly ``PARAM_NAMES``, shaped for ``config``, floating point and
     finite; a ValueError names ``path`` and the first problem."""
     expected = param_shapes(config)
-    missing = [k for k in PARAM_NAMES if k not in tensors]
-    if missing:
-        raise ValueError(f"{path}: missing tensors {missing}; expected {list(PARAM_NAMES)}")
-    extra = sorted(set(tensors) - set(PARAM_NAMES))
-    if extra:
-        raise ValueError(f"{path}: unexpected tensors {extra}; expected {list(PARAM_NAMES)}")
+    _check_names(path, tensors)
     for k in PARAM_NAMES:
         t = tensors[k]
         if tuple(t.shape) != expected[k]:

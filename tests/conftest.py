@@ -60,3 +60,17 @@ def distill_dir():
     if not DISTILL.is_dir():
         pytest.skip(f"the published Distill models are not at {DISTILL} (../shared absent)")
     return DISTILL
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (modules opt in with ``pytestmark``). The grids in tests
+    are tiny: with 2 threads each op's OpenMP barrier costs more than the op, a descheduled
+    thread on a loaded 2-core machine stalls every barrier, and bitwise comparisons of
+    training runs need one fixed reduction order. Results do not depend on the thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,13 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 GPU_CHECK = ROOT / "bench" / "gpu_check.sh"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads on a busy 2-core machine wait on each other far longer than they work.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ providers

@@ -21,16 +21,7 @@ from tolerances import assert_close_verbose, tolerance
 STEPS, SEED = 5, 1234
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These grids are tiny: with 2 threads, each op's OpenMP barrier costs more than the op,
-    and on a loaded CI machine a descheduled thread stalls every barrier (a 5-step case went
-    from 0.1 s to 3-7 s). Results do not depend on the thread count; bench/cpu_speed.py
-    measures the multi-threaded speed."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(cfg, dtype, seed=0):

@@ -32,12 +32,7 @@ TINY_ARGS = ["--size", "8", "--pad", "2", "--hidden", "32", "--batch", "4", "--p
 BIN = pathlib.Path(sys.executable).parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env():

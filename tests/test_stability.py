@@ -16,16 +16,10 @@ from nca_fast.train import TrainOptions, Trainer, cli_main as train_cli, train
 from nca_fast.training import options as O
 from nca_fast.training import trainer as TR
 
-TINY = dict(size=8, pad=2, hidden=32, batch=4, pool_size=16, rollout_min=6, rollout_max=10,
-            backend="torch", device="cpu")
+from cases import TINY
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _snapshot(tr):

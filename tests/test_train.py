@@ -21,17 +21,10 @@ from nca_fast.training import run_folder
 from nca_fast.training.options import PRESETS, TrainOptions
 from nca_fast.training.trainer import Trainer, per_sample_loss
 
-TINY = dict(size=8, pad=2, hidden=32, batch=4, pool_size=16, rollout_min=6, rollout_max=10,
-            backend="torch", device="cpu")
+from cases import TINY
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Bitwise comparisons need one fixed reduction order; the CPU is shared with other jobs.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _weights(model):

@@ -13,7 +13,7 @@ import torch
 
 from ..backends import BACKENDS, resolve as resolve_backend
 from ..backends.interface import resolve_checkpoint
-from ..config import ARTICLE_GRID, FILTER_BANKS, PADDINGS, PRECISIONS, NCAConfig
+from ..config import ARTICLE_GRID, FILTER_BANKS, PADDINGS, PRECISIONS, NCAConfig, from_fields
 from ..resources import DEVICE as ON_DEVICE, HOST, Term, format_bytes, rollout_bytes
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
@@ -124,18 +124,11 @@ class TrainOptions:
         seed = self.seed
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             bad("seed", "an integer in [0, 2**63)")
-        if self.experiment not in EXPERIMENTS:
-            bad("experiment", f"one of {EXPERIMENTS}")
-        if self.backend not in BACKENDS:
-            bad("backend", f"one of {BACKENDS}")
-        if self.precision not in PRECISIONS:
-            bad("precision", f"one of {PRECISIONS}")
-        if self.filters not in FILTER_BANKS:
-            bad("filters", f"one of {tuple(FILTER_BANKS)}")
-        if self.padding not in PADDINGS:
-            bad("padding", f"one of {PADDINGS}")
-        if self.device not in DEVICES:
-            bad("device", f"one of {DEVICES}")
+        for name, allowed in (("experiment", EXPERIMENTS), ("backend", BACKENDS),
+                              ("precision", PRECISIONS), ("filters", tuple(FILTER_BANKS)),
+                              ("padding", PADDINGS), ("device", DEVICES)):
+            if getattr(self, name) not in allowed:
+                bad(name, f"one of {allowed}")
         # lr and its drop factor must be finite: lr = inf passed a check of (0, inf] and the
         # first step made every weight NaN.
         for name, lo, hi, text in (("lr", 0.0, math.inf, "a finite number > 0"),
@@ -219,13 +212,7 @@ class TrainOptions:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainOptions":
-        if not isinstance(d, dict):
-            raise ValueError(f"options: expected a JSON object, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"options: unknown fields {unknown}")
-        return cls(**d)
+        return from_fields(cls, d, "options")
 
 
 # Options a resumed run may change: they do not alter the maths of a step (a different device or
