@@ -19,6 +19,10 @@ PRECISION_CODES = {"ieee": 0, "tf32": 1, "bf16": 2}
 # batch is 64-bit), and a tile may start up to 8,192 cells (the largest, interpreted tile) before
 # a grid's end. A grid this large would hold 128 GiB of state at C = 16.
 MAX_GRID_CELLS = 2**31 - 8192
+# Floating-point fusion (a * b + c as one FMA) in every launch, set rather than left to
+# Triton's default, which Triton 3.10 turns off: the kernels' numerics and instruction counts
+# are verified with it on (docs/MODEL.md, "Numerics").
+FP_FUSION = True
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,11 @@ class StepConfig:
     tile_w: int = 0
     resident: bool = True   # weights loaded once per program (else once per tile)
     anchor: bool = False    # backward dense kernels: the perception tile through an opaque move (_layout_anchor)
+
+    def launch_options(self) -> dict:
+        """The compile options of a launch with this configuration."""
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg,
+                    enable_fp_fusion=FP_FUSION)
 
 
 # The filter banks the kernels hold as constants (``_tile._bank``: the Sobel pair's zero taps

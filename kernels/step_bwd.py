@@ -355,8 +355,9 @@ def _nca_step_bwd_weights_kernel(
         if NEXT:
             g = _input_grad(gpn_ptr, cwn_ptr, gn_ptr, filt_ptr, base, y, x, cell, H, W, lz,
                             C, NF, BANK, CIRCULAR)
-            tl.store(g_ptr + cell[:, None] * C + cl[None, :], g.to(g_ptr.dtype.element_ty),
-                     mask=ok[:, None] & (j0 == 0))
+            if j0 == 0:
+                tl.store(g_ptr + cell[:, None] * C + cl[None, :], g.to(g_ptr.dtype.element_ty),
+                         mask=ok[:, None])
         else:
             g = tl.load(g_ptr + cell[:, None] * C + cl[None, :])
         cw = tl.load(cw_ptr + cell).to(tl.int32)
@@ -394,7 +395,8 @@ def _nca_step_bwd_weights_kernel(
     p = part + 4 * C * HID + hh[:, None] * C + cols[None, :]
     tl.store(p, tl.load(p, mask=hok[:, None]) + dw2, mask=hok[:, None])
     p = part + 4 * C * HID + HID * C + cols
-    tl.store(p, tl.load(p) + tl.sum(db2, axis=0), mask=j0 == 0)
+    if j0 == 0:
+        tl.store(p, tl.load(p) + tl.sum(db2, axis=0))
     if NF == 4:
         p = part + 4 * C * HID + HID * C + C + hh
         tl.store(p, tl.load(p, mask=hok) + db1, mask=hok)
@@ -489,7 +491,7 @@ def bwd_gp(r, cw, g, w1k, b1, w2t, filters, *, circular: bool, precision: str, b
         BANK=min(bank, 2),
         CIRCULAR=circular, PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64,
         RESIDENT=cfg.resident, ANCHOR=cfg.anchor,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
+        **cfg.launch_options())
     return gp
 
 
@@ -513,7 +515,7 @@ def bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, *, circular: bool, preci
         BANK=min(bank, 2),
         NEXT=next_step is not None, CIRCULAR=circular,
         PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64, ANCHOR=cfg.anchor,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
+        **cfg.launch_options())
 
 
 def bwd_input(gp, cw, g, filters, shape, *, circular: bool, bank: int, grad_r=None, cfg=None):
@@ -528,8 +530,7 @@ def bwd_input(gp, cw, g, filters, shape, *, circular: bool, bank: int, grad_r=No
         gp, cw, g, grad_r, filters,
         H, W, *sizes,
         C=C, NF=F_, TH=cfg.tile_h, TW=cfg.tile_w, BANK=min(bank, 2), CIRCULAR=circular,
-        INT64=cfg.int64, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        maxnreg=cfg.maxnreg)
+        INT64=cfg.int64, **cfg.launch_options())
     return grad_r
 
 

@@ -44,7 +44,7 @@ def _nca_step_fwd_kernel(
     hq_ptr,         # [B, H+4, W+4] uint8 hq bytes of r (HAS_Q): bit 0 pending pre-mask, 1 hot
     out_ptr,        # [B*H*W, C] this step's raw update
     hq_out_ptr,     # [B, H+4, W+4] uint8 this step's hq bytes (ALIVE; the border stays zero)
-    cw_out_ptr,     # [B*H*W] int16 the cells' words for the backward (save_cw): taps, fire
+    cw_out_ptr,     # [B*H*W] int16 the cells' words for the backward (SAVE_CW): taps, fire
     # parameters
     w1_ptr,         # [F, C, HID]  W1_k[c, j] = w1[j, c*F + k]
     b1_ptr,         # [HID]
@@ -53,14 +53,14 @@ def _nca_step_fwd_kernel(
     filt_ptr,       # [F, 9] filter taps, row-major 3x3 (read when BANK == 0)
     lap,            # the Laplacian's scale in a named bank (1 or 1/16)
     # step
-    seed, step, fire_threshold, thr, save_cw,
+    seed, step, fire_threshold, thr,
     # sizes: tiles of TH x TW cells, tiles_y x tiles_x per grid; the persistent programs step
     # num_programs = step_b * tiles_y * tiles_x + step_y * tiles_x + step_x tiles at a time
     H, W, tiles_x, tiles_y, n_tiles, step_b, step_y, step_x,
     C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr, ALPHA: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, HC: tl.constexpr, BANK: tl.constexpr,
     HAS_Q: tl.constexpr, ALIVE: tl.constexpr, CIRCULAR: tl.constexpr, PRECISION: tl.constexpr,
-    INT64: tl.constexpr, RESIDENT: tl.constexpr,
+    INT64: tl.constexpr, RESIDENT: tl.constexpr, SAVE_CW: tl.constexpr,
 ):
     M: tl.constexpr = TH * TW
     NCH: tl.constexpr = HID // HC
@@ -97,7 +97,8 @@ def _nca_step_fwd_kernel(
         else:
             cw = _plain_bits(r_ptr, base, y, x, H, W, thr, C, ALPHA, ALIVE, CIRCULAR)
         cw |= _fire_bit(seed, cell, step, fire_threshold, INT64) << 1
-        tl.store(cw_out_ptr + cell, _pack_cw(cw).to(tl.int16), mask=ok & (save_cw != 0))
+        if SAVE_CW:
+            tl.store(cw_out_ptr + cell, _pack_cw(cw).to(tl.int16), mask=ok)
 
         # ---- neighbourhood and perception: [M, 4C], a constant-1 column after F = 3 filters
         lz = _loop_zero(tx)
@@ -279,11 +280,11 @@ def launch_fwd(cfg, r, q, w1k, b1, w2t, b2, filters, *, seed: int, step: int,
         w1k, b1, w2t, b2, filters,
         lap_scale(bank),
         seed, step, fire_threshold, float(alive_threshold) if alive else 0.0,
-        int(cw_out is not None),
         H, W, *sizes,
         C=C, HID=HID, NF=F_, ALPHA=alpha_channel, TH=cfg.tile_h, TW=cfg.tile_w,
         HC=cfg.hidden_chunk, BANK=min(bank, 2), HAS_Q=q is not None, ALIVE=alive, CIRCULAR=circular,
         PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64, RESIDENT=cfg.resident,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
+        SAVE_CW=cw_out is not None,
+        **cfg.launch_options(),
     )
     return out, (q_out if alive else None)
