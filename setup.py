@@ -6,13 +6,11 @@ from setuptools import setup
 #   imageio: GIF and MP4 writing; tqdm: progress bars; matplotlib: loss curves and bench plots.
 install_requires = [
     "torch>=2.4",
-    # numpy < 2.4: the Triton 3.6 interpreter turns loop bounds into ints with int(array),
-    # which numpy 2.4 made an error (kernels on CPU, TRITON_INTERPRET=1).
-    "numpy<2.4",
-    # triton 3.6.x only: the kernels are verified (interpreter, ahead-of-time compile checks)
-    # and their executed instructions counted on 3.6; triton 3.9 compiles them to much slower
-    # code. CI installs this range (.ci/run has no pin of its own).
-    "triton>=3.6,<3.7; platform_system == 'Linux'",
+    "numpy",
+    # triton: every release a current PyTorch pins (torch 2.11: 3.6, 2.12: 3.7, 2.14: 3.8,
+    # 2.15: 3.9). No upper bound: a newer Triton installs, and the Triton backend warns that it
+    # is outside the verified range (nca_fast/backends/interface.py, VERIFIED_TRITON).
+    "triton>=3.6; platform_system == 'Linux'",
     "safetensors>=0.4",
     "Pillow>=9",
     "imageio>=2.20",

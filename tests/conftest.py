@@ -14,8 +14,29 @@ SHARED = ROOT.parent / "shared"
 DISTILL = SHARED / "data" / "distill"
 
 
+def interpreter_needs_older_numpy() -> bool:
+    """Triton 3.6's interpreter runs a loop over ``range(a, b, c)`` of 1-element arrays, which
+    numpy 2.4 no longer converts to ints: every kernel with a runtime loop bound fails there."""
+    import numpy as np
+
+    try:
+        import triton
+    except ImportError:
+        return False
+    major_minor = lambda v: tuple(int(p) for p in v.split(".")[:2])  # noqa: E731
+    return major_minor(triton.__version__) < (3, 7) and major_minor(np.__version__) >= (2, 4)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long opt-in checks (sweeps), run with --runslow")
+    if os.environ.get("TRITON_INTERPRET") == "1" and interpreter_needs_older_numpy():
+        import numpy as np
+        import triton
+
+        raise pytest.UsageError(
+            f"triton {triton.__version__}'s interpreter (the kernel tests on a CPU) needs "
+            f"numpy < 2.4, found {np.__version__}: pip install 'numpy<2.4' (triton 3.7 and "
+            f"later need no such pin)")
 
 
 def pytest_addoption(parser):

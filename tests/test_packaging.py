@@ -73,15 +73,18 @@ def test_wheel_declares_the_console_script(wheel):
     assert ep["console_scripts"]["nca-fast"].strip() == "nca_fast.cli:main"
     meta = _dist_info(wheel, "METADATA")
     assert "Provides-Extra: video" in meta and "Requires-Dist: safetensors" in meta
-    # What users install: triton 3.6.x (the version the kernels are verified and counted on),
-    # numpy below 2.4 (the triton 3.6 interpreter needs it).
+    # What users install: any triton from the oldest verified release on (the one torch 2.11
+    # pins) and any numpy: no upper bound that would keep a current PyTorch out.
+    from nca_fast.backends.interface import VERIFIED_TRITON
+
     requires = [line.split(":", 1)[1].strip() for line in meta.splitlines()
                 if line.startswith("Requires-Dist:")]
     triton = [r for r in requires if r.startswith("triton")]
-    assert len(triton) == 1 and _spec(triton[0]) == {">=3.6", "<3.7"}, triton
+    assert len(triton) == 1 and _spec(triton[0]) == {f">={VERIFIED_TRITON[0]}"}, triton
     assert "Linux" in triton[0]
     numpy = [r for r in requires if r.startswith("numpy")]
-    assert len(numpy) == 1 and _spec(numpy[0]) == {"<2.4"}, numpy
+    assert len(numpy) == 1 and _spec(numpy[0]) == set(), numpy
+    assert not [r for r in requires if "<" in r.split(";")[0]], requires
 
 
 def _spec(requirement):
@@ -91,16 +94,21 @@ def _spec(requirement):
 
 def test_installed_triton_is_in_the_supported_range():
     """CI installs what setup.py requires (no pin of its own): the triton that the compile
-    checks (tests/test_compile.py) and the interpreter tests run with is the users' one."""
+    checks (tests/test_compile.py) and the interpreter tests run with is the users' one, and a
+    verified release."""
     import importlib.metadata as md
     from packaging.requirements import Requirement
     from packaging.version import Version
+
+    from nca_fast.backends.interface import VERIFIED_TRITON
 
     if not sys.platform.startswith("linux"):
         pytest.skip("triton is required on Linux only")
     reqs = [Requirement(r) for r in md.requires("nca-fast") or []]
     (triton,) = [r for r in reqs if r.name == "triton"]
-    assert Version(md.version("triton")) in triton.specifier, (md.version("triton"), triton)
+    version = md.version("triton")
+    assert Version(version) in triton.specifier, (version, triton)
+    assert ".".join(version.split(".")[:2]) in VERIFIED_TRITON, version
 
 
 def test_installed_wheel_runs(wheel, tmp_path):

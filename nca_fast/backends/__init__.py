@@ -3,16 +3,18 @@
 - ``torch`` (``torch_backend``): PyTorch ops, any device; a CPU's fast path.
 - ``triton`` (``triton_backend``): the fused Triton kernels; CUDA (or Triton's CPU interpreter).
 
-``"auto"`` picks triton for CUDA tensors when triton is installed, torch otherwise.
+``"auto"`` picks triton for CUDA tensors when a verified triton is installed, torch otherwise
+(with a warning that says why, on CUDA).
 """
 from __future__ import annotations
 
+import warnings
 from types import ModuleType
 
 import torch
 
 from . import torch_backend, triton_backend
-from .interface import has_triton
+from .interface import triton_problem
 
 BACKENDS = ("auto", "torch", "triton")
 _MODULES = {"torch": torch_backend, "triton": triton_backend}
@@ -23,7 +25,14 @@ def resolve(name: str, device: torch.device) -> str:
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
     if name == "auto":
-        return "triton" if device.type == "cuda" and has_triton() else "torch"
+        if device.type != "cuda":
+            return "torch"
+        problem = triton_problem()
+        if problem is not None:
+            warnings.warn(f"backend='auto' runs the torch backend on {device}: {problem}",
+                          RuntimeWarning, stacklevel=3)
+            return "torch"
+        return "triton"
     return name
 
 

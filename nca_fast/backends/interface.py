@@ -29,13 +29,38 @@ Checkpoint = Union[None, str, int]
 Result = Union[Tensor, Tuple[Tensor, List[Tensor]]]
 
 
-def has_triton() -> bool:
-    """True when triton can be imported (it is a Linux-only dependency)."""
+# The Triton releases (major.minor) the kernels are verified on: interpreter tests, spill-free
+# compiles and executed-instruction counts (bench/toolchains.py writes the table, bench/NOTES.md
+# section 7 holds it).
+VERIFIED_TRITON = ("3.6", "3.7", "3.8", "3.9")
+
+
+def triton_version() -> Optional[str]:
+    """The installed triton's version, or None when it cannot be imported (it is a Linux-only
+    dependency)."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
-        return False
-    return True
+        return None
+    return triton.__version__
+
+
+def has_triton() -> bool:
+    """True when triton can be imported."""
+    return triton_version() is not None
+
+
+def triton_problem() -> Optional[str]:
+    """Why the Triton kernels should not be picked by default here (triton missing, or a release
+    outside ``VERIFIED_TRITON``), or None."""
+    version = triton_version()
+    verified = f"{VERIFIED_TRITON[0]} to {VERIFIED_TRITON[-1]}"
+    if version is None:
+        return f"triton is not installed (the kernels are verified on triton {verified})"
+    if ".".join(version.split(".")[:2]) not in VERIFIED_TRITON:
+        return (f"triton {version} is installed; the kernels are verified on triton {verified} "
+                f"only")
+    return None
 
 
 def triton_usable(device: torch.device) -> bool:

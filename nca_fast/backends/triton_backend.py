@@ -6,11 +6,13 @@ Triton's interpreter when ``TRITON_INTERPRET=1`` was set before triton was impor
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .. import functional
 from ..params import Params
-from .interface import check_rollout, run_in_frames, triton_usable
+from .interface import check_rollout, has_triton, run_in_frames, triton_problem, triton_usable
 
 
 def rollout(x: torch.Tensor, params: Params, config, *, steps: int, seed: int,
@@ -19,11 +21,17 @@ def rollout(x: torch.Tensor, params: Params, config, *, steps: int, seed: int,
     of ``x`` for 0 steps)."""
     params, segment = check_rollout(x, params, config, steps, seed, first_step, checkpoint,
                                     frames)
+    problem = triton_problem()
+    if not has_triton():
+        raise RuntimeError(f"backend='triton': {problem}; use backend='torch' or install "
+                           f"triton")
     if not triton_usable(x.device):
         raise RuntimeError(
             f"backend='triton' cannot run on a {x.device.type} tensor here: use "
             "backend='torch', move the input to CUDA, or set TRITON_INTERPRET=1 before "
             "importing nca_fast to run the kernels in Triton's CPU interpreter")
+    if problem is not None:
+        warnings.warn(f"backend='triton': {problem}", RuntimeWarning, stacklevel=3)
     w1, b1, w2, b2, filters = params
     filters = filters.to(x.dtype)
 
