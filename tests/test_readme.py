@@ -106,6 +106,9 @@ def test_set_up_is_two_commands_and_ci_runs_the_test_one():
     assert f'"$PY" -m pip install {shlex.join(pip_args)}' in ci
     assert "triton==" not in ci and "triton>=" not in ci
     assert '"$PY" -m pytest -q' in ci
+    # ... then the kernel checks under the oldest supported Triton, the first verified one.
+    assert "VERIFIED_TRITON as v; print(v[0])" in ci
+    assert '"$PY" -m bench.toolchains --versions "$oldest.0"' in ci
 
 
 def test_grow_as_written(tmp_path):
