@@ -35,12 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 VERSIONS = ("3.6.0", "3.7.0", "3.8.0", "3.9.0")
 KERNEL_TESTS = ("tests/test_kernels.py", "tests/test_properties.py", "tests/test_compile.py")
 SASS_COUNT = ROOT.parent / "shared" / "tools" / "sass_count.py"
-TEST_PACKAGES = ("pytest", "pytest-benchmark", "hypothesis")
 
 
 def requirements(triton: str, torch: str) -> List[str]:
-    """What one environment installs beside the editable project."""
-    reqs = [f"torch=={torch}", f"triton=={triton}", *TEST_PACKAGES]
+    """The pins of one environment (the project and its test extra come with them)."""
+    reqs = [f"torch=={torch}", f"triton=={triton}"]
     if tuple(int(p) for p in triton.split(".")[:2]) < (3, 7):
         reqs.append("numpy<2.4")
     return reqs
@@ -56,13 +55,13 @@ def environment(folder: Path, triton: str, torch: str, log) -> Path:
         return python
     if not python.exists():
         venv.create(folder, with_pip=True)
-    for args in (["-m", "pip", "install", "-q", *requirements(triton, torch)],
-                 ["-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)]):
-        r = subprocess.run([str(python), *args], capture_output=True, text=True)
-        log.write(r.stdout + r.stderr)
-        if r.returncode != 0:
-            raise RuntimeError(f"triton {triton}: pip {' '.join(args[2:])} failed:\n"
-                               f"{r.stderr[-2000:]}")
+    # one resolution: the pins above with the project's own requirements and test extra
+    args = ["-m", "pip", "install", "-q", *requirements(triton, torch), "-e", f"{ROOT}[test]"]
+    r = subprocess.run([str(python), *args], capture_output=True, text=True)
+    log.write(r.stdout + r.stderr)
+    if r.returncode != 0:
+        raise RuntimeError(f"triton {triton}: pip {' '.join(args[2:])} failed:\n"
+                           f"{r.stderr[-2000:]}")
     stamp.write_text(want)
     return python
 
