@@ -1,0 +1,103 @@
+"""Running an exported page in a headless Chromium: the state after N steps, and screenshots.
+
+The page's test contract (``nca_fast.export``): opened as ``PAGE.html#steps=N&seed=S``, it runs
+N steps and writes ``<pre id="nca-state">`` with the state as JSON, which
+``chromium --headless --dump-dom`` prints. WebGL2 runs there on the CPU (SwiftShader) when the
+machine has no GPU.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import tempfile
+from typing import Optional
+
+import numpy as np
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+# No network, no first-run work, a fresh profile each time (given per call). --no-sandbox: the
+# sandbox cannot start as root, as in CI containers.
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-extensions", "--mute-audio", "--hide-scrollbars")
+STATE = re.compile(r'<pre id="nca-state">(.*?)</pre>', re.S)
+
+
+class BrowserError(RuntimeError):
+    """The browser did not run the page, or the page reported an error."""
+
+
+def find_chromium() -> Optional[str]:
+    """The path of a Chromium (or Chrome) executable, or None: ``$NCA_CHROMIUM``, else the first
+    of ``BROWSERS`` on the PATH."""
+    env = os.environ.get("NCA_CHROMIUM")
+    if env:
+        return env if shutil.which(env) else None
+    for name in BROWSERS:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def page_url(page, **params) -> str:
+    """``file://`` URL of ``page`` with ``params`` in the fragment (``#steps=32&seed=0``)."""
+    url = pathlib.Path(page).resolve().as_uri()
+    if params:
+        url += "#" + "&".join(f"{k}={v}" for k, v in params.items() if v is not None)
+    return url
+
+
+def _browse(args, timeout: float, browser: Optional[str]) -> str:
+    browser = browser or find_chromium()
+    if browser is None:
+        raise BrowserError("no Chromium found (install Debian's chromium package, or set "
+                           "NCA_CHROMIUM to a Chromium or Chrome executable)")
+    with tempfile.TemporaryDirectory(prefix="nca-chromium-") as profile:
+        cmd = [browser, *FLAGS, f"--user-data-dir={profile}", *args]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise BrowserError(f"{browser} did not finish within {timeout:.0f} s") from None
+    if done.returncode != 0:
+        tail = (done.stderr or "").strip().splitlines()[-3:]
+        raise BrowserError(f"{browser} exited with status {done.returncode}: {' | '.join(tail)}")
+    return done.stdout
+
+
+def run_page(page, steps: int, seed: int = 0, *, size: Optional[int] = None,
+             timeout: float = 120.0, browser: Optional[str] = None):
+    """Run ``steps`` steps of the page in a headless Chromium; returns (state, info): the
+    state as a C x H x W float32 array and the rest of the page's JSON (``ms``: the steps' wall
+    time in the page, ``renderer``, ``seed``, ``steps``)."""
+    dom = _browse(["--dump-dom", page_url(page, steps=steps, seed=seed, size=size)], timeout,
+                  browser)
+    found = STATE.search(dom)
+    if not found or not found.group(1).strip():
+        raise BrowserError("the page wrote no state into <pre id=\"nca-state\">")
+    info = json.loads(html.unescape(found.group(1)))
+    if "error" in info:
+        raise BrowserError(f"the page reported: {info['error']}")
+    shape = tuple(info.pop("shape"))
+    data = np.frombuffer(base64.b64decode(info.pop("data")), dtype="<f4")
+    if data.size != int(np.prod(shape)):
+        raise BrowserError(f"the page's state has {data.size} values, expected {shape}")
+    return data.reshape(shape).copy(), info
+
+
+def screenshot(page, png, steps: int, seed: int = 0, *, size: Optional[int] = None,
+               window=(400, 460), timeout: float = 120.0,
+               browser: Optional[str] = None) -> pathlib.Path:
+    """A PNG of the page after ``steps`` steps (the canvas shows the grown state)."""
+    png = pathlib.Path(png).resolve()
+    _browse([f"--screenshot={png}", f"--window-size={window[0]},{window[1]}",
+             page_url(page, steps=steps, seed=seed, size=size)], timeout, browser)
+    if not png.is_file():
+        raise BrowserError(f"the browser wrote no screenshot to {png}")
+    return png
