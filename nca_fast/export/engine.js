@@ -7,7 +7,8 @@ class NCAError extends Error {}
 
 class NCAEngine {
   // model: the page's JSON (nca_fast/export/__init__.py, page_model); size: grid side in cells.
-  constructor(canvas, model, size, preserve) {
+  // targets: at most this many render targets per pass (default: the browser's limit).
+  constructor(canvas, model, size, preserve, targets) {
     const gl = canvas.getContext("webgl2", { antialias: false, preserveDrawingBuffer: !!preserve });
     if (!gl) throw new NCAError("this browser has no WebGL2, which the page needs to run the model");
     if (!gl.getExtension("EXT_color_buffer_float")) {
@@ -19,7 +20,7 @@ class NCAEngine {
     const C = model.channels;
     this.m = {
       channels: C, groups: Math.ceil(C / 4), hidden: model.hidden, filters: model.filters,
-      padding: model.padding, alphaChannel: model.alpha_channel,
+      padding: model.padding, alphaChannel: model.alpha_channel, aliveThreshold: model.alive_threshold,
       alphaGroup: Math.floor(model.alpha_channel / 4), alphaComponent: model.alpha_channel % 4,
     };
     this.model = model;
@@ -42,7 +43,8 @@ class NCAEngine {
         "this browser has " + units);
     }
     this.size = size;
-    this.chunk = Math.min(gl.getParameter(gl.MAX_DRAW_BUFFERS), gl.getParameter(gl.MAX_COLOR_ATTACHMENTS));
+    this.chunk = Math.min(gl.getParameter(gl.MAX_DRAW_BUFFERS), gl.getParameter(gl.MAX_COLOR_ATTACHMENTS),
+      targets || Infinity);
     this.weights = this._texture(ww, wh, decodeFloats(model.weights));
     this.sets = [0, 1, 2].map(() => Array.from({ length: G }, () => this._texture(size, size, null)));
     this.fb = gl.createFramebuffer();
@@ -174,6 +176,7 @@ class NCAEngine {
       gl.uniform2ui(pass.prog.loc.key, this.key[0], this.key[1]);
       gl.uniform1ui(pass.prog.loc.threshold, this.model.fire_threshold);
       gl.uniform1ui(pass.prog.loc.t, this.t >>> 0);
+      if (this.alivePasses) gl.uniform1f(pass.prog.loc.aliveThreshold, this.model.alive_threshold);
       this._draw(pass, U);
     }
     if (this.alivePasses) {

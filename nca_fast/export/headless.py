@@ -25,7 +25,9 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
 # sandbox cannot start as root, as in CI containers.
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-extensions", "--mute-audio", "--hide-scrollbars")
+         "--disable-extensions", "--mute-audio", "--hide-scrollbars",
+         # WebGL on the CPU (SwiftShader) where there is no GPU: Chromium asks for this opt-in.
+         "--enable-unsafe-swiftshader")
 STATE = re.compile(r'<pre id="nca-state">(.*?)</pre>', re.S)
 
 
@@ -72,16 +74,22 @@ def _browse(args, timeout: float, browser: Optional[str]) -> str:
 
 
 def run_page(page, steps: int, seed: int = 0, *, size: Optional[int] = None,
-             timeout: float = 120.0, browser: Optional[str] = None):
+             targets: Optional[int] = None, timeout: float = 120.0,
+             browser: Optional[str] = None):
     """Run ``steps`` steps of the page in a headless Chromium; returns (state, info): the
     state as a C x H x W float32 array and the rest of the page's JSON (``ms``: the steps' wall
-    time in the page, ``renderer``, ``seed``, ``steps``)."""
-    dom = _browse(["--dump-dom", page_url(page, steps=steps, seed=seed, size=size)], timeout,
-                  browser)
+    time in the page, ``renderer``, ``seed``, ``steps``). ``targets``: at most this many render
+    targets per shader pass."""
+    url = page_url(page, steps=steps, seed=seed, size=size, targets=targets)
+    dom = _browse(["--dump-dom", url], timeout, browser)
     found = STATE.search(dom)
     if not found or not found.group(1).strip():
         raise BrowserError("the page wrote no state into <pre id=\"nca-state\">")
-    info = json.loads(html.unescape(found.group(1)))
+    return _state(html.unescape(found.group(1)))
+
+
+def _state(text: str):
+    info = json.loads(text)
     if "error" in info:
         raise BrowserError(f"the page reported: {info['error']}")
     shape = tuple(info.pop("shape"))
@@ -101,3 +109,42 @@ def screenshot(page, png, steps: int, seed: int = 0, *, size: Optional[int] = No
     if not png.is_file():
         raise BrowserError(f"the browser wrote no screenshot to {png}")
     return png
+
+
+HARNESS = """<!DOCTYPE html>
+<html><body><pre id="nca-states"></pre><script>
+const urls = @URLS@, got = {};
+window.addEventListener("message", (ev) => {
+  got[ev.data.page] = ev.data.state;
+  if (Object.keys(got).length === urls.length) {
+    document.getElementById("nca-states").textContent = JSON.stringify(got);
+    document.querySelectorAll("iframe").forEach((f) => f.remove());
+  }
+});
+for (const u of urls) {
+  const f = document.createElement("iframe");
+  f.src = u;
+  document.body.appendChild(f);
+}
+</script></body></html>
+"""
+
+
+def run_pages(pages, steps: int, seed: int = 0, *, size: Optional[int] = None,
+              timeout: float = 300.0, browser: Optional[str] = None):
+    """``run_page`` for many pages in one browser: each runs in a frame of one harness page and
+    posts its state to it. Returns {page: (state, info)} in the order of ``pages``."""
+    pages = [pathlib.Path(p).resolve() for p in pages]
+    urls = [page_url(p, steps=steps, seed=seed, size=size) for p in pages]
+    with tempfile.TemporaryDirectory(prefix="nca-harness-") as folder:
+        harness = pathlib.Path(folder) / "harness.html"
+        harness.write_text(HARNESS.replace("@URLS@", json.dumps(urls)), encoding="utf-8")
+        # Virtual time: the dump waits until the frames' messages have been handled.
+        dom = _browse(["--virtual-time-budget=600000", "--dump-dom", harness.as_uri()], timeout,
+                      browser)
+    found = re.search(r'<pre id="nca-states">(.*?)</pre>', dom, re.S)
+    if not found or not found.group(1).strip():
+        raise BrowserError(f"the harness page did not receive the states of all {len(pages)} "
+                           "pages")
+    states = json.loads(html.unescape(found.group(1)))
+    return {p: _state(states[u]) for p, u in zip(pages, urls)}

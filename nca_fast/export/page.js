@@ -1,6 +1,7 @@
 // The page: grows the model from the seed, erases a disc where the pointer drags, and the
 // controls. Opened as PAGE.html#steps=N&seed=S (and optionally &size=CELLS), it instead runs N
-// steps without a UI loop and writes the state as JSON into <pre id="nca-state">.
+// steps without a UI loop and writes the state as JSON into <pre id="nca-state">. &targets=K
+// limits the render targets per pass to K (tests run the multi-pass path with it).
 "use strict";
 
 (function () {
@@ -22,7 +23,22 @@
     const msg = err instanceof NCAError ? err.message : "unexpected error: " + err;
     $("nca-message").textContent = msg;
     $("nca-message").hidden = false;
-    if (params.has("steps")) $("nca-state").textContent = JSON.stringify({ error: msg });
+    if (params.has("steps")) {
+      $("nca-state").textContent = JSON.stringify({ error: msg });
+      report($("nca-state").textContent);
+    }
+  }
+
+  // The canvas fills the window below the controls.
+  function fit() {
+    const bar = $("nca-controls").getBoundingClientRect().height + 16;
+    const side = Math.max(64, Math.floor(Math.min(window.innerWidth - 16, window.innerHeight - bar)));
+    canvas.style.width = canvas.style.height = side + "px";
+    canvas.width = canvas.height = Math.round(side * (window.devicePixelRatio || 1));
+  }
+
+  function info(engine) {
+    return model.name + ", " + engine.size + " x " + engine.size + " cells, update-mask seed " + engine.seed;
   }
 
   function headless(engine) {
@@ -32,13 +48,23 @@
     engine.finish();
     const ms = performance.now() - t0;
     const data = engine.read();
-    canvas.width = canvas.height = Math.max(engine.size, 256);
+    fit();
+    $("nca-step").textContent = "step " + engine.t;
+    $("nca-info").textContent = info(engine);
     engine.draw(0, 0, engine.size);
     engine.finish();
-    $("nca-state").textContent = JSON.stringify({
+    const state = JSON.stringify({
       shape: [model.channels, engine.size, engine.size], steps, seed: engine.seed.toString(),
       ms, renderer: engine.gl.getParameter(engine.gl.RENDERER), data: encodeFloats(data),
     });
+    $("nca-state").textContent = state;
+    report(state);
+  }
+
+  // In a frame (nca_fast.export.headless runs many pages in one browser that way), the state
+  // or error also goes to the parent page.
+  function report(state) {
+    if (window.parent !== window) window.parent.postMessage({ page: location.href, state }, "*");
   }
 
   function interactive(engine) {
@@ -49,13 +75,6 @@
     const view = () => {
       const span = engine.size / ui.zoom;
       return { x0: (engine.size - span) / 2, y0: (engine.size - span) / 2, span };
-    };
-    const fit = () => {
-      const bar = $("nca-controls").getBoundingClientRect().height + 16;
-      const side = Math.max(64, Math.floor(Math.min(window.innerWidth - 16, window.innerHeight - bar)));
-      canvas.style.width = canvas.style.height = side + "px";
-      const px = Math.round(side * (window.devicePixelRatio || 1));
-      canvas.width = canvas.height = px;
     };
     const status = () => {
       const now = performance.now();
@@ -99,14 +118,14 @@
     $("nca-speed").oninput = () => { ui.perFrame = Number($("nca-speed").value); $("nca-speed-v").textContent = ui.perFrame; };
     $("nca-zoom").oninput = () => { ui.zoom = Number($("nca-zoom").value); $("nca-zoom-v").textContent = ui.zoom + "x"; };
     window.addEventListener("resize", fit);
-    $("nca-info").textContent = model.name + ", " + engine.size + " x " + engine.size +
-      " cells, update-mask seed " + engine.seed;
+    $("nca-info").textContent = info(engine);
     fit();
     requestAnimationFrame(frame);
   }
 
   try {
-    const engine = new NCAEngine(canvas, model, intParam("size", model.size, 3), params.has("steps"));
+    const engine = new NCAEngine(canvas, model, intParam("size", model.size, 3), params.has("steps"),
+      intParam("targets", 0, 1));
     const seed = params.has("seed") ? params.get("seed") : "0";
     if (!/^\d+$/.test(seed)) throw new NCAError("seed: expected an integer in [0, 2**63), got " + JSON.stringify(seed));
     engine.setSeed(seed);

@@ -62,7 +62,7 @@ const NCAShaders = (function () {
   function update(m, g0, g1) {
     const G = m.groups, F = m.filters.length, H = m.hidden;
     let s = HEADER + samplers(G, "S") + "uniform sampler2D W;\nuniform ivec2 size;\n" +
-      "uniform uvec2 key;\nuniform uint threshold;\nuniform uint t;\n";
+      "uniform uvec2 key;\nuniform uint threshold;\nuniform uint t;\nuniform float aliveThreshold;\n";
     for (let g = g0; g < g1; g++) s += "layout(location = " + (g - g0) + ") out vec4 o" + g + ";\n";
     s += fetcher(m.padding) + PHILOX;
     s += "void main() {\n  ivec2 c = ivec2(gl_FragCoord.xy);\n";
@@ -89,6 +89,20 @@ const NCAShaders = (function () {
       }
     }
     for (let g = g0; g < g1; g++) s += "  vec4 a" + g + " = vec4(0.0);\n";
+    if (m.aliveThreshold !== null) {
+      // A cell with no live cell in its 3x3 neighbourhood is zeroed by the mask pass whatever
+      // its update: skip the dense layers there.
+      const ag = m.alphaGroup, ac = "xyzw"[m.alphaComponent];
+      const taps = [];
+      for (let i = 0; i < 9; i++) {
+        taps.push(used.includes(i) || i === 4 ? "x" + ag + "_" + i + "." + ac :
+          "at(S" + ag + ", c, " + (i % 3 - 1) + ", " + (Math.floor(i / 3) - 1) + ")." + ac);
+      }
+      s += "  float pre = " + taps.reduce((a, b) => "max(" + a + ", " + b + ")") + ";\n";
+      s += "  if (!(pre > aliveThreshold)) {\n";
+      for (let g = g0; g < g1; g++) s += "    o" + g + " = vec4(0.0);\n";
+      s += "    return;\n  }\n";
+    }
     s += "  for (int h = 0; h < " + H + "; h++) {\n";
     s += "    float v = texelFetch(W, ivec2(" + (F * G + G) + ", h), 0).x;\n";
     for (let k = 0; k < F; k++) {
