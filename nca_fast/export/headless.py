@@ -74,13 +74,13 @@ def _browse(args, timeout: float, browser: Optional[str]) -> str:
 
 
 def run_page(page, steps: int, seed: int = 0, *, size: Optional[int] = None,
-             targets: Optional[int] = None, timeout: float = 120.0,
+             targets: Optional[int] = None, erase: Optional[str] = None, timeout: float = 120.0,
              browser: Optional[str] = None):
     """Run ``steps`` steps of the page in a headless Chromium; returns (state, info): the
     state as a C x H x W float32 array and the rest of the page's JSON (``ms``: the steps' wall
     time in the page, ``renderer``, ``seed``, ``steps``). ``targets``: at most this many render
-    targets per shader pass."""
-    url = page_url(page, steps=steps, seed=seed, size=size, targets=targets)
+    targets per shader pass; ``erase``: "X,Y,R", the disc erased after the steps."""
+    url = page_url(page, steps=steps, seed=seed, size=size, targets=targets, erase=erase)
     dom = _browse(["--dump-dom", url], timeout, browser)
     found = STATE.search(dom)
     if not found or not found.group(1).strip():
@@ -130,12 +130,10 @@ for (const u of urls) {
 """
 
 
-def run_pages(pages, steps: int, seed: int = 0, *, size: Optional[int] = None,
-              timeout: float = 300.0, browser: Optional[str] = None):
-    """``run_page`` for many pages in one browser: each runs in a frame of one harness page and
-    posts its state to it. Returns {page: (state, info)} in the order of ``pages``."""
-    pages = [pathlib.Path(p).resolve() for p in pages]
-    urls = [page_url(p, steps=steps, seed=seed, size=size) for p in pages]
+def run_urls(urls, *, timeout: float = 300.0, browser: Optional[str] = None):
+    """Many page runs in one browser: each URL (``page_url(page, steps=..., seed=...)``) opens
+    in a frame of one harness page and posts its state to it. Returns {url: (state, info)}."""
+    urls = list(urls)
     with tempfile.TemporaryDirectory(prefix="nca-harness-") as folder:
         harness = pathlib.Path(folder) / "harness.html"
         harness.write_text(HARNESS.replace("@URLS@", json.dumps(urls)), encoding="utf-8")
@@ -144,7 +142,18 @@ def run_pages(pages, steps: int, seed: int = 0, *, size: Optional[int] = None,
                       browser)
     found = re.search(r'<pre id="nca-states">(.*?)</pre>', dom, re.S)
     if not found or not found.group(1).strip():
-        raise BrowserError(f"the harness page did not receive the states of all {len(pages)} "
+        raise BrowserError(f"the harness page did not receive the states of all {len(urls)} "
                            "pages")
     states = json.loads(html.unescape(found.group(1)))
-    return {p: _state(states[u]) for p, u in zip(pages, urls)}
+    return {u: _state(states[u]) for u in urls}
+
+
+def run_pages(pages, steps: int, seed: int = 0, *, size: Optional[int] = None,
+              targets: Optional[int] = None, timeout: float = 300.0,
+              browser: Optional[str] = None):
+    """``run_page`` for many pages in one browser (``run_urls``). Returns {page: (state, info)}
+    for the resolved paths of ``pages``."""
+    pages = [pathlib.Path(p).resolve() for p in pages]
+    urls = [page_url(p, steps=steps, seed=seed, size=size, targets=targets) for p in pages]
+    states = run_urls(urls, timeout=timeout, browser=browser)
+    return {p: states[u] for p, u in zip(pages, urls)}

@@ -1,6 +1,7 @@
 // The page: grows the model from the seed, erases a disc where the pointer drags, and the
 // controls. Opened as PAGE.html#steps=N&seed=S (and optionally &size=CELLS), it instead runs N
-// steps without a UI loop and writes the state as JSON into <pre id="nca-state">. &targets=K
+// steps without a UI loop and writes the state as JSON into <pre id="nca-state">. &erase=X,Y,R
+// then erases the disc the pointer would (cells whose centre is within R of (X, Y)); &targets=K
 // limits the render targets per pass to K (tests run the multi-pass path with it).
 "use strict";
 
@@ -45,6 +46,13 @@
     const steps = intParam("steps", 0, 0);
     const t0 = performance.now();
     for (let i = 0; i < steps; i++) engine.step();
+    if (params.has("erase")) {
+      const disc = params.get("erase").split(",").map(Number);
+      if (disc.length !== 3 || !disc.every(Number.isFinite)) {
+        throw new NCAError("erase: expected X,Y,RADIUS in cells, got " + JSON.stringify(params.get("erase")));
+      }
+      engine.erase(disc[0], disc[1], disc[2]);
+    }
     engine.finish();
     const ms = performance.now() - t0;
     const data = engine.read();

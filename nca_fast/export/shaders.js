@@ -90,16 +90,14 @@ const NCAShaders = (function () {
     }
     for (let g = g0; g < g1; g++) s += "  vec4 a" + g + " = vec4(0.0);\n";
     if (m.aliveThreshold !== null) {
-      // A cell with no live cell in its 3x3 neighbourhood is zeroed by the mask pass whatever
-      // its update: skip the dense layers there.
+      // Where no cell of the 5x5 neighbourhood is alive, the cell and its 3x3 neighbours all
+      // fail the pre-update alive mask: the mask pass zeroes them whatever this cell's update,
+      // and nothing reads it. Skip the dense layers there.
       const ag = m.alphaGroup, ac = "xyzw"[m.alphaComponent];
-      const taps = [];
-      for (let i = 0; i < 9; i++) {
-        taps.push(used.includes(i) || i === 4 ? "x" + ag + "_" + i + "." + ac :
-          "at(S" + ag + ", c, " + (i % 3 - 1) + ", " + (Math.floor(i / 3) - 1) + ")." + ac);
-      }
-      s += "  float pre = " + taps.reduce((a, b) => "max(" + a + ", " + b + ")") + ";\n";
-      s += "  if (!(pre > aliveThreshold)) {\n";
+      s += "  float near = 0.0;\n" +
+        "  for (int dy = -2; dy <= 2; dy++) for (int dx = -2; dx <= 2; dx++) {\n" +
+        "    near = max(near, at(S" + ag + ", c, dx, dy)." + ac + ");\n  }\n";
+      s += "  if (!(near > aliveThreshold)) {\n";
       for (let g = g0; g < g1; g++) s += "    o" + g + " = vec4(0.0);\n";
       s += "    return;\n  }\n";
     }
