@@ -9,6 +9,10 @@ step, so each repeat runs the page twice, for 1 and for N steps, and counts N - 
 difference. Headless Chromium here has no GPU: WebGL2 runs on the CPU (SwiftShader). The torch
 backend grows the same model from the same seed state for the same steps (``torch.no_grad()``,
 ``--threads`` threads). The two alternate within each repeat; the figures are medians.
+
+Both skip the work of cells far from live ones, so growing from the seed is the fast case;
+``--no-alive`` runs the same weights with alive masking off, where every cell is computed in
+every step (the worst case, as for texture NCAs).
 """
 from __future__ import annotations
 
@@ -53,6 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=96)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--no-alive", action="store_true",
+                   help="alive masking off: every cell computed (the worst case)")
     args = p.parse_args(argv)
     browser = find_chromium()
     if browser is None:
@@ -61,13 +67,20 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
     model = load_any(path, backend="torch")
+    if args.no_alive:
+        from nca_fast import NCA
+
+        plain = NCA(model.config.replace(alive_threshold=None), backend="torch")
+        plain.load_state_dict(model.state_dict())
+        model = plain
     version = subprocess.run([browser, "--version"], capture_output=True, text=True).stdout.strip()
-    print(f"model {path.name}, {args.steps} steps from the seed, {version} headless "
+    print(f"model {path.name}{' (alive masking off)' if args.no_alive else ''}, {args.steps} "
+          f"steps from the seed, {version} headless "
           f"(WebGL2 on SwiftShader), torch {torch.__version__} with {args.threads} threads")
     print("| grid | page steps/s | torch backend steps/s | page / torch |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
-        page = export_html(path, pathlib.Path(folder) / "page.html")
+        page = export_html(model, pathlib.Path(folder) / "page.html", name=path.stem)
         for size in args.sizes:
             pages, torches = [], []
             for _ in range(args.repeats):

@@ -126,6 +126,9 @@
     $("nca-speed").oninput = () => { ui.perFrame = Number($("nca-speed").value); $("nca-speed-v").textContent = ui.perFrame; };
     $("nca-zoom").oninput = () => { ui.zoom = Number($("nca-zoom").value); $("nca-zoom-v").textContent = ui.zoom + "x"; };
     window.addEventListener("resize", fit);
+    canvas.addEventListener("webglcontextlost", () => {
+      fail(new NCAError("the browser took the GPU away from the page (WebGL context lost); reload the page"));
+    });
     $("nca-info").textContent = info(engine);
     fit();
     requestAnimationFrame(frame);
