@@ -19,6 +19,7 @@ from nca_fast.model import load_any, shipped_models
 DISTILL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "distill"
 
 ARTICLE = sorted(DISTILL.glob("ex*.json")) if DISTILL.is_dir() else []
+pytestmark = pytest.mark.usefixtures("one_thread")
 needs_browser = pytest.mark.skipif(
     find_chromium() is None, reason="no Chromium on this machine (Debian's chromium package; "
                                     ".ci/run installs it): the page cannot be run")
