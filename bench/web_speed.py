@@ -50,7 +50,8 @@ def torch_rate(model, size: int, steps: int) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.web_speed", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.web_speed",
+                                description=__doc__.split("\n")[0])
     default = DISTILL / "ex3_lizard.json"
     p.add_argument("--model", default=str(default) if default.is_file() else "flower")
     p.add_argument("--sizes", type=int, nargs="+", default=[72, 256])

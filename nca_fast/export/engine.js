@@ -76,8 +76,12 @@ class NCAEngine {
     const tex = gl.createTexture();
     gl.bindTexture(gl.TEXTURE_2D, tex);
     gl.texStorage2D(gl.TEXTURE_2D, 1, gl.RGBA32F, w, h);
-    for (const p of [gl.TEXTURE_MIN_FILTER, gl.TEXTURE_MAG_FILTER]) gl.texParameteri(gl.TEXTURE_2D, p, gl.NEAREST);
-    for (const p of [gl.TEXTURE_WRAP_S, gl.TEXTURE_WRAP_T]) gl.texParameteri(gl.TEXTURE_2D, p, gl.CLAMP_TO_EDGE);
+    for (const p of [gl.TEXTURE_MIN_FILTER, gl.TEXTURE_MAG_FILTER]) {
+      gl.texParameteri(gl.TEXTURE_2D, p, gl.NEAREST);
+    }
+    for (const p of [gl.TEXTURE_WRAP_S, gl.TEXTURE_WRAP_T]) {
+      gl.texParameteri(gl.TEXTURE_2D, p, gl.CLAMP_TO_EDGE);
+    }
     if (data) gl.texSubImage2D(gl.TEXTURE_2D, 0, 0, 0, w, h, gl.RGBA, gl.FLOAT, data);
     return tex;
   }
@@ -121,7 +125,9 @@ class NCAEngine {
       gl.bindTexture(gl.TEXTURE_2D, tex);
       gl.uniform1i(prog.loc[name], unit++);
     };
-    for (const [prefix, texs] of Object.entries(named)) texs.forEach((t, g) => bindOne(prefix + g, t));
+    for (const [prefix, texs] of Object.entries(named)) {
+      texs.forEach((t, g) => bindOne(prefix + g, t));
+    }
     bindOne("W", this.weights);
     if ("size" in prog.loc) gl.uniform2i(prog.loc.size, this.size, this.size);
   }
@@ -144,7 +150,9 @@ class NCAEngine {
   // The update mask's key: the seed (an integer below 2**63, given as a decimal string or number).
   setSeed(seed) {
     const s = BigInt(seed);
-    if (s < 0n || s >= (1n << 63n)) throw new NCAError("seed: expected an integer in [0, 2**63), got " + seed);
+    if (s < 0n || s >= (1n << 63n)) {
+      throw new NCAError("seed: expected an integer in [0, 2**63), got " + seed);
+    }
     this.seed = s;
     this.key = [Number(s & 0xFFFFFFFFn), Number(s >> 32n)];
   }

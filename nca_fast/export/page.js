@@ -123,11 +123,18 @@
       $("nca-pause").textContent = "run";
       run(1);
     };
-    $("nca-speed").oninput = () => { ui.perFrame = Number($("nca-speed").value); $("nca-speed-v").textContent = ui.perFrame; };
-    $("nca-zoom").oninput = () => { ui.zoom = Number($("nca-zoom").value); $("nca-zoom-v").textContent = ui.zoom + "x"; };
+    $("nca-speed").oninput = () => {
+      ui.perFrame = Number($("nca-speed").value);
+      $("nca-speed-v").textContent = ui.perFrame;
+    };
+    $("nca-zoom").oninput = () => {
+      ui.zoom = Number($("nca-zoom").value);
+      $("nca-zoom-v").textContent = ui.zoom + "x";
+    };
     window.addEventListener("resize", fit);
     canvas.addEventListener("webglcontextlost", () => {
-      fail(new NCAError("the browser took the GPU away from the page (WebGL context lost); reload the page"));
+      fail(new NCAError("the browser took the GPU away from the page (WebGL context lost); " +
+        "reload the page"));
     });
     $("nca-info").textContent = info(engine);
     fit();
@@ -138,7 +145,9 @@
     const engine = new NCAEngine(canvas, model, intParam("size", model.size, 3), params.has("steps"),
       intParam("targets", 0, 1));
     const seed = params.has("seed") ? params.get("seed") : "0";
-    if (!/^\d+$/.test(seed)) throw new NCAError("seed: expected an integer in [0, 2**63), got " + JSON.stringify(seed));
+    if (!/^\d+$/.test(seed)) {
+      throw new NCAError("seed: expected an integer in [0, 2**63), got " + JSON.stringify(seed));
+    }
     engine.setSeed(seed);
     engine.reset();
     if (params.has("steps")) headless(engine);
