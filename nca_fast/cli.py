@@ -103,6 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fps", type=_positive_float, default=20.0, help="video frame rate (20)")
     g.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
+    e = sub.add_parser("export", help="write a model's standalone web page (WebGL2)",
+                       description="Write one self-contained HTML file that runs the model on the "
+                                   "viewer's GPU (WebGL2): it grows from the seed, regrows where "
+                                   "the pointer erases it. No network access, no external files.")
+    e.add_argument("model", metavar="MODEL",
+                   help="model file (.safetensors saved by nca_fast, or a Distill ex*_NAME.json) "
+                        "or the name of a shipped model (" + ", ".join(sorted(shipped_models()))
+                        + ")")
+    e.add_argument("--html", required=True, metavar="OUT.html", help="the page to write")
+    e.add_argument("--size", type=_int_parser(3, "an integer in [3, 8192]", 8192), default=None,
+                   help="grid side in cells (default: as grow; the page's #size=N overrides it)")
+
     sub.add_parser("train", add_help=False, help="train a model (see: nca-fast train --help)")
     sub.add_parser("bench", add_help=False,
                    help="kernel throughput benchmark, from a source checkout "
@@ -110,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_model(arg: Optional[str]) -> pathlib.Path:
-    """``--model``: a file, or the name of a shipped model (a file of that name wins)."""
+def resolve_model(arg: Optional[str], option: str = "--model") -> pathlib.Path:
+    """``--model`` (or ``option``): a file, or the name of a shipped model (a file of that name
+    wins)."""
     from .model import shipped_models
 
     if arg is None:
@@ -121,7 +134,7 @@ def resolve_model(arg: Optional[str]) -> pathlib.Path:
     if not path.exists() and arg in named:
         return named[arg]
     if not path.exists() and not path.suffix:
-        raise UsageError(f"--model {arg}: no such file, and not the name of a shipped model ("
+        raise UsageError(f"{option} {arg}: no such file, and not the name of a shipped model ("
                          + ", ".join(sorted(named)) + ")")
     return path
 
@@ -136,13 +149,40 @@ def main(argv: Optional[List[str]] = None) -> int:
         if argv and argv[0] == "bench":
             return _run_bench(argv[1:])
         args = build_parser().parse_args(argv)
-        return grow(args)
+        return export(args) if args.command == "export" else grow(args)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+
+
+# --------------------------------------------------------------------------- export
+def export(args: argparse.Namespace) -> int:
+    """The ``export`` command: the model's web page (``nca_fast.export``)."""
+    from .export import export_html
+
+    out = pathlib.Path(args.html)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"--html {out}: expected a .html file name")
+    if out.is_dir():
+        raise UsageError(f"--html {out}: is a folder; expected a .html file name")
+    model_path = resolve_model(args.model, "MODEL")
+    name = "flower" if model_path == DEFAULT_MODEL else model_path.stem
+    try:
+        written = export_html(model_path, out, size=args.size, name=name)
+    except ValueError as e:
+        # The model file's own errors name the file; the page's limits name the config field.
+        raise UsageError(str(e) if str(e).startswith(str(model_path)) else
+                         f"MODEL {args.model}: {e}") from None
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"--html {out}: {e}") from None
+    print(f"wrote {written} ({written.stat().st_size // 1024} KB): open it in a browser",
+          file=sys.stderr)
+    return 0
 
 
 # --------------------------------------------------------------------------- grow

@@ -67,6 +67,14 @@ def test_wheel_ships_the_assets(wheel):
         assert f"nca_fast/assets/{p.name}" in names
 
 
+def test_wheel_ships_the_web_page_files(wheel):
+    names = _names(wheel)
+    files = [p for p in (ROOT / "nca_fast" / "export").glob("*") if p.suffix in (".js", ".html")]
+    assert len(files) >= 4
+    for p in files:
+        assert f"nca_fast/export/{p.name}" in names
+
+
 def test_wheel_declares_the_console_script(wheel):
     ep = configparser.ConfigParser()
     ep.read_string(_dist_info(wheel, "entry_points.txt"))

@@ -181,3 +181,22 @@ def test_bench_answers_help():
     r = subprocess.run(argv + ["--help"], cwd=ROOT, env=_env(), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "usage" in r.stdout, r.stderr[-3000:]
+
+
+def test_export_commands_as_written(tmp_path):
+    """Each ``nca-fast export`` command of the README writes its page (run from a scratch
+    folder with ../shared beside it, as for a clone)."""
+    found = [a for a in _commands() if a[:2] == ["nca-fast", "export"]]
+    assert found, "the README has no nca-fast export command"
+    work = tmp_path / "repo"
+    work.mkdir()
+    if (SHARED / "data" / "distill").is_dir():
+        (tmp_path / "shared").symlink_to(SHARED)
+    for argv in found:
+        if any("../shared" in a for a in argv) and not (SHARED / "data" / "distill").is_dir():
+            continue                                         # that model is not on this machine
+        r = subprocess.run(argv, cwd=work, env=_env(), capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+        page = (work / argv[argv.index("--html") + 1]).read_text()
+        assert '<script type="application/json" id="nca-model">' in page
