@@ -8,7 +8,7 @@ each, one table.
 Per Triton release: a virtual environment ``VENVS/triton-X`` (made once, then reused; the
 project is installed editable, so each run checks the working tree as it is), then
 
-- the kernel checks: the interpreter tests (tests/test_kernels.py), the property tests
+- the kernel checks (``--tests``): the interpreter tests (tests/test_kernels.py), the property tests
   (tests/test_properties.py) and the compile checks of the CI subset (tests/test_compile.py:
   every variant spill-free, tensor cores used);
 - the executed-instruction count of the default model, ``sass_count.py`` (``--sass-count``, by
@@ -66,10 +66,10 @@ def environment(folder: Path, triton: str, torch: str, log) -> Path:
     return python
 
 
-def run_tests(python: Path, log) -> str:
+def run_tests(python: Path, tests: List[str], log) -> str:
     """pytest's closing counts over the kernel checks, e.g. '214 passed, 1 skipped'."""
-    r = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        *KERNEL_TESTS], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                       cwd=ROOT, capture_output=True, text=True)
     log.write(r.stdout[-20000:] + r.stderr[-5000:])
     counts = re.findall(r"(\d+ (?:passed|failed|skipped|errors?))", r.stdout.splitlines()[-1]
                         if r.stdout.strip() else "")
@@ -92,13 +92,13 @@ def run_count(python: Path, sass_count: Path, log) -> Dict[str, str]:
     return fields
 
 
-def table(rows: List[Dict[str, str]], torch: str, commit: str) -> str:
+def table(rows: List[Dict[str, str]], torch: str, commit: str, tests: List[str]) -> str:
     lines = [f"Triton matrix, {datetime.date.today().isoformat()}, commit {commit}, torch {torch} "
              f"(CPU build; the interpreter and ahead-of-time compiles for sm_90a/sm_80), "
-             f"`python -m bench.toolchains`:",
+             f"`python -m bench.toolchains`; kernel checks: {', '.join(tests)}:",
              "",
-             "| triton | kernel checks (interpreter, properties, CI compile subset) | fwd warp-instr/cell "
-             "| training warp-instr/cell | fwd registers | spilled bytes (worst kernel) |",
+             "| triton | kernel checks | fwd warp-instr/cell | training warp-instr/cell "
+             "| fwd registers | spilled bytes (worst kernel) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
@@ -128,6 +128,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="where the environments live (reused between runs)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "toolchains.md")
     ap.add_argument("--sass-count", type=Path, default=SASS_COUNT)
+    ap.add_argument("--tests", nargs="+", default=list(KERNEL_TESTS), metavar="PATH",
+                    help="the test files of the kernel checks (default: %(default)s)")
     ap.add_argument("--no-tests", action="store_true", help="only count instructions")
     ap.add_argument("--no-count", action="store_true", help="only run the kernel checks")
     args = ap.parse_args(argv)
@@ -147,7 +149,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 rows.append(dict(row, tests="**install failed**"))
                 continue
             if not args.no_tests:
-                row["tests"] = run_tests(python, log)
+                row["tests"] = run_tests(python, args.tests, log)
             if not args.no_count:
                 if args.sass_count.is_file():
                     row.update(run_count(python, args.sass_count, log))
@@ -155,7 +157,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     row["error"] = f"no {args.sass_count}"
         print(f"   {row}", flush=True)
         rows.append(row)
-    text = table(rows, args.torch, commit_id())
+    text = table(rows, args.torch, commit_id(), args.tests)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out, lambda tmp: tmp.write_text(text))
     print(text)
