@@ -289,9 +289,10 @@ def rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: 
         # differentiable, so x's gradient flows through.
         return x.clone(memory_format=torch.channels_last)
     seg = 1 if segment is None else int(segment)
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, w1, b1, w2, b2)):
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2))
+    if not grad:
         seg = steps                  # nothing will call backward: keep no intermediate state
-    check_fits(x, steps, seg, filters.shape[0], alive_threshold is not None)
+    check_fits(x, steps, seg, filters.shape[0], alive_threshold is not None, grad=grad)
     static = Static(seed, first_step, steps, seg, float(fire_rate),
                     None if alive_threshold is None else float(alive_threshold), alpha_channel,
                     circular, precision)
@@ -300,12 +301,12 @@ def rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: 
 
 
 def rollout_bytes(shape, steps: int, segment: int, num_filters: int, alive: bool,
-                  element_size: int = 4) -> int:
-    """Device bytes a rollout of a B x C x H x W state allocates at its peak (backward included):
-    the states kept for backward (with their cell words, or hq planes at segment boundaries),
-    two working states and hq planes, the output and mask bytes, and the backward's scratch:
-    two perception-gradient buffers (F*C per cell), two incoming gradients, the outgoing one
-    and a recomputed segment."""
+                  element_size: int = 4, grad: bool = True) -> int:
+    """Device bytes a rollout of a B x C x H x W state allocates at its peak: the states kept
+    for backward (with their cell words, or hq planes at segment boundaries), two working
+    states and hq planes, the output and mask bytes, and, with ``grad``, the backward's
+    scratch: two perception-gradient buffers (F*C per cell), two incoming gradients, the
+    outgoing one and a recomputed segment."""
     b, c, h, w = shape
     cells = b * h * w
     state = cells * c * element_size
@@ -314,6 +315,8 @@ def rollout_bytes(shape, steps: int, segment: int, num_filters: int, alive: bool
     words = 2 * cells * steps if segment == 1 else 0
     recompute = min(segment, steps) * (state + 2 * cells) if segment > 1 else 0
     forward = saved * (state + (plane if segment > 1 else 0)) + words + 3 * (state + plane)
+    if not grad:
+        return forward
     backward = 2 * cells * num_filters * c * element_size + 3 * state + recompute
     return forward + backward
 
@@ -325,12 +328,15 @@ def _free_bytes(device: torch.device) -> Optional[int]:
     return free
 
 
-def check_fits(x: Tensor, steps: int, segment: int, num_filters: int, alive: bool) -> None:
-    """Fail before launching anything when the rollout cannot fit the device's free memory."""
+def check_fits(x: Tensor, steps: int, segment: int, num_filters: int, alive: bool,
+               grad: bool = True) -> None:
+    """Fail before launching anything when the rollout cannot fit the device's free memory
+    (its backward's too when ``grad``: a gradient will be asked for)."""
     free = _free_bytes(x.device)
     if free is None:
         return
-    need = rollout_bytes(tuple(x.shape), steps, segment, num_filters, alive, x.element_size())
+    need = rollout_bytes(tuple(x.shape), steps, segment, num_filters, alive, x.element_size(),
+                         grad)
     if need > free:
         gib = 2.0 ** 30
         raise torch.cuda.OutOfMemoryError(
