@@ -198,7 +198,10 @@ def _rollout_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tenso
         return (grad.clone(), torch.zeros_like(w1), torch.zeros_like(b1), torch.zeros_like(w2),
                 torch.zeros_like(b2))
     g = grad.permute(0, 2, 3, 1)
-    g = ((g * keep.unsqueeze(-1).to(g.dtype)) if s.alive else g).contiguous()
+    # g is the first of the two buffers the steps below write into: never the incoming gradient
+    # itself (a channels-last grad is contiguous here; the op mutates none of its inputs)
+    g = ((g * keep.unsqueeze(-1).to(g.dtype)).contiguous() if s.alive
+         else g.clone(memory_format=torch.contiguous_format))
     x_r = x.permute(0, 2, 3, 1).contiguous()
     parts = ks.new_parts(x_r)
     B, H, W, _ = x_r.shape

@@ -118,6 +118,23 @@ def test_one_step_rollout_is_differentiable():
         assert_close_verbose(t.grad, g, atol * g.abs().max().item(), rtol, f"grad {name}")
 
 
+@pytest.mark.parametrize("alive", [True, False], ids=["alive", "no-alive"])
+def test_backward_leaves_a_channels_last_incoming_gradient_untouched(alive):
+    """The backward's gradient buffers are its own: with three steps both are written, and a
+    channels-last incoming gradient (contiguous once permuted) must not be one of them."""
+    tensors = _case(seed=8)
+    ts = [t.clone().requires_grad_() for t in tensors]
+    filters = filter_tensor(CFG, device=DEVICE)
+    out = rollout(*ts, filters, seed=SEED, steps=3, precision="ieee",
+                  alive_threshold=0.1 if alive else None)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    probe = probe.contiguous(memory_format=torch.channels_last)
+    kept = probe.clone()
+    out.backward(probe)
+    assert torch.equal(probe, kept), "the backward wrote into the incoming gradient"
+    assert ts[0].grad.abs().max() > 0
+
+
 def test_hand_written_loop_of_one_step_calls_trains():
     """The drop-in use: ``for t in range(T): x = model(x)``, then backward, on the kernels."""
     model = NCA(CFG, backend="triton").to(DEVICE)
