@@ -450,9 +450,11 @@ def weight_grads(parts: torch.Tensor, C: int, HID: int, F_: int, bank: int):
 
 
 def new_parts(B: int, H: int, W: int, C: int, HID: int, F_: int, device, precision: str,
-              dtype=torch.float32) -> torch.Tensor:
-    """A zeroed weight-gradient buffer for ``nca_step_bwd`` (one row per program)."""
-    cfg = configs.select_weights(B * H * W, C, HID, F_, device, precision)
+              dtype=torch.float32, bank: int = 0, cfg=None) -> torch.Tensor:
+    """A zeroed weight-gradient buffer for ``bwd_weights`` (one row per program), sized by the
+    launch configuration it will be used with: ``cfg``, or ``configs.select_weights`` for
+    ``bank`` (the filter bank changes the tiles, hence the programs)."""
+    cfg = cfg or configs.select_weights(B * H * W, C, HID, F_, device, precision, bank)
     programs, *_ = persistent_grid(B, H, W, cfg)
     return torch.zeros((programs, part_size(C, HID)), dtype=dtype, device=device)
 
@@ -562,7 +564,7 @@ def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters,
     _check_cw(cw, B, H, W)
     bank = named_bank
     kw = dict(circular=circular, precision=precision, bank=bank)
-    parts = new_parts(B, H, W, C, HID, F_, r.device, precision, r.dtype)
+    parts = new_parts(B, H, W, C, HID, F_, r.device, precision, r.dtype, bank)
     gp = bwd_gp(r, cw, g, w1k, b1, w2t, filters, **kw)
     bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, **kw)
     grad_r = bwd_input(gp, cw, g, filters, (B, H, W, C), circular=circular, bank=bank,

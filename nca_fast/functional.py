@@ -110,7 +110,7 @@ class _Steps:
     def new_parts(self, r):
         B, H, W, C = r.shape
         return self._k.new_parts(B, H, W, C, self.w1k.shape[2], self.w1k.shape[0], r.device,
-                                 self.kw["precision"], r.dtype)
+                                 self.kw["precision"], r.dtype, cfg=self.cfg_w)
 
     def gp(self, r, cw, g, out=None):
         return self._k.bwd_gp(r, cw, g, self.w1k, self.b1, self.w2t, self.filters, gp=out,
