@@ -15,6 +15,12 @@ SUPPORTED_CHANNELS = (16, 32)
 SUPPORTED_HIDDEN = (32, 64, 128, 256)
 SUPPORTED_FILTERS = (3, 4)
 PRECISION_CODES = {"ieee": 0, "tf32": 1, "bf16": 2}
+# float64 states run in the interpreter only (the CPU checks: gradcheck, property tests).
+# Compiled, a float64 tl.dot has no form for these shapes: triton stops with "Currently fp64
+# don't support largeK MMA" (sm_80, sm_90) after an MLIR dump.
+FP64_COMPILED = ("float64 runs only in Triton's interpreter (TRITON_INTERPRET=1, checks on a "
+                 "CPU): compiled, the kernels' float64 dots have no tensor-core form; use "
+                 "float32, or backend='torch' for float64")
 # Cells of one grid (H*W): the kernels index inside a grid in int32 (only the flat index over the
 # batch is 64-bit), and a tile may start up to 8,192 cells (the largest, interpreted tile) before
 # a grid's end. A grid this large would hold 128 GiB of state at C = 16.

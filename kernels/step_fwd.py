@@ -186,6 +186,8 @@ def check_shapes(r, w1k, b1, w2t, b2, filters):
             raise TypeError(f"{name}: dtype {t.dtype} differs from the state's {r.dtype}")
     if r.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"r: expected a float32 (or float64, for checks) state, got {r.dtype}")
+    if r.dtype == torch.float64 and not configs.interpreting():
+        raise TypeError(f"r: {configs.FP64_COMPILED}")
     return B, H, W, C, HID, F_
 
 

@@ -15,7 +15,7 @@ from nca_fast.functional import rollout
 from nca_fast.kernels import configs
 from nca_fast.kernels.step_bwd import nca_step_bwd
 from nca_fast.kernels.step_fwd import hq_plane, nca_step_fwd
-from tolerances import assert_close_verbose, tolerance
+from tolerances import FP64_KERNELS, assert_close_verbose, tolerance
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -106,6 +106,7 @@ def test_gradients_match_reference(case):
         assert_close_verbose(a.grad, b.grad, atol * scale, rtol, f"grad {name}")
 
 
+@FP64_KERNELS
 @pytest.mark.parametrize("alive,padding", [(0.1, "zeros"), (None, "circular")])
 def test_gradcheck_fp64(alive, padding):
     cfg = NCAConfig(precision="ieee", hidden=32, padding=padding, alive_threshold=alive)
@@ -316,6 +317,24 @@ def test_errors_name_the_problem(monkeypatch):
         m = NCA(cfg, backend="triton")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             m(m.seed_state(1, 4, 4), 1, seed=0)
+
+
+def test_float64_is_refused_before_any_launch_when_compiled(monkeypatch):
+    """Compiled kernels have no float64 dots: refused with the reason, nothing launched."""
+    from nca_fast.kernels import step_fwd
+
+    launched = []
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setattr(step_fwd, "launch_fwd", lambda *a, **k: launched.append(1))
+    cfg = NCAConfig(hidden=32, precision="ieee")
+    x, w1, b1, w2, b2 = random_case(cfg, 1, 4, 4, dtype=torch.float64)
+    filt = filter_tensor(cfg, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match=r"^r: float64 runs only in Triton's interpreter"):
+        rollout(x, w1, b1, w2, b2, filt, seed=0, steps=2, precision="ieee")
+    model = NCA(cfg, backend="triton").to(device=DEVICE, dtype=torch.float64)
+    with pytest.raises(TypeError, match="backend='torch' for float64"):
+        model(x, 1, seed=0)
+    assert not launched
 
 
 def test_torch_compile_sees_one_op_and_no_graph_break():
