@@ -43,6 +43,7 @@ class Static(NamedTuple):
     alpha_channel: int
     circular: bool
     precision: str
+    bank: int                          # the named filter bank's code, 0: taps as data, -1: find
 
     @property
     def alive(self) -> bool:
@@ -86,7 +87,14 @@ class _Steps:
         self.w1k, self.w2t = _kernel_weights(w1, w2, nf)
         self.b1, self.b2 = b1.contiguous(), b2.contiguous()
         self.filters = filters.reshape(nf, 9).contiguous()
-        self.bank = configs.bank_code(self.filters)
+        if s.bank == -1:
+            self.bank = configs.bank_code(self.filters)       # reads the taps: a host copy
+        elif s.bank == 0 or (s.bank in configs.NAMED_BANKS
+                             and len(configs.NAMED_BANKS[s.bank]) == nf):
+            self.bank = s.bank
+        else:
+            raise ValueError(f"bank: expected -1, 0 or a named bank's code "
+                             f"{tuple(configs.NAMED_BANKS)} for {nf} filters, got {s.bank}")
         B, C, H, W = x.shape
         # the kernels' own checks, once per rollout (the launchers below check nothing)
         step_fwd.check_shapes(x.permute(0, 2, 3, 1), self.w1k, self.b1, self.w2t, self.b2,
@@ -274,12 +282,16 @@ _rollout.register_autograd(_backward, setup_context=_setup_context)
 def rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: Tensor, *,
             seed: int, steps: int, first_step: int = 0, segment: Optional[int] = None,
             fire_rate: float = 0.5, alive_threshold: Optional[float] = 0.1,
-            alpha_channel: int = 3, circular: bool = False, precision: str = "tf32") -> Tensor:
+            alpha_channel: int = 3, circular: bool = False, precision: str = "tf32",
+            bank: Optional[int] = None) -> Tensor:
     """``steps`` fused NCA steps on x (B x C x H x W), differentiable in x and every weight.
 
     w1: [hidden, F*C] (perception interleaved c*F + k), b1: [hidden], w2: [C, hidden], b2: [C],
-    filters: [F, 3, 3]. alive_threshold: None switches alive masking off. Returns the final
-    state, B x C x H x W with channels-last strides.
+    filters: [F, 3, 3]. alive_threshold: None switches alive masking off. bank: the code of the
+    named bank ``filters`` holds (``configs.bank_code``; 0: none, the taps read as data), when
+    the caller knows it; None: found from ``filters``, which copies them to the host (a device
+    sync) in the forward and again in the backward. Returns the final state, B x C x H x W
+    with channels-last strides.
     """
     tensors = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "filters": filters}
     for name, t in tensors.items():
@@ -298,7 +310,7 @@ def rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: 
     check_fits(x, steps, seg, filters.shape[0], alive_threshold is not None, grad=grad)
     static = Static(seed, first_step, steps, seg, float(fire_rate),
                     None if alive_threshold is None else float(alive_threshold), alpha_channel,
-                    circular, precision)
+                    circular, precision, -1 if bank is None else int(bank))
     out, _, _, _, _ = torch.ops.nca_fast.rollout(x, w1, b1, w2, b2, filters, *static)
     return out
 

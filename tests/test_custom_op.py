@@ -44,7 +44,7 @@ def _case(seed=0):
 
 def _op_args(steps, segment, alive):
     """The scalar arguments of both ops, after x, the weights and the filters."""
-    return (SEED, 0, steps, segment, FIRE_RATE, 0.1 if alive else None, ALPHA, False, "ieee")
+    return (SEED, 0, steps, segment, FIRE_RATE, 0.1 if alive else None, ALPHA, False, "ieee", -1)
 
 
 # The checkpoint options as the layer resolves them: each distinct (steps, segment) is checked

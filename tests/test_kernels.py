@@ -309,6 +309,8 @@ def test_errors_name_the_problem(monkeypatch):
         rollout(x, w1.double(), b1, w2, b2, filt, seed=0, steps=1)
     with pytest.raises(ValueError, match="w2"):
         rollout(x, w1, b1, w2.to("meta"), b2, filt, seed=0, steps=1)
+    with pytest.raises(ValueError, match="bank: expected -1, 0 or a named bank's code"):
+        rollout(x, w1, b1, w2, b2, filt, seed=0, steps=1, bank=2)     # 2: four filters
     bad = NCA(NCAConfig(channels=12, hidden=32), backend="triton").to(DEVICE)
     with pytest.raises(ValueError, match="backend='torch'"):
         bad(bad.seed_state(1, 4, 4), 1, seed=0)
@@ -417,6 +419,24 @@ def test_hidden_chunks_and_row_blocks(monkeypatch, hidden, chunk, rows, resident
         scale = b.grad.abs().max().item()
         assert scale > 0, f"{name}: reference gradient is zero"
         assert_close_verbose(a.grad, b.grad, atol * scale, rtol, f"grad {name}")
+
+
+@pytest.mark.parametrize("filters", ["sobel", "sobel_laplacian16"])
+def test_layer_reads_no_taps_back_from_the_device(monkeypatch, filters):
+    """The layer knows its bank from the config: no op copies the filters to the host (a sync
+    per rollout on a GPU); the code it passes is the one the taps give."""
+    cfg = NCAConfig(hidden=32, precision="ieee", filters=filters)
+    model = NCA(cfg, backend="triton").to(DEVICE)
+    want = configs.bank_code(model.filters)
+    assert want in (1, 3)
+    calls = []
+    real = configs.bank_code
+    monkeypatch.setattr(configs, "bank_code", lambda f: calls.append(f.dtype) or real(f))
+    x = random_case(cfg, 1, 4, 5)[0].requires_grad_()
+    model(x, 2, seed=1).sum().backward()
+    assert x.grad.abs().max() > 0
+    # one call, on the config's float64 taps; the ops' own calls read the float32 filters
+    assert calls == [torch.float64], "an op read the filters back from the device"
 
 
 def test_named_banks_are_the_configs_banks():
