@@ -27,6 +27,16 @@ FP64_COMPILED = ("float64 runs only in Triton's interpreter (TRITON_INTERPRET=1,
 MAX_GRID_CELLS = 2**31 - 8192
 
 
+# The kernels' runtime ints, never specialised (``triton.jit(do_not_specialize=...)``): the JIT
+# would otherwise make a constant of one equal to 1 and mark multiples of 16, a compile of its
+# own for each combination (a 1 x 1 grid, step 0 or 1, sizes of 16 n): tens of seconds each on
+# a GPU. All but W: a W known to be a multiple of 16 keeps bwd_gp at C32 hidden 256 Laplacian
+# tf32 spill-free on sm_90a (249 registers; 40 B spilled without it), so W still compiles once
+# for multiples of 16 and once for other widths. Names a kernel lacks are ignored.
+RUNTIME_INTS = ("seed", "step", "fire_threshold", "save_cw", "H", "tiles_x", "tiles_y",
+                "n_tiles", "step_b", "step_y", "step_x")
+
+
 @dataclass(frozen=True)
 class StepConfig:
     block_m: int      # cells per tile (rows of every tl.dot)

@@ -88,7 +88,7 @@ def _gp_chunk_fma(p0, p1, p2, p3, gdx, w0, w1, w2, w3, b1c, t0, t1, t2, t3, w2c,
     return g0, g1, g2, g3
 
 
-@triton.jit
+@triton.jit(do_not_specialize=configs.RUNTIME_INTS)
 def _nca_step_bwd_gp_kernel(
     r_ptr,          # [B*H*W, C] the step's stored input state
     cw_ptr,         # [B*H*W] int16 the step's cell words (nca_step_fwd cw_out)
@@ -300,7 +300,7 @@ def _input_grad(gp_ptr, cw_ptr, g_ptr, filt_ptr, base, y, x, cell, H, W, lz,
 
 
 # ------------------------------------------------------------------------ 2. the weight kernel
-@triton.jit
+@triton.jit(do_not_specialize=configs.RUNTIME_INTS)
 def _nca_step_bwd_weights_kernel(
     # this step
     r_ptr,          # [B*H*W, C] the step's stored input state
@@ -401,7 +401,7 @@ def _nca_step_bwd_weights_kernel(
 
 
 # ------------------------------------------------------------------------- 3. the input kernel
-@triton.jit
+@triton.jit(do_not_specialize=configs.RUNTIME_INTS)
 def _nca_step_bwd_input_kernel(
     gp_ptr,         # [B*H*W, F, C] perception gradient from _nca_step_bwd_gp_kernel
     cw_ptr,         # [B*H*W] int16 the step's cell words (bit 4: the cell's own deferred mask)
