@@ -215,12 +215,12 @@ else
         # Most important first: a time budget cuts the tail. torch.compile compiles anew for
         # every shape (tens of seconds each): measured at 1024^2 and the article's size only.
         SUITE_ARGS=(--sizes "1x1024x1024@64,8x72x72@64,1x4096x4096@16,1x16384x16384@4/forward"
-                    --providers nca_fast-triton,torch-eager,torch-compile --time-budget 110
+                    --providers nca_fast-triton,torch-eager,torch-compile --time-budget 95
                     --exclude "torch-compile@1x4096x4096,torch-compile@1x16384x16384")
         MEM_ARGS=(--memcheck --time-budget 40 --providers nca_fast-triton,torch-eager)
     fi
-    stage selftest $(( 75 + SLACK )) "$WORK/selftest.log" "$PY" -m nca_fast.selftest --device "$DEV"
-    stage suite $(( 125 + SLACK )) "$WORK/suite.log" \
+    stage selftest $(( 100 + SLACK )) "$WORK/selftest.log" "$PY" -m nca_fast.selftest --device "$DEV"
+    stage suite $(( 110 + SLACK )) "$WORK/suite.log" \
         "$PY" -m bench.throughput --device "$DEV" --out "$OUT" --no-floor "${SUITE_ARGS[@]}"
     stage ceilings $(( 25 + SLACK )) "$WORK/ceilings.log" \
         "$PY" -m bench.ceilings --device "$DEV" --out "$OUT/ceilings.csv" ${CEIL_ARGS[@]+"${CEIL_ARGS[@]}"}
