@@ -214,7 +214,7 @@ else
         CEIL_ARGS=()
         # Most important first: a time budget cuts the tail. torch.compile compiles anew for
         # every shape (tens of seconds each): measured at 1024^2 and the article's size only.
-        # 1024^2 at 16 steps: the eager port keeps ~1.5 KB per cell-step for its backward
+        # 1024^2 at 16 steps: the eager port keeps ~2 KB per cell-step for its backward
         # (64 steps would not fit 80 GB); 4096^2 training is out of its reach at any T here.
         SUITE_ARGS=(--sizes "1x1024x1024@16,8x72x72@64,1x4096x4096@16,1x16384x16384@4/forward"
                     --providers nca_fast-triton,torch-eager,torch-compile --time-budget 95
