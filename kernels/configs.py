@@ -73,9 +73,17 @@ def bank_code(filters) -> int:
     read from memory: any other bank). Reads the taps on the host (a copy for a GPU tensor)."""
     import torch
 
-    taps = filters.detach().to("cpu", torch.float64).reshape(filters.shape[0], 9)
+    return named_bank(filters.detach().to("cpu", torch.float64).reshape(filters.shape[0], 9)
+                      .tolist())
+
+
+def named_bank(taps) -> int:
+    """``bank_code`` of taps given as numbers (F filters of 3 x 3 or of 9), in plain Python: no
+    tensor, so nothing to copy and nothing for torch.compile to trace."""
+    flat = tuple(tuple(float(v) for v in (f if len(f) == 9 else [v for row in f for v in row]))
+                 for f in taps)
     for code, bank in NAMED_BANKS.items():
-        if torch.equal(torch.tensor(bank, dtype=torch.float64), taps):
+        if flat == tuple(tuple(float(v) for v in f) for f in bank):
             return code
     return 0
 

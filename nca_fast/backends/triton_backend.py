@@ -29,7 +29,7 @@ def rollout(x: torch.Tensor, params: Params, config, *, steps: int, seed: int,
     from ..kernels import configs
 
     # the bank's code from the config's taps, on the host: no copy of the filters per rollout
-    bank = configs.bank_code(torch.tensor(config.filters, dtype=torch.float64))
+    bank = configs.named_bank(config.filters)
 
     def run(x, n, first):
         return functional.rollout(
