@@ -5,6 +5,8 @@ This is the oracle: written to be read and checked, not to be fast (the backends
 common PyTorch ports (``Conv2d(F*C, hidden, 1)``). It computes in full fp32 on every device:
 perception as sums of shifted states and the dense layers as matmuls under ``full_fp32``, not
 as convolutions, which on CUDA run in TF32 (10 mantissa bits) by default, backward included.
+The backward's matmuls follow ``torch.get_float32_matmul_precision()`` ("highest", full fp32,
+unless the caller lowered it).
 """
 from __future__ import annotations
 
