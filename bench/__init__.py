@@ -16,7 +16,8 @@ Imports flow one way: ``providers`` <- ``harness`` <- ``ceilings``, ``memory`` <
 - ``bench.ceilings``: the machine's own ceilings (copy bandwidth, matmul rates) for the floors.
 - ``bench.cpu_speed``: the torch backend against the eager port at the article's size, on a CPU.
 - ``bench.compile_report``: ahead-of-time compiles of every kernel variant (no GPU needed).
-- ``bench/gpu_check.sh OUTDIR``: the one-call GPU check (tests, ceilings, suite).
+- ``bench/gpu_check.sh OUTDIR``: the one-call GPU check, figures first (selftest, suite,
+  ceilings, memory), the GPU tests last.
 - ``bench/test_bench_step.py``: pytest-benchmark suites of the hot paths
   (``python -m pytest bench -q --benchmark-only``).
 """

@@ -5,7 +5,8 @@ inputs, so their timings compare the same work:
 
 - ``nca_fast-triton``: ``NCA(backend="triton")``, the fused kernels. Timed only on CUDA: under
   ``TRITON_INTERPRET`` on a CPU the kernels run in Triton's Python interpreter, which measures the
-  interpreter, not the kernels.
+  interpreter, not the kernels (``NCA_FAST_BENCH_INTERPRETED=1`` runs them there all the same:
+  the GPU check's rehearsal, which checks the suite's Triton paths, not their speed).
 - ``nca_fast-torch``: ``NCA(backend="torch")``, the package's PyTorch path
   (``nca_fast/backends/torch_backend.py``).
 - ``torch-eager``: ``EagerNCA`` below, a port in the style most public PyTorch NCAs share
@@ -25,6 +26,7 @@ provider that disagrees before timing anything.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -408,7 +410,9 @@ class NCAFastTriton(Provider):
 
     def unavailable(self, device):
         device = torch.device(device)
-        if device.type != "cuda":
+        rehearsal = (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+                     and os.environ.get("NCA_FAST_BENCH_INTERPRETED") == "1")
+        if device.type != "cuda" and not rehearsal:
             return ("needs CUDA: on a CPU the kernels only run in Triton's interpreter, which is "
                     "not timed")
         if importlib.util.find_spec("triton") is None:

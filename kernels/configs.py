@@ -15,6 +15,12 @@ SUPPORTED_CHANNELS = (16, 32)
 SUPPORTED_HIDDEN = (32, 64, 128, 256)
 SUPPORTED_FILTERS = (3, 4)
 PRECISION_CODES = {"ieee": 0, "tf32": 1, "bf16": 2}
+# float64 states run in the interpreter only (the CPU checks: gradcheck, property tests).
+# Compiled, a float64 tl.dot has no form for these shapes: triton stops with "Currently fp64
+# don't support largeK MMA" (sm_80, sm_90) after an MLIR dump.
+FP64_COMPILED = ("float64 runs only in Triton's interpreter (TRITON_INTERPRET=1, checks on a "
+                 "CPU): compiled, the kernels' float64 dots have no tensor-core form; use "
+                 "float32, or backend='torch' for float64")
 # Cells of one grid (H*W): the kernels index inside a grid in int32 (only the flat index over the
 # batch is 64-bit), and a tile may start up to 8,192 cells (the largest, interpreted tile) before
 # a grid's end. A grid this large would hold 128 GiB of state at C = 16.
@@ -23,6 +29,16 @@ MAX_GRID_CELLS = 2**31 - 8192
 # Triton's default, which Triton 3.10 turns off: the kernels' numerics and instruction counts
 # are verified with it on (docs/MODEL.md, "Numerics").
 FP_FUSION = True
+
+
+# The kernels' runtime ints, never specialised (``triton.jit(do_not_specialize=...)``): the JIT
+# would otherwise make a constant of one equal to 1 and mark multiples of 16, a compile of its
+# own for each combination (a 1 x 1 grid, step 0 or 1, sizes of 16 n): tens of seconds each on
+# a GPU. All but W: a W known to be a multiple of 16 keeps bwd_gp at C32 hidden 256 Laplacian
+# tf32 spill-free on sm_90a (249 registers; 40 B spilled without it), so W still compiles once
+# for multiples of 16 and once for other widths. Names a kernel lacks are ignored.
+RUNTIME_INTS = ("seed", "step", "fire_threshold", "H", "tiles_x", "tiles_y", "n_tiles",
+                "step_b", "step_y", "step_x")
 
 
 @dataclass(frozen=True)
@@ -66,9 +82,17 @@ def bank_code(filters) -> int:
     read from memory: any other bank). Reads the taps on the host (a copy for a GPU tensor)."""
     import torch
 
-    taps = filters.detach().to("cpu", torch.float64).reshape(filters.shape[0], 9)
+    return named_bank(filters.detach().to("cpu", torch.float64).reshape(filters.shape[0], 9)
+                      .tolist())
+
+
+def named_bank(taps) -> int:
+    """``bank_code`` of taps given as numbers (F filters of 3 x 3 or of 9), in plain Python: no
+    tensor, so nothing to copy and nothing for torch.compile to trace."""
+    flat = tuple(tuple(float(v) for v in (f if len(f) == 9 else [v for row in f for v in row]))
+                 for f in taps)
     for code, bank in NAMED_BANKS.items():
-        if torch.equal(torch.tensor(bank, dtype=torch.float64), taps):
+        if flat == tuple(tuple(float(v) for v in f) for f in bank):
             return code
     return 0
 

@@ -88,7 +88,7 @@ def _gp_chunk_fma(p0, p1, p2, p3, gdx, w0, w1, w2, w3, b1c, t0, t1, t2, t3, w2c,
     return g0, g1, g2, g3
 
 
-@triton.jit
+@triton.jit(do_not_specialize=configs.RUNTIME_INTS)
 def _nca_step_bwd_gp_kernel(
     r_ptr,          # [B*H*W, C] the step's stored input state
     cw_ptr,         # [B*H*W] int16 the step's cell words (nca_step_fwd cw_out)
@@ -300,7 +300,7 @@ def _input_grad(gp_ptr, cw_ptr, g_ptr, filt_ptr, base, y, x, cell, H, W, lz,
 
 
 # ------------------------------------------------------------------------ 2. the weight kernel
-@triton.jit
+@triton.jit(do_not_specialize=configs.RUNTIME_INTS)
 def _nca_step_bwd_weights_kernel(
     # this step
     r_ptr,          # [B*H*W, C] the step's stored input state
@@ -403,7 +403,7 @@ def _nca_step_bwd_weights_kernel(
 
 
 # ------------------------------------------------------------------------- 3. the input kernel
-@triton.jit
+@triton.jit(do_not_specialize=configs.RUNTIME_INTS)
 def _nca_step_bwd_input_kernel(
     gp_ptr,         # [B*H*W, F, C] perception gradient from _nca_step_bwd_gp_kernel
     cw_ptr,         # [B*H*W] int16 the step's cell words (bit 4: the cell's own deferred mask)
@@ -452,9 +452,11 @@ def weight_grads(parts: torch.Tensor, C: int, HID: int, F_: int, bank: int):
 
 
 def new_parts(B: int, H: int, W: int, C: int, HID: int, F_: int, device, precision: str,
-              dtype=torch.float32) -> torch.Tensor:
-    """A zeroed weight-gradient buffer for ``nca_step_bwd`` (one row per program)."""
-    cfg = configs.select_weights(B * H * W, C, HID, F_, device, precision)
+              dtype=torch.float32, bank: int = 0, cfg=None) -> torch.Tensor:
+    """A zeroed weight-gradient buffer for ``bwd_weights`` (one row per program), sized by the
+    launch configuration it will be used with: ``cfg``, or ``configs.select_weights`` for
+    ``bank`` (the filter bank changes the tiles, hence the programs)."""
+    cfg = cfg or configs.select_weights(B * H * W, C, HID, F_, device, precision, bank)
     programs, *_ = persistent_grid(B, H, W, cfg)
     return torch.zeros((programs, part_size(C, HID)), dtype=dtype, device=device)
 
@@ -563,7 +565,7 @@ def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters,
     _check_cw(cw, B, H, W)
     bank = named_bank
     kw = dict(circular=circular, precision=precision, bank=bank)
-    parts = new_parts(B, H, W, C, HID, F_, r.device, precision, r.dtype)
+    parts = new_parts(B, H, W, C, HID, F_, r.device, precision, r.dtype, bank)
     gp = bwd_gp(r, cw, g, w1k, b1, w2t, filters, **kw)
     bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, **kw)
     grad_r = bwd_input(gp, cw, g, filters, (B, H, W, C), circular=circular, bank=bank,

@@ -37,7 +37,7 @@ from ._tile import (_bank, _bias_rows, _concat4, _fire_bit, _hq_index, _load_tap
                     _window_bits)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=configs.RUNTIME_INTS)
 def _nca_step_fwd_kernel(
     # state
     r_ptr,          # [B*H*W, C] stored state (raw update of the previous step, or a true state)
@@ -52,8 +52,8 @@ def _nca_step_fwd_kernel(
     b2_ptr,         # [C]
     filt_ptr,       # [F, 9] filter taps, row-major 3x3 (read when BANK == 0)
     lap,            # the Laplacian's scale in a named bank (1 or 1/16)
-    # step
-    seed, step, fire_threshold, thr,
+    # step (the seed always 64-bit: one compile for seeds below 2**31 and above)
+    seed: tl.int64, step, fire_threshold, thr,
     # sizes: tiles of TH x TW cells, tiles_y x tiles_x per grid; the persistent programs step
     # num_programs = step_b * tiles_y * tiles_x + step_y * tiles_x + step_x tiles at a time
     H, W, tiles_x, tiles_y, n_tiles, step_b, step_y, step_x,
@@ -187,6 +187,8 @@ def check_shapes(r, w1k, b1, w2t, b2, filters):
             raise TypeError(f"{name}: dtype {t.dtype} differs from the state's {r.dtype}")
     if r.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"r: expected a float32 (or float64, for checks) state, got {r.dtype}")
+    if r.dtype == torch.float64 and not configs.interpreting():
+        raise TypeError(f"r: {configs.FP64_COMPILED}")
     return B, H, W, C, HID, F_
 
 

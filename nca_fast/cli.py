@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grid side in cells (default: as grow; the page's #size=N overrides it)")
 
     sub.add_parser("train", add_help=False, help="train a model (see: nca-fast train --help)")
+    sub.add_parser("selftest", add_help=False,
+                   help="check the fused kernels on this machine against the reference and time "
+                        "them (under a minute on a GPU; see: nca-fast selftest --help)")
     sub.add_parser("bench", add_help=False,
                    help="kernel throughput benchmark, from a source checkout "
                         "(see: nca-fast bench --help)")
@@ -143,11 +146,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``nca-fast`` and ``python -m nca_fast``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        # train and bench own their options: forward everything after the command untouched.
+        # train, bench and selftest own their options: forward everything after the command.
         if argv and argv[0] == "train":
             return _forward("nca_fast.train", "cli_main", argv[1:], "nca-fast train")
         if argv and argv[0] == "bench":
             return _run_bench(argv[1:])
+        if argv and argv[0] == "selftest":
+            return _forward("nca_fast.selftest", "main", argv[1:], "nca-fast selftest")
         args = build_parser().parse_args(argv)
         return export(args) if args.command == "export" else grow(args)
     except UsageError as e:

@@ -43,6 +43,7 @@ class Static(NamedTuple):
     alpha_channel: int
     circular: bool
     precision: str
+    bank: int                          # the named filter bank's code, 0: taps as data, -1: find
 
     @property
     def alive(self) -> bool:
@@ -86,7 +87,14 @@ class _Steps:
         self.w1k, self.w2t = _kernel_weights(w1, w2, nf)
         self.b1, self.b2 = b1.contiguous(), b2.contiguous()
         self.filters = filters.reshape(nf, 9).contiguous()
-        self.bank = configs.bank_code(self.filters)
+        if s.bank == -1:
+            self.bank = configs.bank_code(self.filters)       # reads the taps: a host copy
+        elif s.bank == 0 or (s.bank in configs.NAMED_BANKS
+                             and len(configs.NAMED_BANKS[s.bank]) == nf):
+            self.bank = s.bank
+        else:
+            raise ValueError(f"bank: expected -1, 0 or a named bank's code "
+                             f"{tuple(configs.NAMED_BANKS)} for {nf} filters, got {s.bank}")
         B, C, H, W = x.shape
         # the kernels' own checks, once per rollout (the launchers below check nothing)
         step_fwd.check_shapes(x.permute(0, 2, 3, 1), self.w1k, self.b1, self.w2t, self.b2,
@@ -110,7 +118,7 @@ class _Steps:
     def new_parts(self, r):
         B, H, W, C = r.shape
         return self._k.new_parts(B, H, W, C, self.w1k.shape[2], self.w1k.shape[0], r.device,
-                                 self.kw["precision"], r.dtype)
+                                 self.kw["precision"], r.dtype, cfg=self.cfg_w)
 
     def gp(self, r, cw, g, out=None):
         return self._k.bwd_gp(r, cw, g, self.w1k, self.b1, self.w2t, self.filters, gp=out,
@@ -198,7 +206,10 @@ def _rollout_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tenso
         return (grad.clone(), torch.zeros_like(w1), torch.zeros_like(b1), torch.zeros_like(w2),
                 torch.zeros_like(b2))
     g = grad.permute(0, 2, 3, 1)
-    g = ((g * keep.unsqueeze(-1).to(g.dtype)) if s.alive else g).contiguous()
+    # g is the first of the two buffers the steps below write into: never the incoming gradient
+    # itself (a channels-last grad is contiguous here; the op mutates none of its inputs)
+    g = ((g * keep.unsqueeze(-1).to(g.dtype)).contiguous() if s.alive
+         else g.clone(memory_format=torch.contiguous_format))
     x_r = x.permute(0, 2, 3, 1).contiguous()
     parts = ks.new_parts(x_r)
     B, H, W, _ = x_r.shape
@@ -271,12 +282,16 @@ _rollout.register_autograd(_backward, setup_context=_setup_context)
 def rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: Tensor, *,
             seed: int, steps: int, first_step: int = 0, segment: Optional[int] = None,
             fire_rate: float = 0.5, alive_threshold: Optional[float] = 0.1,
-            alpha_channel: int = 3, circular: bool = False, precision: str = "tf32") -> Tensor:
+            alpha_channel: int = 3, circular: bool = False, precision: str = "tf32",
+            bank: Optional[int] = None) -> Tensor:
     """``steps`` fused NCA steps on x (B x C x H x W), differentiable in x and every weight.
 
     w1: [hidden, F*C] (perception interleaved c*F + k), b1: [hidden], w2: [C, hidden], b2: [C],
-    filters: [F, 3, 3]. alive_threshold: None switches alive masking off. Returns the final
-    state, B x C x H x W with channels-last strides.
+    filters: [F, 3, 3]. alive_threshold: None switches alive masking off. bank: the code of the
+    named bank ``filters`` holds (``configs.bank_code``; 0: none, the taps read as data), when
+    the caller knows it; None: found from ``filters``, which copies them to the host (a device
+    sync) in the forward and again in the backward. Returns the final state, B x C x H x W
+    with channels-last strides.
     """
     tensors = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "filters": filters}
     for name, t in tensors.items():
@@ -289,23 +304,24 @@ def rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: 
         # differentiable, so x's gradient flows through.
         return x.clone(memory_format=torch.channels_last)
     seg = 1 if segment is None else int(segment)
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, w1, b1, w2, b2)):
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2))
+    if not grad:
         seg = steps                  # nothing will call backward: keep no intermediate state
-    check_fits(x, steps, seg, filters.shape[0], alive_threshold is not None)
+    check_fits(x, steps, seg, filters.shape[0], alive_threshold is not None, grad=grad)
     static = Static(seed, first_step, steps, seg, float(fire_rate),
                     None if alive_threshold is None else float(alive_threshold), alpha_channel,
-                    circular, precision)
+                    circular, precision, -1 if bank is None else int(bank))
     out, _, _, _, _ = torch.ops.nca_fast.rollout(x, w1, b1, w2, b2, filters, *static)
     return out
 
 
 def rollout_bytes(shape, steps: int, segment: int, num_filters: int, alive: bool,
-                  element_size: int = 4) -> int:
-    """Device bytes a rollout of a B x C x H x W state allocates at its peak (backward included):
-    the states kept for backward (with their cell words, or hq planes at segment boundaries),
-    two working states and hq planes, the output and mask bytes, and the backward's scratch:
-    two perception-gradient buffers (F*C per cell), two incoming gradients, the outgoing one
-    and a recomputed segment."""
+                  element_size: int = 4, grad: bool = True) -> int:
+    """Device bytes a rollout of a B x C x H x W state allocates at its peak: the states kept
+    for backward (with their cell words, or hq planes at segment boundaries), two working
+    states and hq planes, the output and mask bytes, and, with ``grad``, the backward's
+    scratch: two perception-gradient buffers (F*C per cell), two incoming gradients, the
+    outgoing one and a recomputed segment."""
     b, c, h, w = shape
     cells = b * h * w
     state = cells * c * element_size
@@ -314,6 +330,8 @@ def rollout_bytes(shape, steps: int, segment: int, num_filters: int, alive: bool
     words = 2 * cells * steps if segment == 1 else 0
     recompute = min(segment, steps) * (state + 2 * cells) if segment > 1 else 0
     forward = saved * (state + (plane if segment > 1 else 0)) + words + 3 * (state + plane)
+    if not grad:
+        return forward
     backward = 2 * cells * num_filters * c * element_size + 3 * state + recompute
     return forward + backward
 
@@ -325,12 +343,15 @@ def _free_bytes(device: torch.device) -> Optional[int]:
     return free
 
 
-def check_fits(x: Tensor, steps: int, segment: int, num_filters: int, alive: bool) -> None:
-    """Fail before launching anything when the rollout cannot fit the device's free memory."""
+def check_fits(x: Tensor, steps: int, segment: int, num_filters: int, alive: bool,
+               grad: bool = True) -> None:
+    """Fail before launching anything when the rollout cannot fit the device's free memory
+    (its backward's too when ``grad``: a gradient will be asked for)."""
     free = _free_bytes(x.device)
     if free is None:
         return
-    need = rollout_bytes(tuple(x.shape), steps, segment, num_filters, alive, x.element_size())
+    need = rollout_bytes(tuple(x.shape), steps, segment, num_filters, alive, x.element_size(),
+                         grad)
     if need > free:
         gib = 2.0 ** 30
         raise torch.cuda.OutOfMemoryError(

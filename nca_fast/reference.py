@@ -2,9 +2,15 @@
 
 This is the oracle: written to be read and checked, not to be fast (the backends in
 ``nca_fast.backends`` are). Tensors are B x C x H x W; perception is interleaved, index ``c * F + k``, as in the
-common PyTorch ports (``Conv2d(F*C, hidden, 1)``).
+common PyTorch ports (``Conv2d(F*C, hidden, 1)``). It computes in full fp32 on every device:
+perception as sums of shifted states and the dense layers as matmuls under ``full_fp32``, not
+as convolutions, which on CUDA run in TF32 (10 mantissa bits) by default, backward included.
+The backward's matmuls follow ``torch.get_float32_matmul_precision()`` ("highest", full fp32,
+unless the caller lowered it).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +26,34 @@ def pad1(x: torch.Tensor, padding: str, value: float = 0.0) -> torch.Tensor:
     return F.pad(x, (1, 1, 1, 1), mode="constant", value=value)
 
 
+@contextlib.contextmanager
+def full_fp32():
+    """Matmuls in full fp32 inside (``torch.set_float32_matmul_precision("highest")``, and
+    cuDNN's TF32 off), the settings before restored after."""
+    tf32, matmul = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.set_float32_matmul_precision(matmul)
+
+
 def perceive(x: torch.Tensor, filters: torch.Tensor, padding: str) -> torch.Tensor:
-    """B x C x H x W -> B x (C*F) x H x W: every filter (F x 3 x 3) on every channel."""
-    c = x.shape[1]
-    bank = filters.to(x.dtype).repeat(c, 1, 1).unsqueeze(1)      # (C*F) x 1 x 3 x 3, c*F + k
-    return F.conv2d(pad1(x, padding), bank, groups=c)
+    """B x C x H x W -> B x (C*F) x H x W: every filter (F x 3 x 3) on every channel, as a
+    cross-correlation (``p_k[i, j] = sum f_k[dy, dx] * x[i + dy - 1, j + dx - 1]``)."""
+    h, w = x.shape[-2:]
+    xp = pad1(x, padding)
+    f = filters.to(x.dtype)
+    bands = []
+    for k in range(f.shape[0]):
+        p = torch.zeros_like(x)
+        for dy in range(3):
+            for dx in range(3):
+                p = p + f[k, dy, dx] * xp[:, :, dy:dy + h, dx:dx + w]
+        bands.append(p)
+    return torch.stack(bands, dim=2).flatten(1, 2)                 # B x C x F x H x W: c*F + k
 
 
 def alive(x: torch.Tensor, threshold: float, padding: str, alpha_channel: int = 3) -> torch.Tensor:
@@ -39,9 +68,12 @@ def alive(x: torch.Tensor, threshold: float, padding: str, alpha_channel: int = 
 
 
 def dense(p: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
-    """The per-cell MLP as 1x1 convolutions: relu(W1 p + b1), then W2 h + b2."""
-    h = F.relu(F.conv2d(p, w1.reshape(w1.shape[0], -1, 1, 1), b1))
-    return F.conv2d(h, w2.reshape(w2.shape[0], -1, 1, 1), b2)
+    """The per-cell MLP (the ports' 1x1 convolutions): relu(W1 p + b1), then W2 h + b2.
+    w1, w2: [out, in] or [out, in, 1, 1]."""
+    w1, w2 = w1.reshape(w1.shape[0], -1), w2.reshape(w2.shape[0], -1)
+    with full_fp32():
+        h = F.relu(torch.einsum("jc,bchw->bjhw", w1, p) + b1[:, None, None])
+        return torch.einsum("cj,bjhw->bchw", w2, h) + b2[:, None, None]
 
 
 def step(x: torch.Tensor, w1, b1, w2, b2, config: NCAConfig, mask: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,7 @@ def rollout_bytes(backend: str, cells: int, channels: int, hidden: int, num_filt
         from .functional import rollout_bytes as triton_bytes
         seg = steps if not grad else (segment or 1)
         return triton_bytes((1, channels, cells, 1), steps, seg, num_filters, alive,
-                            element_size)
+                            element_size, grad)
     state = cells * channels * element_size
     total = 2 * state + (cells * steps if grad else 0)
     if grad and segment is not None:

@@ -245,12 +245,16 @@ def test_quick_sweeps_write_memory_csv_and_plot(tmp_path):
 
 
 # ------------------------------------------------------------------------------ gpu_check.sh
-def _gpu_check(*args, env=None):
+# The checks in the order the script runs them: the figures first, the tests last.
+GPU_CHECK_STAGES = ("selftest", "suite", "ceilings", "memory", "tests")
+
+
+def _gpu_check(*args, env=None, timeout=120):
     # The script's interpreter must be this one (CI runs the tests from a virtual environment).
     e = dict(os.environ, PYTHON=sys.executable)
     e.update(env or {})
     return subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True,
-                          env=e, timeout=120)
+                          env=e, timeout=timeout)
 
 
 def test_gpu_check_without_outdir_is_a_usage_error():
@@ -292,9 +296,36 @@ def test_gpu_check_dry_run_layout(tmp_path):
     assert f"torch: {torch.__version__}" in env
     assert "nvidia-smi" in env
     summary = (out / "summary.md").read_text()
-    for stage in ("tests", "ceilings", "suite", "memory"):
+    for stage in GPU_CHECK_STAGES:
         assert f"| {stage} | skipped: dry run" in summary
     assert "| env | PASS |" in summary and "every stage passed" in summary
+
+
+def test_gpu_check_rehearsal_runs_every_stage_in_order(tmp_path):
+    """The whole script on the CPU at tiny sizes, the kernels in Triton's interpreter: every
+    stage passes, in the order that puts the figures first, the selftest's verdict and the
+    suite's Triton rows included, and OUTDIR holds at most 8 flat files under 16 MB each.
+    About 45 CPU-seconds; the rehearsal's own limit is 4 minutes, raised to 8 here so that a
+    machine shared with other jobs (startups of torch under load) does not fail the check."""
+    out = tmp_path / "out"
+    env = {"NCA_FAST_GPU_CHECK_REHEARSE": "1", "NCA_FAST_GPU_CHECK_SECONDS": "480"}
+    p = _gpu_check(str(out), env=env, timeout=560)
+    summary = (out / "summary.md").read_text()
+    assert p.returncode == 0, summary[-4000:] + p.stderr[-2000:]
+    started = [line.split("] ")[1].split(":")[0] for line in p.stderr.splitlines()
+               if line.endswith(" s)") and ": starting (limit" in line]
+    assert started == list(GPU_CHECK_STAGES), p.stderr
+    for stage in GPU_CHECK_STAGES:
+        assert f"| {stage} | PASS |" in summary, summary
+    assert "- selftest: PASS | cpu |" in summary and "CPU interpreter" in summary
+    header, rows = _read(out / "throughput.csv")
+    triton = {(r["mode"], r["metric"]) for r in rows if r["provider"] == "nca_fast-triton"}
+    assert {("forward", "cell_steps_per_s"), ("train", "cell_steps_per_s")} <= triton, triton
+    files = list(out.iterdir())
+    assert len(files) <= 8 and all(f.is_file() and f.stat().st_size < 16e6 for f in files)
+    assert {"env.txt", "summary.md", "tests.log", "throughput.csv", "ceilings.csv",
+            "memory.csv"} <= {f.name for f in files}
+    assert "1 passed" in (out / "tests.log").read_text()
 
 
 # ------------------------------------------------------------------------------ harness
@@ -339,6 +370,6 @@ def test_gpu_check_fails_loudly_when_the_kernels_cannot_be_imported(tmp_path):
     assert p.returncode == 1, p.stderr
     assert "nca_fast.kernels cannot be imported" in p.stderr
     summary = (out / "summary.md").read_text()
-    for stage in ("tests", "ceilings", "suite", "memory"):
+    for stage in GPU_CHECK_STAGES:
         assert f"| {stage} | NOT RUN: nca_fast.kernels is not importable" in summary
     assert "a stage FAILED" in summary and "No module named 'nca_fast.kernels'" in summary

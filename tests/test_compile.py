@@ -117,6 +117,42 @@ def test_constant_one_arguments_compile():
         assert r.status == "ok", f"{r.variant.label()} on a 1 x 1 grid at step 1: {r.error}"
 
 
+SPECIALISATIONS = """
+import json, sys
+from bench import compile_report as cr
+
+modules = cr.load_kernels()
+keys = {}
+for v in [cr.Variant("fwd", 90, 16, 128, 3, 1, 1, has_q=True, alive=True),
+          cr.Variant("bwd_gp", 90, 16, 128, 3, 1, 1),
+          cr.Variant("bwd_weights", 90, 16, 128, 3, 1, 1, next=True),
+          cr.Variant("bwd_input", 90, 16, 0, 3, 1, 0)]:
+    for grid, step, seed in (((1, 1, 16), 1, 1), ((2, 13, 32), 0, 5), ((1, 32, 64), 16, 2**40),
+                             ((3, 64, 48), 7, 12345)):
+        src, _, _ = cr.specialise(cr.record_launch(v, modules, grid=grid, step=step, seed=seed),
+                                  v.arch)
+        key = repr((sorted(src.signature.items()), sorted(src.constants.items()),
+                    sorted(src.attrs.items())))
+        keys.setdefault(v.kernel, set()).add(key)
+json.dump({k: len(s) for k, s in keys.items()}, sys.stdout)
+"""
+
+
+def test_one_compile_for_every_size_and_step():
+    """The runtime ints (sizes, tile counts and strides, step, seed, the save switch) are not
+    specialised: one row at step 1, odd heights at step 0, multiples of 16, small and large
+    seeds compile once per kernel (the JIT makes a constant of an int equal to 1 and marks
+    multiples of 16, each a compile of its own, tens of seconds on a GPU). W alone keeps its
+    divisibility by 16 (configs.RUNTIME_INTS says why): the widths here are multiples of 16."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", SPECIALISATIONS], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == {k: 1 for k in cr.KERNEL_NAMES}
+
+
 # ----------------------------------------------------------------- the report's own parsing
 def test_enumeration_is_every_valid_combination():
     every = cr.all_variants()

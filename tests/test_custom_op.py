@@ -44,7 +44,7 @@ def _case(seed=0):
 
 def _op_args(steps, segment, alive):
     """The scalar arguments of both ops, after x, the weights and the filters."""
-    return (SEED, 0, steps, segment, FIRE_RATE, 0.1 if alive else None, ALPHA, False, "ieee")
+    return (SEED, 0, steps, segment, FIRE_RATE, 0.1 if alive else None, ALPHA, False, "ieee", -1)
 
 
 # The checkpoint options as the layer resolves them: each distinct (steps, segment) is checked
@@ -116,6 +116,23 @@ def test_one_step_rollout_is_differentiable():
     for name, t, g in zip(("x", "w1", "b1", "w2", "b2"), ts, ref_grads):
         assert g.abs().max() > 0, f"{name}: the reference gradient is zero; the check is void"
         assert_close_verbose(t.grad, g, atol * g.abs().max().item(), rtol, f"grad {name}")
+
+
+@pytest.mark.parametrize("alive", [True, False], ids=["alive", "no-alive"])
+def test_backward_leaves_a_channels_last_incoming_gradient_untouched(alive):
+    """The backward's gradient buffers are its own: with three steps both are written, and a
+    channels-last incoming gradient (contiguous once permuted) must not be one of them."""
+    tensors = _case(seed=8)
+    ts = [t.clone().requires_grad_() for t in tensors]
+    filters = filter_tensor(CFG, device=DEVICE)
+    out = rollout(*ts, filters, seed=SEED, steps=3, precision="ieee",
+                  alive_threshold=0.1 if alive else None)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    probe = probe.contiguous(memory_format=torch.channels_last)
+    kept = probe.clone()
+    out.backward(probe)
+    assert torch.equal(probe, kept), "the backward wrote into the incoming gradient"
+    assert ts[0].grad.abs().max() > 0
 
 
 def test_hand_written_loop_of_one_step_calls_trains():

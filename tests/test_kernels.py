@@ -15,7 +15,7 @@ from nca_fast.functional import rollout
 from nca_fast.kernels import configs
 from nca_fast.kernels.step_bwd import nca_step_bwd
 from nca_fast.kernels.step_fwd import hq_plane, nca_step_fwd
-from tolerances import assert_close_verbose, tolerance
+from tolerances import FP64_KERNELS, assert_close_verbose, tolerance
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -106,6 +106,7 @@ def test_gradients_match_reference(case):
         assert_close_verbose(a.grad, b.grad, atol * scale, rtol, f"grad {name}")
 
 
+@FP64_KERNELS
 @pytest.mark.parametrize("alive,padding", [(0.1, "zeros"), (None, "circular")])
 def test_gradcheck_fp64(alive, padding):
     cfg = NCAConfig(precision="ieee", hidden=32, padding=padding, alive_threshold=alive)
@@ -308,6 +309,8 @@ def test_errors_name_the_problem(monkeypatch):
         rollout(x, w1.double(), b1, w2, b2, filt, seed=0, steps=1)
     with pytest.raises(ValueError, match="w2"):
         rollout(x, w1, b1, w2.to("meta"), b2, filt, seed=0, steps=1)
+    with pytest.raises(ValueError, match="bank: expected -1, 0 or a named bank's code"):
+        rollout(x, w1, b1, w2, b2, filt, seed=0, steps=1, bank=2)     # 2: four filters
     bad = NCA(NCAConfig(channels=12, hidden=32), backend="triton").to(DEVICE)
     with pytest.raises(ValueError, match="backend='torch'"):
         bad(bad.seed_state(1, 4, 4), 1, seed=0)
@@ -316,6 +319,24 @@ def test_errors_name_the_problem(monkeypatch):
         m = NCA(cfg, backend="triton")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             m(m.seed_state(1, 4, 4), 1, seed=0)
+
+
+def test_float64_is_refused_before_any_launch_when_compiled(monkeypatch):
+    """Compiled kernels have no float64 dots: refused with the reason, nothing launched."""
+    from nca_fast.kernels import step_fwd
+
+    launched = []
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setattr(step_fwd, "launch_fwd", lambda *a, **k: launched.append(1))
+    cfg = NCAConfig(hidden=32, precision="ieee")
+    x, w1, b1, w2, b2 = random_case(cfg, 1, 4, 4, dtype=torch.float64)
+    filt = filter_tensor(cfg, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match=r"^r: float64 runs only in Triton's interpreter"):
+        rollout(x, w1, b1, w2, b2, filt, seed=0, steps=2, precision="ieee")
+    model = NCA(cfg, backend="triton").to(device=DEVICE, dtype=torch.float64)
+    with pytest.raises(TypeError, match="backend='torch' for float64"):
+        model(x, 1, seed=0)
+    assert not launched
 
 
 def test_torch_compile_sees_one_op_and_no_graph_break():
@@ -400,6 +421,23 @@ def test_hidden_chunks_and_row_blocks(monkeypatch, hidden, chunk, rows, resident
         assert_close_verbose(a.grad, b.grad, atol * scale, rtol, f"grad {name}")
 
 
+@pytest.mark.parametrize("filters", ["sobel", "sobel_laplacian16"])
+def test_layer_reads_no_taps_back_from_the_device(monkeypatch, filters):
+    """The layer knows its bank from the config: no op copies the filters to the host (a sync
+    per rollout on a GPU); the code it passes is the one the taps give."""
+    cfg = NCAConfig(hidden=32, precision="ieee", filters=filters)
+    model = NCA(cfg, backend="triton").to(DEVICE)
+    want = configs.bank_code(model.filters)
+    assert want in (1, 3) and configs.named_bank(cfg.filters) == want
+    calls = []
+    real = configs.bank_code
+    monkeypatch.setattr(configs, "bank_code", lambda f: calls.append(f.dtype) or real(f))
+    x = random_case(cfg, 1, 4, 5)[0].requires_grad_()
+    model(x, 2, seed=1).sum().backward()
+    assert x.grad.abs().max() > 0
+    assert calls == [], "an op read the filters back from the device"
+
+
 def test_named_banks_are_the_configs_banks():
     """The banks the kernels hold as constants are the taps nca_fast.config names, exactly."""
     from nca_fast.config import FILTER_BANKS
@@ -412,3 +450,7 @@ def test_named_banks_are_the_configs_banks():
     nearly = torch.tensor(FILTER_BANKS["sobel"]).clone()
     nearly[1, 0, 0] += 1e-6
     assert configs.bank_code(nearly) == 0
+    for code, name in names.items():                        # the same from plain numbers
+        assert configs.named_bank(FILTER_BANKS[name]) == code
+        assert configs.named_bank(torch.tensor(FILTER_BANKS[name]).reshape(-1, 9).tolist()) == code
+    assert configs.named_bank(nearly.tolist()) == 0

@@ -117,3 +117,38 @@ def test_no_grad_rollout_keeps_no_states():
         a = model(x, 5, seed=3)
     b = model(x.requires_grad_(), 5, seed=3)
     assert torch.equal(a, b.detach())
+
+
+def test_a_forward_without_gradients_is_charged_the_forward_only(monkeypatch):
+    """1 x 16 x 16384^2 for 4 steps without gradients: ~49 GiB, accepted on an 80 GiB card; the
+    backward's scratch (~210 GiB more) is charged only when a gradient will be asked for."""
+    from nca_fast import functional
+
+    x = torch.empty((1, 16, 16384, 16384), device="meta")
+    free = {"bytes": 80 * 2**30}
+    monkeypatch.setattr(functional, "_free_bytes", lambda device: free["bytes"])
+    functional.check_fits(x, 4, 4, 3, True, grad=False)
+    forward = functional.rollout_bytes(tuple(x.shape), 4, 4, 3, True, grad=False)
+    assert 48 * 2**30 < forward < 56 * 2**30
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"needs about \d+\.\d GiB"):
+        functional.check_fits(x, 4, 4, 3, True, grad=True)
+    free["bytes"] = 40 * 2**30                     # where it cannot fit: refused, with the estimate
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=f"needs about {forward / 2**30:.1f} GiB"):
+        functional.check_fits(x, 4, 4, 3, True, grad=False)
+
+
+def test_the_layer_checks_a_forward_without_gradients_as_a_forward(monkeypatch):
+    """Through the op's entry point: under no_grad the estimate has no backward in it."""
+    from nca_fast import functional
+
+    seen = []
+    real = functional.rollout_bytes
+    monkeypatch.setattr(functional, "_free_bytes", lambda device: 2**40)
+    monkeypatch.setattr(functional, "rollout_bytes",
+                        lambda *a, **k: seen.append(a[6]) or real(*a, **k))
+    model = NCA(NCAConfig(hidden=32, precision="ieee"), backend="triton").to(DEVICE)
+    x = model.seed_state(1, 4, 4)
+    with torch.no_grad():
+        model(x, 2, seed=3)
+    model(x.requires_grad_(), 2, seed=3)
+    assert seen == [False, True]

@@ -207,8 +207,14 @@ def test_torch_backend_loop_of_one_step_calls_equals_one_call(case):
     _check_loop_equals_one_call(case, "torch")
 
 
-needs_triton = pytest.mark.skipif(
-    not TRITON, reason="the triton backend needs CUDA or TRITON_INTERPRET=1 (set by conftest)")
+if CUDA:
+    from nca_fast.kernels.configs import FP64_COMPILED
+
+    # the properties are checked in float64 (above): on the kernels, an interpreter check
+    needs_triton = pytest.mark.skip(reason=f"on CUDA: {FP64_COMPILED}")
+else:
+    needs_triton = pytest.mark.skipif(
+        not TRITON, reason="the triton backend needs CUDA or TRITON_INTERPRET=1 (set by conftest)")
 
 
 # Interpreted kernels cost ~0.1-1 s per step with its backward here, so the Triton cases are

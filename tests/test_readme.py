@@ -10,7 +10,9 @@ Python blocks are executed on the CPU. What the test changes, and why, is all he
 Shell blocks: the set-up commands are the two the README promises and the test command is
 what CI runs; ``nca-fast grow`` runs as written (seconds), the MP4 example too (or, without
 imageio-ffmpeg, it must fail in one line saying what to install); every training command's
-flags are parsed and validated without training; ``nca-fast bench`` answers ``--help``.
+flags are parsed and validated without training; ``nca-fast bench`` answers ``--help``;
+``nca-fast selftest`` runs as written (the kernels in Triton's interpreter at tiny sizes, about
+15 CPU-seconds).
 """
 import os
 import pathlib
@@ -200,3 +202,17 @@ def test_export_commands_as_written(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         page = (work / argv[argv.index("--html") + 1]).read_text()
         assert '<script type="application/json" id="nca-model">' in page
+
+
+def test_selftest_as_written():
+    argv = next(a for a in _commands() if a[:2] == ["nca-fast", "selftest"])
+    env = _env()
+    env.pop("TRITON_INTERPRET", None)            # the command sets it for itself on a CPU
+    r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    verdict = [ln for ln in r.stdout.splitlines() if ln.startswith("selftest: PASS")]
+    assert len(verdict) == 1, r.stdout[-3000:]
+    for part in ("default tf32 err", "odd ieee err", "forward", "train", "cell-steps/s"):
+        assert part in verdict[0], verdict[0]
+    if "cuda" not in verdict[0]:
+        assert "[CPU interpreter: not kernel speed]" in verdict[0]

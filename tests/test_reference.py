@@ -196,3 +196,36 @@ def test_update_mask_neighbours_uncorrelated():
     for shifted in (m.roll(1, 0), m.roll(1, 1)):
         corr = (m * shifted).mean().item()
         assert abs(corr) < 5 / math.sqrt(n), corr
+
+
+def test_reference_computes_in_full_fp32_whatever_the_settings(monkeypatch):
+    """On CUDA convolutions default to TF32 (cuDNN) and users may lower the matmul precision:
+    the oracle convolves nothing, and its matmuls run at "highest" (settings restored after)."""
+    import torch.nn.functional as F
+
+    def no_conv(*args, **kwargs):
+        raise AssertionError("the reference convolved: TF32 under cuDNN's default on CUDA")
+
+    seen = []
+    einsum = torch.einsum
+
+    def recording(*args, **kwargs):
+        seen.append((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32))
+        return einsum(*args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", no_conv)
+    monkeypatch.setattr(torch, "einsum", recording)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        cfg = NCAConfig(hidden=32, filters="sobel_laplacian")
+        x, weights, mask = _problem(cfg, 1, 5, 6, seed=3)
+        want = direct_step(x, *weights, cfg, mask)
+        got = _run_reference(x, weights, cfg, mask)
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+        assert seen and all(s == ("highest", False) for s in seen), seen
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -4,7 +4,13 @@ Keys: (dtype, precision). Values: (atol, rtol) for the forward state and for gra
 fp64 and "ieee" fp32 are exact operand precision (the interpreter's tl.dot is numpy matmul);
 TF32 keeps 10 mantissa bits (~1e-3 relative), bf16 7 bits (~8e-3): their accuracy is a GPU check.
 """
+import pytest
 import torch
+
+from nca_fast.kernels.configs import FP64_COMPILED
+
+# Kernel tests in float64 (gradcheck, the property tests) are interpreter checks.
+FP64_KERNELS = pytest.mark.skipif(torch.cuda.is_available(), reason=f"on CUDA: {FP64_COMPILED}")
 
 TOLERANCES = {
     (torch.float64, "ieee"): {"state": (1e-10, 1e-10), "grad": (1e-9, 1e-9)},

@@ -34,12 +34,16 @@ def rollout(x: torch.Tensor, params: Params, config, *, steps: int, seed: int,
         warnings.warn(f"backend='triton': {problem}", RuntimeWarning, stacklevel=3)
     w1, b1, w2, b2, filters = params
     filters = filters.to(x.dtype)
+    from ..kernels import configs
+
+    # the bank's code from the config's taps, on the host: no copy of the filters per rollout
+    bank = configs.named_bank(config.filters)
 
     def run(x, n, first):
         return functional.rollout(
             x, w1, b1, w2, b2, filters, seed=seed, steps=n, first_step=first, segment=segment,
             fire_rate=config.fire_rate, alive_threshold=config.alive_threshold,
             alpha_channel=config.alpha_channel, circular=config.padding == "circular",
-            precision=config.precision)
+            precision=config.precision, bank=bank)
 
     return run_in_frames(run, x, steps, first_step, frames)
