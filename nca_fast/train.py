@@ -123,7 +123,10 @@ def build_parser(prog: str = "nca-fast train") -> argparse.ArgumentParser:
     a("--reseed-runaway", type=float, metavar="R", help="reseed pool states with more than R x "
       "the target's live cells instead of writing them back (default 0: off)")
     a("--no-stability", dest="stability", action="store_false", help="do not grow the "
-      "long-horizon score (10x the longest rollout) at each checkpoint")
+      "long-horizon score (10x the longest rollout) at each checkpoint (nor keep "
+      "best.safetensors, the best model so far by that score)")
+    a("--stop-after-dead", type=int, metavar="N", help="end the run after N checkpoints in a "
+      "row whose growth from the seed died (0 live cells) or diverged (default 0: never)")
     a("--seed", type=int, help="seed of every random choice (default 0)")
     a("--backend", choices=BACKENDS, help="NCA backend (default auto)")
     a("--device", choices=DEVICES, help="default auto (cuda when available)")
@@ -279,11 +282,11 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
               f"{t.cpu_time:.0f} s), final loss {result.losses[-1]:.6f}; outputs in "
               f"{result.run_dir}")
         if t.last_stability:
-            from .stability import format_rows, holds
+            from .stability import format_rows
             print(f"long-horizon score (grown from the seed; stability.csv):\n"
-                  f"{format_rows(t.last_stability)}\n"
-                  f"{'holds' if holds(t.last_stability) else 'does not hold'}: MSE at 10x "
-                  f"within 1.5x of 1x and live cells within 20 % of the target's")
+                  f"{format_rows(t.last_stability)}")
+        for line in t.summary():
+            print(line)
     return 0
 
 

@@ -57,7 +57,9 @@ class TrainOptions:
     trained to stay after it has grown. reseed_runaway: R > 1 reseeds, instead of writing back,
     pool states with more than R times the target's live cells. stability: grow from the seed at
     every checkpoint for 10x the longest rollout and write the long-horizon score
-    (stability.csv, stability.png).
+    (stability.csv, stability.png), keep the best model so far in ``best.safetensors`` and
+    print a warning when growth from the seed dies, diverges or overgrows. stop_after_dead:
+    N > 0 ends the run after N checkpoints in a row whose growth died (0: never).
     """
 
     target: Optional[str] = None
@@ -98,6 +100,7 @@ class TrainOptions:
     late_loss: float = 0.0
     reseed_runaway: float = 0.0
     stability: bool = True
+    stop_after_dead: int = 0
 
     def __post_init__(self):
         def bad(name, expected):
@@ -113,7 +116,7 @@ class TrainOptions:
         for name in ("size", "steps", "batch", "pool_size", "loss_levels", "channels", "hidden",
                      "accumulate", "save_every"):
             pos_int(name)
-        for name in ("replace", "damage"):
+        for name in ("replace", "damage", "stop_after_dead"):
             pos_int(name, 0)
         pos_int("pad", 0, optional=True)
         pos_int("rollout_min", 1, optional=True)
@@ -219,7 +222,7 @@ class TrainOptions:
 # backend still gives a valid continuation, though not a bitwise equal one). A resumed run also
 # keeps writing to its own folder, whatever ``out`` its options hold.
 RESUMABLE = ("steps", "save_every", "video_steps", "mp4", "threads", "device", "backend",
-             "stability")
+             "stability", "stop_after_dead")
 
 # Presets set defaults; options given explicitly override them.
 PRESETS: Dict[str, dict] = {
