@@ -19,13 +19,17 @@ DISTILL_TILE = 40
 
 VIDEO_EXTENSIONS = (".gif", ".mp4")
 
+# The package's own images (the flower target, the photographs): nca_fast/assets/README.md.
+ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
+
 
 def mp4_missing() -> Optional[str]:
     """Why MP4 videos cannot be written here ("needs ... : pip install ..."), or None."""
     try:
         import imageio_ffmpeg  # noqa: F401
     except ImportError:
-        return "needs the imageio-ffmpeg package: pip install nca-fast[video]"
+        return ("needs the imageio-ffmpeg package: pip install -e '.[video]' in a checkout of "
+                "nca_fast, or pip install 'nca-fast[video]' from a package index")
     return None
 
 
@@ -223,7 +227,7 @@ def write_video(frames: Iterable[torch.Tensor], path: PathLike, *, fps: float = 
 
     Frames are rendered on white (see ``to_rgb``) and upscaled by ``scale`` (nearest neighbour).
     GIF needs only Pillow; MP4 needs the ``imageio-ffmpeg`` package
-    (``pip install nca-fast[video]``). The file is written atomically.
+    (``pip install -e '.[video]'`` in a checkout). The file is written atomically.
     """
     path = pathlib.Path(path)
     ext = path.suffix.lower()
