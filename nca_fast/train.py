@@ -82,9 +82,15 @@ def build_parser(prog: str = "nca-fast train") -> argparse.ArgumentParser:
     a("--preset", choices=sorted(PRESETS), help="defaults for: article (8000 steps, 72x72), quick "
       "(2-core CPU, < 10 min), hires (large grids: --size 128 and up), hires512 / hires1024 (one "
       "GPU, from a smaller model given with --init)")
-    a("--target", help="target image (PNG with alpha); default: the project's own drawing")
+    a("--target", help="target image: any RGB or RGBA image Pillow reads (PNG, JPEG, ...; 8 or "
+      "16 bit, colour or gray), fitted in --size cells keeping its aspect ratio (Lanczos "
+      "resampling; a larger photo is reduced without a full-size copy) and centred; transparent "
+      "pixels are dead cells, an opaque image a full square of live cells, which fills the grid "
+      "with --pad 0 (--preset photo); the loss is MSE over premultiplied RGBA, so the model "
+      "must also keep the padding dead. Default: the project's own flower drawing")
     a("--size", type=int, help="cells the target is fitted in (default 40)")
-    a("--pad", type=int, help="empty cells around the target (default 0.4 * size)")
+    a("--pad", type=int, help="dead cells around the target on each side (default 0.4 * size; "
+      "0: the target is the whole grid)")
     a("--experiment", choices=EXPERIMENTS, help="grow (from the seed), persist (sample pool), "
       "regenerate (pool + damage); default persist")
     a("--steps", type=int, help="optimizer steps (default 8000)")
@@ -248,7 +254,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         runner.setup()
         if runner.dist_info.rank == 0:
             t = runner.trainer
-            for line in run_plan(t.opts, t.shards, t.device):
+            for line in run_plan(t.opts, t.shards, t.device, t.calibrate()):
                 print(line, flush=True)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"nca-fast train: error: {_as_flag(str(e))}", file=sys.stderr)

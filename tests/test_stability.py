@@ -367,6 +367,22 @@ def test_dry_run_prints_the_estimates_and_trains_nothing(tmp_path, capsys):
     assert f"{floor:.2e}" in line
 
 
+def test_calibration_times_the_run_and_touches_nothing(tmp_path):
+    from nca_fast.resources import format_seconds
+
+    tr = Trainer(TrainOptions(**TINY, steps=2, stability=False), tmp_path)
+    before, g = _snapshot(tr), tr.generator.get_state()
+    cal = tr.calibrate(steps=4)
+    assert cal["steps"] == 4 and cal["samples"] == TINY["batch"]
+    assert 0 < cal["step_s"] < 60 and cal["cpu_step_s"] > 0
+    assert _same_weights(before[0], _snapshot(tr)[0]) and torch.equal(g, tr.generator.get_state())
+    assert all(p.grad is None for p in tr.model.parameters())
+    line = O.run_plan(tr.opts, 1, torch.device("cpu"), cal)[-1]
+    assert line.startswith("time estimate: about ") and "calibrated on this machine" in line
+    assert [format_seconds(s) for s in (4.25, 40, 444, 3000, 9000)] == \
+        ["4.2 s", "40 s", "7.4 minutes", "50 minutes", "2.5 hours"]
+
+
 def test_training_cost_matches_the_kernel_notes():
     # bench/NOTES.md, section 1: 49,152 MACs and 776 B (+ partial sums) per training cell-step
     # at C = 16, hidden = 128, the Sobel bank.

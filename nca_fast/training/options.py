@@ -14,7 +14,7 @@ import torch
 from ..backends import BACKENDS, resolve as resolve_backend
 from ..backends.interface import resolve_checkpoint
 from ..config import ARTICLE_GRID, FILTER_BANKS, PADDINGS, PRECISIONS, NCAConfig, from_fields
-from ..resources import DEVICE as ON_DEVICE, HOST, Term, format_bytes, rollout_bytes
+from ..resources import DEVICE as ON_DEVICE, HOST, Term, format_bytes, format_seconds, rollout_bytes
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_TARGET = ASSETS / "default_target.png"
@@ -325,9 +325,21 @@ def training_cost(o: TrainOptions):
     return 2 * macs, nbytes
 
 
-def run_plan(o: TrainOptions, shards: int, device: torch.device) -> List[str]:
+def mean_rollout(o: TrainOptions) -> float:
+    """The mean number of steps a training rollout runs (``o`` resolved), ``late_loss``'s
+    continuation included."""
+    mean = (o.rollout_min + o.rollout_max - 1) / 2
+    if o.late_loss:                    # continued to a length uniform in [n + 1, F n]
+        mean *= 1 + (o.late_loss - 1) / 2
+    return mean
+
+
+def run_plan(o: TrainOptions, shards: int, device: torch.device,
+             calibrated: Optional[dict] = None) -> List[str]:
     """Lines printed before a run starts: the memory estimate (the large buffers of
-    ``train_memory``, device and host) and, labelled as an estimate, the time per step."""
+    ``train_memory``, device and host) and, labelled as an estimate, the time per step:
+    ``calibrated`` (``Trainer.calibrate``: a short rollout timed on this machine) when given,
+    else a model of the device's rate."""
     o = o.resolved()
     if device.type == "cuda" and o.backend == "auto":
         o = dataclasses.replace(o, backend="triton")     # what a GPU runs (a dry run here)
@@ -343,10 +355,18 @@ def run_plan(o: TrainOptions, shards: int, device: torch.device) -> List[str]:
                           for t in sorted(mine, key=lambda t: -t.nbytes)[:3])
         label = name if device.type == "cuda" else "host (the CPU path)"
         lines.append(f"memory estimate, {label}: {format_bytes(total)} per process ({parts})")
-    mean_rollout = (o.rollout_min + o.rollout_max - 1) / 2
-    if o.late_loss:                    # continued to a length uniform in [n + 1, F n]
-        mean_rollout *= 1 + (o.late_loss - 1) / 2
-    cell_steps = o.batch * o.grid * o.grid * mean_rollout
+    cell_steps = o.batch * o.grid * o.grid * mean_rollout(o)
+    if calibrated is not None:
+        sec = calibrated["step_s"]
+        lines.append(
+            f"time estimate: about {format_seconds(sec * o.steps)} for {o.steps} steps "
+            f"({format_seconds(sec)} a step, {calibrated['cpu_step_s'] / sec:.2g} CPU-seconds "
+            f"per second; calibrated on this machine before the run: a "
+            f"{calibrated['steps']}-step rollout and its backward on {calibrated['samples']} "
+            f"state(s) alive where the target is, so the dead cells the CPU path skips are "
+            f"counted, scaled to the mean rollout of {mean_rollout(o):.3g} steps; the first "
+            f"steps, grown from seeds, run faster; other jobs on the machine slow it)")
+        return lines
     if device.type == "cuda":
         flops, nbytes = training_cost(o)
         floor = min(H200_FLOPS[o.precision] / flops, H200_BYTES_PER_S / nbytes)
@@ -359,7 +379,7 @@ def run_plan(o: TrainOptions, shards: int, device: torch.device) -> List[str]:
         where = ("one thread of this project's 2-core CPU (its rate measured at hidden 128, "
                  "scaled by 128 / hidden; dead cells, which the CPU path skips, make it faster)")
     sec = cell_steps / rate
-    lines.append(f"time estimate: about {sec:.3g} s per step, {sec * o.steps / 3600:.3g} h for "
-                 f"{o.steps} steps ({cell_steps:.3g} cell-steps a step at {rate:.3g} "
-                 f"cell-steps/s on {where}; an estimate, not a measurement)")
+    lines.append(f"time estimate: about {format_seconds(sec * o.steps)} for {o.steps} steps "
+                 f"({format_seconds(sec)} a step; {cell_steps:.3g} cell-steps a step at "
+                 f"{rate:.3g} cell-steps/s on {where}; an estimate, not a measurement)")
     return lines

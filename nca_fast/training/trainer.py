@@ -63,6 +63,7 @@ from ..model import NCA, load_any
 from ..resources import check as check_memory
 from .distributed import Dist
 from .options import DEFAULT_TARGET, RESUMABLE, TrainOptions, late_length, train_memory
+from .options import mean_rollout as options_mean_rollout
 from .run_folder import (CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointError, checkpoint_path,
                          read_checkpoint, save_model, write_loss_outputs, write_safetensors)
 
@@ -213,7 +214,10 @@ class Trainer:
         check_memory(train_memory(o, self.shards, self.device), self.device, "training")
 
         target = o.target if o.target is not None else DEFAULT_TARGET
-        self.target = load_target(target, o.size, o.pad).to(self.device)
+        try:
+            self.target = load_target(target, o.size, o.pad).to(self.device)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"target: {e}") from None
         self.grid = self.target.shape[-1]
 
         with torch.random.fork_rng(devices=[]):
@@ -613,6 +617,32 @@ class Trainer:
                   f"{first.grow_steps} steps, {last.mse:.5f} at {last.grow_steps}; live cells "
                   f"{last.live_cells} (target {last.target_live_cells})", flush=True)
 
+    def calibrate(self, steps: int = 8, warmup: int = 2) -> Optional[dict]:
+        """Time one training step's work on this machine (CPU only; None elsewhere): a copy of
+        the model rolls this process's micro-batches out ``steps`` steps from states alive where
+        the target is (the cells a grown pool sample keeps alive), with the loss's backward;
+        scaled to the mean rollout length. Touches nothing of the run (weights, generator,
+        pool). Returns {"step_s", "cpu_step_s", "steps", "samples"}."""
+        import copy
+
+        if self.device.type != "cpu":
+            return None
+        o = self.opts
+        model = copy.deepcopy(self.model)
+        x = torch.zeros(self.shard_batch, o.channels, self.grid, self.grid, device=self.device)
+        x[:, :4] = self.target
+        x[:, 4:] = (self.target[3:4] > 0).float()        # hidden channels of a live cell
+        scale = options_mean_rollout(o) / steps * o.accumulate
+        walls, cpus = 0.0, 0.0
+        for n, timed in ((warmup, False), (steps, True)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            y = model(x, n, seed=1, checkpoint=o.checkpoint)
+            per_sample_loss(y, self.target, o.loss_levels).mean().backward()
+            if timed:
+                walls, cpus = time.perf_counter() - t0, time.process_time() - c0
+        return {"step_s": walls * scale, "cpu_step_s": cpus * scale, "steps": steps,
+                "samples": self.shard_batch * o.accumulate}
+
     def keep_best(self, rows: Sequence[stability.HorizonPoint]) -> None:
         """Rank 0, at a checkpoint: write ``best.safetensors`` when this model ranks above the
         best so far (``stability.rank``); a warning line when its growth dies, diverges or
@@ -654,8 +684,9 @@ class Trainer:
             lines.append(self.stopped_early)
         if self.last_stability:
             v = stability.verdict(self.last_stability)
-            lines.append(f"final model (step {self.step}): {v} "
-                         f"(holds = {stability.CRITERION})")
+            said = "holds" if v == "holds" else f"does not hold: its growth {v}"
+            lines.append(f"final model (step {self.step}): {said} (the criterion of holding: "
+                         f"{stability.CRITERION})")
         b = self.best
         if b is None:
             lines.append("use model.safetensors (no long-horizon score was taken: "
