@@ -80,7 +80,8 @@ def build_parser(prog: str = "nca-fast train") -> argparse.ArgumentParser:
                             "(regenerate.gif), final.png.")
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), help="defaults for: article (8000 steps, 72x72), quick "
-      "(2-core CPU, < 10 min), hires (large grids: --size 128 and up), hires512 / hires1024 (one "
+      "(2-core CPU, < 10 min), photo (a 64-cell photograph from one cell, the shipped one unless "
+      "--target), hires (large grids: --size 128 and up), hires512 / hires1024 (one "
       "GPU, from a smaller model given with --init)")
     a("--target", help="target image: any RGB or RGBA image Pillow reads (PNG, JPEG, ...; 8 or "
       "16 bit, colour or gray), fitted in --size cells keeping its aspect ratio (Lanczos "

@@ -6,6 +6,7 @@ does with a bad step, not the quality of the model.
 """
 import csv
 import math
+import pathlib
 
 import pytest
 import torch
@@ -381,6 +382,16 @@ def test_calibration_times_the_run_and_touches_nothing(tmp_path):
     assert line.startswith("time estimate: about ") and "calibrated on this machine" in line
     assert [format_seconds(s) for s in (4.25, 40, 444, 3000, 9000)] == \
         ["4.2 s", "40 s", "7.4 minutes", "50 minutes", "2.5 hours"]
+
+
+def test_photo_preset_grows_the_shipped_photo_on_the_whole_grid():
+    from nca_fast.media import load_target
+
+    o = TrainOptions(**O.PRESETS["photo"]).resolved()
+    assert pathlib.Path(o.target).name == "astronaut64.png" and pathlib.Path(o.target).is_file()
+    assert (o.grid, o.pad, o.rollout_min, o.rollout_max) == (64, 0, 64, 96)
+    t = load_target(o.target, o.size, o.pad)
+    assert t.shape == (4, 64, 64) and (t[3] == 1).all()     # opaque: every cell is live
 
 
 def test_training_cost_matches_the_kernel_notes():

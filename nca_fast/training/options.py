@@ -244,6 +244,13 @@ PRESETS: Dict[str, dict] = {
     "hires512": dict(size=512, pad=32, hidden=128, batch=2, pool_size=64, steps=3000,
                      lr=1e-3, lr_drop_at=2400, checkpoint="sqrt", loss_levels=5,
                      curriculum=0.3, save_every=100, late_loss=3.0),
+    # A photograph grown from one cell on a 64-cell grid (docs/TRAINING.md, "A photograph"): the
+    # opaque photo is the whole grid (no padding), Sobel + Laplacian perception, a 3-level loss
+    # pyramid; rollouts [64, 96) reach the corners from the centre at fire rate 0.5. Defaults
+    # to the shipped public-domain photo; --target replaces it.
+    "photo": dict(target=str(ASSETS / "astronaut64.png"), size=64, pad=0, hidden=64,
+                  filters="sobel_laplacian", loss_levels=3, rollout_min=64, rollout_max=96,
+                  batch=4, pool_size=64, steps=500, lr_drop_at=400, save_every=100),
     "hires1024": dict(size=1024, pad=64, hidden=128, batch=1, pool_size=32, steps=3000,
                       lr=1e-3, lr_drop_at=2400, checkpoint="sqrt", loss_levels=6,
                       curriculum=0.3, save_every=100, late_loss=3.0),
@@ -357,15 +364,17 @@ def run_plan(o: TrainOptions, shards: int, device: torch.device,
         lines.append(f"memory estimate, {label}: {format_bytes(total)} per process ({parts})")
     cell_steps = o.batch * o.grid * o.grid * mean_rollout(o)
     if calibrated is not None:
-        sec = calibrated["step_s"]
+        threads = max(1, torch.get_num_threads())
+        idle = calibrated["cpu_step_s"] / threads      # the wall time with the cores to itself
+        now = calibrated["step_s"]
         lines.append(
-            f"time estimate: about {format_seconds(sec * o.steps)} for {o.steps} steps "
-            f"({format_seconds(sec)} a step, {calibrated['cpu_step_s'] / sec:.2g} CPU-seconds "
-            f"per second; calibrated on this machine before the run: a "
-            f"{calibrated['steps']}-step rollout and its backward on {calibrated['samples']} "
-            f"state(s) alive where the target is, so the dead cells the CPU path skips are "
-            f"counted, scaled to the mean rollout of {mean_rollout(o):.3g} steps; the first "
-            f"steps, grown from seeds, run faster; other jobs on the machine slow it)")
+            f"time estimate: about {format_seconds(idle * o.steps)} for {o.steps} steps on an "
+            f"otherwise idle machine ({calibrated['cpu_step_s']:.2g} CPU-seconds a step on "
+            f"{threads} thread(s); at this moment's load, {format_seconds(now * o.steps)}). "
+            f"Calibrated on this machine before the run: a {calibrated['steps']}-step rollout "
+            f"and its backward on {calibrated['samples']} state(s) alive where the target is, "
+            f"so the dead cells the CPU path skips are counted, scaled to the mean rollout of "
+            f"{mean_rollout(o):.3g} steps; the first steps, grown from seeds, run faster")
         return lines
     if device.type == "cuda":
         flops, nbytes = training_cost(o)

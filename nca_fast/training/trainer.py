@@ -631,7 +631,7 @@ class Trainer:
         model = copy.deepcopy(self.model)
         x = torch.zeros(self.shard_batch, o.channels, self.grid, self.grid, device=self.device)
         x[:, :4] = self.target
-        x[:, 4:] = (self.target[3:4] > 0).float()        # hidden channels of a live cell
+        x[:, 3:] = 1.0      # every cell alive: grown pool states spread past the target's edge
         scale = options_mean_rollout(o) / steps * o.accumulate
         walls, cpus = 0.0, 0.0
         for n, timed in ((warmup, False), (steps, True)):
