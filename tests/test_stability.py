@@ -379,7 +379,7 @@ def test_calibration_times_the_run_and_touches_nothing(tmp_path):
     assert _same_weights(before[0], _snapshot(tr)[0]) and torch.equal(g, tr.generator.get_state())
     assert all(p.grad is None for p in tr.model.parameters())
     line = O.run_plan(tr.opts, 1, torch.device("cpu"), cal)[-1]
-    assert line.startswith("time estimate: about ") and "calibrated on this machine" in line
+    assert line.startswith("time estimate: about ") and "Calibrated on this machine" in line
     assert [format_seconds(s) for s in (4.25, 40, 444, 3000, 9000)] == \
         ["4.2 s", "40 s", "7.4 minutes", "50 minutes", "2.5 hours"]
 

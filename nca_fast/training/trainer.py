@@ -619,8 +619,9 @@ class Trainer:
 
     def calibrate(self, steps: int = 8, warmup: int = 2) -> Optional[dict]:
         """Time one training step's work on this machine (CPU only; None elsewhere): a copy of
-        the model rolls this process's micro-batches out ``steps`` steps from states alive where
-        the target is (the cells a grown pool sample keeps alive), with the loss's backward;
+        the model rolls this process's micro-batches out ``steps`` steps from states with every
+        cell alive (measured closest to the runs' CPU time: grown pool states spread past the
+        target's edge; docs/TRAINING.md, "Time estimates"), with the loss's backward;
         scaled to the mean rollout length. Touches nothing of the run (weights, generator,
         pool). Returns {"step_s", "cpu_step_s", "steps", "samples"}."""
         import copy
