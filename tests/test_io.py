@@ -551,7 +551,7 @@ def test_video_rejects_bad_arguments(tmp_path):
 
 def test_mp4(tmp_path):
     pytest.importorskip("imageio_ffmpeg", reason="MP4 needs imageio-ffmpeg "
-                                                 "(pip install nca-fast[video])")
+                                                 "(pip install -e '.[video]')")
     import imageio.v2 as imageio
 
     frames = [_frame() * (i / 5) for i in range(6)]
