@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Grow a saved (.safetensors) or Distill (.json) model from the "
                                    "one-cell seed; write the growth video (GIF, or MP4 by "
                                    "extension) and the final frame as a PNG with the same stem.")
+    from . import stability
     from .model import shipped_models
 
     g.add_argument("--model", metavar="PATH|NAME",
@@ -87,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target", metavar="PNG", default=None,
                    help="target image to score the growth against (default: the one the model "
                         "was trained on, when its file names it)")
-    g.add_argument("--seed", type=_seed_int, default=0,
-                   help="key of the update masks and of the damage circle (0)")
+    g.add_argument("--seed", type=_seed_int, default=stability.SEED,
+                   help=f"key of the update masks and of the damage circle ({stability.SEED}: "
+                        "the key of the trainer's long-horizon score, so that the score printed "
+                        "here is the one in the model's record)")
     g.add_argument("--out", default="growth.gif", metavar="PATH",
                    help="video to write, .gif or .mp4 (growth.gif); the last frame goes to "
                         "the same path with .png")

@@ -19,13 +19,17 @@ DISTILL_TILE = 40
 
 VIDEO_EXTENSIONS = (".gif", ".mp4")
 
+# The package's own images (the flower target, the photographs): nca_fast/assets/README.md.
+ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
+
 
 def mp4_missing() -> Optional[str]:
     """Why MP4 videos cannot be written here ("needs ... : pip install ..."), or None."""
     try:
         import imageio_ffmpeg  # noqa: F401
     except ImportError:
-        return "needs the imageio-ffmpeg package: pip install nca-fast[video]"
+        return ("needs the imageio-ffmpeg package: pip install -e '.[video]' in a checkout of "
+                "nca_fast, or pip install 'nca-fast[video]' from a package index")
     return None
 
 
@@ -33,10 +37,17 @@ def mp4_missing() -> Optional[str]:
 def load_target(path_or_image, size: int = 40, pad: int = 16) -> torch.Tensor:
     """A target image as a 4 x (size + 2 pad) x (size + 2 pad) float32 tensor, premultiplied RGBA.
 
-    ``path_or_image``: an image file path, a ``PIL.Image`` or an H x W x 3|4 uint8 array. As in
-    the article, the image is fitted in ``size`` x ``size`` keeping its aspect ratio (Lanczos
-    resampling; an image narrower on one side is centred on a transparent square), scaled to
-    [0, 1], RGB multiplied by alpha, then padded with ``pad`` empty cells on each side.
+    ``path_or_image``: an image file path, a ``PIL.Image`` or an H x W x 3|4 uint8 array: any
+    RGB or RGBA image (or gray, palette, 16-bit gray). As in the article, the image is fitted in
+    ``size`` x ``size`` keeping its aspect ratio (Lanczos resampling, up or down; an image
+    narrower on one side is centred on a transparent square), scaled to [0, 1], RGB multiplied
+    by alpha, then padded with ``pad`` empty cells on each side. Transparent pixels are dead
+    cells of the target; an opaque image (RGB, gray, or alpha 255 everywhere) is a full square
+    of live cells, which fills the whole grid when ``pad`` is 0.
+
+    A large image is not converted or copied at full size: a JPEG is decoded at the smallest
+    1/2, 1/4 or 1/8 scale still at least the fitted size (Pillow's draft mode); other formats are
+    decoded once and resized in their own pixel mode before any conversion to RGBA.
 
     Pixel values are scaled by their type's real range: 8-bit images (every colour mode) by
     255, 16-bit grayscale (PNG, TIFF) by 65535, float images are taken as they are and must lie
@@ -47,7 +58,7 @@ def load_target(path_or_image, size: int = 40, pad: int = 16) -> torch.Tensor:
 
     _check_positive("size", size)
     _check_non_negative("pad", pad)
-    img, where, fmt = _open_image(path_or_image)
+    img, where, fmt = _open_image(path_or_image, size)
     w, h = img.size
     scale = size / max(w, h)
     new = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -55,12 +66,14 @@ def load_target(path_or_image, size: int = 40, pad: int = 16) -> torch.Tensor:
     gray = _high_depth_gray(img, where, fmt)
     if gray is None:                                   # 8-bit: Pillow converts every mode
         try:
+            if new != (w, h) and img.mode in ("RGB", "RGBA", "L", "LA", "RGBa", "La"):
+                img = img.resize(new, Image.LANCZOS)   # before converting
             img = img.convert("RGBA")
+            if img.size != new:
+                img = img.resize(new, Image.LANCZOS)
         except (ValueError, OSError) as e:
             raise ValueError(f"{where}: cannot convert its {img.mode!r} pixels to RGBA ({e})"
                              ) from None
-        if new != (w, h):
-            img = img.resize(new, Image.LANCZOS)
         canvas = Image.new("RGBA", (size, size), (0, 0, 0, 0))
         canvas.paste(img, at)
         target = _premultiplied_padded(np.asarray(canvas), pad)
@@ -142,8 +155,9 @@ def load_distill_target(which: Union[int, str], sprite: PathLike, *, pad: int = 
     return _premultiplied_padded(tile, pad)
 
 
-def _open_image(obj):
-    """(PIL image, name for messages, file format or None) of a path, PIL image or array."""
+def _open_image(obj, fit: Optional[int] = None):
+    """(PIL image, name for messages, file format or None) of a path, PIL image or array; a file
+    is decoded at a reduced scale when its format allows one that still covers ``fit`` cells."""
     from PIL import Image
 
     if isinstance(obj, Image.Image):
@@ -158,9 +172,15 @@ def _open_image(obj):
         if not p.exists():
             raise FileNotFoundError(f"{p}: no such image file")
         try:
-            with Image.open(p) as im:
-                im.load()
-                return im.copy(), str(p), im.format
+            im = Image.open(p)
+            fmt = im.format
+            if fit is not None and max(im.size) > fit:
+                w, h = im.size
+                scale = fit / max(w, h)
+                im.draft(im.mode if im.mode in ("RGB", "L") else None,
+                         (max(1, round(w * scale)), max(1, round(h * scale))))
+            im.load()
+            return im, str(p), fmt
         except Exception as e:
             raise ValueError(f"{p}: not a readable image ({e})") from None
     raise TypeError(f"path_or_image: expected a path, a PIL.Image or a uint8 array, got "
@@ -223,7 +243,7 @@ def write_video(frames: Iterable[torch.Tensor], path: PathLike, *, fps: float = 
 
     Frames are rendered on white (see ``to_rgb``) and upscaled by ``scale`` (nearest neighbour).
     GIF needs only Pillow; MP4 needs the ``imageio-ffmpeg`` package
-    (``pip install nca-fast[video]``). The file is written atomically.
+    (``pip install -e '.[video]'`` in a checkout). The file is written atomically.
     """
     path = pathlib.Path(path)
     ext = path.suffix.lower()

@@ -39,6 +39,15 @@ class Term:
     where: str = HOST
 
 
+def format_seconds(s: float) -> str:
+    """A duration in readable units: "40 s", "7.4 minutes", "2.5 hours"."""
+    if s < 90:
+        return f"{s:.2g} s" if s < 10 else f"{s:.0f} s"
+    if s < 90 * 60:
+        return f"{s / 60:.2g} minutes" if s < 600 else f"{s / 60:.0f} minutes"
+    return f"{s / 3600:.2g} hours"
+
+
 def format_bytes(n: float) -> str:
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:

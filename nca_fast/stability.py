@@ -136,6 +136,44 @@ def holds(rows: Sequence[HorizonPoint], mse_factor: float = 1.5,
     return last.live_ratio is not None and abs(last.live_ratio - 1) <= live_tolerance
 
 
+# A score's verdict, best first: the order in which the trainer ranks its checkpoints.
+VERDICTS = ("holds", "drifts", "overgrows", "decays", "dies", "diverges")
+CRITERION = ("MSE at 10x within 1.5x of 1x and live cells within 20 % of the target's")
+
+
+def verdict(rows: Sequence[HorizonPoint], mse_factor: float = 1.5,
+            live_tolerance: float = 0.2) -> str:
+    """One word for a score: ``holds`` (``holds``), else ``diverges`` (a non-finite MSE),
+    ``dies`` (0 live cells at some horizon: growth from the seed died), ``overgrows`` / ``decays``
+    (live cells at 10x more / less than ``live_tolerance`` off the target's), ``drifts`` (the
+    live count holds but the MSE at 10x exceeds ``mse_factor`` x the 1x figure)."""
+    if not rows:
+        raise ValueError("rows: expected at least one score row")
+    if any(r.mse is not None and not math.isfinite(r.mse) for r in rows):
+        return "diverges"
+    if any(r.live_cells == 0 for r in rows):
+        return "dies"
+    if holds(rows, mse_factor, live_tolerance):
+        return "holds"
+    ratio = rows[-1].live_ratio
+    if ratio is not None and ratio > 1 + live_tolerance:
+        return "overgrows"
+    if ratio is not None and ratio < 1 - live_tolerance:
+        return "decays"
+    return "drifts"
+
+
+def rank(rows: Sequence[HorizonPoint]) -> tuple:
+    """Sort key of a score, smaller is better: a model that holds before one that grows but
+    does not hold (drifts, overgrows, decays) before one whose growth dies or diverges; within a
+    class, the lower worst MSE over the horizons."""
+    v = verdict(rows)
+    cls = 0 if v == "holds" else 2 if v in ("dies", "diverges") else 1
+    errs = [r.mse for r in rows if r.mse is not None]
+    worst = max(errs) if errs and all(math.isfinite(e) for e in errs) else math.inf
+    return (cls, worst)
+
+
 def format_rows(rows: Iterable[HorizonPoint]) -> str:
     """The score as a small text table (what ``nca-fast grow`` prints)."""
     lines = ["  horizon  steps        MSE   live cells  / target"]

@@ -80,11 +80,18 @@ def build_parser(prog: str = "nca-fast train") -> argparse.ArgumentParser:
                             "(regenerate.gif), final.png.")
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), help="defaults for: article (8000 steps, 72x72), quick "
-      "(2-core CPU, < 10 min), hires (large grids: --size 128 and up), hires512 / hires1024 (one "
+      "(2-core CPU, < 10 min), photo (a 64-cell photograph from one cell, the shipped one unless "
+      "--target), hires (large grids: --size 128 and up), hires512 / hires1024 (one "
       "GPU, from a smaller model given with --init)")
-    a("--target", help="target image (PNG with alpha); default: the project's own drawing")
+    a("--target", help="target image: any RGB or RGBA image Pillow reads (PNG, JPEG, ...; 8 or "
+      "16 bit, colour or gray), fitted in --size cells keeping its aspect ratio (Lanczos "
+      "resampling; a larger photo is reduced without a full-size copy) and centred; transparent "
+      "pixels are dead cells, an opaque image a full square of live cells, which fills the grid "
+      "with --pad 0 (--preset photo); the loss is MSE over premultiplied RGBA, so the model "
+      "must also keep the padding dead. Default: the project's own flower drawing")
     a("--size", type=int, help="cells the target is fitted in (default 40)")
-    a("--pad", type=int, help="empty cells around the target (default 0.4 * size)")
+    a("--pad", type=int, help="dead cells around the target on each side (default 0.4 * size; "
+      "0: the target is the whole grid)")
     a("--experiment", choices=EXPERIMENTS, help="grow (from the seed), persist (sample pool), "
       "regenerate (pool + damage); default persist")
     a("--steps", type=int, help="optimizer steps (default 8000)")
@@ -123,7 +130,10 @@ def build_parser(prog: str = "nca-fast train") -> argparse.ArgumentParser:
     a("--reseed-runaway", type=float, metavar="R", help="reseed pool states with more than R x "
       "the target's live cells instead of writing them back (default 0: off)")
     a("--no-stability", dest="stability", action="store_false", help="do not grow the "
-      "long-horizon score (10x the longest rollout) at each checkpoint")
+      "long-horizon score (10x the longest rollout) at each checkpoint (nor keep "
+      "best.safetensors, the best model so far by that score)")
+    a("--stop-after-dead", type=int, metavar="N", help="end the run after N checkpoints in a "
+      "row whose growth from the seed died (0 live cells) or diverged (default 0: never)")
     a("--seed", type=int, help="seed of every random choice (default 0)")
     a("--backend", choices=BACKENDS, help="NCA backend (default auto)")
     a("--device", choices=DEVICES, help="default auto (cuda when available)")
@@ -245,7 +255,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         runner.setup()
         if runner.dist_info.rank == 0:
             t = runner.trainer
-            for line in run_plan(t.opts, t.shards, t.device):
+            for line in run_plan(t.opts, t.shards, t.device, t.calibrate()):
                 print(line, flush=True)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"nca-fast train: error: {_as_flag(str(e))}", file=sys.stderr)
@@ -279,11 +289,11 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
               f"{t.cpu_time:.0f} s), final loss {result.losses[-1]:.6f}; outputs in "
               f"{result.run_dir}")
         if t.last_stability:
-            from .stability import format_rows, holds
+            from .stability import format_rows
             print(f"long-horizon score (grown from the seed; stability.csv):\n"
-                  f"{format_rows(t.last_stability)}\n"
-                  f"{'holds' if holds(t.last_stability) else 'does not hold'}: MSE at 10x "
-                  f"within 1.5x of 1x and live cells within 20 % of the target's")
+                  f"{format_rows(t.last_stability)}")
+        for line in t.summary():
+            print(line)
     return 0
 
 

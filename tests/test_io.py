@@ -402,6 +402,65 @@ def test_fully_transparent_target_is_refused(tmp_path, capsys):
     assert "fully transparent" in err and len(err.splitlines()) == 1
 
 
+def test_opaque_photo_is_a_full_square_of_live_cells(tmp_path):
+    """An RGB photo: alpha 1 wherever the photo lies; with pad 0 a square photo is the grid."""
+    rng = np.random.default_rng(0)
+    square = tmp_path / "square.png"
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(square)
+    t = media.load_target(square, size=16, pad=0)
+    assert t.shape == (4, 16, 16) and (t[3] == 1).all()
+    t = media.load_target(square, size=16, pad=3)
+    assert (t[3, 3:19, 3:19] == 1).all() and t[3].sum() == 16 * 16
+    wide = tmp_path / "wide.jpg"                          # 60 x 40: 16 x 11 cells, centred
+    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(wide)
+    t = media.load_target(wide, size=16, pad=0)
+    rows = (t[3] > 0).any(1).nonzero().flatten().tolist()
+    assert rows == list(range(2, 13)) and (t[3, 2:13] == 1).all()
+
+
+def test_one_pixel_and_gray_photos_are_targets(tmp_path):
+    one = tmp_path / "one.png"
+    Image.new("RGB", (1, 1), (255, 128, 0)).save(one)
+    t = media.load_target(one, size=8, pad=1)              # one colour, upscaled to 8 x 8
+    torch.testing.assert_close(t[:, 1:9, 1:9], torch.tensor([1.0, 128 / 255, 0, 1])
+                               .view(4, 1, 1).expand(4, 8, 8))
+    gray = tmp_path / "gray.png"
+    Image.new("L", (20, 20), 51).save(gray)
+    t = media.load_target(gray, size=10, pad=0)
+    torch.testing.assert_close(t, torch.tensor([0.2, 0.2, 0.2, 1.0]).view(4, 1, 1)
+                               .expand(4, 10, 10))
+
+
+def test_a_large_jpeg_is_decoded_reduced(tmp_path):
+    """A 3000 x 2000 JPEG fitted in 64 cells is decoded at 1/8 scale (375 x 250), not at full
+    size, and gives the same picture within JPEG's and the reduction's error."""
+    yy, xx = np.mgrid[:2000, :3000]
+    rgb = np.stack([xx * 255 // 2999, yy * 255 // 1999, np.full_like(xx, 90)], -1)
+    p = tmp_path / "big.jpg"
+    Image.fromarray(rgb.astype(np.uint8)).save(p, quality=95)
+    im, _, fmt = media._open_image(p, 64)
+    assert fmt == "JPEG" and im.size == (375, 250)
+    t = media.load_target(p, size=64, pad=0)
+    small = Image.fromarray(rgb.astype(np.uint8)).resize((64, 43), Image.LANCZOS)
+    ref = torch.from_numpy(np.asarray(small).astype(np.float32) / 255).permute(2, 0, 1)
+    assert (t[:3, 10:53] - ref).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: Image.new("RGBA", (4, 4), (9, 9, 9, 0)).save(p), "fully transparent"),
+    (lambda p: p.write_bytes(b"not an image"), "not a readable image"),
+    (lambda p: None, "no such image file"),
+])
+def test_bad_targets_are_one_line_errors_naming_the_flag(tmp_path, capsys, make, needle):
+    from nca_fast.train import cli_main
+    p = tmp_path / "t.png"
+    make(p)
+    assert cli_main(["--target", str(p), "--size", "8", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nca-fast train: error: --target:") and needle in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 def test_8_bit_targets_are_unchanged():
     """The shipped target reads as before: Pillow's RGBA, Lanczos-fitted, scaled by 255."""
     from nca_fast.training.options import DEFAULT_TARGET
@@ -492,7 +551,7 @@ def test_video_rejects_bad_arguments(tmp_path):
 
 def test_mp4(tmp_path):
     pytest.importorskip("imageio_ffmpeg", reason="MP4 needs imageio-ffmpeg "
-                                                 "(pip install nca-fast[video])")
+                                                 "(pip install -e '.[video]')")
     import imageio.v2 as imageio
 
     frames = [_frame() * (i / 5) for i in range(6)]

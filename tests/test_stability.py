@@ -6,6 +6,7 @@ does with a bad step, not the quality of the model.
 """
 import csv
 import math
+import pathlib
 
 import pytest
 import torch
@@ -58,6 +59,82 @@ def test_holds_criterion():
     assert not stability.holds([P(1, 10, 0.010, 100, 100), P(10, 100, 0.010, 125, 100)])
     assert stability.holds([P(1, 10, 0.010, 125, 100), P(10, 100, 0.010, 119, 100)])
     assert not stability.holds([P(1, 10, math.nan, 100, 100), P(10, 100, 0.01, 100, 100)])
+
+
+def test_verdicts_and_their_order():
+    P = stability.HorizonPoint
+    rows = {"holds": [P(1, 10, 0.010, 100, 100), P(10, 100, 0.014, 110, 100)],
+            "drifts": [P(1, 10, 0.010, 100, 100), P(10, 100, 0.020, 100, 100)],
+            "overgrows": [P(1, 10, 0.010, 100, 100), P(10, 100, 0.011, 130, 100)],
+            "decays": [P(1, 10, 0.010, 100, 100), P(10, 100, 0.011, 70, 100)],
+            "dies": [P(1, 10, 0.010, 100, 100), P(10, 100, 0.050, 0, 100)],
+            "diverges": [P(1, 10, 0.010, 100, 100), P(10, 100, math.nan, 0, 100)]}
+    for want, r in rows.items():
+        assert stability.verdict(r) == want
+    order = sorted(rows, key=lambda k: stability.rank(rows[k]))
+    assert order[0] == "holds" and set(order[-2:]) == {"dies", "diverges"}
+    # Within a class, the lower worst MSE ranks first; a dead model never beats a growing one
+    # even with a lower MSE (an empty grid can score well against a small target).
+    dead_but_close = [P(1, 10, 0.001, 0, 100), P(10, 100, 0.001, 0, 100)]
+    assert stability.rank(dead_but_close) > stability.rank(rows["drifts"])
+    with pytest.raises(ValueError, match="rows"):
+        stability.verdict([])
+
+
+def test_a_run_pushed_to_die_keeps_and_names_the_model_that_grew(tmp_path, capsys):
+    """The shipped model, trained 2 steps at a small rate (it still holds), then at an absurd
+    one (lr 0.3: its growth diverges or dies): best.safetensors keeps the step-2 model, the
+    warnings name the steps, the summary names the file, and --stop-after-dead ends the run."""
+    from nca_fast import load
+    from nca_fast.training.options import DEFAULT_TARGET
+
+    out = tmp_path / "run"
+    rc = train_cli(["--target", str(DEFAULT_TARGET), "--size", "24", "--pad", "4", "--hidden",
+                    "64", "--batch", "2", "--pool-size", "8", "--rollout", "28", "43",
+                    "--steps", "12", "--save-every", "2", "--lr", "1e-4", "--lr-drop-at", "2",
+                    "--lr-drop-factor", "3e3", "--stop-after-dead", "2",
+                    "--init", str(O.ASSETS / "default_model.safetensors"),
+                    "--backend", "torch", "--device", "cpu", "--no-progress", "--log-every", "0",
+                    "--out", str(out)])
+    assert rc == 0
+    cap = capsys.readouterr()
+    warnings = [ln for ln in cap.err.splitlines() if "WARNING: growth from the seed" in ln]
+    assert [ln.split(":")[1].strip() for ln in warnings] == ["step 4", "step 6"]
+    assert all("best.safetensors keeps step 2 (holds" in ln for ln in warnings)
+    assert "stopped at step 6 of 12" in cap.err
+    use = [ln for ln in cap.out.splitlines() if ln.startswith("use ")]
+    assert use == [use[0]] and use[0].startswith("use best.safetensors: the model of step 2")
+    best = stability.model_facts(out / "best.safetensors")
+    assert best["best"]["step"] == 2 and best["best"]["verdict"] == "holds"
+    assert best["steps"] == 2 and best["verdict"] == "holds"
+    final = stability.model_facts(out / "model.safetensors")
+    assert final["steps"] == 6 and final["verdict"] in ("dies", "diverges")
+    # The kept file grows the pattern again, as its record says.
+    target = TR.load_target(DEFAULT_TARGET, 24, 4)
+    rows = stability.long_horizon(load(out / "best.safetensors", backend="torch"), target, 42)
+    assert stability.verdict(rows) == "holds"
+    assert rows[0].mse == pytest.approx(best["best"]["mse_1x"], rel=1e-5)
+
+
+def test_the_best_model_survives_a_resume(tmp_path):
+    o = TrainOptions(**TINY, steps=2, save_every=2, lr_drop_at=100)
+    train(o, run_dir=tmp_path)
+    first = stability.model_facts(tmp_path / "best.safetensors")["best"]
+    res = train(TrainOptions(**{**o.to_dict(), "steps": 4}), run_dir=tmp_path, resume=True)
+    assert res.steps == 4
+    from nca_fast.training.run_folder import read_checkpoint
+    _, info = read_checkpoint(tmp_path / "checkpoint.safetensors")
+    # The resumed run compared its step-4 model with the step-2 record, not with nothing.
+    P = stability.HorizonPoint
+    rows = [P(float(r["multiple"]), int(r["grow_steps"]), float(r["mse"]), int(r["live_cells"]),
+              int(r["target_live_cells"]))
+            for r in csv.DictReader(open(tmp_path / "stability.csv")) if r["train_step"] == "4"]
+    later = stability.rank(rows)
+    expect = first if (first["class"], first["worst_mse"]) <= later else None
+    if expect is not None:
+        assert info["best"] == expect
+    else:
+        assert info["best"]["step"] == 4 and info["best"]["worst_mse"] == later[1]
 
 
 def test_overflow_and_state_faults():
@@ -291,6 +368,32 @@ def test_dry_run_prints_the_estimates_and_trains_nothing(tmp_path, capsys):
     assert f"{floor:.2e}" in line
 
 
+def test_calibration_times_the_run_and_touches_nothing(tmp_path):
+    from nca_fast.resources import format_seconds
+
+    tr = Trainer(TrainOptions(**TINY, steps=2, stability=False), tmp_path)
+    before, g = _snapshot(tr), tr.generator.get_state()
+    cal = tr.calibrate(steps=4)
+    assert cal["steps"] == 4 and cal["samples"] == TINY["batch"]
+    assert 0 < cal["step_s"] < 60 and cal["cpu_step_s"] > 0
+    assert _same_weights(before[0], _snapshot(tr)[0]) and torch.equal(g, tr.generator.get_state())
+    assert all(p.grad is None for p in tr.model.parameters())
+    line = O.run_plan(tr.opts, 1, torch.device("cpu"), cal)[-1]
+    assert line.startswith("time estimate: about ") and "Calibrated on this machine" in line
+    assert [format_seconds(s) for s in (4.25, 40, 444, 3000, 9000)] == \
+        ["4.2 s", "40 s", "7.4 minutes", "50 minutes", "2.5 hours"]
+
+
+def test_photo_preset_grows_the_shipped_photo_on_the_whole_grid():
+    from nca_fast.media import load_target
+
+    o = TrainOptions(**O.PRESETS["photo"]).resolved()
+    assert pathlib.Path(o.target).name == "astronaut64.png" and pathlib.Path(o.target).is_file()
+    assert (o.grid, o.pad, o.rollout_min, o.rollout_max) == (64, 0, 64, 96)
+    t = load_target(o.target, o.size, o.pad)
+    assert t.shape == (4, 64, 64) and (t[3] == 1).all()     # opaque: every cell is live
+
+
 def test_training_cost_matches_the_kernel_notes():
     # bench/NOTES.md, section 1: 49,152 MACs and 776 B (+ partial sums) per training cell-step
     # at C = 16, hidden = 128, the Sobel bank.
@@ -298,7 +401,7 @@ def test_training_cost_matches_the_kernel_notes():
     assert flops == 2 * 49152 and nbytes == 776
 
 
-@pytest.mark.parametrize("name", ["flower48", "flower96"])
+@pytest.mark.parametrize("name", ["flower48", "flower96", "photo64"])
 def test_shipped_curriculum_models_hold(name):
     """The shipped stages hold by the project's criterion, grown as their metadata says."""
     from nca_fast.media import load_target
@@ -315,3 +418,26 @@ def test_shipped_curriculum_models_hold(name):
     recorded = facts["score"]["rows"]
     for r, (m, steps, mse, live) in zip(rows, recorded):
         assert r.grow_steps == steps and r.mse == pytest.approx(mse, rel=0.02), (r, mse)
+
+
+def test_shipped_photo_model_scores_as_recorded():
+    """photo64 grown from the seed: its RGB MSE at 1x and 10x as its record says, above the
+    photo's mean colour (docs/TRAINING.md, "A photograph")."""
+    import importlib.util
+
+    from nca_fast.media import load_target
+    from nca_fast.model import load_any, shipped_models
+
+    spec = importlib.util.spec_from_file_location(
+        "photo_figure", pathlib.Path(__file__).resolve().parents[1] / "docs" / "photo_figure.py")
+    pf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pf)
+    path = shipped_models()["photo64"]
+    facts = stability.model_facts(path)
+    target = load_target(O.ASSETS / facts["target"], facts["size"], facts["pad"])
+    rows, baseline = pf.score(load_any(path, backend="torch"), target, facts["longest_rollout"])
+    recorded = facts["rgb_score"]
+    assert baseline == pytest.approx(recorded["baseline_mse"], rel=1e-3)
+    for (m, steps, mse, _), (rm, rsteps, rmse, _) in zip(rows, recorded["rows"]):
+        assert (m, steps) == (rm, rsteps) and mse == pytest.approx(rmse, rel=0.02)
+    assert rows[0][2] < 0.5 * baseline and rows[-1][2] <= 1.5 * rows[0][2]

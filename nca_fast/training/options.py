@@ -14,7 +14,7 @@ import torch
 from ..backends import BACKENDS, resolve as resolve_backend
 from ..backends.interface import resolve_checkpoint
 from ..config import ARTICLE_GRID, FILTER_BANKS, PADDINGS, PRECISIONS, NCAConfig, from_fields
-from ..resources import DEVICE as ON_DEVICE, HOST, Term, format_bytes, rollout_bytes
+from ..resources import DEVICE as ON_DEVICE, HOST, Term, format_bytes, format_seconds, rollout_bytes
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_TARGET = ASSETS / "default_target.png"
@@ -57,7 +57,9 @@ class TrainOptions:
     trained to stay after it has grown. reseed_runaway: R > 1 reseeds, instead of writing back,
     pool states with more than R times the target's live cells. stability: grow from the seed at
     every checkpoint for 10x the longest rollout and write the long-horizon score
-    (stability.csv, stability.png).
+    (stability.csv, stability.png), keep the best model so far in ``best.safetensors`` and
+    print a warning when growth from the seed dies, diverges or overgrows. stop_after_dead:
+    N > 0 ends the run after N checkpoints in a row whose growth died (0: never).
     """
 
     target: Optional[str] = None
@@ -98,6 +100,7 @@ class TrainOptions:
     late_loss: float = 0.0
     reseed_runaway: float = 0.0
     stability: bool = True
+    stop_after_dead: int = 0
 
     def __post_init__(self):
         def bad(name, expected):
@@ -113,7 +116,7 @@ class TrainOptions:
         for name in ("size", "steps", "batch", "pool_size", "loss_levels", "channels", "hidden",
                      "accumulate", "save_every"):
             pos_int(name)
-        for name in ("replace", "damage"):
+        for name in ("replace", "damage", "stop_after_dead"):
             pos_int(name, 0)
         pos_int("pad", 0, optional=True)
         pos_int("rollout_min", 1, optional=True)
@@ -219,7 +222,7 @@ class TrainOptions:
 # backend still gives a valid continuation, though not a bitwise equal one). A resumed run also
 # keeps writing to its own folder, whatever ``out`` its options hold.
 RESUMABLE = ("steps", "save_every", "video_steps", "mp4", "threads", "device", "backend",
-             "stability")
+             "stability", "stop_after_dead")
 
 # Presets set defaults; options given explicitly override them.
 PRESETS: Dict[str, dict] = {
@@ -241,6 +244,13 @@ PRESETS: Dict[str, dict] = {
     "hires512": dict(size=512, pad=32, hidden=128, batch=2, pool_size=64, steps=3000,
                      lr=1e-3, lr_drop_at=2400, checkpoint="sqrt", loss_levels=5,
                      curriculum=0.3, save_every=100, late_loss=3.0),
+    # A photograph grown from one cell on a 64-cell grid (docs/TRAINING.md, "A photograph"): the
+    # opaque photo is the whole grid (no padding), Sobel + Laplacian perception, a 3-level loss
+    # pyramid; rollouts [64, 96) reach the corners from the centre at fire rate 0.5. Defaults
+    # to the shipped public-domain photo; --target replaces it.
+    "photo": dict(target=str(ASSETS / "astronaut64.png"), size=64, pad=0, hidden=64,
+                  filters="sobel_laplacian", loss_levels=3, rollout_min=64, rollout_max=96,
+                  batch=4, pool_size=64, steps=500, lr_drop_at=400, save_every=100),
     "hires1024": dict(size=1024, pad=64, hidden=128, batch=1, pool_size=32, steps=3000,
                       lr=1e-3, lr_drop_at=2400, checkpoint="sqrt", loss_levels=6,
                       curriculum=0.3, save_every=100, late_loss=3.0),
@@ -322,9 +332,21 @@ def training_cost(o: TrainOptions):
     return 2 * macs, nbytes
 
 
-def run_plan(o: TrainOptions, shards: int, device: torch.device) -> List[str]:
+def mean_rollout(o: TrainOptions) -> float:
+    """The mean number of steps a training rollout runs (``o`` resolved), ``late_loss``'s
+    continuation included."""
+    mean = (o.rollout_min + o.rollout_max - 1) / 2
+    if o.late_loss:                    # continued to a length uniform in [n + 1, F n]
+        mean *= 1 + (o.late_loss - 1) / 2
+    return mean
+
+
+def run_plan(o: TrainOptions, shards: int, device: torch.device,
+             calibrated: Optional[dict] = None) -> List[str]:
     """Lines printed before a run starts: the memory estimate (the large buffers of
-    ``train_memory``, device and host) and, labelled as an estimate, the time per step."""
+    ``train_memory``, device and host) and, labelled as an estimate, the time per step:
+    ``calibrated`` (``Trainer.calibrate``: a short rollout timed on this machine) when given,
+    else a model of the device's rate."""
     o = o.resolved()
     if device.type == "cuda" and o.backend == "auto":
         o = dataclasses.replace(o, backend="triton")     # what a GPU runs (a dry run here)
@@ -340,10 +362,21 @@ def run_plan(o: TrainOptions, shards: int, device: torch.device) -> List[str]:
                           for t in sorted(mine, key=lambda t: -t.nbytes)[:3])
         label = name if device.type == "cuda" else "host (the CPU path)"
         lines.append(f"memory estimate, {label}: {format_bytes(total)} per process ({parts})")
-    mean_rollout = (o.rollout_min + o.rollout_max - 1) / 2
-    if o.late_loss:                    # continued to a length uniform in [n + 1, F n]
-        mean_rollout *= 1 + (o.late_loss - 1) / 2
-    cell_steps = o.batch * o.grid * o.grid * mean_rollout
+    cell_steps = o.batch * o.grid * o.grid * mean_rollout(o)
+    if calibrated is not None:
+        threads = max(1, torch.get_num_threads())
+        idle = calibrated["cpu_step_s"] / threads      # the wall time with the cores to itself
+        now = calibrated["step_s"]
+        lines.append(
+            f"time estimate: about {format_seconds(idle * o.steps)} for {o.steps} steps on an "
+            f"otherwise idle machine ({calibrated['cpu_step_s']:.2g} CPU-seconds a step on "
+            f"{threads} thread(s); at this moment's load, {format_seconds(now * o.steps)}). "
+            f"Calibrated on this machine before the run: a {calibrated['steps']}-step rollout "
+            f"and its backward on {calibrated['samples']} state(s) with every cell alive "
+            f"(the CPU path's cost for a grown pool, whose states spread past the target's "
+            f"edge), scaled to the mean rollout of "
+            f"{mean_rollout(o):.3g} steps; the first steps, grown from seeds, run faster")
+        return lines
     if device.type == "cuda":
         flops, nbytes = training_cost(o)
         floor = min(H200_FLOPS[o.precision] / flops, H200_BYTES_PER_S / nbytes)
@@ -356,7 +389,7 @@ def run_plan(o: TrainOptions, shards: int, device: torch.device) -> List[str]:
         where = ("one thread of this project's 2-core CPU (its rate measured at hidden 128, "
                  "scaled by 128 / hidden; dead cells, which the CPU path skips, make it faster)")
     sec = cell_steps / rate
-    lines.append(f"time estimate: about {sec:.3g} s per step, {sec * o.steps / 3600:.3g} h for "
-                 f"{o.steps} steps ({cell_steps:.3g} cell-steps a step at {rate:.3g} "
-                 f"cell-steps/s on {where}; an estimate, not a measurement)")
+    lines.append(f"time estimate: about {format_seconds(sec * o.steps)} for {o.steps} steps "
+                 f"({format_seconds(sec)} a step; {cell_steps:.3g} cell-steps a step at "
+                 f"{rate:.3g} cell-steps/s on {where}; an estimate, not a measurement)")
     return lines

@@ -23,6 +23,12 @@ Where to extend it: ``sample_batch`` draws a step's inputs, ``optimisation_step`
 optimizer step on them, ``at_checkpoint`` runs every ``save_every`` steps (evaluations of the
 model belong there, before the checkpoint is written).
 
+The best model: at each checkpoint the long-horizon score ranks the model (``stability.rank``:
+one that holds, else one that grows, else one whose growth dies; then the lower worst MSE). The
+best so far is kept in ``best.safetensors`` with its score in its record; a checkpoint whose
+growth dies, diverges or overgrows prints one warning line with the step, and
+``stop_after_dead`` such deaths in a row end the run early.
+
 The guard (docs/TRAINING.md, "Divergence"): a step whose loss or gradients are not finite, or
 one of whose states leaves ``|x| <= state_bound``, is not applied: no optimizer step, no pool
 write-back; the pool rows whose states failed are reseeded; the event is counted, logged and
@@ -57,6 +63,7 @@ from ..model import NCA, load_any
 from ..resources import check as check_memory
 from .distributed import Dist
 from .options import DEFAULT_TARGET, RESUMABLE, TrainOptions, late_length, train_memory
+from .options import mean_rollout as options_mean_rollout
 from .run_folder import (CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointError, checkpoint_path,
                          read_checkpoint, save_model, write_loss_outputs, write_safetensors)
 
@@ -76,6 +83,21 @@ def per_sample_loss(x: torch.Tensor, target: torch.Tensor, levels: int = 1) -> t
         d, t = F.avg_pool2d(d, 2), F.avg_pool2d(t, 2)
         total = total + ((d - t) ** 2).mean(dim=(1, 2, 3))
     return total / levels
+
+
+def _best_key(score: dict):
+    worst = score.get("worst_mse")
+    return (int(score["class"]), math.inf if worst is None else float(worst))
+
+
+def describe_score(score: dict) -> str:
+    """A best-model record in words: "holds, MSE 0.0123 at 1x, 0.0128 at 10x"."""
+    parts = [score["verdict"]]
+    if score.get("mse_1x") is not None:
+        parts.append(f"MSE {score['mse_1x']:.4g} at 1x")
+    if score.get("mse_10x") is not None:
+        parts.append(f"{score['mse_10x']:.4g} at 10x")
+    return ", ".join(parts)
 
 
 def warm_start(model: NCA, path: str) -> None:
@@ -192,7 +214,10 @@ class Trainer:
         check_memory(train_memory(o, self.shards, self.device), self.device, "training")
 
         target = o.target if o.target is not None else DEFAULT_TARGET
-        self.target = load_target(target, o.size, o.pad).to(self.device)
+        try:
+            self.target = load_target(target, o.size, o.pad).to(self.device)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"target: {e}") from None
         self.grid = self.target.shape[-1]
 
         with torch.random.fork_rng(devices=[]):
@@ -221,6 +246,9 @@ class Trainer:
         self.events: List[dict] = []             # rank 0: the events, for events.csv
         self.skipped_in_a_row = 0
         self.last_stability: List[stability.HorizonPoint] = []
+        self.best: Optional[dict] = None         # the best checkpoint's score (best.safetensors)
+        self.dead_in_a_row = 0                   # checkpoints in a row whose growth died
+        self.stopped_early: Optional[str] = None
         self.elapsed = 0.0
         self.cpu_time = 0.0
         self.stop: Optional[GracefulStop] = None      # set by cli_main: signals stop the loop
@@ -421,7 +449,8 @@ class Trainer:
                 "options": self.opts.to_dict(), "model": self.model.config.to_dict(),
                 "elapsed_s": self.elapsed, "cpu_s": self.cpu_time,
                 "guard": {"counts": self.counts, "events": self.events,
-                          "skipped_in_a_row": self.skipped_in_a_row}}
+                          "skipped_in_a_row": self.skipped_in_a_row},
+                "best": self.best, "dead_in_a_row": self.dead_in_a_row}
 
     def save_checkpoint(self) -> pathlib.Path:
         """Write this rank's checkpoint atomically (rank 0's file also holds the shared state)."""
@@ -513,6 +542,8 @@ class Trainer:
         self.counts = dict(guard.get("counts", {}))
         self.events = list(guard.get("events", [])) if self.dist.rank == 0 else []
         self.skipped_in_a_row = int(guard.get("skipped_in_a_row", 0))
+        self.best = info.get("best")
+        self.dead_in_a_row = int(info.get("dead_in_a_row", 0))
 
     # ------------------------------------------------------------------ the loop
     def run(self, on_step: Optional[Callable[["Trainer"], None]] = None) -> None:
@@ -543,6 +574,15 @@ class Trainer:
                 saved = self.step % o.save_every == 0 or self.step == o.steps
                 if saved:
                     self.at_checkpoint()
+                    n = o.stop_after_dead
+                    if n and self.dead_in_a_row >= n and self.step < o.steps:
+                        self.stopped_early = (f"stopped at step {self.step} of {o.steps}: growth "
+                                              f"from the seed died at {n} checkpoint(s) in a row "
+                                              f"(--stop-after-dead {n})")
+                        if self.dist.rank == 0:
+                            print(f"nca-fast train: {self.stopped_early}", file=sys.stderr,
+                                  flush=True)
+                        break
                 if on_step is not None:
                     on_step(self)
                 signum = self.stop.signum if self.stop is not None else None
@@ -570,11 +610,100 @@ class Trainer:
             self.model.train(was)
         self.last_stability = rows
         stability.write_files(self.run_dir, self.step, rows)
+        self.keep_best(rows)
         if self.log_every:
             first, last = rows[0], rows[-1]
             print(f"step {self.step}: long-horizon score: MSE {first.mse:.5f} at "
                   f"{first.grow_steps} steps, {last.mse:.5f} at {last.grow_steps}; live cells "
                   f"{last.live_cells} (target {last.target_live_cells})", flush=True)
+
+    def calibrate(self, steps: int = 8, warmup: int = 2) -> Optional[dict]:
+        """Time one training step's work on this machine (CPU only; None elsewhere): a copy of
+        the model rolls this process's micro-batches out ``steps`` steps from states with every
+        cell alive (measured closest to the runs' CPU time: grown pool states spread past the
+        target's edge; docs/TRAINING.md, "Time estimates"), with the loss's backward;
+        scaled to the mean rollout length. Touches nothing of the run (weights, generator,
+        pool). Returns {"step_s", "cpu_step_s", "steps", "samples"}."""
+        import copy
+
+        if self.device.type != "cpu":
+            return None
+        o = self.opts
+        model = copy.deepcopy(self.model)
+        x = torch.zeros(self.shard_batch, o.channels, self.grid, self.grid, device=self.device)
+        x[:, :4] = self.target
+        x[:, 3:] = 1.0      # every cell alive: grown pool states spread past the target's edge
+        scale = options_mean_rollout(o) / steps * o.accumulate
+        walls, cpus = 0.0, 0.0
+        for n, timed in ((warmup, False), (steps, True)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            y = model(x, n, seed=1, checkpoint=o.checkpoint)
+            per_sample_loss(y, self.target, o.loss_levels).mean().backward()
+            if timed:
+                walls, cpus = time.perf_counter() - t0, time.process_time() - c0
+        return {"step_s": walls * scale, "cpu_step_s": cpus * scale, "steps": steps,
+                "samples": self.shard_batch * o.accumulate}
+
+    def keep_best(self, rows: Sequence[stability.HorizonPoint]) -> None:
+        """Rank 0, at a checkpoint: write ``best.safetensors`` when this model ranks above the
+        best so far (``stability.rank``); a warning line when its growth dies, diverges or
+        overgrows; count the deaths in a row (``stop_after_dead``)."""
+        v = stability.verdict(rows)
+        cls, worst = stability.rank(rows)
+        first, last = rows[0], rows[-1]
+        score = {"step": self.step, "verdict": v, "class": cls,
+                 "worst_mse": worst if math.isfinite(worst) else None,
+                 "mse_1x": first.mse, "mse_10x": last.mse,
+                 "live_ratio_10x": last.live_ratio,
+                 "criterion": stability.CRITERION}
+        if score["mse_1x"] is not None and not math.isfinite(score["mse_1x"]):
+            score["mse_1x"] = None
+        if score["mse_10x"] is not None and not math.isfinite(score["mse_10x"]):
+            score["mse_10x"] = None
+        if self.best is None or (cls, worst) < _best_key(self.best):
+            self.best = score
+            save_model(self.model, self.run_dir / "best.safetensors",
+                       {**self.training_metadata(), "best": score})
+        dead = v in ("dies", "diverges")
+        self.dead_in_a_row = self.dead_in_a_row + 1 if dead else 0
+        if v in ("dies", "diverges", "overgrows"):
+            what = {"dies": next((f"0 live cells after {r.grow_steps} steps" for r in rows
+                                  if r.live_cells == 0), ""),
+                    "diverges": "non-finite states",
+                    "overgrows": f"{last.live_ratio:.2f}x the target's live cells after "
+                                 f"{last.grow_steps} steps" if last.live_ratio else ""}[v]
+            b = self.best
+            keep = ("this model is still the best so far" if b["step"] == self.step else
+                    f"best.safetensors keeps step {b['step']} ({describe_score(b)})")
+            print(f"nca-fast train: step {self.step}: WARNING: growth from the seed "
+                  f"{v.upper()} ({what}); {keep}", file=sys.stderr, flush=True)
+
+    def summary(self) -> List[str]:
+        """The end of a run in words: the last score's verdict, then which file to use and why."""
+        lines = []
+        if self.stopped_early:
+            lines.append(self.stopped_early)
+        if self.last_stability:
+            v = stability.verdict(self.last_stability)
+            said = "holds" if v == "holds" else f"does not hold: its growth {v}"
+            lines.append(f"final model (step {self.step}): {said} (the criterion of holding: "
+                         f"{stability.CRITERION})")
+        b = self.best
+        if b is None:
+            lines.append("use model.safetensors (no long-horizon score was taken: "
+                         "--no-stability)")
+        elif b["step"] == self.step:
+            lines.append(f"use model.safetensors: the final model is the best checkpoint "
+                         f"({describe_score(b)}); best.safetensors holds the same weights")
+        else:
+            lines.append(f"use best.safetensors: the model of step {b['step']}, the best "
+                         f"checkpoint ({describe_score(b)}); the final model.safetensors ranks "
+                         f"below it")
+        if b is not None and b["class"] > 0:
+            lines.append("no checkpoint held its pattern" if b["class"] == 1 else
+                         "no checkpoint grew from the seed: lower --lr or start from an earlier "
+                         "model (--init)")
+        return lines
 
     def write_events(self) -> None:
         """events.csv: every step the guard skipped, or reseeded states in (rank 0)."""
@@ -600,7 +729,9 @@ class Trainer:
                 "target": str(o.target) if o.target is not None else "default_target.png",
                 "init": o.init, "longest_rollout": o.longest_rollout,
                 "longest_trained": o.longest_trained, "guard_events": dict(self.counts),
-                "stability": [dataclasses.asdict(r) for r in self.last_stability]}
+                "stability": [dataclasses.asdict(r) for r in self.last_stability],
+                "verdict": stability.verdict(self.last_stability) if self.last_stability
+                else None}
 
     def write_outputs(self) -> None:
         """Final model, loss curve, videos (rank 0 only)."""
