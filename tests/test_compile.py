@@ -35,6 +35,32 @@ def _id(v: cr.Variant) -> str:
     return v.label().replace(" ", "-")
 
 
+def _triton_release() -> str:
+    import triton
+
+    return ".".join(triton.__version__.split(".")[:2])
+
+
+# The CI variants that spill under a Triton release, as measured (bench/NOTES.md, section 7):
+# (release, variant label) -> the spill. Strict expected failures: a variant that stops
+# spilling fails here until it is taken off the list, and any other spill fails as always.
+KNOWN_SPILLS = {
+    ("3.7", "fwd sm_80 C=16 hidden=128 F=3:sobel bf16 -"): "4 B",
+    ("3.8", "fwd sm_80 C=16 hidden=128 F=3:sobel bf16 -"): "4 B",
+}
+
+
+def _ci_params():
+    release = _triton_release()
+    out = []
+    for v in CI_VARIANTS:
+        spill = KNOWN_SPILLS.get((release, v.label()))
+        reason = f"spills {spill} under triton {release} (bench/NOTES.md, section 7)"
+        marks = [pytest.mark.xfail(strict=True, reason=reason)] if spill else []
+        out.append(pytest.param(v, marks=marks, id=_id(v)))
+    return out
+
+
 def assert_fast_code(r: cr.Result) -> None:
     """The assertions every compiled variant must pass, each with the variant in the message."""
     v = r.variant
@@ -64,7 +90,7 @@ def ci_results():
     return {r.variant: r for r in results}
 
 
-@pytest.mark.parametrize("variant", CI_VARIANTS, ids=_id)
+@pytest.mark.parametrize("variant", _ci_params())
 def test_ci_variant_compiles_to_fast_code(ci_results, variant):
     assert_fast_code(ci_results[variant])
 
