@@ -206,3 +206,16 @@ def test_selftest_as_written():
         assert part in verdict[0], verdict[0]
     if "cuda" not in verdict[0]:
         assert "[CPU interpreter: not kernel speed]" in verdict[0]
+
+
+def test_install_beside_your_own_torch_keeps_it():
+    """The README's install for a user with their own PyTorch, resolved (--dry-run, offline)
+    in this environment: it would install the project and nothing else, torch and triton kept."""
+    argv = next(a for a in _commands() if a == ["pip", "install", "-e", "."])
+    r = subprocess.run([sys.executable, "-m", *argv, "--dry-run", "--no-index",
+                        "--no-build-isolation"], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    would = [ln for ln in r.stdout.splitlines() if ln.startswith("Would install")]
+    packages = would[0].split()[2:] if would else []
+    assert len(packages) == 1 and packages[0].startswith("nca-fast-"), r.stdout[-2000:]
