@@ -98,9 +98,12 @@ def _nca_step_fwd_kernel(
             cw = _window_bits(hq_ptr, b, y, x, H, W, CIRCULAR, INT64)
         else:
             cw = _plain_bits(r_ptr, base, y, x, H, W, thr, C, ALPHA, ALIVE, CIRCULAR)
-        # the key through lz: the Philox key schedule (20 words of the seed) computed per tile,
-        # not hoisted out of the tile loop and held (spilled under triton 3.9) across it
-        cw |= _fire_bit(seed + _loop_zero(tx), cell, step, fire_threshold, INT64) << 1
+        key = seed
+        if SPLIT_ROWS:
+            # the key through lz: the Philox key schedule (20 words of the seed) computed per
+            # tile, not hoisted out of the tile loop and held across it
+            key = seed + _loop_zero(tx)
+        cw |= _fire_bit(key, cell, step, fire_threshold, INT64) << 1
         if SAVE_CW:
             tl.store(cw_out_ptr + cell, _pack_cw(cw).to(tl.int16), mask=ok)
 
@@ -160,12 +163,13 @@ def _nca_step_fwd_kernel(
                                 _bias_rows(b1p, j * HC, C, HC).to(dtype),
                                 _w2_rows(w2p, j * HC, C, HC, PRECISION), dx, NF, PRECISION)
         dx += b2[None, :]
-        # the tile's cells and the cell's own row again (integer operations, an L1 hit) rather
-        # than held across the dense layers, where the registers are scarcest
-        base, y, x, ok = _tile_cells(b, ty + _loop_zero(ty), tx, H, W, TH, TW, INT64)
-        cell = base + y * W + x
-        v4 = tl.load(r_ptr + cell[:, None] * C + (cols + _loop_zero(ty))[None, :],
-                     mask=((cw & _tap_bit(4)) != 0)[:, None], other=0.0)
+        if SPLIT_ROWS:
+            # the tile's cells and the cell's own row again (integer operations, an L1 hit)
+            # rather than held across the dense layers, where the registers are scarcest
+            base, y, x, ok = _tile_cells(b, ty + _loop_zero(ty), tx, H, W, TH, TW, INT64)
+            cell = base + y * W + x
+            v4 = tl.load(r_ptr + cell[:, None] * C + (cols + _loop_zero(ty))[None, :],
+                         mask=((cw & _tap_bit(4)) != 0)[:, None], other=0.0)
 
         # ---- stochastic update, store
         out = v4 + tl.where((cw & 2)[:, None] != 0, dx, 0.0)
