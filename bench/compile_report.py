@@ -307,8 +307,9 @@ def record_launch(v: Variant, modules, grid: Tuple[int, int, int] = GRID, step: 
                         torch.zeros(C))
     cw = torch.zeros(B, H, W, dtype=torch.int16)
     kw = dict(circular=v.circular, precision=prec, bank=v.bank)
-    orig = configs.needs_int64
+    orig, target = configs.needs_int64, configs.TARGET_CAPABILITY
     configs.needs_int64 = lambda *a: v.int64       # the switch alone, at the nominal size
+    configs.TARGET_CAPABILITY = divmod(v.arch, 10)  # the variant's arch's choices
     try:
         with _Recorder() as rec:
             if v.kernel == "fwd":
@@ -328,7 +329,7 @@ def record_launch(v: Variant, modules, grid: Tuple[int, int, int] = GRID, step: 
                 step_bwd.bwd_input(torch.zeros(B * H * W, F_, C), cw, g, filt, (B, H, W, C),
                                    circular=v.circular, bank=v.bank)
     finally:
-        configs.needs_int64 = orig
+        configs.needs_int64, configs.TARGET_CAPABILITY = orig, target
     if len(rec.launches) != 1:
         raise RuntimeError(f"{v.label()}: the launcher made {len(rec.launches)} launches")
     return rec.launches[0]

@@ -362,6 +362,22 @@ def _concat4(p0, p1, p2, p3):
 
 
 @triton.jit
+def _split_rows(x):
+    """The two halves [M / 2, N] of x [M, N]: rows 0 .. M / 2 - 1 and M / 2 .. M - 1."""
+    M: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    return tl.split(tl.permute(tl.reshape(x, (2, M // 2, N)), (1, 2, 0)))
+
+
+@triton.jit
+def _join_rows(a, b):
+    """[M, N] from its two halves [M / 2, N] (``_split_rows``)."""
+    M: tl.constexpr = 2 * a.shape[0]
+    N: tl.constexpr = a.shape[1]
+    return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (M, N))
+
+
+@triton.jit
 def _w1_tile(w1_ptr, b1_ptr, lap, j0, C: tl.constexpr, HID: tl.constexpr, NJ: tl.constexpr,
              NF: tl.constexpr, BANK: tl.constexpr, BIAS: tl.constexpr,
              HIDDEN_ROWS: tl.constexpr, K_ORDER: tl.constexpr):

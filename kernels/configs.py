@@ -29,6 +29,9 @@ MAX_GRID_CELLS = 2**31 - 8192
 # Triton's default, which Triton 3.10 turns off: the kernels' numerics and instruction counts
 # are verified with it on (docs/MODEL.md, "Numerics").
 FP_FUSION = True
+# The compute capability the selectors assume for a launch not on a CUDA device (a recording, a
+# compile for another machine): sm_90. bench/compile_report.py sets it to each variant's arch.
+TARGET_CAPABILITY = (9, 0)
 
 
 # The kernels' runtime ints, never specialised (``triton.jit(do_not_specialize=...)``): the JIT
@@ -55,6 +58,7 @@ class StepConfig:
     tile_w: int = 0
     resident: bool = True   # weights loaded once per program (else once per tile)
     anchor: bool = False    # backward dense kernels: the perception tile through an opaque move (_layout_anchor)
+    split_rows: bool = False  # forward: the dense layers on the tile's two halves of rows
 
     def launch_options(self) -> dict:
         """The compile options of a launch with this configuration."""
@@ -122,6 +126,15 @@ def _sm_count(device) -> int:
     return 132
 
 
+def _capability(device) -> tuple:
+    """(major, minor) compute capability of a CUDA device; TARGET_CAPABILITY otherwise."""
+    import torch
+
+    if device is not None and getattr(device, "type", None) == "cuda":
+        return tuple(torch.cuda.get_device_capability(device))
+    return tuple(TARGET_CAPABILITY)
+
+
 def _wide(channels: int, num_filters: int) -> bool:
     """The wide inputs: C = 32 (C*F = 96 or 128 perception features). Every rule below that
     departs from the C = 16 configuration is for these; C = 16 compiles as it always has, but
@@ -147,19 +160,25 @@ def select_forward(n_cells: int, channels: int, hidden: int, num_filters: int,
       compile spill-free on sm_90a and sm_80.
     - C*F >= 96 in "ieee" (FMA dots, operands in registers): 8 warps: hidden 32 spills
       208-336 B at 4 warps, none at 8 (hidden 64 and more still spill: section 6).
+    - C*F = 48 or 64 on tensor cores, sm_90 and later: the dense layers on the tile's two
+      halves of 64 cells (``split_rows``), hidden in chunks of 128: under triton 3.9 the
+      resident weights' shared-memory descriptors spill across the tile loop otherwise
+      (sm_90a, chunks of 64: 232-252 B); on sm_80 the split spills ~11.5 KB, so not there.
     """
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
         # The interpreter pays per program, not per cell: few, large tiles.
         return StepConfig(64 * 64, 4, 1, int64, 4, hidden, tile_h=64, tile_w=64)
-    th, tw, warps, resident, hc = 8, 16, 4, True, min(hidden, 64)
+    th, tw, warps, resident, hc, split = 8, 16, 4, True, min(hidden, 64), False
     if _wide(channels, num_filters):
         if precision == "ieee":
             warps = 8
         else:
             warps, resident, hc = 8, False, min(hidden, 32)
+    elif precision != "ieee" and _capability(device) >= (9, 0):
+        split, hc = True, min(hidden, 128)  # sm_90a: spill-free under triton 3.9 (sm_80 spills)
     return StepConfig(th * tw, warps, 1, int64, _dense_programs(warps, device), hc,
-                      tile_h=th, tile_w=tw, resident=resident)
+                      tile_h=th, tile_w=tw, resident=resident, split_rows=split)
 
 
 def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,

@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._tile import (_bank, _bias_rows, _concat4, _fire_bit, _hq_index, _load_taps, _loop_zero, _mlp_chunk,
+from ._tile import (_bank, _bias_rows, _concat4, _fire_bit, _hq_index, _join_rows, _load_taps,
+                    _loop_zero, _mlp_chunk, _split_rows, _tap_bit,
                     _mlp_chunk_fma, _w1_block,
                     _pack_cw, _plain_bits, _tile_cells, _tile_next, _tile_start, _w1_tile, _w2_rows,
                     _window_bits)
@@ -61,6 +62,7 @@ def _nca_step_fwd_kernel(
     TH: tl.constexpr, TW: tl.constexpr, HC: tl.constexpr, BANK: tl.constexpr,
     HAS_Q: tl.constexpr, ALIVE: tl.constexpr, CIRCULAR: tl.constexpr, PRECISION: tl.constexpr,
     INT64: tl.constexpr, RESIDENT: tl.constexpr, SAVE_CW: tl.constexpr,
+    SPLIT_ROWS: tl.constexpr,
 ):
     M: tl.constexpr = TH * TW
     NCH: tl.constexpr = HID // HC
@@ -96,7 +98,12 @@ def _nca_step_fwd_kernel(
             cw = _window_bits(hq_ptr, b, y, x, H, W, CIRCULAR, INT64)
         else:
             cw = _plain_bits(r_ptr, base, y, x, H, W, thr, C, ALPHA, ALIVE, CIRCULAR)
-        cw |= _fire_bit(seed, cell, step, fire_threshold, INT64) << 1
+        key = seed
+        if SPLIT_ROWS:
+            # the key through lz: the Philox key schedule (20 words of the seed) computed per
+            # tile, not hoisted out of the tile loop and held across it
+            key = seed + _loop_zero(tx)
+        cw |= _fire_bit(key, cell, step, fire_threshold, INT64) << 1
         if SAVE_CW:
             tl.store(cw_out_ptr + cell, _pack_cw(cw).to(tl.int16), mask=ok)
 
@@ -116,6 +123,19 @@ def _nca_step_fwd_kernel(
 
         # ---- dense layers on tensor cores, hidden in chunks of HC
         dx = tl.zeros([M, C], dtype=dtype)
+        if SPLIT_ROWS:
+            tl.static_assert(PRECISION != 0 and RESIDENT, "SPLIT_ROWS: tensor cores, resident")
+            # the tile's two halves of M / 2 cells one after the other (an m64 MMA each on
+            # sm_90a at M = 128): half the perception rows and accumulators live at a time,
+            # each row's products and sums as in one [M, .] dot
+            pa, pb = _split_rows(pc)
+            oa, ob = _split_rows(ones)
+            dxa, dxb = _split_rows(dx)
+            for j in tl.static_range(NCH):
+                dxa = _mlp_chunk(pa, oa, w1s[j], bss[j], w2s[j], dxa, NF, PRECISION)
+            for j in tl.static_range(NCH):
+                dxb = _mlp_chunk(pb, ob, w1s[j], bss[j], w2s[j], dxb, NF, PRECISION)
+            dx = _join_rows(dxa, dxb)
         for j in tl.static_range(NCH):
             if PRECISION == 0:
                 if RESIDENT:
@@ -131,7 +151,7 @@ def _nca_step_fwd_kernel(
                         _w1_block(w1p, lap, NF - 1, j * HC, C, HID, HC, BANK).to(dtype),
                         tl.load(b1p + j * HC + tl.arange(0, HC)).to(dtype),
                         _w2_rows(w2p, j * HC, C, HC, PRECISION), dx, NF)
-            elif RESIDENT:
+            elif RESIDENT and not SPLIT_ROWS:
                 dx = _mlp_chunk(pc, ones, w1s[j], bss[j], w2s[j], dx, NF, PRECISION)
         if PRECISION != 0 and not RESIDENT:
             # weights per tile: a loop whose trip count the compiler cannot see (lz), so
@@ -143,6 +163,13 @@ def _nca_step_fwd_kernel(
                                 _bias_rows(b1p, j * HC, C, HC).to(dtype),
                                 _w2_rows(w2p, j * HC, C, HC, PRECISION), dx, NF, PRECISION)
         dx += b2[None, :]
+        if SPLIT_ROWS:
+            # the tile's cells and the cell's own row again (integer operations, an L1 hit)
+            # rather than held across the dense layers, where the registers are scarcest
+            base, y, x, ok = _tile_cells(b, ty + _loop_zero(ty), tx, H, W, TH, TW, INT64)
+            cell = base + y * W + x
+            v4 = tl.load(r_ptr + cell[:, None] * C + (cols + _loop_zero(ty))[None, :],
+                         mask=((cw & _tap_bit(4)) != 0)[:, None], other=0.0)
 
         # ---- stochastic update, store
         out = v4 + tl.where((cw & 2)[:, None] != 0, dx, 0.0)
@@ -286,6 +313,7 @@ def launch_fwd(cfg, r, q, w1k, b1, w2t, b2, filters, *, seed: int, step: int,
         C=C, HID=HID, NF=F_, ALPHA=alpha_channel, TH=cfg.tile_h, TW=cfg.tile_w,
         HC=cfg.hidden_chunk, BANK=min(bank, 2), HAS_Q=q is not None, ALIVE=alive, CIRCULAR=circular,
         PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64, RESIDENT=cfg.resident,
+        SPLIT_ROWS=cfg.split_rows,
         SAVE_CW=cw_out is not None,
         **cfg.launch_options(),
     )

@@ -193,6 +193,26 @@ def test_every_element_written():
     assert all(not t.isnan().any() for t in dw)
 
 
+@pytest.mark.parametrize("capability,precision,channels,filters,split", [
+    ((9, 0), "tf32", 16, 3, True),
+    ((10, 0), "bf16", 16, 4, True),
+    ((8, 0), "tf32", 16, 3, False),   # sm_80: the whole tile at once
+    ((9, 0), "ieee", 16, 3, False),   # FMA dots
+    ((9, 0), "tf32", 32, 4, False),   # weights per tile
+])
+def test_forward_splits_rows_on_sm90_tensor_cores(monkeypatch, capability, precision, channels,
+                                                  filters, split):
+    """The GPU forward runs its dense layers on the tile's two halves of rows (in chunks of 128
+    hidden units) for tensor cores with resident weights on sm_90 and later only; the
+    interpreter never does."""
+    monkeypatch.setattr(configs, "TARGET_CAPABILITY", capability)
+    assert not configs.select_forward(1024, channels, 256, filters, None, precision).split_rows
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = configs.select_forward(1024, channels, 256, filters, None, precision)
+    assert cfg.split_rows == split
+    assert cfg.hidden_chunk == (128 if split else 64 if cfg.resident else 32)
+
+
 def test_int64_offsets_give_the_same_result(monkeypatch):
     assert not configs.needs_int64(2**31 // 16 - 1, 16, 128, 1)
     assert configs.needs_int64(2**31 // 16, 16, 128, 1)
@@ -383,13 +403,15 @@ def test_distill_model_grows_with_triton(distill_dir, name):
     assert mse < 0.01, f"{name}: MSE {mse:.4f}"
 
 
-@pytest.mark.parametrize("hidden,chunk,rows,resident,precision", [
-    (64, 16, 32, True, "ieee"),     # 4 chunks resident; the weight kernel in two blocks of rows
-    (64, 32, 64, False, "ieee"),    # weights staged per tile
-    (32, 32, 64, True, "ieee"),     # a hidden layer smaller than the weight kernel's 64 rows
-    (64, 16, 64, False, "tf32"),    # tensor-core dots: weights per tile, a loop of 4 chunks
+@pytest.mark.parametrize("hidden,chunk,rows,resident,precision,split", [
+    (64, 16, 32, True, "ieee", False),   # 4 chunks resident; the weight kernel in two row blocks
+    (64, 32, 64, False, "ieee", False),  # weights staged per tile
+    (32, 32, 64, True, "ieee", False),   # a hidden layer smaller than the weight kernel's 64 rows
+    (64, 16, 64, False, "tf32", False),  # tensor-core dots: weights per tile, a loop of 4 chunks
+    (64, 32, 64, True, "tf32", True),    # sm_90's forward: the dense layers on two halves of rows
 ])
-def test_hidden_chunks_and_row_blocks(monkeypatch, hidden, chunk, rows, resident, precision):
+def test_hidden_chunks_and_row_blocks(monkeypatch, hidden, chunk, rows, resident, precision,
+                                      split):
     """The launch configurations a GPU picks for wider models (hidden in chunks, weights staged
     per tile, the weight kernel's rows split or padded) give the reference's results: forced
     here on the interpreter's large tiles."""
@@ -397,11 +419,13 @@ def test_hidden_chunks_and_row_blocks(monkeypatch, hidden, chunk, rows, resident
 
     def forced(select, hc):
         def pick(*args, **kwargs):
-            return dataclasses.replace(select(*args, **kwargs), hidden_chunk=hc,
-                                       resident=resident)
+            cfg = dataclasses.replace(select(*args, **kwargs), hidden_chunk=hc,
+                                      resident=resident)
+            return dataclasses.replace(cfg, split_rows=split) if select is fwd else cfg
         return pick
 
-    monkeypatch.setattr(configs, "select_forward", forced(configs.select_forward, chunk))
+    fwd = configs.select_forward
+    monkeypatch.setattr(configs, "select_forward", forced(fwd, chunk))
     monkeypatch.setattr(configs, "select_backward", forced(configs.select_backward, chunk))
     monkeypatch.setattr(configs, "select_weights", forced(configs.select_weights, rows))
     cfg = NCAConfig(precision=precision, hidden=hidden, filters="sobel_laplacian")
