@@ -47,8 +47,6 @@ def _triton_release() -> str:
 KNOWN_SPILLS = {
     ("3.7", "fwd sm_80 C=16 hidden=128 F=3:sobel bf16 -"): "4 B",
     ("3.8", "fwd sm_80 C=16 hidden=128 F=3:sobel bf16 -"): "4 B",
-    ("3.9", "fwd sm_90a C=16 hidden=128 F=3:sobel tf32 Q+A"): "232 B",
-    ("3.9", "fwd sm_90a C=16 hidden=128 F=3:sobel tf32 Q+A+i64"): "252 B",
     ("3.9", "fwd sm_90a C=32 hidden=32 F=4:lap ieee A+i64"): "120 B",
     ("3.9", "fwd sm_80 C=16 hidden=128 F=3:sobel tf32 Q+A"): "24 B",
     ("3.9", "fwd sm_80 C=16 hidden=128 F=3:sobel bf16 -"): "16 B",
