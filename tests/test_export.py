@@ -242,11 +242,12 @@ def test_screenshot_shows_the_grown_pattern(tmp_path):
 
 @needs_browser
 def test_page_runs_its_ui_loop(tmp_path):
-    """Opened without #steps, the page grows the model frame by frame (virtual time)."""
+    """Opened without #steps, the page grows the model frame by frame (virtual time: 10 s of
+    it, so that a loaded machine's slow WebGL start still leaves frames to run)."""
     from nca_fast.export.headless import _browse
 
     page = export_html(shipped_models()["flower"], tmp_path / "page.html")
-    dom = _browse(["--virtual-time-budget=2000", "--dump-dom", page_url(page)], 60, None)
+    dom = _browse(["--virtual-time-budget=10000", "--dump-dom", page_url(page)], 180, None)
     assert int(re.search(r'id="nca-step">step (\d+)<', dom).group(1)) > 0
     assert re.search(r'id="nca-message" hidden', dom)
 
