@@ -242,8 +242,9 @@ def test_screenshot_shows_the_grown_pattern(tmp_path):
 
 @needs_browser
 def test_page_runs_its_ui_loop(tmp_path):
-    """Opened without #steps, the page grows the model frame by frame (virtual time: 10 s of
-    it, so that a loaded machine's slow WebGL start still leaves frames to run)."""
+    """Opened without #steps, the page starts its frame loop at once: its first frame has
+    stepped and drawn when the page has loaded (how many animation frames follow before
+    Chromium dumps the page depends on the machine's load: 0 to 10 were seen here)."""
     from nca_fast.export.headless import _browse
 
     page = export_html(shipped_models()["flower"], tmp_path / "page.html")

@@ -138,7 +138,7 @@
     });
     $("nca-info").textContent = info(engine);
     fit();
-    requestAnimationFrame(frame);
+    frame();          // the first frame now, the next ones on the browser's animation frames
   }
 
   try {
