@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one-call GPU check, figures first: install and record the machine, run the selftest, the
 # benchmark suite (the fused kernels against eager and torch.compile at 1024^2 first), the
-# machine's ceilings and the memory sweep, then a focused GPU test subset last; everything is
-# written into OUTDIR.
+# machine's ceilings and the memory sweep, then a focused GPU test subset, and with the time
+# left a 512-cell training run; everything is written into OUTDIR.
 #
 #   bench/gpu_check.sh OUTDIR
 #
@@ -10,8 +10,9 @@
 # stage has its own limit, cut to what is left of the whole run's; the Python stages stop
 # themselves earlier through --time-budget so that what they measured is written). A failing
 # stage does not stop the others. OUTDIR gets at most 8 flat files, each under 16 MB: env.txt,
-# tests.log, ceilings.csv, throughput.csv, throughput.png, memory.csv, memory.png, summary.md
-# (the stages' table, the selftest's verdict and every other stage's log tail).
+# tests.log, throughput.csv, throughput.png, memory.csv, summary.md (the stages' table, the
+# selftest's verdict, the ceilings' table and every other stage's log tail), and from the hires
+# stage hires512.safetensors and hires512.png.
 #
 # Stages, in order:
 #   install   pip install -e . (no dependencies, no build isolation: no network needed)
@@ -23,7 +24,13 @@
 #   ceilings  bench.ceilings: matmul and copy rates of the machine, measured once
 #   memory    bench.memory --memcheck and the T / grid sweeps
 #   tests     the kernel and custom-op tests on CUDA (pytest-xdist when installed); stopped
-#             with SIGINT at its limit, so pytest still prints the failures it found
+#             with SIGINT at its limit (default 120 s), so pytest still prints the failures
+#   hires     with the time left (at least 60 s): the hires512 preset trained from flower96
+#             with the backend that passed the selftest (triton, else torch) until the run's
+#             deadline; SIGTERM makes the trainer save a checkpoint, the run is then finished
+#             at that step (--resume --steps N: the model and its growth picture), and the
+#             model (best.safetensors when kept, else model.safetensors) and final.png are
+#             copied to OUTDIR as hires512.safetensors and hires512.png
 #
 # Exit status: 0 when every stage passed, 1 when one failed or timed out, 2 on a usage error.
 #
@@ -35,7 +42,8 @@
 #                                  a few minutes on a 2-core machine)
 #   NCA_FAST_GPU_CHECK_TESTS=...   pytest targets of the tests stage (default: the kernel and
 #                                  custom-op tests)
-#   NCA_FAST_GPU_CHECK_TESTS_S=N   the tests stage's limit in seconds (default: what is left)
+#   NCA_FAST_GPU_CHECK_TESTS_S=N   the tests stage's limit in seconds (default 120)
+#   NCA_FAST_GPU_CHECK_HIRES=0     skip the hires stage
 #   NCA_FAST_GPU_CHECK_SECONDS=N   the whole run's limit (default 350)
 #   PYTHON=...                     the interpreter (default: python3)
 set -u
@@ -122,6 +130,53 @@ cap() {
 
 skip() { printf '| %s | skipped: %s | - |\n' "$1" "$2" >>"$STAGES"; }
 
+# hires_stage: the hires512 preset from flower96 until the run's deadline (see the header).
+# Not run (and not a failure) when less than 60 s are left or NCA_FAST_GPU_CHECK_HIRES=0.
+hires_stage() {
+    local left t0 rc dt step backend finish=45 run="$WORK/hires" status model
+    left=$(( DEADLINE - $(date +%s) - 12 ))
+    if [ "${NCA_FAST_GPU_CHECK_HIRES:-1}" = 0 ]; then skip hires "NCA_FAST_GPU_CHECK_HIRES=0"; return 0; fi
+    if [ "$left" -lt 60 ]; then skip hires "${left} s left (needs 60)"; return 0; fi
+    # The backend the selftest passed with: the fused kernels, else the PyTorch path.
+    backend=torch
+    grep -qE '^selftest: PASS' "$WORK/selftest.log" 2>/dev/null && [ "$DEV" = cuda ] && backend=triton
+    local args=(--preset hires512 --hidden 64 --init flower96 --backend "$backend" --device "$DEV"
+                --save-every 25 --no-progress --out "$run")
+    if [ "$REHEARSE" = 1 ]; then
+        # A few steps at 16 cells on the CPU (the same commands, not GPU figures).
+        args+=(--size 16 --pad 4 --batch 1 --pool-size 4 --rollout 8 12 --loss-levels 1
+               --late-loss 0 --save-every 2 --no-stability --threads 1)
+    fi
+    local limit=$(( left - finish ))
+    # The rehearsal stops its run after 20 s, so that the stop and the finish are rehearsed too.
+    [ "$REHEARSE" = 1 ] && [ "$limit" -gt 20 ] && limit=20
+    t0=$(date +%s)
+    log "hires: starting (limit $limit s)"
+    timeout -s TERM -k 20 "$limit" "$PY" -m nca_fast.train "${args[@]}" \
+        >"$WORK/hires.log" 2>&1
+    rc=$?
+    # Stopped at the deadline: the trainer saved a checkpoint at step N; finish the run there.
+    step=$(sed -n 's/.*stopped by SIG[A-Z]* at step \([0-9][0-9]*\).*/\1/p' "$WORK/hires.log" | tail -n 1)
+    if [ -n "$step" ]; then
+        timeout -s TERM -k 10 $(( finish - 10 )) "$PY" -m nca_fast.train --resume "$run" \
+            --steps "$step" --no-progress >>"$WORK/hires.log" 2>&1
+        rc=$?
+    fi
+    model="$run/best.safetensors"
+    [ -f "$model" ] || model="$run/model.safetensors"
+    if [ -f "$model" ] && [ -f "$run/final.png" ]; then
+        cp "$model" "$OUT/hires512.safetensors" && cp "$run/final.png" "$OUT/hires512.png"
+        status="PASS (${step:-all} steps, $backend)"
+        [ "$rc" = 0 ] || { status="FAIL (exit $rc)"; FAILED=1; }
+    else
+        status="FAIL (exit $rc, no model written)"
+        FAILED=1
+    fi
+    dt=$(( $(date +%s) - t0 ))
+    printf '| hires | %s | %d s |\n' "$status" "$dt" >>"$STAGES"
+    log "hires: $status in ${dt} s"
+}
+
 # ------------------------------------------------------------------------------ install
 INSTALL="editable install (pip install -e .)"
 if [ "$DRY" = 1 ] || [ "$REHEARSE" = 1 ]; then
@@ -191,7 +246,7 @@ PYEOF
 printf '| env | PASS | - |\n' >>"$STAGES"
 
 # ------------------------------------------------------------------------------ the checks
-CHECKS="selftest suite ceilings memory tests"
+CHECKS="selftest suite ceilings memory tests hires"
 if [ "$DRY" = 1 ]; then
     for s in $CHECKS; do skip "$s" "$MODE"; done
 elif [ "$IMPORTABLE" = 0 ]; then
@@ -225,17 +280,21 @@ else
     stage suite $(( 110 + SLACK )) "$WORK/suite.log" \
         "$PY" -m bench.throughput --device "$DEV" --out "$OUT" --no-floor "${SUITE_ARGS[@]}"
     stage ceilings $(( 25 + SLACK )) "$WORK/ceilings.log" \
-        "$PY" -m bench.ceilings --device "$DEV" --out "$OUT/ceilings.csv" ${CEIL_ARGS[@]+"${CEIL_ARGS[@]}"}
+        "$PY" -m bench.ceilings --device "$DEV" --out "$WORK/ceilings.csv" ${CEIL_ARGS[@]+"${CEIL_ARGS[@]}"}
+    # memory.csv to OUTDIR; its plot stays behind (OUTDIR's 8 files: the hires stage needs two).
+    mkdir -p "$WORK/memory"
     stage memory $(( 50 + SLACK )) "$WORK/memory.log" \
-        "$PY" -m bench.memory --device "$DEV" --sweep t,grid --out "$OUT" "${MEM_ARGS[@]}"
+        "$PY" -m bench.memory --device "$DEV" --sweep t,grid --out "$WORK/memory" "${MEM_ARGS[@]}"
+    [ -f "$WORK/memory/memory.csv" ] && cp "$WORK/memory/memory.csv" "$OUT/memory.csv"
     # The tests last, with what is left (GPU tolerances chosen by the tests when CUDA is
     # visible); SIGINT at the limit makes pytest stop and print the failures it has.
     XDIST=()
     if [ "$DEV" = cuda ] && "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n 4); fi
     # shellcheck disable=SC2086  # TESTS is a list of pytest targets
-    STAGE_SIGNAL=INT stage tests "${NCA_FAST_GPU_CHECK_TESTS_S:-$TOTAL}" "$OUT/tests.log" \
+    STAGE_SIGNAL=INT stage tests "${NCA_FAST_GPU_CHECK_TESTS_S:-$(( 120 + SLACK ))}" "$OUT/tests.log" \
         "$PY" -m pytest -q $TESTS -m "not slow" -p no:cacheprovider -rfE ${XDIST[@]+"${XDIST[@]}"}
     cap "$OUT/tests.log"
+    hires_stage
 fi
 
 # ------------------------------------------------------------------------------ summary
@@ -266,7 +325,14 @@ find "$OUT" -maxdepth 1 -name '.*.tmp*' -type f -delete 2>/dev/null
         tail -n 40 "$OUT/tests.log" | cut -c 1-2000
         echo '```'
     fi
-    for s in selftest suite ceilings memory install import; do
+    if [ -s "$WORK/ceilings.csv" ]; then
+        echo
+        echo "## ceilings.csv"
+        echo '```'
+        cat "$WORK/ceilings.csv"
+        echo '```'
+    fi
+    for s in selftest suite ceilings memory hires install import; do
         [ -s "$WORK/$s.log" ] || continue
         echo
         echo "## $s"

@@ -246,7 +246,7 @@ def test_quick_sweeps_write_memory_csv_and_plot(tmp_path):
 
 # ------------------------------------------------------------------------------ gpu_check.sh
 # The checks in the order the script runs them: the figures first, the tests last.
-GPU_CHECK_STAGES = ("selftest", "suite", "ceilings", "memory", "tests")
+GPU_CHECK_STAGES = ("selftest", "suite", "ceilings", "memory", "tests", "hires")
 
 
 def _gpu_check(*args, env=None, timeout=120):
@@ -316,16 +316,23 @@ def test_gpu_check_rehearsal_runs_every_stage_in_order(tmp_path):
                if line.endswith(" s)") and ": starting (limit" in line]
     assert started == list(GPU_CHECK_STAGES), p.stderr
     for stage in GPU_CHECK_STAGES:
-        assert f"| {stage} | PASS |" in summary, summary
+        assert f"| {stage} | PASS" in summary, summary
     assert "- selftest: PASS | cpu |" in summary and "CPU interpreter" in summary
     header, rows = _read(out / "throughput.csv")
     triton = {(r["mode"], r["metric"]) for r in rows if r["provider"] == "nca_fast-triton"}
     assert {("forward", "cell_steps_per_s"), ("train", "cell_steps_per_s")} <= triton, triton
     files = list(out.iterdir())
     assert len(files) <= 8 and all(f.is_file() and f.stat().st_size < 16e6 for f in files)
-    assert {"env.txt", "summary.md", "tests.log", "throughput.csv", "ceilings.csv",
-            "memory.csv"} <= {f.name for f in files}
+    assert {"env.txt", "summary.md", "tests.log", "throughput.csv", "memory.csv",
+            "hires512.safetensors", "hires512.png"} <= {f.name for f in files}
     assert "1 passed" in (out / "tests.log").read_text()
+    assert "## ceilings.csv" in summary
+    # The hires run was stopped at its limit and finished at the step it reached: its model
+    # loads and its growth picture is a PNG.
+    assert "| hires | PASS (" in summary and "steps, torch)" in summary, summary
+    assert (out / "hires512.png").read_bytes().startswith(b"\x89PNG")
+    import nca_fast
+    assert nca_fast.load(out / "hires512.safetensors").config.hidden == 64
 
 
 # ------------------------------------------------------------------------------ harness
