@@ -15,7 +15,8 @@ Imports flow one way: ``providers`` <- ``harness`` <- ``ceilings``, ``memory`` <
   grid size (``python -m bench.memory``).
 - ``bench.ceilings``: the machine's own ceilings (copy bandwidth, matmul rates) for the floors.
 - ``bench.cpu_speed``: the torch backend against the eager port at the article's size, on a CPU.
-- ``bench.compile_report``: ahead-of-time compiles of every kernel variant (no GPU needed).
+- ``bench.compile``: ahead-of-time compiles of every kernel variant (no GPU needed;
+  ``python -m bench.compile.report``).
 - ``bench/gpu_check.sh OUTDIR``: the one-call GPU check, figures first (selftest, suite,
   ceilings, memory), the GPU tests last.
 - ``bench/test_bench_step.py``: pytest-benchmark suites of the hot paths
