@@ -8,7 +8,7 @@
 - matmul: a large square matmul in TF32 and bf16 (CUDA) or fp32 (CPU), FLOP/s = 2 n^3 / s; with
   16,384 dense FLOPs per cell-step it gives the compute floor.
 
-Times come from ``bench.harness.seconds_per_call``: ``triton.testing.do_bench`` on CUDA (CUDA
+Times come from ``bench.timing.seconds_per_call``: ``triton.testing.do_bench`` on CUDA (CUDA
 events, L2 flushed between calls, every call kept), rounds of at least 100 ms on a CPU; the
 median and the 20th/80th percentiles are reported.
 """
@@ -20,8 +20,8 @@ from typing import List, Optional
 import torch
 
 from bench.harness import (BYTES_PER_CELL_STEP, FLOPS_PER_CELL_STEP, Parser, Recorder,
-                           UsageError, environment, resolve_device, seconds_per_call, spread,
-                           write_csv)
+                           UsageError, environment, resolve_device, spread, write_csv)
+from bench.timing import seconds_per_call
 
 
 def matmul_flops(device, kind: str = "fp32", n: int = 1024) -> List[float]:

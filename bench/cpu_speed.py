@@ -3,11 +3,11 @@
     python -m bench.cpu_speed [--repeats 7] [--steps 64] [--batch 8] [--size 72] [--threads N]
                               [--scenario alive|grow|grown]
 
-The eager port (``bench.providers.EagerNCA``, the benchmark suite's baseline) is the style of
+The eager port (``bench.eager.EagerNCA``, the benchmark suite's baseline) is the style of
 the common PyTorch NCA ports: NCHW, perception by ``F.conv2d(groups=C)`` with the filters
 repeated per channel, two ``nn.Conv2d`` 1x1 layers, ``torch.rand`` update mask,
 ``F.max_pool2d`` alive masks. Both run the article's configuration
-from the same state and weights. Timing is ``bench.harness.time_interleaved``: rounds of at
+from the same state and weights. Timing is ``bench.timing.time_interleaved``: rounds of at
 least 100 ms in which the two take turns, so that load from other processes on the machine hits
 both alike; the figures are medians over the rounds, with the spread (min..max), in wall-clock
 and in process CPU time (CPU time is less sensitive to other processes; spin-waiting threads
@@ -33,8 +33,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Parser, UsageError, split_list, time_interleaved
-from bench.providers import EagerNCA, Weights
+from bench.eager import EagerNCA
+from bench.harness import Parser, UsageError, split_list
+from bench.runners import Weights
+from bench.timing import time_interleaved
 from nca_fast import NCA, NCAConfig, load_distill
 
 DISTILL = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "distill"

@@ -15,9 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import harness, memory, providers, throughput
-from bench.providers import (EagerNCA, EagerRunner, Provider, check_same_step, get_providers,
-                             make_weights, random_state)
+from bench import harness, memory, providers, throughput, timing
+from bench.eager import EagerNCA, EagerRunner
+from bench.providers import check_same_step, get_providers
+from bench.runners import Provider, make_weights, random_state
 from nca_fast import NCAConfig, reference
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -339,11 +340,11 @@ def test_cpu_rounds_last_at_least_100_ms():
         calls.append(1)
         _time.sleep(0.005)
 
-    timing = harness.time_interleaved({"sleep": call}, repeats=3, warmup=1, device="cpu")
-    t = timing["sleep"]
+    got = timing.time_interleaved({"sleep": call}, repeats=3, warmup=1, device="cpu")
+    t = got["sleep"]
     assert t.error is None and len(t.times) == 3 and all(s >= 0.005 for s in t.times)
     # Round r made n_r calls of t.times[r] seconds each and lasted >= MIN_ROUND_S.
-    assert (len(calls) - 1) * max(t.times) >= 3 * harness.MIN_ROUND_S
+    assert (len(calls) - 1) * max(t.times) >= 3 * timing.MIN_ROUND_S
 
 
 def test_bench_writes_into_the_current_folder_by_default(tmp_path, monkeypatch):
