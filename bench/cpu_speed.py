@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.eager import EagerNCA
-from bench.harness import Parser, UsageError, split_list
+from bench.harness import Parser, UsageError, run_cli, split_list
 from bench.runners import Weights
 from bench.timing import time_interleaved
 from nca_fast import NCA, NCAConfig, load_distill
@@ -74,18 +74,20 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--modes", default="forward,train")
     ap.add_argument("--scenario", choices=("alive", "grow", "grown"), default="alive")
-    try:
+
+    def parse():
         args = ap.parse_args(argv)
         for name in ("repeats", "steps", "batch", "size", "threads"):
             v = getattr(args, name)
             if v is not None and v < 1:
                 raise UsageError(f"--{name}: expected a positive integer, got {v}")
-        modes = split_list(args.modes, ("forward", "train"), "--modes")
-    except UsageError as e:
-        print(f"bench.cpu_speed: error: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:          # --help
-        return int(e.code or 0)
+        args.modes = split_list(args.modes, ("forward", "train"), "--modes")
+        return args
+
+    return run_cli("bench.cpu_speed", parse, run)
+
+
+def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = NCAConfig()
@@ -140,14 +142,14 @@ def main(argv=None) -> int:
     pairs = {"forward": (fwd_eager, fwd_fast), "train": (train_eager, train_fast)}
     res = {mode: time_interleaved(dict(zip(("eager", "fast"), pairs[mode])), args.repeats, 1,
                                   "cpu")
-           for mode in modes}
+           for mode in args.modes}
     print(f"load average after: {os.getloadavg()[0]:.1f} (other processes share these cores)")
-    failed = [(m, p, t.error) for m in modes for p, t in res[m].items() if t.error is not None]
+    failed = [(m, p, t.error) for m in args.modes for p, t in res[m].items() if t.error is not None]
     if failed:
         print(f"bench.cpu_speed: failed: {failed}", file=sys.stderr)
         return 1
     print(f"{'mode':8} {'provider':14} {'wall s (min..max)':>24} {'cpu s':>8}")
-    for mode in modes:
+    for mode in args.modes:
         for prov, name in (("eager", "torch eager"), ("fast", "nca_fast torch")):
             walls, cpus = res[mode][prov].times, res[mode][prov].cpu_times
             print(f"{mode:8} {name:14} {statistics.median(walls):8.3f} "

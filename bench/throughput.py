@@ -33,11 +33,10 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from bench.ceilings import measure as measure_ceilings
-from bench.harness import (FLOPS_PER_CELL_STEP, MODES, TRAIN_FACTOR, Case, Parser, Recorder,
-                           Setup, Task, UsageError, environment, measure_case, parse_sizes,
-                           prepare_out, read_csv, read_providers, resolve_device, run_check,
-                           run_cli, split_list, suite_options)
+from bench.ceilings import measure_floors
+from bench.harness import (MODES, Case, Parser, Recorder, Setup, Task, UsageError, environment,
+                           measure_case, parse_sizes, prepare_out, read_csv, read_providers,
+                           resolve_device, run_check, run_cli, split_list, suite_options)
 from bench.memory import run_sweeps
 from bench.providers import PROVIDER_NAMES, Provider
 from bench.runners import make_weights
@@ -55,20 +54,6 @@ DEFAULT_EXCLUDE = {"cpu": "torch-compile@1x256x256,torch-compile@1x1024x1024,cax
                           "cax@1x1024x1024", "cuda": ""}
 DEFAULT_REPEATS = {"cpu": 3, "cuda": 10}
 DEFAULT_BUDGET = {"cpu": 270.0, "cuda": 240.0}
-
-
-def record_floor(device, rec: Recorder, log=print) -> None:
-    """Measure the ceilings and record the compute floors of forward and train: the matmul the
-    dense layers would use (TF32 on CUDA, fp32 on a CPU); training does TRAIN_FACTOR times the
-    forward's FLOPs."""
-    kind = "tf32" if torch.device(device).type == "cuda" else "fp32"
-    measure_ceilings(device, rec, log=log)
-    rate = next(r["median"] for r in rec.rows if r["mode"] == f"matmul_{kind}")
-    for mode, factor in (("forward", 1), ("train", TRAIN_FACTOR)):
-        what = f"{FLOPS_PER_CELL_STEP} FLOPs per cell-step" if factor == 1 else \
-            f"{TRAIN_FACTOR}x the forward's FLOPs"
-        rec.add("floor", mode, "", "", "cell_steps_per_s", rate / (factor * FLOPS_PER_CELL_STEP),
-                note=f"{what} at the measured {kind} matmul rate")
 
 
 @dataclass
@@ -100,7 +85,7 @@ def run_suite(providers: Sequence[Provider], device, cases: Sequence[Case], *,
     keep = run_check(providers, device, rec, log)
     ok = not any(r["metric"] == "rejected" for r in rec.rows)
     if floor:
-        record_floor(device, rec, log)
+        measure_floors(device, rec, log)
     save()
     config = config or NCAConfig()
     setup = Setup(config, make_weights(config), device)

@@ -306,8 +306,8 @@ def test_gpu_check_rehearsal_runs_every_stage_in_order(tmp_path):
     """The whole script on the CPU at tiny sizes, the kernels in Triton's interpreter: every
     stage passes, in the order that puts the figures first, the selftest's verdict and the
     suite's Triton rows included, and OUTDIR holds at most 8 flat files under 16 MB each.
-    About 45 CPU-seconds; the rehearsal's own limit is 4 minutes, raised to 8 here so that a
-    machine shared with other jobs (startups of torch under load) does not fail the check."""
+    The rehearsal's own limit is 4 minutes, raised to 8 here so that a machine shared with
+    other jobs (startups of torch under load) does not fail the check."""
     out = tmp_path / "out"
     env = {"NCA_FAST_GPU_CHECK_REHEARSE": "1", "NCA_FAST_GPU_CHECK_SECONDS": "480"}
     p = _gpu_check(str(out), env=env, timeout=560)

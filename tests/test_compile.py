@@ -9,11 +9,11 @@ launch configuration the launchers pick, and must:
 - issue tensor-core instructions for tf32 and bf16 dense layers (wgmma.mma_async on sm_90a,
   mma.sync on sm_80). "ieee" is exact fp32 and has none by design.
 
-Default run: the CI subset (``bench.compile.variants.ci_variants``; about 100 CPU-seconds, two compiles
-at a time), and the executed instruction counts of the default model's training step against
+Default run: the CI subset (``bench.compile.variants.ci_variants``, two compiles at a time),
+and the executed instruction counts of the default model's training step against
 ``shared/tools/sass_count.py`` when ../shared is present. ``--runslow`` adds every other variant
-the launchers can pick (4,672 compiles, 2-5 CPU-seconds each: hours on 2 cores; select with -k,
-e.g. -k "sm_90a and fwd").
+the launchers can pick (hours on 2 cores, bench/NOTES.md section 5; select with -k, e.g.
+-k "sm_90a and fwd").
 """
 from __future__ import annotations
 
@@ -160,8 +160,8 @@ for v in [variants.Variant("fwd", 90, 16, 128, 3, 1, 1, has_q=True, alive=True),
           variants.Variant("bwd_input", 90, 16, 0, 3, 1, 0)]:
     for grid, step, seed in (((1, 1, 16), 1, 1), ((2, 13, 32), 0, 5), ((1, 32, 64), 16, 2**40),
                              ((3, 64, 48), 7, 12345)):
-        src, _, _ = capture.specialise(capture.record_launch(v, modules, grid=grid, step=step, seed=seed),
-                                  v.arch)
+        launch = capture.record_launch(v, modules, grid=grid, step=step, seed=seed)
+        src, _, _ = capture.specialise(launch, v.arch)
         key = repr((sorted(src.signature.items()), sorted(src.constants.items()),
                     sorted(src.attrs.items())))
         keys.setdefault(v.kernel, set()).add(key)
@@ -218,7 +218,8 @@ def test_executed_counts_agree_with_sass_count(tmp_path):
     theirs = {}
     for row in json.loads(out.read_text())["kernels"]:
         theirs[row["name"]] = theirs.get(row["name"], 0.0) + row["warp_instr_per_cell"]
-    ours = {r.variant.kernel: r for r in compiler.run(variants.default_variants(), workers=2, sass=True)}
+    ours = {r.variant.kernel: r
+            for r in compiler.run(variants.default_variants(), workers=2, sass=True)}
     names = {"fwd": "_nca_step_fwd_kernel", "bwd_gp": "_nca_step_bwd_gp_kernel",
              "bwd_weights": "_nca_step_bwd_weights_kernel"}
     assert set(names.values()) == set(theirs), theirs

@@ -249,7 +249,7 @@ class Compiler:
 def run(variants: Sequence[Variant], workers: int = MAX_WORKERS, progress=None,
         sass: bool = False) -> List[Result]:
     """Compile every variant (``workers`` processes, at most 2) in a fresh triton cache;
-    ``sass``: also count SASS instructions by class (cuobjdump, ~1 s per variant).
+    ``sass``: also count SASS instructions by class (cuobjdump) and the executed ones.
 
     Returns results in the order of ``variants``. ``progress(result, done, total)`` is called as
     each finishes.

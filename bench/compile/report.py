@@ -14,8 +14,8 @@ Usage (from the repository root; no GPU, no CUDA driver needed)::
     python -m bench.compile.report --subset ci --json r.json
     python -m bench.compile.report --subset defaults --sass  # executed counts, default model
 
-Every variant is 2,336 compiles per architecture, about 2-5 CPU-seconds each: hours on 2 cores;
---quick is a few dozen. Each run compiles from scratch into a temporary triton cache that is
+Every variant is 2,336 compiles per architecture, --quick a few dozen (compile times:
+bench/NOTES.md, section 5). Each run compiles from scratch into a temporary triton cache that is
 deleted at exit. Exit status 1 when any variant fails.
 """
 from __future__ import annotations
@@ -39,8 +39,8 @@ from nca_fast.files import atomic_write
 
 
 _COLUMNS = (("kernel", 11), ("arch", 7), ("C", 3), ("hidden", 6), ("F", 2), ("bank", 4),
-            ("precision", 9), ("switches", 18), ("BLOCK_M", 7), ("warps", 5), ("stages", 6), ("registers", 9),
-            ("spill", 11), ("stack", 5), ("smem", 7), ("TC", 5), ("ld", 3), ("s", 5),
+            ("precision", 9), ("switches", 18), ("BLOCK_M", 7), ("warps", 5), ("stages", 6),
+            ("registers", 9), ("spill", 11), ("stack", 5), ("smem", 7), ("TC", 5), ("ld", 3), ("s", 5),
             ("check", 5))
 
 
