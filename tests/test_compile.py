@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.compile import compiler, sass, variants
+from bench.compile import compiler, report, sass, variants
 
 CI_VARIANTS = variants.ci_variants()
 _CI = set(CI_VARIANTS)
@@ -271,16 +271,16 @@ def test_parse_ptx_counts_tensor_cores_and_load_widths():
 def test_problems_name_each_failure():
     v = variants.Variant("fwd", 80, 16, 128, 3, 1, 1, has_q=True, alive=True)
     clean = compiler.Result(v, block_m=128, num_warps=4, registers=200, spill_stores=0,
-                      spill_loads=0, stack=0, smem=1024, mma_sync=8)
+                            spill_loads=0, stack=0, smem=1024, mma_sync=8)
     assert clean.problems() == []
     bad = compiler.Result(v, block_m=128, num_warps=16, registers=200, spill_stores=8,
-                    spill_loads=8, stack=8, smem=compiler.SMEM_LIMIT[80] + 1, wgmma=4)
+                          spill_loads=8, stack=8, smem=compiler.SMEM_LIMIT[80] + 1, wgmma=4)
     text = "; ".join(bad.problems())
     for word in ("spills", "register file", "shared memory", "no mma.sync"):
         assert word in text
     ieee = compiler.Result(variants.Variant("fwd", 90, 16, 128, 3, 1, 0),
-                     block_m=128, num_warps=4, registers=100, spill_stores=0, spill_loads=0,
-                     stack=0, smem=0)
+                           block_m=128, num_warps=4, registers=100, spill_stores=0, spill_loads=0,
+                           stack=0, smem=0)
     assert ieee.problems() == []     # exact fp32 has no tensor-core instruction by design
 
 
@@ -298,3 +298,23 @@ def test_executed_count_of_a_loop_nested_in_the_tile_loop():
     assert sass.executed_per_program(ins, 3, 4) == 1 + 3 * (1 + 3 * 4 + 2) + 1
     with pytest.raises(ValueError, match="loops"):
         sass.executed_per_program(ins, 3)
+
+
+def test_report_lists_the_subset_and_tables_its_results(capsys):
+    """The report's command line names the variants of a subset (no compile), and its tables
+    mark a failing variant and group equal compile errors."""
+    assert report.main(["--list", "--subset", "ci", "--arch", "80"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed == [v.label() for v in variants.ci_variants((80,))]
+    v = variants.Variant("fwd", 80, 16, 128, 3, 1, 1, has_q=True, alive=True)
+    ok = compiler.Result(v, block_m=128, num_warps=4, registers=200, spill_stores=0,
+                         spill_loads=0, stack=0, smem=1024, mma_sync=8)
+    spills = compiler.Result(v, block_m=128, num_warps=4, registers=255, spill_stores=24,
+                             spill_loads=24, stack=24, smem=1024, mma_sync=8)
+    broken = [compiler.Result(variants.Variant("bwd_gp", 80, c, 128, 3, 1, 1), status="error",
+                              error="bwd_gp: `x.to(1)`: bad cast") for c in (16, 32)]
+    table = report.format_table([ok, spills, *broken]).splitlines()
+    assert [line.split()[-1] for line in table] == ["check", "ok", "FAIL", "ERROR", "ERROR"]
+    problems = report.format_problems([ok, spills, *broken])
+    assert f"FAIL {v.label()}" in problems and "spills 24 B stored / 24 B loaded" in problems
+    assert "ERROR in 2 variant(s)" in problems and problems.count("bad cast") == 1
