@@ -301,8 +301,8 @@ def measure_memory(runner, x, target, steps: int, seed: int):
       ``torch.autograd.graph.saved_tensors_hooks``: the dominant term of a rollout's peak, exact
       whatever the allocator caches. Counting needs only the forward, so the rollout runs with
       gradients and stops there. Transient buffers of a single op are not counted; nca_fast's
-      checkpointed rollouts save their segment boundaries through the same hooks. (The process
-      RSS was not chosen: glibc keeps freed pages, so an RSS delta depends on what ran before.)
+      checkpointed rollouts save their segment boundaries through the same hooks. (Not the process
+      RSS: glibc keeps freed pages, so an RSS delta depends on what ran before.)
     """
     if not isinstance(runner, TorchRunner):
         return None
