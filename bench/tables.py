@@ -17,11 +17,19 @@ def _fmt(v: float) -> str:
     return "-" if v != v else f"{v:.3g}"
 
 
-def format_table(rows: Sequence[dict]) -> str:
-    """The suite as a text table: one line per (mode, size, provider)."""
+def _by_case(rows: Sequence[dict], keep=lambda r: True) -> dict:
+    """{(mode, size, steps, provider): {metric: row}} of the rows ``keep`` accepts, in order."""
     by = {}
     for r in rows:
-        by.setdefault((r["mode"], r["size"], str(r["steps"]), r["provider"]), {})[r["metric"]] = r
+        if keep(r):
+            key = (r["mode"], r["size"], str(r["steps"]), r["provider"])
+            by.setdefault(key, {})[r["metric"]] = r
+    return by
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """The suite as a text table: one line per (mode, size, provider)."""
+    by = _by_case(rows)
     head = (f"{'mode':8s} {'size':>14s} {'T':>5s} {'provider':16s} {'cell-steps/s':>12s} "
             f"{'p20..p80':>19s} {'vs eager':>8s} {'compile s':>9s} {'memory MiB':>10s}  note")
     lines = [head, "-" * len(head)]
@@ -53,12 +61,8 @@ def markdown_table(rows: Sequence[dict], modes: Optional[Sequence[str]] = None) 
     dense layers running at the matmul rate with everything else free.
     """
     floors = {r["mode"]: r["median"] for r in rows if r["provider"] == "floor"}
-    by = {}
-    for r in rows:
-        if (r["mode"] in modes if modes else r["mode"] != "check") \
-                and r["provider"] in PROVIDER_NAMES:
-            by.setdefault((r["mode"], r["size"], str(r["steps"]), r["provider"]), {})[
-                r["metric"]] = r
+    by = _by_case(rows, lambda r: (r["mode"] in modes if modes else r["mode"] != "check")
+                  and r["provider"] in PROVIDER_NAMES)
     per_cpu = any(r["metric"] == "cell_steps_per_cpu_s" for r in rows)
     out = ["| mode | size (BxHxW) | T | provider | cell-steps/s median [p20, p80] | vs eager "
            "| compile s | memory MiB | ratio to floor |" + (" cell-steps per CPU-s |" if per_cpu
