@@ -7,8 +7,10 @@
   gives the memory floor of a fused step.
 - matmul: a large square matmul in TF32 and bf16 (CUDA) or fp32 (CPU), FLOP/s = 2 n^3 / s; with
   16,384 dense FLOPs per cell-step it gives the compute floor.
+- ``measure_floors``: the same, and the compute floors of the suite's forward and training
+  step (``bench.throughput`` draws them with its figures).
 
-Times come from ``bench.harness.seconds_per_call``: ``triton.testing.do_bench`` on CUDA (CUDA
+Times come from ``bench.timing.seconds_per_call``: ``triton.testing.do_bench`` on CUDA (CUDA
 events, L2 flushed between calls, every call kept), rounds of at least 100 ms on a CPU; the
 median and the 20th/80th percentiles are reported.
 """
@@ -19,9 +21,10 @@ from typing import List, Optional
 
 import torch
 
-from bench.harness import (BYTES_PER_CELL_STEP, FLOPS_PER_CELL_STEP, Parser, Recorder,
-                           UsageError, environment, resolve_device, seconds_per_call, spread,
+from bench.harness import (BYTES_PER_CELL_STEP, FLOPS_PER_CELL_STEP, TRAIN_FACTOR, Parser,
+                           Recorder, UsageError, environment, resolve_device, run_cli, spread,
                            write_csv)
+from bench.timing import seconds_per_call
 
 
 def matmul_flops(device, kind: str = "fp32", n: int = 1024) -> List[float]:
@@ -76,30 +79,45 @@ def measure(device, rec, *, matmul_n: Optional[int] = None, copy_bytes: Optional
             f"{r / FLOPS_PER_CELL_STEP:.3g} cell-steps/s")
 
 
+def measure_floors(device, rec: Recorder, log=print) -> None:
+    """Measure the ceilings and record the compute floors of forward and train: the matmul the
+    dense layers would use (TF32 on CUDA, fp32 on a CPU); training does TRAIN_FACTOR times the
+    forward's FLOPs."""
+    kind = "tf32" if torch.device(device).type == "cuda" else "fp32"
+    measure(device, rec, log=log)
+    rate = next(r["median"] for r in rec.rows if r["mode"] == f"matmul_{kind}")
+    for mode, factor in (("forward", 1), ("train", TRAIN_FACTOR)):
+        what = f"{FLOPS_PER_CELL_STEP} FLOPs per cell-step" if factor == 1 else \
+            f"{TRAIN_FACTOR}x the forward's FLOPs"
+        rec.add("floor", mode, "", "", "cell_steps_per_s", rate / (factor * FLOPS_PER_CELL_STEP),
+                note=f"{what} at the measured {kind} matmul rate")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = Parser(prog="python -m bench.ceilings", description="Copy bandwidth and matmul rates.")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--out", help="CSV to write (the suite's columns)")
     p.add_argument("--matmul-size", type=int, help="n of the n^3 matmul (cuda 8192, cpu 1024)")
     p.add_argument("--copy-bytes", type=int, help="bytes copied (cuda 1 GiB, cpu 64 MiB)")
-    try:
+
+    def parse():
         args = p.parse_args(argv)
-        device = resolve_device(args.device)
+        args.device = resolve_device(args.device)
         for name in ("matmul_size", "copy_bytes"):
             v = getattr(args, name)
             if v is not None and v < 1:
                 raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer")
-    except UsageError as e:
-        print(f"bench.ceilings: error: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:
-        return int(e.code or 0)
-    rec = Recorder(environment(device))
-    print(f"ceilings of {rec.env['device']}:")
-    measure(device, rec, matmul_n=args.matmul_size, copy_bytes=args.copy_bytes)
-    if args.out:
-        print(f"wrote {write_csv(rec.rows, args.out)}")
-    return 0
+        return args
+
+    def run(args) -> int:
+        rec = Recorder(environment(args.device))
+        print(f"ceilings of {rec.env['device']}:")
+        measure(args.device, rec, matmul_n=args.matmul_size, copy_bytes=args.copy_bytes)
+        if args.out:
+            print(f"wrote {write_csv(rec.rows, args.out)}")
+        return 0
+
+    return run_cli("bench.ceilings", parse, run)
 
 
 if __name__ == "__main__":

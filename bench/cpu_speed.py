@@ -3,11 +3,11 @@
     python -m bench.cpu_speed [--repeats 7] [--steps 64] [--batch 8] [--size 72] [--threads N]
                               [--scenario alive|grow|grown]
 
-The eager port (``bench.providers.EagerNCA``, the benchmark suite's baseline) is the style of
+The eager port (``bench.eager.EagerNCA``, the benchmark suite's baseline) is the style of
 the common PyTorch NCA ports: NCHW, perception by ``F.conv2d(groups=C)`` with the filters
 repeated per channel, two ``nn.Conv2d`` 1x1 layers, ``torch.rand`` update mask,
 ``F.max_pool2d`` alive masks. Both run the article's configuration
-from the same state and weights. Timing is ``bench.harness.time_interleaved``: rounds of at
+from the same state and weights. Timing is ``bench.timing.time_interleaved``: rounds of at
 least 100 ms in which the two take turns, so that load from other processes on the machine hits
 both alike; the figures are medians over the rounds, with the spread (min..max), in wall-clock
 and in process CPU time (CPU time is less sensitive to other processes; spin-waiting threads
@@ -33,8 +33,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Parser, UsageError, split_list, time_interleaved
-from bench.providers import EagerNCA, Weights
+from bench.eager import EagerNCA
+from bench.harness import Parser, UsageError, run_cli, split_list
+from bench.runners import Weights
+from bench.timing import time_interleaved
 from nca_fast import NCA, NCAConfig, load_distill
 
 DISTILL = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "distill"
@@ -72,18 +74,20 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--modes", default="forward,train")
     ap.add_argument("--scenario", choices=("alive", "grow", "grown"), default="alive")
-    try:
+
+    def parse():
         args = ap.parse_args(argv)
         for name in ("repeats", "steps", "batch", "size", "threads"):
             v = getattr(args, name)
             if v is not None and v < 1:
                 raise UsageError(f"--{name}: expected a positive integer, got {v}")
-        modes = split_list(args.modes, ("forward", "train"), "--modes")
-    except UsageError as e:
-        print(f"bench.cpu_speed: error: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:          # --help
-        return int(e.code or 0)
+        args.modes = split_list(args.modes, ("forward", "train"), "--modes")
+        return args
+
+    return run_cli("bench.cpu_speed", parse, run)
+
+
+def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = NCAConfig()
@@ -138,14 +142,14 @@ def main(argv=None) -> int:
     pairs = {"forward": (fwd_eager, fwd_fast), "train": (train_eager, train_fast)}
     res = {mode: time_interleaved(dict(zip(("eager", "fast"), pairs[mode])), args.repeats, 1,
                                   "cpu")
-           for mode in modes}
+           for mode in args.modes}
     print(f"load average after: {os.getloadavg()[0]:.1f} (other processes share these cores)")
-    failed = [(m, p, t.error) for m in modes for p, t in res[m].items() if t.error is not None]
+    failed = [(m, p, t.error) for m in args.modes for p, t in res[m].items() if t.error is not None]
     if failed:
         print(f"bench.cpu_speed: failed: {failed}", file=sys.stderr)
         return 1
     print(f"{'mode':8} {'provider':14} {'wall s (min..max)':>24} {'cpu s':>8}")
-    for mode in modes:
+    for mode in args.modes:
         for prov, name in (("eager", "torch eager"), ("fast", "nca_fast torch")):
             walls, cpus = res[mode][prov].times, res[mode][prov].cpu_times
             print(f"{mode:8} {name:14} {statistics.median(walls):8.3f} "

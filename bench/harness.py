@@ -2,18 +2,16 @@
 ``bench.cpu_speed`` share, so that each script holds only its own measurements.
 
 - Cases: ``Case`` (batch x height x width for T steps, in modes) and ``parse_sizes``.
-- Timing: ``time_interleaved``. On CUDA each provider is timed by ``triton.testing.do_bench``
-  (CUDA events, L2 flushed between calls, every call kept). On a CPU providers take turns in
-  rounds, in a rotating order, so that other processes' load hits all of them alike; a round
-  repeats a provider's call until it lasts at least ``MIN_ROUND_S`` (100 ms), so that a round
-  is not one scheduler time slice and the paired ratios are stable.
+- Timing: ``bench.timing.time_interleaved`` (``do_bench`` on CUDA, interleaved rounds of at
+  least 100 ms on a CPU).
 - Memory: ``measure_memory`` (what a training iteration keeps or peaks at).
 - Records: ``Recorder`` rows with the ``COLUMNS`` (provider, mode, size, steps, metric, median,
   p20, p80 and the machine's columns from ``environment``: device, torch, triton, date, commit),
   ``spread``, ``write_csv`` / ``read_csv`` (atomic), ``save_figure``.
-- The same-step check and one case measured across providers: ``run_check``, ``measure_case``.
-- Command lines: ``UsageError``, ``Parser``, ``split_list``, ``resolve_device``,
-  ``prepare_out``.
+- The same-step check and one case measured across providers: ``run_check``, ``measure_case``
+  (what the providers share is a ``Setup``, what is measured a ``Task``).
+- Command lines: ``UsageError``, ``Parser``, ``suite_options`` / ``read_providers`` (the options
+  the scripts share), ``split_list``, ``resolve_device``, ``prepare_out``, ``run_cli``.
 
 Outputs go where ``--out`` says (default: the current folder), never into the package tree.
 """
@@ -26,15 +24,16 @@ import os
 import pathlib
 import platform
 import subprocess
-import time
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from bench.providers import (BASELINE, Provider, Runner, TorchRunner, check_same_step,
-                             random_state)
+from bench.providers import BASELINE, PROVIDER_NAMES, check_same_step, get_providers
+from bench.runners import Provider, Runner, TorchRunner, Weights, random_state
+from bench.timing import Timing, describe_error, free_memory, out_of_memory, time_interleaved
 from nca_fast import NCAConfig
 from nca_fast.devices import resolve_device as _resolve
 from nca_fast.files import atomic_write
@@ -51,7 +50,6 @@ BYTES_PER_CELL_STEP = 2 * 4 * NCAConfig().channels
 # products (2x the forward's FLOPs). A design may also recompute the forward (docs/MODEL.md,
 # "Work per cell-step": about 4x), but a floor must not assume it.
 TRAIN_FACTOR = 3
-MIN_ROUND_S = 0.1
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -84,6 +82,39 @@ def prepare_out(path: str) -> pathlib.Path:
     if not os.access(out, os.W_OK):
         raise UsageError(f"--out: folder {out} is not writable")
     return out
+
+
+def suite_options(p: Parser, files: str) -> Parser:
+    """Add the options the suite's scripts share: --device, --providers, --out (the folder of
+    ``files``) and --threads."""
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    p.add_argument("--providers", default=",".join(PROVIDER_NAMES),
+                   help="comma-separated subset of " + ",".join(PROVIDER_NAMES))
+    p.add_argument("--out", default=".", help=f"folder for {files} (default: the current folder)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    return p
+
+
+def read_providers(args) -> List[Provider]:
+    """``--providers``, after setting ``--threads`` (both from ``suite_options``)."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError("--threads: expected a positive integer")
+        torch.set_num_threads(args.threads)
+    return get_providers(split_list(args.providers, PROVIDER_NAMES, "--providers"))
+
+
+def run_cli(prog: str, parse: Callable[[], object], run: Callable[[object], int]) -> int:
+    """``run(parse())``; a ``UsageError`` is one line on stderr and exit status 2, ``--help``
+    exits 0."""
+    try:
+        parsed = parse()
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:          # --help
+        return int(e.code or 0)
+    return run(parsed)
 
 
 def split_list(value: str, allowed: Sequence[str], option: str) -> List[str]:
@@ -257,112 +288,6 @@ def save_figure(fig, path, env):
         plt.close(fig)
 
 
-def _out_of_memory(e: BaseException) -> bool:
-    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or "out of memory" in str(e)
-
-
-def _describe(e: BaseException) -> str:
-    """One line for the CSV's note: "out of memory" or the exception's first line."""
-    if _out_of_memory(e):
-        return "out of memory"
-    return f"{type(e).__name__}: {e}".splitlines()[0][:200]
-
-
-def _free_memory(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-
-
-# ---------------------------------------------------------------------------------- timing
-@dataclass
-class Timing:
-    """Seconds per call of one provider: ``first`` (the first call, compilation included),
-    ``times`` (one value per round or per do_bench call) and ``cpu_times`` (this process's CPU
-    time per call, all threads, same rounds; CPU only)."""
-
-    first: float = float("nan")
-    times: List[float] = field(default_factory=list)
-    cpu_times: List[float] = field(default_factory=list)
-    error: Optional[str] = None
-
-
-def _timed(fn: Callable[[], None]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def time_interleaved(calls: Dict[str, Callable[[], None]], repeats: int, warmup: int,
-                     device, min_round_s: float = MIN_ROUND_S) -> Dict[str, Timing]:
-    """Time each of ``calls`` (name -> call that returns when the device is done).
-
-    Each provider's first call is timed alone (``first``), then ``warmup - 1`` more calls. CUDA:
-    one more call estimates its time, then ``do_bench`` runs about ``repeats`` calls (every
-    call's time kept). CPU: ``repeats`` rounds; round r starts at provider r mod n, and repeats
-    each provider's call until its turn lasts ``min_round_s``, recording the time per call. A
-    call that raises is recorded as an error and not retried.
-    """
-    cuda = torch.device(device).type == "cuda"
-    out = {name: Timing() for name in calls}
-    estimate = {}
-    for name, call in calls.items():
-        try:
-            out[name].first = _timed(call)
-            for _ in range(max(warmup, 1) - 1):
-                call()
-            if cuda and repeats > 0:
-                estimate[name] = max(_timed(call), 1e-6)
-        except Exception as e:  # OOM or a provider bug: report it, keep the others going
-            out[name].error = _describe(e)
-            _free_memory(device)
-    live = [n for n in calls if out[n].error is None]
-    if repeats < 1:
-        return out
-    if cuda:
-        import triton.testing
-
-        for name in live:
-            rep_ms = max(100.0, repeats * estimate[name] * 1e3)
-            try:
-                ms = triton.testing.do_bench(calls[name], warmup=0, rep=rep_ms, return_mode="all")
-            except Exception as e:
-                out[name].error = _describe(e)
-                _free_memory(device)
-                continue
-            out[name].times = [m / 1e3 for m in ms]
-        return out
-    for r in range(repeats):
-        k = r % len(live) if live else 0
-        for name in live[k:] + live[:k]:
-            if out[name].error is not None:
-                continue
-            try:
-                n, c0, t0 = 0, time.process_time(), time.perf_counter()
-                while n == 0 or time.perf_counter() - t0 < min_round_s:
-                    calls[name]()
-                    n += 1
-                out[name].times.append((time.perf_counter() - t0) / n)
-                out[name].cpu_times.append((time.process_time() - c0) / n)
-            except Exception as e:
-                out[name].error = _describe(e)
-                _free_memory(device)
-    return out
-
-
-def seconds_per_call(fn: Callable[[], object], device, repeats: int = 5) -> List[float]:
-    """Seconds per call of ``fn`` after a warm-up: ``do_bench`` on CUDA (every call), else
-    ``repeats`` rounds of at least ``MIN_ROUND_S``."""
-    timing = time_interleaved({"fn": lambda: _sync(fn(), device)}, repeats, 1, device)["fn"]
-    if timing.error is not None:
-        raise RuntimeError(timing.error)
-    return timing.times
-
-
-def _sync(_out, device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---------------------------------------------------------------------------------- measuring
 def measure_memory(runner, x, target, steps: int, seed: int):
     """Memory of one training iteration of ``runner``: (metric, bytes, note), or None.
@@ -376,8 +301,8 @@ def measure_memory(runner, x, target, steps: int, seed: int):
       ``torch.autograd.graph.saved_tensors_hooks``: the dominant term of a rollout's peak, exact
       whatever the allocator caches. Counting needs only the forward, so the rollout runs with
       gradients and stops there. Transient buffers of a single op are not counted; nca_fast's
-      checkpointed rollouts save their segment boundaries through the same hooks. (The process
-      RSS was not chosen: glibc keeps freed pages, so an RSS delta depends on what ran before.)
+      checkpointed rollouts save their segment boundaries through the same hooks. (Not the process
+      RSS: glibc keeps freed pages, so an RSS delta depends on what ran before.)
     """
     if not isinstance(runner, TorchRunner):
         return None
@@ -410,35 +335,94 @@ def blocking(runner: Runner, fn: Callable[[], object]) -> Callable[[], None]:
     return call
 
 
-def measure_case(providers: Sequence[Provider], config: NCAConfig, weights, case: Case,
-                 mode: str, device, rec: Recorder, *, repeats: int, warmup: int = 1,
-                 memory: bool = False, checkpoint=None, mode_label: Optional[str] = None,
-                 log: Callable[[str], None] = print) -> bool:
-    """Time ``mode`` ("forward" or "train") of ``case`` for ``providers``; add rows to ``rec``.
+@dataclass(frozen=True)
+class Setup:
+    """What the providers of a measurement share: the model's config, its weights, the device."""
 
-    memory: also measure the training iteration's memory (``measure_memory``).
-    checkpoint: passed to providers that support it (nca_fast's); others are skipped when set.
-    Returns False when a provider failed (error, out of memory).
+    config: NCAConfig
+    weights: Weights
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class Task:
+    """One measurement of ``case``: its ``mode`` ("forward" or "train") timed over ``repeats``
+    rounds (0: the first call only) after ``warmup`` calls.
+
+    memory: also the training iteration's memory (``measure_memory``).
+    checkpoint: passed to providers that support it (nca_fast's); the others are left out.
+    label: the rows' mode column (default: ``mode``).
     """
-    label = mode_label or mode
-    ok = True
-    torch.manual_seed(0)
-    dev = torch.device(device)
-    x = random_state(case.batch, case.height, case.width, config, seed=2, device=dev)
+
+    case: Case
+    mode: str
+    repeats: int
+    warmup: int = 1
+    memory: bool = False
+    checkpoint: Optional[str] = None
+    label: Optional[str] = None
+
+    def add(self, rec: "Recorder", provider: str, metric: str, values=(), note: str = ""):
+        """A row of this task's case and label."""
+        return rec.add(provider, self.label or self.mode, self.case.size, self.case.steps,
+                       metric, values, note)
+
+
+def _inputs(setup: Setup, case: Case, train: bool):
+    """The state (and the training target) every provider starts from."""
+    dev = torch.device(setup.device)
+    x = random_state(case.batch, case.height, case.width, setup.config, seed=2, device=dev)
     target = None
-    if mode == "train":
+    if train:
         target = torch.rand(case.batch, 4, case.height, case.width, device=dev,
                             generator=torch.Generator(device=dev).manual_seed(3))
+    return x, target
+
+
+def _record_times(rec: Recorder, task: Task, name: str, tm: Timing, base: Optional[Timing],
+                  cpu: bool) -> float:
+    """Rows of one provider's times; returns its median seconds per call."""
+    cells = task.case.cell_steps
+    sec = spread(tm.times)[0]
+    task.add(rec, name, "seconds", tm.times)
+    task.add(rec, name, "cell_steps_per_s", [cells / t for t in tm.times])
+    task.add(rec, name, "compile_s", max(tm.first - sec, 0.0),
+             note="first call minus the median call")
+    if base is not None and base.error is None and base.times and name != BASELINE:
+        if cpu:
+            n = min(len(base.times), len(tm.times))
+            task.add(rec, name, "ratio_vs_eager", [base.times[i] / tm.times[i] for i in range(n)],
+                     note="paired rounds: torch-eager seconds / provider seconds")
+        else:
+            task.add(rec, name, "ratio_vs_eager", spread(base.times)[0] / sec,
+                     note="torch-eager median seconds / provider median seconds")
+    if cpu:
+        # On a shared CPU the wall clock includes other processes' turns; the process's CPU
+        # time does not (with one thread it is the work's own cost).
+        task.add(rec, name, "cell_steps_per_cpu_s", [cells / t for t in tm.cpu_times if t > 0],
+                 note="process CPU time, all threads (per core-second)")
+    return sec
+
+
+def measure_case(providers: Sequence[Provider], setup: Setup, task: Task, rec: Recorder,
+                 log: Callable[[str], None] = print) -> bool:
+    """Time ``task`` for ``providers``, all from the same state with the same weights, and add
+    its rows to ``rec``. Returns False when a provider failed (an error other than running out
+    of memory)."""
+    ok = True
+    torch.manual_seed(0)
+    case, label, device = task.case, task.label or task.mode, setup.device
+    x, target = _inputs(setup, case, task.mode == "train")
     runners, calls = {}, {}
     for p in providers:
         try:
-            r = p.build(config, weights, device)
-            if checkpoint is not None:
+            r = p.build(setup.config, setup.weights, device)
+            if task.checkpoint is not None:
                 if not r.supports_checkpoint:
                     continue
-                r.checkpoint = checkpoint
+                r.checkpoint = task.checkpoint
             xs = r.prepare(x)
-            if mode == "forward":
+            if task.mode == "forward":
                 calls[p.name] = blocking(r, lambda r=r, xs=xs: r.forward(xs, case.steps, 7))
             else:
                 ts = r.prepare_target(target)
@@ -447,57 +431,35 @@ def measure_case(providers: Sequence[Provider], config: NCAConfig, weights, case
             runners[p.name] = r
         except Exception as e:
             ok = False
-            rec.add(p.name, label, case.size, case.steps, "error", note=f"build failed: {e}")
-    timings = time_interleaved(calls, repeats, warmup, device)
-    base = timings.get(BASELINE)
+            task.add(rec, p.name, "error", note=f"build failed: {e}")
+    timings = time_interleaved(calls, task.repeats, task.warmup, device)
+    cpu = torch.device(device).type == "cpu"
     for name, tm in timings.items():
+        line = f"  {name:16s} {label:16s} {case.size:>14s} T={case.steps:<5d}"
         if tm.error is not None:
             ok = ok and tm.error == "out of memory"
-            rec.add(name, label, case.size, case.steps, "error", note=tm.error)
+            task.add(rec, name, "error", note=tm.error)
             log(f"  {name:16s} {label:16s} {case.size:>14s} T={case.steps}: {tm.error}")
             continue
-        line = f"  {name:16s} {label:16s} {case.size:>14s} T={case.steps:<5d}"
         if tm.times:
-            sec = spread(tm.times)[0]
-            rec.add(name, label, case.size, case.steps, "seconds", tm.times)
-            rec.add(name, label, case.size, case.steps, "cell_steps_per_s",
-                    [case.cell_steps / t for t in tm.times])
-            rec.add(name, label, case.size, case.steps, "compile_s", max(tm.first - sec, 0.0),
-                    note="first call minus the median call")
-            if base is not None and base.error is None and base.times and name != BASELINE:
-                if dev.type == "cpu":
-                    n = min(len(base.times), len(tm.times))
-                    rec.add(name, label, case.size, case.steps, "ratio_vs_eager",
-                            [base.times[i] / tm.times[i] for i in range(n)],
-                            note="paired rounds: torch-eager seconds / provider seconds")
-                else:
-                    rec.add(name, label, case.size, case.steps, "ratio_vs_eager",
-                            spread(base.times)[0] / sec,
-                            note="torch-eager median seconds / provider median seconds")
-            if dev.type == "cpu":
-                # On a shared CPU the wall clock includes other processes' turns; the process's
-                # CPU time does not (with one thread it is the work's own cost).
-                rec.add(name, label, case.size, case.steps, "cell_steps_per_cpu_s",
-                        [case.cell_steps / t for t in tm.cpu_times if t > 0],
-                        note="process CPU time, all threads (per core-second)")
+            sec = _record_times(rec, task, name, tm, timings.get(BASELINE), cpu)
             line += f" {case.cell_steps / sec:10.3g} cell-steps/s"
-        if memory:
+        if task.memory:
             try:
                 measured = measure_memory(runners[name], runners[name].prepare(x),
                                           runners[name].prepare_target(target), case.steps, 7)
             except Exception as e:
                 measured = None
-                ok = ok and _out_of_memory(e)
-                rec.add(name, label, case.size, case.steps, "error",
-                        note="memory: " + _describe(e))
-                _free_memory(device)
+                ok = ok and out_of_memory(e)
+                task.add(rec, name, "error", note="memory: " + describe_error(e))
+                free_memory(device)
             if measured is not None:
                 metric, nbytes, note = measured
-                rec.add(name, label, case.size, case.steps, metric, nbytes, note=note)
+                task.add(rec, name, metric, nbytes, note=note)
                 line += f"  {metric} {nbytes / 2**20:.1f} MiB"
         log(line)
     del runners, calls
-    _free_memory(device)
+    free_memory(device)
     return ok
 
 

@@ -12,7 +12,8 @@ suite's (``python -m bench.throughput``), which adds interleaving, ratios and th
 import pytest
 import torch
 
-from bench.providers import PROVIDER_NAMES, PROVIDERS, check_same_step, make_weights, random_state
+from bench.providers import PROVIDER_NAMES, PROVIDERS, check_same_step
+from bench.runners import make_weights, random_state
 from nca_fast import NCAConfig
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

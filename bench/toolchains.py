@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import re
 import subprocess
 import sys
+import tempfile
 import venv
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -78,17 +80,22 @@ def run_tests(python: Path, tests: List[str], log) -> str:
 
 
 def run_count(python: Path, sass_count: Path, log) -> Dict[str, str]:
-    """sass_count's summary fields and the largest spill of any kernel it compiled."""
-    r = subprocess.run([str(python), str(sass_count)], cwd=ROOT, capture_output=True, text=True)
-    log.write(r.stdout + r.stderr[-5000:])
-    last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
-    fields = dict(kv.split("=", 1) for kv in last.split() if "=" in kv)
-    if r.returncode != 0 or "fwd_warp_instr_per_cell" not in fields:
+    """sass_count's summary fields and the largest spill (bytes stored) of any kernel it
+    compiled, read from its ``--json`` document."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "sass_count.json"
+        r = subprocess.run([str(python), str(sass_count), "--json", str(out)], cwd=ROOT,
+                           capture_output=True, text=True)
+        log.write(r.stdout + r.stderr[-5000:])
+        try:
+            doc = json.loads(out.read_text())
+        except (OSError, ValueError):
+            doc = None
+    if r.returncode != 0 or doc is None:
         return {"error": (r.stderr.strip().splitlines() or ["no output"])[-1][:200]}
-    # the per-kernel table: "name role /step warps programs regs spill ..."
-    spills = [int(line.split()[6]) for line in r.stdout.splitlines()
-              if line.startswith("_nca_") and len(line.split()) > 6]
-    fields["max_spill"] = str(max(spills, default=0))
+    fields = {k: f"{v:.1f}" if isinstance(v, float) else str(v)
+              for k, v in doc["summary"].items()}
+    fields["max_spill"] = str(max((k["spill_stores"] for k in doc["kernels"]), default=0))
     return fields
 
 

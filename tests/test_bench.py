@@ -15,9 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import harness, memory, providers, throughput
-from bench.providers import (EagerNCA, EagerRunner, Provider, check_same_step, get_providers,
-                             make_weights, random_state)
+from bench import harness, memory, providers, throughput, timing
+from bench.eager import EagerNCA, EagerRunner
+from bench.providers import check_same_step, get_providers
+from bench.runners import Provider, make_weights, random_state
 from nca_fast import NCAConfig, reference
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -305,8 +306,8 @@ def test_gpu_check_rehearsal_runs_every_stage_in_order(tmp_path):
     """The whole script on the CPU at tiny sizes, the kernels in Triton's interpreter: every
     stage passes, in the order that puts the figures first, the selftest's verdict and the
     suite's Triton rows included, and OUTDIR holds at most 8 flat files under 16 MB each.
-    About 45 CPU-seconds; the rehearsal's own limit is 4 minutes, raised to 8 here so that a
-    machine shared with other jobs (startups of torch under load) does not fail the check."""
+    The rehearsal's own limit is 4 minutes, raised to 8 here so that a machine shared with
+    other jobs (startups of torch under load) does not fail the check."""
     out = tmp_path / "out"
     env = {"NCA_FAST_GPU_CHECK_REHEARSE": "1", "NCA_FAST_GPU_CHECK_SECONDS": "480"}
     p = _gpu_check(str(out), env=env, timeout=560)
@@ -346,11 +347,11 @@ def test_cpu_rounds_last_at_least_100_ms():
         calls.append(1)
         _time.sleep(0.005)
 
-    timing = harness.time_interleaved({"sleep": call}, repeats=3, warmup=1, device="cpu")
-    t = timing["sleep"]
+    got = timing.time_interleaved({"sleep": call}, repeats=3, warmup=1, device="cpu")
+    t = got["sleep"]
     assert t.error is None and len(t.times) == 3 and all(s >= 0.005 for s in t.times)
     # Round r made n_r calls of t.times[r] seconds each and lasted >= MIN_ROUND_S.
-    assert (len(calls) - 1) * max(t.times) >= 3 * harness.MIN_ROUND_S
+    assert (len(calls) - 1) * max(t.times) >= 3 * timing.MIN_ROUND_S
 
 
 def test_bench_writes_into_the_current_folder_by_default(tmp_path, monkeypatch):

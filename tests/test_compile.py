@@ -1,6 +1,6 @@
 """The step kernels compile for sm_90a and sm_80 into code that can run fast: no GPU needed.
 
-Each variant is compiled ahead of time by ``bench.compile_report`` (``triton.compile`` with a
+Each variant is compiled ahead of time by ``bench.compile`` (``triton.compile`` with a
 ``GPUTarget``, in spawned worker processes: this process keeps its interpreted kernels), with the
 launch configuration the launchers pick, and must:
 
@@ -9,11 +9,11 @@ launch configuration the launchers pick, and must:
 - issue tensor-core instructions for tf32 and bf16 dense layers (wgmma.mma_async on sm_90a,
   mma.sync on sm_80). "ieee" is exact fp32 and has none by design.
 
-Default run: the CI subset (``compile_report.ci_variants``; about 100 CPU-seconds, two compiles
-at a time), and the executed instruction counts of the default model's training step against
+Default run: the CI subset (``bench.compile.variants.ci_variants``, two compiles at a time),
+and the executed instruction counts of the default model's training step against
 ``shared/tools/sass_count.py`` when ../shared is present. ``--runslow`` adds every other variant
-the launchers can pick (4,672 compiles, 2-5 CPU-seconds each: hours on 2 cores; select with -k,
-e.g. -k "sm_90a and fwd").
+the launchers can pick (hours on 2 cores, bench/NOTES.md section 5; select with -k, e.g.
+-k "sm_90a and fwd").
 """
 from __future__ import annotations
 
@@ -24,14 +24,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import compile_report as cr
+from bench.compile import compiler, report, sass, variants
 
-CI_VARIANTS = cr.ci_variants()
+CI_VARIANTS = variants.ci_variants()
 _CI = set(CI_VARIANTS)
-OTHER_VARIANTS = [v for v in cr.all_variants() if v not in _CI]
+OTHER_VARIANTS = [v for v in variants.all_variants() if v not in _CI]
 
 
-def _id(v: cr.Variant) -> str:
+def _id(v: variants.Variant) -> str:
     return v.label().replace(" ", "-")
 
 
@@ -67,7 +67,7 @@ def _ci_params():
     return out
 
 
-def assert_fast_code(r: cr.Result) -> None:
+def assert_fast_code(r: compiler.Result) -> None:
     """The assertions every compiled variant must pass, each with the variant in the message."""
     v = r.variant
     where = f"{v.label()} (BLOCK_M={r.block_m}, num_warps={r.num_warps})"
@@ -75,12 +75,12 @@ def assert_fast_code(r: cr.Result) -> None:
     spills = (r.spill_stores, r.spill_loads)
     assert spills == (0, 0), (f"{where} spills: {spills[0]} B stored, {spills[1]} B loaded, "
                               f"{r.registers} registers")
-    assert r.registers <= cr.MAX_REGISTERS, f"{where} uses {r.registers} registers"
+    assert r.registers <= compiler.MAX_REGISTERS, f"{where} uses {r.registers} registers"
     threads = r.num_warps * 32
-    assert r.registers * threads <= cr.REGISTER_FILE, (
+    assert r.registers * threads <= compiler.REGISTER_FILE, (
         f"{where}: {r.registers} registers x {threads} threads exceed the register file")
     smem = r.smem
-    assert 0 <= smem <= cr.SMEM_LIMIT[v.arch], f"{where} needs {smem} B of shared memory"
+    assert 0 <= smem <= compiler.SMEM_LIMIT[v.arch], f"{where} needs {smem} B of shared memory"
     if v.dense and v.precision in (1, 2):
         native = r.wgmma if v.arch >= 90 else r.mma_sync
         instr = "wgmma.mma_async" if v.arch >= 90 else "mma.sync"
@@ -92,7 +92,7 @@ def assert_fast_code(r: cr.Result) -> None:
 @pytest.fixture(scope="module")
 def ci_results():
     """Every CI variant compiled once, two at a time, from an empty triton cache."""
-    results = cr.run(CI_VARIANTS, workers=2)
+    results = compiler.run(CI_VARIANTS, workers=2)
     return {r.variant: r for r in results}
 
 
@@ -104,12 +104,12 @@ def test_ci_variant_compiles_to_fast_code(ci_results, variant):
 def test_ci_subset_covers_the_required_cases():
     """Both archs; every kernel; tf32, bf16 and ieee; the default step; the largest shapes;
     INT64, circular padding and a bank given as data."""
-    for arch in cr.ARCHS:
+    for arch in variants.ARCHS:
         vs = [v for v in CI_VARIANTS if v.arch == arch]
         dense = [v for v in vs if v.dense]
-        assert {v.kernel for v in vs} == set(cr.KERNEL_NAMES)
+        assert {v.kernel for v in vs} == set(variants.KERNEL_NAMES)
         assert {0, 1, 2} <= {v.precision for v in dense}
-        assert set(cr.default_variants((arch,))) <= set(vs)
+        assert set(variants.default_variants((arch,))) <= set(vs)
         largest = {v.kernel for v in dense if (v.channels, v.hidden, v.filters) == (32, 256, 4)}
         assert largest == ({"fwd", "bwd_gp", "bwd_weights"} if arch >= 90 else {"fwd"})
         assert any(v.int64 for v in dense) and any(v.int64 for v in vs if not v.dense)
@@ -124,8 +124,8 @@ def every_result(request):
     name = "test_every_variant_compiles_to_fast_code"
     wanted = [item.callspec.params["variant"] for item in request.session.items
               if getattr(item, "originalname", None) == name]
-    with cr.Compiler(workers=2) as compiler:
-        yield {v: compiler.submit(v) for v in wanted}
+    with compiler.Compiler(workers=2) as pool:
+        yield {v: pool.submit(v) for v in wanted}
 
 
 @pytest.mark.slow
@@ -136,33 +136,32 @@ def test_every_variant_compiles_to_fast_code(every_result, variant):
 
 def test_constant_one_arguments_compile():
     """The JIT turns an int argument equal to 1 into a constant (a 1 x 1 grid, step 1, seed 1):
-    the kernels must compile then too (a method call on such an argument fails there only: found
-    on the first GPU run, 2026-11-29, at step 1)."""
-    edge = [cr.Variant("fwd", 90, 16, 128, 3, 1, 1, has_q=True, alive=True),
-            cr.Variant("fwd", 90, 16, 32, 3, 0, 0, alive=True, circular=True),
-            cr.Variant("bwd_gp", 90, 16, 128, 3, 1, 1),
-            cr.Variant("bwd_weights", 90, 16, 128, 3, 1, 1, next=True),
-            cr.Variant("bwd_input", 90, 16, 0, 3, 1, 0)]
-    with cr.Compiler(workers=2) as compiler:
-        results = [f.result() for f in [compiler.submit(v, edge=True) for v in edge]]
+    the kernels must compile then too (a method call on such an argument fails there only)."""
+    edge = [variants.Variant("fwd", 90, 16, 128, 3, 1, 1, has_q=True, alive=True),
+            variants.Variant("fwd", 90, 16, 32, 3, 0, 0, alive=True, circular=True),
+            variants.Variant("bwd_gp", 90, 16, 128, 3, 1, 1),
+            variants.Variant("bwd_weights", 90, 16, 128, 3, 1, 1, next=True),
+            variants.Variant("bwd_input", 90, 16, 0, 3, 1, 0)]
+    with compiler.Compiler(workers=2) as pool:
+        results = [f.result() for f in [pool.submit(v, edge=True) for v in edge]]
     for r in results:
         assert r.status == "ok", f"{r.variant.label()} on a 1 x 1 grid at step 1: {r.error}"
 
 
 SPECIALISATIONS = """
 import json, sys
-from bench import compile_report as cr
+from bench.compile import capture, variants
 
-modules = cr.load_kernels()
+modules = capture.load_kernels()
 keys = {}
-for v in [cr.Variant("fwd", 90, 16, 128, 3, 1, 1, has_q=True, alive=True),
-          cr.Variant("bwd_gp", 90, 16, 128, 3, 1, 1),
-          cr.Variant("bwd_weights", 90, 16, 128, 3, 1, 1, next=True),
-          cr.Variant("bwd_input", 90, 16, 0, 3, 1, 0)]:
+for v in [variants.Variant("fwd", 90, 16, 128, 3, 1, 1, has_q=True, alive=True),
+          variants.Variant("bwd_gp", 90, 16, 128, 3, 1, 1),
+          variants.Variant("bwd_weights", 90, 16, 128, 3, 1, 1, next=True),
+          variants.Variant("bwd_input", 90, 16, 0, 3, 1, 0)]:
     for grid, step, seed in (((1, 1, 16), 1, 1), ((2, 13, 32), 0, 5), ((1, 32, 64), 16, 2**40),
                              ((3, 64, 48), 7, 12345)):
-        src, _, _ = cr.specialise(cr.record_launch(v, modules, grid=grid, step=step, seed=seed),
-                                  v.arch)
+        launch = capture.record_launch(v, modules, grid=grid, step=step, seed=seed)
+        src, _, _ = capture.specialise(launch, v.arch)
         key = repr((sorted(src.signature.items()), sorted(src.constants.items()),
                     sorted(src.attrs.items())))
         keys.setdefault(v.kernel, set()).add(key)
@@ -182,24 +181,24 @@ def test_one_compile_for_every_size_and_step():
     proc = subprocess.run([sys.executable, "-c", SPECIALISATIONS], capture_output=True,
                           text=True, timeout=300, env=env, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout) == {k: 1 for k in cr.KERNEL_NAMES}
+    assert json.loads(proc.stdout) == {k: 1 for k in variants.KERNEL_NAMES}
 
 
 # ----------------------------------------------------------------- the report's own parsing
 def test_enumeration_is_every_valid_combination():
-    every = cr.all_variants()
+    every = variants.all_variants()
     # per arch: 2 C x 4 banks x 2 paddings x 2 offset widths = 32 input kernels, each dense one
     # x 4 hidden x 3 precisions: forward x 3 mask states, weights x next or not
     assert len(every) == len(set(every)) == 2 * 32 * (1 + 12 * (3 + 1 + 2))
     assert not any(v.has_q and not v.alive for v in every)
-    assert _CI <= set(every) and set(cr.quick_variants()) <= set(every)
-    assert set(cr.default_variants()) <= set(every)
+    assert _CI <= set(every) and set(variants.quick_variants()) <= set(every)
+    assert set(variants.default_variants()) <= set(every)
     with pytest.raises(ValueError, match="has_q"):
-        cr.Variant("fwd", 90, 16, 128, 3, 1, 1, has_q=True, alive=False)
+        variants.Variant("fwd", 90, 16, 128, 3, 1, 1, has_q=True, alive=False)
     with pytest.raises(ValueError, match="bank"):
-        cr.Variant("fwd", 90, 16, 128, 3, 2, 1)
+        variants.Variant("fwd", 90, 16, 128, 3, 2, 1)
     with pytest.raises(ValueError, match="next"):
-        cr.Variant("bwd_gp", 90, 16, 128, 3, 1, 1, next=True)
+        variants.Variant("bwd_gp", 90, 16, 128, 3, 1, 1, next=True)
 
 
 SASS_COUNT = Path(__file__).resolve().parents[2] / "shared" / "tools" / "sass_count.py"
@@ -219,7 +218,8 @@ def test_executed_counts_agree_with_sass_count(tmp_path):
     theirs = {}
     for row in json.loads(out.read_text())["kernels"]:
         theirs[row["name"]] = theirs.get(row["name"], 0.0) + row["warp_instr_per_cell"]
-    ours = {r.variant.kernel: r for r in cr.run(cr.default_variants(), workers=2, sass=True)}
+    ours = {r.variant.kernel: r
+            for r in compiler.run(variants.default_variants(), workers=2, sass=True)}
     names = {"fwd": "_nca_step_fwd_kernel", "bwd_gp": "_nca_step_bwd_gp_kernel",
              "bwd_weights": "_nca_step_bwd_weights_kernel"}
     assert set(names.values()) == set(theirs), theirs
@@ -253,34 +253,34 @@ PTX = """
 
 
 def test_parse_ptxas_log():
-    got = cr.parse_ptxas(PTXAS_LOG)
+    got = sass.parse_ptxas(PTXAS_LOG)
     assert (got["registers"], got["stack"], got["spill_stores"], got["spill_loads"]) == \
         (255, 104, 96, 88)
     assert got["ptxas_notes"].startswith("C7519: warpgroup.arrive is injected")
     with pytest.raises(ValueError, match="ptxas log"):
-        cr.parse_ptxas("ptxas fatal   : Unresolved extern function")
+        sass.parse_ptxas("ptxas fatal   : Unresolved extern function")
 
 
 def test_parse_ptx_counts_tensor_cores_and_load_widths():
-    got = cr.parse_ptx(PTX)
+    got = sass.parse_ptx(PTX)
     assert (got["wgmma"], got["mma_sync"]) == (2, 1)
     assert got["loads"] == {16: 1, 1: 1, 4: 1}      # shared-memory loads are not counted
     assert (got["widest_load"], got["widest_store"]) == (16, 8)
 
 
 def test_problems_name_each_failure():
-    v = cr.Variant("fwd", 80, 16, 128, 3, 1, 1, has_q=True, alive=True)
-    clean = cr.Result(v, block_m=128, num_warps=4, registers=200, spill_stores=0,
-                      spill_loads=0, stack=0, smem=1024, mma_sync=8)
+    v = variants.Variant("fwd", 80, 16, 128, 3, 1, 1, has_q=True, alive=True)
+    clean = compiler.Result(v, block_m=128, num_warps=4, registers=200, spill_stores=0,
+                            spill_loads=0, stack=0, smem=1024, mma_sync=8)
     assert clean.problems() == []
-    bad = cr.Result(v, block_m=128, num_warps=16, registers=200, spill_stores=8,
-                    spill_loads=8, stack=8, smem=cr.SMEM_LIMIT[80] + 1, wgmma=4)
+    bad = compiler.Result(v, block_m=128, num_warps=16, registers=200, spill_stores=8,
+                          spill_loads=8, stack=8, smem=compiler.SMEM_LIMIT[80] + 1, wgmma=4)
     text = "; ".join(bad.problems())
     for word in ("spills", "register file", "shared memory", "no mma.sync"):
         assert word in text
-    ieee = cr.Result(cr.Variant("fwd", 90, 16, 128, 3, 1, 0),
-                     block_m=128, num_warps=4, registers=100, spill_stores=0, spill_loads=0,
-                     stack=0, smem=0)
+    ieee = compiler.Result(variants.Variant("fwd", 90, 16, 128, 3, 1, 0),
+                           block_m=128, num_warps=4, registers=100, spill_stores=0, spill_loads=0,
+                           stack=0, smem=0)
     assert ieee.problems() == []     # exact fp32 has no tensor-core instruction by design
 
 
@@ -295,6 +295,26 @@ def test_executed_count_of_a_loop_nested_in_the_tile_loop():
            ["STG", False, None],
            ["BRA", True, 1],                # tile loop latch
            ["EXIT", False, None]]
-    assert cr.executed_per_program(ins, 3, 4) == 1 + 3 * (1 + 3 * 4 + 2) + 1
+    assert sass.executed_per_program(ins, 3, 4) == 1 + 3 * (1 + 3 * 4 + 2) + 1
     with pytest.raises(ValueError, match="loops"):
-        cr.executed_per_program(ins, 3)
+        sass.executed_per_program(ins, 3)
+
+
+def test_report_lists_the_subset_and_tables_its_results(capsys):
+    """The report's command line names the variants of a subset (no compile), and its tables
+    mark a failing variant and group equal compile errors."""
+    assert report.main(["--list", "--subset", "ci", "--arch", "80"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed == [v.label() for v in variants.ci_variants((80,))]
+    v = variants.Variant("fwd", 80, 16, 128, 3, 1, 1, has_q=True, alive=True)
+    ok = compiler.Result(v, block_m=128, num_warps=4, registers=200, spill_stores=0,
+                         spill_loads=0, stack=0, smem=1024, mma_sync=8)
+    spills = compiler.Result(v, block_m=128, num_warps=4, registers=255, spill_stores=24,
+                             spill_loads=24, stack=24, smem=1024, mma_sync=8)
+    broken = [compiler.Result(variants.Variant("bwd_gp", 80, c, 128, 3, 1, 1), status="error",
+                              error="bwd_gp: `x.to(1)`: bad cast") for c in (16, 32)]
+    table = report.format_table([ok, spills, *broken]).splitlines()
+    assert [line.split()[-1] for line in table] == ["check", "ok", "FAIL", "ERROR", "ERROR"]
+    problems = report.format_problems([ok, spills, *broken])
+    assert f"FAIL {v.label()}" in problems and "spills 24 B stored / 24 B loaded" in problems
+    assert "ERROR in 2 variant(s)" in problems and problems.count("bad cast") == 1

@@ -1,4 +1,6 @@
-"""Which Triton the kernels run with: the verified releases, and what happens outside them."""
+"""Which Triton the kernels run with: the verified releases, what happens outside them, and
+how `bench.toolchains` reads the executed-instruction count of each."""
+import pathlib
 import subprocess
 import sys
 import warnings
@@ -82,3 +84,36 @@ def test_the_package_imports_and_the_torch_backend_runs_without_triton():
                        timeout=120, env={"PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "(1, 16, 9, 9)"
+
+
+# ---------------------------------------------------------------- bench.toolchains's count
+FAKE_SASS_COUNT = """
+import json, sys
+args = sys.argv[1:]
+if "--fail" in open(__file__).read().split("#")[-1]:
+    print("sass_count: error: no kernels found", file=sys.stderr)
+    sys.exit(2)
+doc = {"summary": {"fwd_warp_instr_per_cell": 40.123, "train_warp_instr_per_cell": 150.449,
+                   "fwd_regs": 255, "fwd_spill_bytes": 0},
+       "kernels": [{"name": "_nca_step_fwd_kernel", "spill_stores": 0},
+                   {"name": "_nca_step_bwd_weights_kernel", "spill_stores": 116},
+                   {"name": "_nca_step_bwd_gp_kernel", "spill_stores": 24}]}
+with open(args[args.index("--json") + 1], "w") as f:
+    json.dump(doc, f)
+print("a table whose columns may move")
+#"""
+
+
+def test_run_count_reads_sass_counts_json(tmp_path):
+    import io
+
+    from bench import toolchains
+
+    script = tmp_path / "sass_count.py"
+    script.write_text(FAKE_SASS_COUNT)
+    fields = toolchains.run_count(pathlib.Path(sys.executable), script, io.StringIO())
+    assert fields == {"fwd_warp_instr_per_cell": "40.1", "train_warp_instr_per_cell": "150.4",
+                      "fwd_regs": "255", "fwd_spill_bytes": "0", "max_spill": "116"}
+    script.write_text(FAKE_SASS_COUNT + "--fail")
+    fields = toolchains.run_count(pathlib.Path(sys.executable), script, io.StringIO())
+    assert fields == {"error": "sass_count: error: no kernels found"}
