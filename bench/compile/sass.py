@@ -28,17 +28,19 @@ _LABEL = re.compile(r"^\s*(\.L_\w+):\s*$")
 _TARGET = re.compile(r"`\((\.L_\w+)\)")
 
 
-def nvdisasm(cubin: bytes) -> str:
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                        "nvdisasm")
+def _disassemble(tool: str, flag: str, cubin: bytes) -> str:
+    """The text of ``tool flag CUBIN``, ``tool`` one of the CUDA binaries triton ships."""
+    exe = tool_path(tool)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        return subprocess.run([tool, "-c", path], capture_output=True, text=True,
+        return subprocess.run([exe, flag, path], capture_output=True, text=True,
                               check=True).stdout
+
+
+def nvdisasm(cubin: bytes) -> str:
+    return _disassemble("nvdisasm", "-c", cubin)
 
 
 def parse_cfg(text: str):
@@ -221,23 +223,19 @@ def parse_sass(sass: str) -> Dict[str, int]:
 
 
 def cuobjdump_sass(cubin: bytes) -> str:
+    return _disassemble("cuobjdump", "-sass", cubin)
+
+
+
+def tool_path(tool: str) -> str:
+    """One of the CUDA binaries triton ships (ptxas, nvdisasm, cuobjdump)."""
     import triton
 
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                        "cuobjdump")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        return subprocess.run([tool, "-sass", path], capture_output=True, text=True,
-                              check=True).stdout
-
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
 def ptxas_path() -> str:
-    import triton
-
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return tool_path("ptxas")
 
 
 def run_ptxas(ptx: str, arch: int) -> str:
