@@ -20,8 +20,7 @@ from PIL import Image, ImageDraw
 import nca_fast
 from nca_fast import stability
 from nca_fast.files import atomic_write
-from nca_fast.media import load_target, to_rgb
-from nca_fast.model import ASSETS
+from nca_fast.media import ASSETS, load_target, to_rgb
 
 SIDE = 224
 LABEL = 34

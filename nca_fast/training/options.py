@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Union
 
@@ -14,9 +13,9 @@ import torch
 from ..backends import BACKENDS, resolve as resolve_backend
 from ..backends.interface import resolve_checkpoint
 from ..config import ARTICLE_GRID, FILTER_BANKS, PADDINGS, PRECISIONS, NCAConfig, from_fields
+from ..media import ASSETS
 from ..resources import DEVICE as ON_DEVICE, HOST, Term, format_bytes, format_seconds, rollout_bytes
 
-ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_TARGET = ASSETS / "default_target.png"
 
 EXPERIMENTS = ("grow", "persist", "regenerate")
