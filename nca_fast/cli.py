@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Grow a saved (.safetensors) or Distill (.json) model from the "
                                    "one-cell seed; write the growth video (GIF, or MP4 by "
                                    "extension) and the final frame as a PNG with the same stem.")
-    from . import stability
     from .model import shipped_models
+    from .training import stability
 
     shipped = ", ".join(sorted(shipped_models()))
     g.add_argument("--model", metavar="PATH|NAME",
@@ -188,13 +188,13 @@ def grow(args: argparse.Namespace) -> int:
     """The ``grow`` command: seed -> ``args.steps`` steps -> video + final PNG."""
     import torch
 
-    from . import damage, stability
     from .backends.interface import triton_usable
     from .devices import resolve_device
     from .files import writable_folder
     from .media import mp4_missing, write_png, write_video
     from .model import load_any
     from .resources import MemoryLimitError, check
+    from .training import damage, stability
 
     out = pathlib.Path(args.out)
     if out.suffix.lower() not in (".gif", ".mp4"):
@@ -286,7 +286,7 @@ def _score_steps(steps: int, longest):
     """Steps of ``grow``'s score -> their multiple of the base horizon: 1x, 2x, 5x, 10x the
     model's longest training rollout that fit in ``steps`` (and ``steps`` itself), or of
     steps / 10 for a model without a training record."""
-    from .stability import MULTIPLES
+    from .training.stability import MULTIPLES
 
     if steps < 1:
         return {}, 0
@@ -303,7 +303,7 @@ def _score_target(args, facts: dict, model_path: pathlib.Path):
     import torch.nn.functional as F
 
     from .media import load_target
-    from .stability import resolve_target
+    from .training.stability import resolve_target
 
     if args.target is not None:
         image = pathlib.Path(args.target)

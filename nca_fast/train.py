@@ -281,7 +281,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
               f"{t.cpu_time:.0f} s), final loss {result.losses[-1]:.6f}; outputs in "
               f"{result.run_dir}")
         if t.last_stability:
-            from .stability import format_rows
+            from .training.stability import format_rows
             print(f"long-horizon score (grown from the seed; stability.csv):\n"
                   f"{format_rows(t.last_stability)}")
         for line in t.summary():

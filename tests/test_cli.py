@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nca_fast import cli, damage
+from nca_fast import cli
+from nca_fast.training import damage
 
 
 def _grow(tmp_path, model, *extra, name="x.gif"):

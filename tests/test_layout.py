@@ -1,6 +1,6 @@
-"""The package's shape (issue 13): imports flow one way, every module imports alone, the two
-backends share one signature, both custom ops one schema, and the maths the code cites is in
-this repository.
+"""The package's shape: imports flow one way, every module imports alone, the two backends
+share one signature, both custom ops one schema, and the maths the code cites is in this
+repository.
 """
 import ast
 import inspect
@@ -92,6 +92,26 @@ def test_the_import_graph_has_no_cycle():
     for m in graph:
         if m not in state:
             visit(m)
+
+
+# The layers above the model: training and the commands built on it. Nothing below imports them.
+TOP = ("nca_fast.training", "nca_fast.train", "nca_fast.cli", "nca_fast.export",
+       "nca_fast.selftest", "nca_fast.__main__")
+
+
+def _is_top(module):
+    return any(module == t or module.startswith(t + ".") for t in TOP)
+
+
+def test_nothing_below_training_and_the_commands_imports_them():
+    """The model, backends, kernels and file formats import no training module and no command,
+    not even inside a function."""
+    graph = _graph()
+    assert "nca_fast.training.run_folder" in graph["nca_fast.training.stability"]
+    for name, targets in graph.items():
+        if name.startswith("nca_fast") and not _is_top(name):
+            up = [t for t in targets if _is_top(t)]
+            assert not up, f"{name} imports {up}, a layer above it"
 
 
 def test_no_private_name_is_imported_from_another_module():

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 import nca_fast
-from nca_fast import damage, train as T
+from nca_fast import train as T
 from nca_fast.formats import read_metadata
 from nca_fast.media import load_target
 from nca_fast.train import cli_main, train
-from nca_fast.training import run_folder
+from nca_fast.training import damage, run_folder
 from nca_fast.training.options import PRESETS, TrainOptions
 from nca_fast.training.trainer import Trainer, per_sample_loss
 

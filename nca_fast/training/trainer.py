@@ -54,13 +54,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import damage, stability
 from ..backends.interface import triton_usable
 from ..devices import resolve_device
 from ..files import atomic_write
 from ..media import load_target, write_png, write_video
 from ..model import NCA, load_any
 from ..resources import check as check_memory
+from . import damage, stability
 from .distributed import Dist
 from .options import DEFAULT_TARGET, RESUMABLE, TrainOptions, late_length, train_memory
 from .options import mean_rollout as options_mean_rollout
