@@ -186,7 +186,7 @@ def test_grow_and_export_list_the_shipped_models(capsys):
 
 
 def test_output_folder_that_cannot_be_created(tmp_path, capsys):
-    """Issue 12.6: the folder was created after the rollout, with a traceback on failure."""
+    """The output folder is made before the rollout; failing to make it is one line."""
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     out = blocker / "sub" / "g.gif"

@@ -226,7 +226,7 @@ def test_auto_backend_on_cpu_is_torch():
 
 def test_filter_bank_keeps_its_taps_when_the_model_changes_dtype():
     """Taps are rebuilt from the config on .to(dtype): a float32 buffer cast to float64 would
-    carry 0.3 as 0.30000001192..., and the triton backend read the bank from that buffer."""
+    carry 0.3 as 0.30000001192..., and the triton backend reads the bank from that buffer."""
     from nca_fast.config import filter_tensor
 
     bank = (((0.0, 0.3, 0.0), (0.1, 1.0, 0.0), (0.0, 0.0, 0.7)),) * 3
@@ -238,7 +238,7 @@ def test_filter_bank_keeps_its_taps_when_the_model_changes_dtype():
 
 def test_torch_backend_under_torch_compile_is_one_graph_break():
     """README: the torch backend runs eagerly in a compiled model, one graph break per rollout
-    (Dynamo broke the graph 35 times inside it before it was excluded from tracing)."""
+    (its worker threads and data-dependent gathers are excluded from tracing)."""
     model = _model(seed=3)
     x = _state(model, b=1, h=6, w=7)
     explained = torch._dynamo.explain(lambda x: model(x * 1.0, 3, seed=2) * 2.0)(x)
