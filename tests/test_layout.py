@@ -169,6 +169,33 @@ def test_the_backends_have_one_signature():
         backends.get("auto")
 
 
+def test_auto_looks_for_triton_once_per_process(monkeypatch):
+    """``resolve("auto")`` runs on every forward on CUDA: the installed triton is read once."""
+    import builtins
+    import warnings
+
+    from nca_fast.backends import interface
+
+    imports = []
+    real_import = builtins.__import__
+
+    def counting(name, *args, **kwargs):
+        if name == "triton":
+            imports.append(name)
+        return real_import(name, *args, **kwargs)
+
+    interface.triton_version.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", counting)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # an unverified or missing triton warns
+            answers = {backends.resolve("auto", torch.device("cuda")) for _ in range(5)}
+    finally:
+        monkeypatch.undo()
+        interface.triton_version.cache_clear()
+    assert len(answers) == 1 and len(imports) == 1
+
+
 def test_forward_hands_the_backend_tensors_and_the_config(monkeypatch):
     seen = {}
 
