@@ -19,8 +19,9 @@ from .run_folder import (CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointError, che
 
 class Checkpoints:
     """The checkpoint methods of ``Trainer`` (a mixin): they read and restore its ``opts``,
-    ``dist``, ``run_dir``, ``model``, ``optimizer``, ``generator``, ``pool``, ``step``,
-    ``losses``, timings, guard counters and ``best``."""
+    ``dist``, ``shards``, ``part``, ``run_dir``, ``model``, ``optimizer``, ``generator``,
+    ``pool``, ``step``, ``losses``, timings, guard counters, ``best`` and ``dead_in_a_row``,
+    and call its ``sanitize_pool`` before saving."""
 
     def _info(self) -> dict:
         return {"format": CHECKPOINT_FORMAT, "step": self.step, "world_size": self.dist.world,
