@@ -5,9 +5,9 @@
 
 Every row grows MODEL (a .safetensors from ``nca-fast train``) from one live cell on the
 (SIZE + 2 PAD)-cell grid of the shipped target fitted in SIZE cells (update-mask seed 7, the
-torch backend, ``nca_fast.stability``'s seed and multiples) and draws the RGB of the state at
-each multiple of LONGEST steps, with the MSE to the target and the live cells against the
-target's below it, and LABEL and whether the pattern holds to the left.
+torch backend, ``nca_fast.training.stability``'s seed and multiples) and draws the RGB of the
+state at each multiple of LONGEST steps, with the MSE to the target and the live cells against
+the target's below it, and LABEL and whether the pattern holds to the left.
 """
 from __future__ import annotations
 
@@ -18,10 +18,9 @@ import torch
 from PIL import Image, ImageDraw
 
 import nca_fast
-from nca_fast import stability
 from nca_fast.files import atomic_write
-from nca_fast.media import load_target, to_rgb
-from nca_fast.model import ASSETS
+from nca_fast.media import ASSETS, load_target, to_rgb
+from nca_fast.training import stability
 
 SIDE = 224
 LABEL = 34

@@ -20,10 +20,10 @@ import torch
 from PIL import Image, ImageDraw
 
 import nca_fast
-from nca_fast import stability
 from nca_fast.files import atomic_write
 from nca_fast.media import load_target, to_rgb
 from nca_fast.model import shipped_models
+from nca_fast.training import stability
 
 
 def psnr(mse: float) -> float:

@@ -12,24 +12,14 @@ import sys
 from typing import List, Optional
 
 from .config import ARTICLE_GRID
+from .media import ASSETS
+from .usage import USAGE_ERROR, Parser, UsageError
 
 PROG = "nca-fast"
-DEFAULT_MODEL = pathlib.Path(__file__).resolve().parent / "assets" / "default_model.safetensors"
+DEFAULT_MODEL = ASSETS / "default_model.safetensors"
 # The shipped model grows its 24-cell flower (trained on a 32-cell grid): 40 cells frame it
 # (assets/default_model.json, grow_hint). Other models get the article's grid.
 DEFAULT_GROW_SIZE = 40
-USAGE_ERROR = 2
-
-
-class UsageError(Exception):
-    """A mistake of the user's: reported in one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors (usage line + message, exit) turned into one UsageError line."""
-
-    def error(self, message):
-        raise UsageError(message)
 
 
 def _int_parser(minimum: int, expected: str, maximum: Optional[int] = None):
@@ -61,7 +51,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog=PROG, description="Growing Neural Cellular Automata: fused Triton kernels and a "
                                "PyTorch reference.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -71,13 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Grow a saved (.safetensors) or Distill (.json) model from the "
                                    "one-cell seed; write the growth video (GIF, or MP4 by "
                                    "extension) and the final frame as a PNG with the same stem.")
-    from . import stability
     from .model import shipped_models
+    from .training import stability
 
+    shipped = ", ".join(sorted(shipped_models()))
     g.add_argument("--model", metavar="PATH|NAME",
                    help="model file: saved by nca_fast (.safetensors) or a Distill export "
-                        "(ex*_NAME.json), or the name of a model shipped with the package ("
-                        + ", ".join(sorted(shipped_models())) + "); default: flower")
+                        f"(ex*_NAME.json), or the name of a model shipped with the package "
+                        f"({shipped}); default: flower")
     g.add_argument("--size", type=_positive_int, default=None,
                    help="grid side in cells (default: the grid the model was trained on when "
                         f"its file says; {DEFAULT_GROW_SIZE} for the default model; else 72, "
@@ -112,8 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the pointer erases it. No network access, no external files.")
     e.add_argument("model", metavar="MODEL",
                    help="model file (.safetensors saved by nca_fast, or a Distill ex*_NAME.json) "
-                        "or the name of a shipped model (" + ", ".join(sorted(shipped_models()))
-                        + ")")
+                        f"or the name of a shipped model ({shipped})")
     e.add_argument("--html", required=True, metavar="OUT.html", help="the page to write")
     e.add_argument("--size", type=_int_parser(3, "an integer in [3, 8192]", 8192), default=None,
                    help="grid side in cells (default: as grow; the page's #size=N overrides it)")
@@ -198,13 +188,13 @@ def grow(args: argparse.Namespace) -> int:
     """The ``grow`` command: seed -> ``args.steps`` steps -> video + final PNG."""
     import torch
 
-    from . import damage, stability
     from .backends.interface import triton_usable
     from .devices import resolve_device
     from .files import writable_folder
     from .media import mp4_missing, write_png, write_video
     from .model import load_any
     from .resources import MemoryLimitError, check
+    from .training import damage, stability
 
     out = pathlib.Path(args.out)
     if out.suffix.lower() not in (".gif", ".mp4"):
@@ -296,7 +286,7 @@ def _score_steps(steps: int, longest):
     """Steps of ``grow``'s score -> their multiple of the base horizon: 1x, 2x, 5x, 10x the
     model's longest training rollout that fit in ``steps`` (and ``steps`` itself), or of
     steps / 10 for a model without a training record."""
-    from .stability import MULTIPLES
+    from .training.stability import MULTIPLES
 
     if steps < 1:
         return {}, 0
@@ -313,7 +303,7 @@ def _score_target(args, facts: dict, model_path: pathlib.Path):
     import torch.nn.functional as F
 
     from .media import load_target
-    from .stability import resolve_target
+    from .training.stability import resolve_target
 
     if args.target is not None:
         image = pathlib.Path(args.target)

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .params import bands as w1_bands
 from .reference import alive as alive_mask
+from .resources import check_fits
 from .rng import fire_threshold
 
 
@@ -313,48 +314,3 @@ def rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: 
                     circular, precision, -1 if bank is None else int(bank))
     out, _, _, _, _ = torch.ops.nca_fast.rollout(x, w1, b1, w2, b2, filters, *static)
     return out
-
-
-def rollout_bytes(shape, steps: int, segment: int, num_filters: int, alive: bool,
-                  element_size: int = 4, grad: bool = True) -> int:
-    """Device bytes a rollout of a B x C x H x W state allocates at its peak: the states kept
-    for backward (with their cell words, or hq planes at segment boundaries), two working
-    states and hq planes, the output and mask bytes, and, with ``grad``, the backward's
-    scratch: two perception-gradient buffers (F*C per cell), two incoming gradients, the
-    outgoing one and a recomputed segment."""
-    b, c, h, w = shape
-    cells = b * h * w
-    state = cells * c * element_size
-    plane = b * (h + 4) * (w + 4) if alive else 0
-    saved = (steps - 1) // segment
-    words = 2 * cells * steps if segment == 1 else 0
-    recompute = min(segment, steps) * (state + 2 * cells) if segment > 1 else 0
-    forward = saved * (state + (plane if segment > 1 else 0)) + words + 3 * (state + plane)
-    if not grad:
-        return forward
-    backward = 2 * cells * num_filters * c * element_size + 3 * state + recompute
-    return forward + backward
-
-
-def _free_bytes(device: torch.device) -> Optional[int]:
-    if device.type != "cuda":
-        return None                 # host memory: the allocator reports its own errors
-    free, _total = torch.cuda.mem_get_info(device)
-    return free
-
-
-def check_fits(x: Tensor, steps: int, segment: int, num_filters: int, alive: bool,
-               grad: bool = True) -> None:
-    """Fail before launching anything when the rollout cannot fit the device's free memory
-    (its backward's too when ``grad``: a gradient will be asked for)."""
-    free = _free_bytes(x.device)
-    if free is None:
-        return
-    need = rollout_bytes(tuple(x.shape), steps, segment, num_filters, alive, x.element_size(),
-                         grad)
-    if need > free:
-        gib = 2.0 ** 30
-        raise torch.cuda.OutOfMemoryError(
-            f"x: a rollout of {steps} steps on a {'x'.join(map(str, x.shape))} state needs about "
-            f"{need / gib:.1f} GiB on {x.device}, but {free / gib:.1f} GiB are free; use "
-            f"checkpoint='sqrt' (or a longer segment), fewer steps or a smaller grid")

@@ -1,7 +1,6 @@
 """The drop-in layer: ``NCA``, an nn.Module whose forward is a differentiable rollout."""
 from __future__ import annotations
 
-import pathlib
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -10,6 +9,7 @@ from torch import nn
 from . import backends, formats, reference
 from .backends import BACKENDS
 from .config import NCAConfig, filter_tensor
+from .media import ASSETS
 from .params import Params
 from .rng import random_seed
 
@@ -145,9 +145,6 @@ def load_any(path, *, backend: str = "auto") -> NCA:
     """``load`` or ``load_distill``, by extension (``.safetensors`` / ``.json``), else by
     content."""
     return _from_file(formats.read_any, path, backend)
-
-
-ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
 
 
 def shipped_models() -> dict:

@@ -1,15 +1,18 @@
 """Memory estimated before allocating: refuse what cannot fit, with the flags that ask for it.
 
 ``grow`` and ``train`` take sizes from flags (grid, scale, hidden units, pool size, batch) and
-from files; a size that cannot fit used to end in the allocator's traceback or in the kernel's
-OOM killer, after minutes. Each command lists what it will hold (``Term``: the flags that set
-it, what it is, its bytes and where it lives) and ``check`` compares the sums with the memory of
-the machine (host) and, on CUDA, the device's free memory.
+from files; a size that cannot fit would otherwise end in the allocator's traceback or in the
+kernel's OOM killer, after minutes. Each command lists what it will hold (``Term``: the flags
+that set it, what it is, its bytes and where it lives) and ``check`` compares the sums with the
+memory of the machine (host) and, on CUDA, the device's free memory.
 
 The estimates count the large buffers (states, saved activations, the pool, rendered frames)
 that a run surely allocates, not every temporary, and nothing whose size depends on how many
 cells are alive: they are lower bounds of the peak, so a run they refuse cannot fit, while a
 run they accept may still be too large.
+
+The fused kernels' custom op (``nca_fast.functional.rollout``) checks each rollout itself
+before launching: ``check_fits`` with ``triton_rollout_bytes``, its exact peak.
 """
 from __future__ import annotations
 
@@ -102,24 +105,64 @@ def check(terms: Iterable[Term], device: torch.device, action: str) -> None:
             f"{format_bytes(worst.nbytes)})")
 
 
+def triton_rollout_bytes(shape, steps: int, segment: int, num_filters: int, alive: bool,
+                         element_size: int = 4, grad: bool = True) -> int:
+    """Device bytes a rollout of the fused kernels' op on a B x C x H x W state allocates at its
+    peak: the states kept for backward (with their cell words, or hq planes at segment
+    boundaries), two working states and hq planes, the output and mask bytes, and, with
+    ``grad``, the backward's scratch: two perception-gradient buffers (F*C per cell), two
+    incoming gradients, the outgoing one and a recomputed segment. ``segment``: steps per
+    checkpoint segment (1: every step's input kept)."""
+    b, c, h, w = shape
+    cells = b * h * w
+    state = cells * c * element_size
+    plane = b * (h + 4) * (w + 4) if alive else 0
+    saved = (steps - 1) // segment
+    words = 2 * cells * steps if segment == 1 else 0
+    recompute = min(segment, steps) * (state + 2 * cells) if segment > 1 else 0
+    forward = saved * (state + (plane if segment > 1 else 0)) + words + 3 * (state + plane)
+    if not grad:
+        return forward
+    backward = 2 * cells * num_filters * c * element_size + 3 * state + recompute
+    return forward + backward
+
+
+def check_fits(x: torch.Tensor, steps: int, segment: int, num_filters: int, alive: bool,
+               grad: bool = True) -> None:
+    """Fail before the fused kernels launch anything when their rollout cannot fit the CUDA
+    device's free memory (its backward's too when ``grad``: a gradient will be asked for).
+    Raises ``torch.cuda.OutOfMemoryError``; does nothing off CUDA (the host allocator reports
+    its own errors)."""
+    free = device_memory_bytes(x.device)
+    if free is None:
+        return
+    need = triton_rollout_bytes(tuple(x.shape), steps, segment, num_filters, alive,
+                                x.element_size(), grad)
+    if need > free:
+        gib = 2.0 ** 30
+        raise torch.cuda.OutOfMemoryError(
+            f"x: a rollout of {steps} steps on a {'x'.join(map(str, x.shape))} state needs about "
+            f"{need / gib:.1f} GiB on {x.device}, but {free / gib:.1f} GiB are free; use "
+            f"checkpoint='sqrt' (or a longer segment), fewer steps or a smaller grid")
+
+
 def rollout_bytes(backend: str, cells: int, channels: int, hidden: int, num_filters: int,
                   steps: int, segment: Optional[int], alive: bool, grad: bool,
                   element_size: int = 4) -> int:
     """The large buffers of one rollout of ``steps`` over ``cells`` cells (all images).
 
-    triton: ``nca_fast.functional.rollout_bytes``, what the custom op keeps for its backward
-    and the backward's scratch. torch: only what it surely allocates, the padded state and a
-    band buffer, the update masks of every step (one byte per cell-step) and the states at
-    segment starts; the records of the cells that update (bands and hidden activations) depend
-    on how many cells are alive and are not counted.
+    triton: ``triton_rollout_bytes``, what the custom op keeps for its backward and the
+    backward's scratch. torch: only what it surely allocates, the padded state and a band
+    buffer, the update masks of every step (one byte per cell-step) and the states at segment
+    starts; the records of the cells that update (bands and hidden activations) depend on how
+    many cells are alive and are not counted.
     """
     if steps <= 0:
         return cells * channels * element_size
     if backend == "triton":
-        from .functional import rollout_bytes as triton_bytes
         seg = steps if not grad else (segment or 1)
-        return triton_bytes((1, channels, cells, 1), steps, seg, num_filters, alive,
-                            element_size, grad)
+        return triton_rollout_bytes((1, channels, cells, 1), steps, seg, num_filters, alive,
+                                    element_size, grad)
     state = cells * channels * element_size
     total = 2 * state + (cells * steps if grad else 0)
     if grad and segment is not None:
@@ -128,4 +171,5 @@ def rollout_bytes(backend: str, cells: int, channels: int, hidden: int, num_filt
 
 
 __all__ = ["Term", "MemoryLimitError", "check", "host_memory_bytes", "device_memory_bytes",
-           "rollout_bytes", "format_bytes", "HOST", "DEVICE"]
+           "rollout_bytes", "triton_rollout_bytes", "check_fits", "format_bytes",
+           "format_seconds", "HOST", "DEVICE"]

@@ -27,6 +27,7 @@ from .training.options import DEVICES, EXPERIMENTS, PRESETS, RESUMABLE, TrainOpt
 from .training.run_folder import (CheckpointError, RunFolderBusy, RunFolderLock, append_text,
                                   default_out, read_run_options, write_config)
 from .training.trainer import GracefulStop, Trainer, TrainingInterrupted, TrainResult
+from .usage import USAGE_ERROR, Parser, UsageError
 
 
 def train(options: TrainOptions, *, run_dir=None, resume: bool = False, progress: bool = False,
@@ -48,15 +49,6 @@ def train(options: TrainOptions, *, run_dir=None, resume: bool = False, progress
 
 
 # =========================================================================== command line
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _UsageError(message)
-
-
 def _checkpoint_arg(text: str):
     if text in ("none", "None"):
         return None
@@ -72,7 +64,7 @@ def _checkpoint_arg(text: str):
 
 
 def build_parser(prog: str = "nca-fast train") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, argument_default=argparse.SUPPRESS,
+    p = Parser(prog=prog, argument_default=argparse.SUPPRESS,
                 description="Train a Growing-NCA on a target image (the Distill article's "
                             "recipe). Outputs go to one run folder: model.safetensors, "
                             "checkpoint.safetensors, config.json, command.txt, loss.png, "
@@ -226,9 +218,9 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
         ns = parser.parse_args(argv)
-    except _UsageError as e:
+    except UsageError as e:
         print(f"nca-fast train: error: {e}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR
     except SystemExit as e:            # --help
         return int(e.code or 0)
     resume = getattr(ns, "resume", None)
@@ -259,7 +251,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
                 print(line, flush=True)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"nca-fast train: error: {_as_flag(str(e))}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR
     except KeyboardInterrupt:
         print("\nnca-fast train: interrupted before training started; nothing was saved",
               file=sys.stderr)
@@ -289,7 +281,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
               f"{t.cpu_time:.0f} s), final loss {result.losses[-1]:.6f}; outputs in "
               f"{result.run_dir}")
         if t.last_stability:
-            from .stability import format_rows
+            from .training.stability import format_rows
             print(f"long-horizon score (grown from the seed; stability.csv):\n"
                   f"{format_rows(t.last_stability)}")
         for line in t.summary():

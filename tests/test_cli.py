@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nca_fast import cli, damage
+from nca_fast import cli
+from nca_fast.training import damage
 
 
 def _grow(tmp_path, model, *extra, name="x.gif"):
@@ -151,7 +152,6 @@ def test_default_model_grows(tmp_path):
     (["grow", "--size", "0"], "--size"), (["grow", "--steps", "-1"], "--steps"),
     (["grow", "--backend", "cuda"], "--backend"), (["frobnicate"], "frobnicate"),
     ([], "COMMAND"),
-    # issue 12.6: these ended in tracebacks
     (["grow", "--seed", "99999999999999999999999"], "--seed"),
     (["grow", "--device", "meta"], "--device meta"),
     (["grow", "--device", "cuda:99"], "--device cuda:99"),
@@ -163,8 +163,30 @@ def test_bad_arguments(args, needle, capsys, tmp_path):
     assert not (tmp_path / "g.gif").exists()
 
 
+def test_both_command_lines_share_one_usage_error(capsys):
+    from nca_fast import train, usage
+
+    for parser, argv in ((cli.build_parser(), ["grow", "--no-such-flag"]),
+                         (train.build_parser(), ["--no-such-flag"])):
+        assert isinstance(parser, usage.Parser)
+        with pytest.raises(usage.UsageError, match="--no-such-flag"):
+            parser.parse_args(argv)
+    assert train.cli_main(["--no-such-flag"]) == cli.USAGE_ERROR == usage.USAGE_ERROR
+    assert "--no-such-flag" in _error_line(capsys)
+
+
+def test_grow_and_export_list_the_shipped_models(capsys):
+    from nca_fast.model import shipped_models
+
+    names = ", ".join(sorted(shipped_models()))
+    for command in ("grow", "export"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args([command, "--help"])
+        assert f"({names})" in " ".join(capsys.readouterr().out.split())
+
+
 def test_output_folder_that_cannot_be_created(tmp_path, capsys):
-    """Issue 12.6: the folder was created after the rollout, with a traceback on failure."""
+    """The output folder is made before the rollout; failing to make it is one line."""
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     out = blocker / "sub" / "g.gif"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nca_fast import NCA, NCAConfig, reference
-from nca_fast.backends.torch_backend import _perception_plan, rollout, update_masks
+from nca_fast.backends.torch_backend import perception_plan, rollout, update_masks
 from nca_fast.config import filter_tensor
 from nca_fast.params import Params
 from nca_fast.rng import philox, update_mask
@@ -116,7 +116,7 @@ def test_wrapping_int64_product_is_philox_mulhilo():
 def test_perception_plan_rebuilds_filters(bank):
     """scale * sum(coef * row pattern shifted by dy) must give back every 3x3 filter."""
     cfg = NCAConfig(filters=bank)
-    patterns, bands = _perception_plan(cfg.filters)
+    patterns, bands = perception_plan(cfg.filters)
     for f, band in zip(cfg.filters, bands):
         rebuilt = [[0.0] * 3 for _ in range(3)]
         for t in band.terms:

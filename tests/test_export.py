@@ -16,6 +16,8 @@ from nca_fast.export.headless import (BrowserError, find_chromium, page_url, run
                                       run_urls, screenshot)
 from nca_fast.model import load_any, shipped_models
 
+from cases import random_model
+
 DISTILL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "distill"
 
 ARTICLE = sorted(DISTILL.glob("ex*.json")) if DISTILL.is_dir() else []
@@ -28,13 +30,8 @@ needs_article = pytest.mark.skipif(
 
 
 def _random_model(seed=0, **config):
-    torch.manual_seed(seed)
-    model = NCA(NCAConfig(**config), backend="torch")
-    with torch.no_grad():
-        model.w2.weight.normal_(0, 0.05)
-        model.w2.bias.normal_(0, 0.05)
-        model.w1.weight.mul_(0.5)
-    return model
+    """A model whose page differs visibly from the identity's in a few steps."""
+    return random_model(seed, w2_bias_std=0.05, w1_scale=0.5, **config)
 
 
 def _engine(model, size, steps, seed):

@@ -348,9 +348,9 @@ def test_load_target_from_file_and_errors(tmp_path):
         media.load_target(p, size=0)
 
 
-# ----------------------------------------------------------------------------- issue 12.9
+# ----------------------------------------------------------------------------- image modes
 def test_16_bit_grayscale_png_is_read_by_its_range(tmp_path):
-    """40000 of 65535 is 61% gray; convert("RGBA") clipped it to white."""
+    """40000 of 65535 is 61% gray; Pillow's convert("RGBA") alone would clip it to white."""
     p = tmp_path / "g16.png"
     Image.fromarray(np.full((10, 10), 40000, np.uint16)).save(p)
     assert Image.open(p).mode.startswith("I")

@@ -1,6 +1,6 @@
-"""The package's shape (issue 13): imports flow one way, every module imports alone, the two
-backends share one signature, both custom ops one schema, and the maths the code cites is in
-this repository.
+"""The package's shape: imports flow one way, every module imports alone, the two backends
+share one signature, both custom ops one schema, and the maths the code cites is in this
+repository.
 """
 import ast
 import inspect
@@ -94,6 +94,26 @@ def test_the_import_graph_has_no_cycle():
             visit(m)
 
 
+# The layers above the model: training and the commands built on it. Nothing below imports them.
+TOP = ("nca_fast.training", "nca_fast.train", "nca_fast.cli", "nca_fast.export",
+       "nca_fast.selftest", "nca_fast.__main__")
+
+
+def _is_top(module):
+    return any(module == t or module.startswith(t + ".") for t in TOP)
+
+
+def test_nothing_below_training_and_the_commands_imports_them():
+    """The model, backends, kernels and file formats import no training module and no command,
+    not even inside a function."""
+    graph = _graph()
+    assert "nca_fast.training.run_folder" in graph["nca_fast.training.stability"]
+    for name, targets in graph.items():
+        if name.startswith("nca_fast") and not _is_top(name):
+            up = [t for t in targets if _is_top(t)]
+            assert not up, f"{name} imports {up}, a layer above it"
+
+
 def test_no_private_name_is_imported_from_another_module():
     """(The kernels' ``@triton.jit`` helpers are shared inside their own package.)"""
     for name, path in MODULES.items():
@@ -147,6 +167,33 @@ def test_the_backends_have_one_signature():
     assert backends.get("torch") is torch_backend and backends.get("triton") is triton_backend
     with pytest.raises(ValueError, match="backend"):
         backends.get("auto")
+
+
+def test_auto_looks_for_triton_once_per_process(monkeypatch):
+    """``resolve("auto")`` runs on every forward on CUDA: the installed triton is read once."""
+    import builtins
+    import warnings
+
+    from nca_fast.backends import interface
+
+    imports = []
+    real_import = builtins.__import__
+
+    def counting(name, *args, **kwargs):
+        if name == "triton":
+            imports.append(name)
+        return real_import(name, *args, **kwargs)
+
+    interface.triton_version.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", counting)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # an unverified or missing triton warns
+            answers = {backends.resolve("auto", torch.device("cuda")) for _ in range(5)}
+    finally:
+        monkeypatch.undo()
+        interface.triton_version.cache_clear()
+    assert len(answers) == 1 and len(imports) == 1
 
 
 def test_forward_hands_the_backend_tensors_and_the_config(monkeypatch):

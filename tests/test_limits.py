@@ -46,7 +46,7 @@ def no_model_built(monkeypatch):
 # ----------------------------------------------------------------------------- model files
 def test_config_asking_for_millions_of_channels_is_refused_before_allocating(
         tmp_path, no_model_built):
-    """Issue 12.5: 17 KB whose config said channels=4_000_000 allocated 4.2 GB first."""
+    """A 17 KB file whose config says channels=4_000_000 would allocate 4.2 GB at once."""
     path = _model_file(tmp_path / "bomb.safetensors",
                        {**NCAConfig(hidden=8).to_dict(), "channels": 4_000_000})
     assert path.stat().st_size < 20_000
@@ -106,7 +106,7 @@ def test_deeply_nested_run_config_is_a_clear_error(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- grow's flags
 def test_grow_scale_beyond_memory_is_refused(tmp_path, capsys, monkeypatch):
-    """Issue 12.5: --scale 1000 was killed by the OOM killer (97 frames of 40000^2 pixels)."""
+    """--scale 1000 would hold 97 frames of 40000^2 pixels: past the OOM killer's line."""
     monkeypatch.setattr(resources, "host_memory_bytes", lambda: 16 * GIB)
     out = tmp_path / "g.gif"
     assert cli.main(["grow", "--scale", "1000", "--out", str(out)]) == 2
@@ -137,7 +137,7 @@ def test_grow_within_memory_runs(tmp_path, monkeypatch):
     (["--rollout", "2", "1000000000"], "--rollout 2 1000000000"),
 ])
 def test_train_sizes_beyond_memory_are_refused(tmp_path, capsys, flags, needle):
-    """Issue 12.5: these ended in allocator tracebacks."""
+    """Sizes beyond the machine are one line naming the flags, not an allocator's traceback."""
     run = tmp_path / "run"
     assert cli_main([*flags, "--device", "cpu", "--out", str(run)]) == 2
     line = _one_line(capsys)

@@ -91,23 +91,23 @@ def test_checkpointed_gradients_are_bitwise_equal():
 
 
 def test_grid_too_large_fails_before_launching(monkeypatch):
-    from nca_fast import functional
+    from nca_fast import functional, resources
 
     model = NCA(NCAConfig(hidden=32, precision="ieee"), backend="triton").to(DEVICE)
     x = model.seed_state(1, 64, 64).requires_grad_()
     launched = []
     monkeypatch.setattr(functional._Steps, "fwd", lambda *a, **k: launched.append(1))
-    monkeypatch.setattr(functional, "_free_bytes", lambda device: 10 * 2**20)   # 10 MiB free
+    monkeypatch.setattr(resources, "device_memory_bytes", lambda device: 10 * 2**20)  # 10 MiB
     with pytest.raises(torch.cuda.OutOfMemoryError, match="checkpoint='sqrt'"):
         model(x, 100, seed=0)
     assert not launched
     # the estimate is what the design keeps: 99 saved states of 64 B + 2 B per cell, and more
-    need = functional.rollout_bytes((1, 16, 64, 64), 100, 1, 3, True)
+    need = resources.triton_rollout_bytes((1, 16, 64, 64), 100, 1, 3, True)
     assert need >= 99 * 66 * 64 * 64
-    sqrt = functional.rollout_bytes((1, 16, 64, 64), 100, 10, 3, True)
+    sqrt = resources.triton_rollout_bytes((1, 16, 64, 64), 100, 10, 3, True)
     assert sqrt < need / 3
-    # issue 4's target: 1024 x 1024, 1,000 steps, checkpoint="sqrt" (segment 32) under 40 GB
-    assert functional.rollout_bytes((1, 16, 1024, 1024), 1000, 32, 3, True) < 40e9
+    # the design's target: 1024 x 1024, 1,000 steps, checkpoint="sqrt" (segment 32) under 40 GB
+    assert resources.triton_rollout_bytes((1, 16, 1024, 1024), 1000, 32, 3, True) < 40e9
 
 
 def test_no_grad_rollout_keeps_no_states():
@@ -122,29 +122,29 @@ def test_no_grad_rollout_keeps_no_states():
 def test_a_forward_without_gradients_is_charged_the_forward_only(monkeypatch):
     """1 x 16 x 16384^2 for 4 steps without gradients: ~49 GiB, accepted on an 80 GiB card; the
     backward's scratch (~210 GiB more) is charged only when a gradient will be asked for."""
-    from nca_fast import functional
+    from nca_fast import resources
 
     x = torch.empty((1, 16, 16384, 16384), device="meta")
     free = {"bytes": 80 * 2**30}
-    monkeypatch.setattr(functional, "_free_bytes", lambda device: free["bytes"])
-    functional.check_fits(x, 4, 4, 3, True, grad=False)
-    forward = functional.rollout_bytes(tuple(x.shape), 4, 4, 3, True, grad=False)
+    monkeypatch.setattr(resources, "device_memory_bytes", lambda device: free["bytes"])
+    resources.check_fits(x, 4, 4, 3, True, grad=False)
+    forward = resources.triton_rollout_bytes(tuple(x.shape), 4, 4, 3, True, grad=False)
     assert 48 * 2**30 < forward < 56 * 2**30
     with pytest.raises(torch.cuda.OutOfMemoryError, match=r"needs about \d+\.\d GiB"):
-        functional.check_fits(x, 4, 4, 3, True, grad=True)
+        resources.check_fits(x, 4, 4, 3, True, grad=True)
     free["bytes"] = 40 * 2**30                     # where it cannot fit: refused, with the estimate
     with pytest.raises(torch.cuda.OutOfMemoryError, match=f"needs about {forward / 2**30:.1f} GiB"):
-        functional.check_fits(x, 4, 4, 3, True, grad=False)
+        resources.check_fits(x, 4, 4, 3, True, grad=False)
 
 
 def test_the_layer_checks_a_forward_without_gradients_as_a_forward(monkeypatch):
     """Through the op's entry point: under no_grad the estimate has no backward in it."""
-    from nca_fast import functional
+    from nca_fast import resources
 
     seen = []
-    real = functional.rollout_bytes
-    monkeypatch.setattr(functional, "_free_bytes", lambda device: 2**40)
-    monkeypatch.setattr(functional, "rollout_bytes",
+    real = resources.triton_rollout_bytes
+    monkeypatch.setattr(resources, "device_memory_bytes", lambda device: 2**40)
+    monkeypatch.setattr(resources, "triton_rollout_bytes",
                         lambda *a, **k: seen.append(a[6]) or real(*a, **k))
     model = NCA(NCAConfig(hidden=32, precision="ieee"), backend="triton").to(DEVICE)
     x = model.seed_state(1, 4, 4)

@@ -4,14 +4,7 @@ import torch
 
 from nca_fast import NCA, NCAConfig
 
-
-def _model(seed=0, **config):
-    torch.manual_seed(seed)
-    model = NCA(NCAConfig(**config), backend="torch")
-    with torch.no_grad():
-        model.w2.weight.normal_(0, 0.05)
-        model.w2.bias.normal_(0, 0.01)
-    return model
+from cases import random_model
 
 
 def _state(model, b=2, h=12, w=15, seed=1):
@@ -132,14 +125,14 @@ def test_parameter_count_and_layout():
 
 
 def test_zero_steps_returns_a_copy_of_the_input():
-    model = _model()
+    model = random_model()
     x = _state(model)
     y = model(x, 0, seed=0)
     assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
 
 
 def test_same_seed_same_result_different_seed_different():
-    model = _model()
+    model = random_model()
     x = _state(model)
     with torch.no_grad():
         a = model(x, 6, seed=11)
@@ -154,7 +147,7 @@ def test_same_seed_same_result_different_seed_different():
 
 
 def test_frames():
-    model = _model()
+    model = random_model()
     x = _state(model)
     with torch.no_grad():
         out, frames = model(x, 10, seed=3, frames=4)
@@ -172,7 +165,7 @@ def test_frames():
 
 @pytest.mark.parametrize("checkpoint", ["sqrt", 1, 3, 100])
 def test_checkpoint_gives_the_same_gradients(checkpoint):
-    model = _model(seed=2)
+    model = random_model(seed=2)
     x0 = _state(model, h=10, w=13)
 
     def grads(ckpt):
@@ -192,7 +185,7 @@ def test_checkpoint_gives_the_same_gradients(checkpoint):
 
 
 def test_channels_last_input():
-    model = _model(seed=4)
+    model = random_model(seed=4)
     x = _state(model, b=3, h=14, w=9)
     xl = x.to(memory_format=torch.channels_last)
     assert xl.is_contiguous(memory_format=torch.channels_last) and not xl.is_contiguous()
@@ -202,7 +195,7 @@ def test_channels_last_input():
 
 
 def test_non_contiguous_input():
-    model = _model(seed=4)
+    model = random_model(seed=4)
     wide = _state(model, b=2, h=12, w=30)
     x = wide[:, :, :, ::2]                                 # a strided view
     assert not x.is_contiguous()
@@ -212,7 +205,7 @@ def test_non_contiguous_input():
 
 
 def test_input_is_not_modified():
-    model = _model()
+    model = random_model()
     x = _state(model)
     before = x.clone()
     with torch.no_grad():
@@ -226,7 +219,7 @@ def test_auto_backend_on_cpu_is_torch():
 
 def test_filter_bank_keeps_its_taps_when_the_model_changes_dtype():
     """Taps are rebuilt from the config on .to(dtype): a float32 buffer cast to float64 would
-    carry 0.3 as 0.30000001192..., and the triton backend read the bank from that buffer."""
+    carry 0.3 as 0.30000001192..., and the triton backend reads the bank from that buffer."""
     from nca_fast.config import filter_tensor
 
     bank = (((0.0, 0.3, 0.0), (0.1, 1.0, 0.0), (0.0, 0.0, 0.7)),) * 3
@@ -238,8 +231,8 @@ def test_filter_bank_keeps_its_taps_when_the_model_changes_dtype():
 
 def test_torch_backend_under_torch_compile_is_one_graph_break():
     """README: the torch backend runs eagerly in a compiled model, one graph break per rollout
-    (Dynamo broke the graph 35 times inside it before it was excluded from tracing)."""
-    model = _model(seed=3)
+    (its worker threads and data-dependent gathers are excluded from tracing)."""
+    model = random_model(seed=3)
     x = _state(model, b=1, h=6, w=7)
     explained = torch._dynamo.explain(lambda x: model(x * 1.0, 3, seed=2) * 2.0)(x)
     assert explained.graph_break_count == 1, [str(r.reason) for r in explained.break_reasons]

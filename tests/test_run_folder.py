@@ -135,8 +135,8 @@ def test_signal_saves_a_checkpoint_and_the_printed_resume_works(tmp_path, sig):
     whole = train(TrainOptions(**TINY, steps=steps, save_every=1000), run_dir=tmp_path / "whole")
 
     run = tmp_path / "cut"
-    # --save-every 1000: no checkpoint would exist before the signal (the case whose printed
-    # resume command used to fail).
+    # --save-every 1000: no checkpoint exists before the signal; the one written on the signal
+    # is what the printed resume command continues from.
     cmd = [sys.executable, "-m", "nca_fast.train", *TINY_ARGS, "--steps", str(steps),
            "--save-every", "1000", "--out", str(run), "--no-progress", "--log-every", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

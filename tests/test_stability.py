@@ -11,10 +11,9 @@ import pathlib
 import pytest
 import torch
 
-from nca_fast import stability
 from nca_fast.cli import main as cli_main
 from nca_fast.train import TrainOptions, Trainer, cli_main as train_cli, train
-from nca_fast.training import options as O
+from nca_fast.training import options as O, stability
 from nca_fast.training import trainer as TR
 
 from cases import TINY

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 import nca_fast
-from nca_fast import damage, train as T
+from nca_fast import train as T
 from nca_fast.formats import read_metadata
 from nca_fast.media import load_target
 from nca_fast.train import cli_main, train
-from nca_fast.training import run_folder
+from nca_fast.training import damage, run_folder
 from nca_fast.training.options import PRESETS, TrainOptions
 from nca_fast.training.trainer import Trainer, per_sample_loss
 
@@ -392,11 +392,12 @@ def test_default_model_grows_its_target():
         assert loss < 0.1 * empty, (loss, empty)
 
 
-# ----------------------------------------------------------------------------- issue 12.6
+# ----------------------------------------------------------------------------- rates
 @pytest.mark.parametrize("flag", ["--lr", "--lr-drop-factor"])
 @pytest.mark.parametrize("value", ["inf", "nan"])
 def test_non_finite_rates_are_one_line_errors(tmp_path, capsys, flag, value):
-    """--lr inf passed a check of (0, inf] and ended in a FloatingPointError traceback."""
+    """An infinite or NaN rate is one line on stderr, not a FloatingPointError traceback at the
+    first step (lr = inf lies in (0, inf])."""
     rc = cli_main([flag, value, "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
@@ -415,7 +416,7 @@ def test_triton_backend_where_it_cannot_run_is_refused_up_front(tmp_path, capsys
 
 
 def test_trains_two_steps_with_another_filter_bank_and_padding(tmp_path):
-    """Issue 13.7: --filters and --padding reach the model; its perception has 4 filters."""
+    """--filters and --padding reach the model; its perception has 4 filters."""
     run = tmp_path / "lap"
     rc = cli_main([*"--size 8 --pad 2 --hidden 32 --batch 2 --pool-size 4 --rollout 4 6".split(),
                    *"--steps 2 --save-every 2 --video-steps 2 --device cpu --backend torch".split(),

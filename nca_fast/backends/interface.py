@@ -14,6 +14,7 @@ and the last one. ``seed`` keys the update masks of steps ``first_step .. first_
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Callable, List, Optional, Tuple, Union
@@ -35,9 +36,11 @@ Result = Union[Tensor, Tuple[Tensor, List[Tensor]]]
 VERIFIED_TRITON = ("3.6", "3.7", "3.8", "3.9")
 
 
+@functools.lru_cache(maxsize=1)
 def triton_version() -> Optional[str]:
     """The installed triton's version, or None when it cannot be imported (it is a Linux-only
-    dependency)."""
+    dependency). Looked up once per process: ``backends.resolve("auto")`` asks on every forward
+    on CUDA, and a failed import searches the whole path each time."""
     try:
         import triton
     except ImportError:

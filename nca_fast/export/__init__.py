@@ -111,7 +111,7 @@ def render_page(model, size: int, name: str) -> str:
 def default_size(path: Optional[pathlib.Path]) -> int:
     """The grid ``nca-fast grow`` uses for the model in ``path``: the model file's grow hint or
     training grid, else the article's 72."""
-    from .. import stability
+    from ..training import stability
 
     if path is None:
         return ARTICLE_GRID

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Union
 
@@ -14,9 +13,9 @@ import torch
 from ..backends import BACKENDS, resolve as resolve_backend
 from ..backends.interface import resolve_checkpoint
 from ..config import ARTICLE_GRID, FILTER_BANKS, PADDINGS, PRECISIONS, NCAConfig, from_fields
+from ..media import ASSETS
 from ..resources import DEVICE as ON_DEVICE, HOST, Term, format_bytes, format_seconds, rollout_bytes
 
-ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_TARGET = ASSETS / "default_target.png"
 
 EXPERIMENTS = ("grow", "persist", "regenerate")
@@ -30,77 +29,66 @@ ARTICLE_STEPS = 8000
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """Everything that defines a training run (``None`` fields are derived by ``resolved``).
+    """Everything that defines a training run; ``None`` fields are derived by ``resolved``.
 
-    target: image path (None: the project's ``assets/default_target.png``). size: cells the
-    image is fitted in; pad: empty cells on each side (None: ``round(0.4 * size)``, the article's
-    16 for 40). rollout_min / rollout_max: rollout length, uniform in [min, max) steps (None:
-    the article's [64, 96) scaled by grid / 72). curriculum: fraction of the steps over which the
-    rollout range ramps from a quarter to its full length. lr_drop_at: step at which the learning
-    rate is multiplied by lr_drop_factor (None: 2000, scaled by steps / 8000 when fewer steps).
-    replace / damage: samples of each pooled batch reset to the seed / damaged. loss_levels:
-    1 = plain MSE; L > 1 averages the MSE over L 2x-downsampled levels (helps large grids).
-    checkpoint: activation checkpointing of the rollout (None, "sqrt" or a segment length).
-    accumulate: micro-batches per step per process (gradient accumulation). save_every: steps
-    between checkpoints. video_steps: length of the output videos (None: 2 * rollout_max).
-    filters: the perception bank, a name from ``nca_fast.FILTER_BANKS``; padding: "zeros" or
-    "circular" (``NCAConfig``). init: a model file (nca_fast .safetensors or a Distill JSON)
-    whose weights start the run instead of a fresh initialisation (a size curriculum: train
-    small, then larger from it); its architecture must equal the run's.
-
-    Growth that holds (docs/TRAINING.md, "Growth that holds"; all off by default except the
-    guard). state_bound: a step whose states reach a magnitude above this (or a non-finite
-    value), or whose loss or gradients are not finite, is not applied (no optimizer step, no
-    pool write-back; the offending pool states are reseeded). overflow_loss: weight of a penalty
-    on state values outside [-1, 1]. late_loss: F > 1 continues each rollout of n steps to a
-    second length uniform in [n + 1, F n] and averages the losses at both, so the pattern is also
-    trained to stay after it has grown. reseed_runaway: R > 1 reseeds, instead of writing back,
-    pool states with more than R times the target's live cells. stability: grow from the seed at
-    every checkpoint for 10x the longest rollout and write the long-horizon score
-    (stability.csv, stability.png), keep the best model so far in ``best.safetensors`` and
-    print a warning when growth from the seed dies, diverges or overgrows. stop_after_dead:
-    N > 0 ends the run after N checkpoints in a row whose growth died (0: never).
+    The options of growth that holds (docs/TRAINING.md, "Growth that holds") are off by default,
+    except the guard (``state_bound``).
     """
 
-    target: Optional[str] = None
-    size: int = 40
-    pad: Optional[int] = None
-    experiment: str = "persist"
-    steps: int = ARTICLE_STEPS
-    batch: int = 8
+    # -- the target and the grid
+    target: Optional[str] = None        # image path; None: assets/default_target.png
+    size: int = 40                      # cells the image is fitted in
+    pad: Optional[int] = None           # empty cells on each side; None: round(0.4 * size)
+    # -- the recipe
+    experiment: str = "persist"         # one of EXPERIMENTS: grow, persist (pool), regenerate
+    steps: int = ARTICLE_STEPS          # optimizer steps
+    batch: int = 8                      # global batch
     pool_size: int = 1024
-    rollout_min: Optional[int] = None
-    rollout_max: Optional[int] = None
-    curriculum: float = 0.0
+    rollout_min: Optional[int] = None   # rollout length uniform in [min, max) steps; None: the
+    rollout_max: Optional[int] = None   # article's [64, 96) scaled by grid / 72
+    curriculum: float = 0.0             # fraction of the steps over which the rollout range
+                                        # ramps from a quarter to its full length
     lr: float = 2e-3
-    lr_drop_at: Optional[int] = None
-    lr_drop_factor: float = 0.1
-    replace: int = 1
-    damage: int = 3
-    loss_levels: int = 1
+    lr_drop_at: Optional[int] = None    # step of the drop; None: 2000, scaled by steps / 8000
+    lr_drop_factor: float = 0.1         # the learning rate is multiplied by it at lr_drop_at
+    replace: int = 1                    # samples of each pooled batch reset to the seed
+    damage: int = 3                     # samples of each pooled batch damaged (regenerate)
+    loss_levels: int = 1                # 1: plain MSE; L > 1: mean MSE over L 2x-downsampled
+                                        # levels (helps large grids)
+    # -- the model (NCAConfig)
     channels: int = 16
     hidden: int = 128
     fire_rate: float = 0.5
     precision: str = "tf32"
-    filters: str = "sobel"
-    padding: str = "zeros"
-    seed: int = 0
+    filters: str = "sobel"              # a perception bank, a name from nca_fast.FILTER_BANKS
+    padding: str = "zeros"              # "zeros" or "circular"
+    # -- how it runs
+    seed: int = 0                       # every random choice of the run
     backend: str = "auto"
     device: str = "auto"
-    checkpoint: Union[None, str, int] = None
-    accumulate: int = 1
-    save_every: int = 500
-    video_steps: Optional[int] = None
-    mp4: bool = False
-    threads: Optional[int] = None
-    out: Optional[str] = None
-    init: Optional[str] = None
-    state_bound: float = 1e3
-    overflow_loss: float = 0.0
-    late_loss: float = 0.0
-    reseed_runaway: float = 0.0
-    stability: bool = True
-    stop_after_dead: int = 0
+    checkpoint: Union[None, str, int] = None    # activation checkpointing of the rollout:
+                                                # None, "sqrt" or a segment length
+    accumulate: int = 1                 # micro-batches per step per process
+    save_every: int = 500               # steps between checkpoints
+    video_steps: Optional[int] = None   # length of the output videos; None: 2 * rollout_max
+    mp4: bool = False                   # MP4 videos instead of GIF
+    threads: Optional[int] = None       # torch CPU threads
+    out: Optional[str] = None           # the run folder
+    init: Optional[str] = None          # a model file (nca_fast .safetensors or a Distill JSON)
+                                        # whose weights start the run; same architecture
+    # -- growth that holds
+    state_bound: float = 1e3            # the guard: a step whose states exceed this magnitude
+                                        # (or are not finite), or whose loss or gradients are
+                                        # not finite, is not applied; its pool states reseeded
+    overflow_loss: float = 0.0          # weight of a penalty on state values outside [-1, 1]
+    late_loss: float = 0.0              # F > 1: each n-step rollout also continues to a length
+                                        # uniform in [n + 1, F n]; the losses at both averaged
+    reseed_runaway: float = 0.0         # R > 1: pool states with more than R times the
+                                        # target's live cells are reseeded, not written back
+    stability: bool = True              # the long-horizon score at every checkpoint
+                                        # (stability.csv, .png), best.safetensors, warnings
+    stop_after_dead: int = 0            # N > 0: end the run after N checkpoints in a row whose
+                                        # growth from the seed died; 0: never
 
     def __post_init__(self):
         def bad(name, expected):
@@ -132,8 +120,7 @@ class TrainOptions:
                               ("padding", PADDINGS), ("device", DEVICES)):
             if getattr(self, name) not in allowed:
                 bad(name, f"one of {allowed}")
-        # lr and its drop factor must be finite: lr = inf passed a check of (0, inf] and the
-        # first step made every weight NaN.
+        # Rates must be finite: an infinite lr makes every weight NaN at the first step.
         for name, lo, hi, text in (("lr", 0.0, math.inf, "a finite number > 0"),
                                    ("lr_drop_factor", 0.0, math.inf, "a finite number >= 0"),
                                    ("curriculum", 0.0, 1.0, "a number in [0, 1]"),
@@ -256,11 +243,11 @@ PRESETS: Dict[str, dict] = {
                       curriculum=0.3, save_every=100, late_loss=3.0),
 }
 
-# What the time estimate of ``run_plan`` is scaled from (bench/RESULTS.md). The H200's measured
-# ceilings (2026-11-29): dense tf32 / bf16 matmul rates and device copy bandwidth; the CPU path's
-# measured training rate as a fraction of its own compute floor (train 8 x 72 x 72,
-# nca_fast-torch: 0.742 of the floor). The fused kernels have not been timed on a GPU: the
-# estimate assumes they reach the same fraction of their floor as the CPU path does of its own.
+# What the time estimate of ``run_plan`` is scaled from (the measurements: bench/RESULTS.md): the
+# H200's dense tf32 / bf16 matmul rates and device copy bandwidth; the CPU path's training rate
+# (train 8 x 72 x 72, nca_fast-torch) as a fraction of its own compute floor. The fused kernels
+# have not been timed on a GPU: the estimate assumes they reach the same fraction of their floor
+# as the CPU path does of its own.
 H200_FLOPS = {"tf32": 360e12, "bf16": 686e12, "ieee": 51e12}
 H200_BYTES_PER_S = 4.24e12
 CPU_TRAIN_FRACTION_OF_FLOOR = 0.742

@@ -9,9 +9,9 @@ divided by its own L2 norm before the optimizer step.
 
 Reproducibility: every random choice (rollout length, pool samples, damage circles, the update
 mask seeds given to ``NCA.forward``) comes from one ``torch.Generator`` seeded with ``--seed``,
-drawn identically on every rank. A checkpoint holds the weights, the Adam state, the generator
-state, the pool and the loss history, so a run resumed from it ends bitwise equal to one that
-was never interrupted (same device, same thread count).
+drawn identically on every rank. A checkpoint (``checkpoints``) holds the weights, the Adam
+state, the generator state, the pool and the loss history, so a run resumed from it ends
+bitwise equal to one that was never interrupted (same device, same thread count).
 
 Shards: the global batch is split into ``world_size * accumulate`` shards; shard ``s`` owns the
 ``s``-th contiguous part of the pool, samples its ``batch / shards`` states from it and runs its
@@ -23,11 +23,11 @@ Where to extend it: ``sample_batch`` draws a step's inputs, ``optimisation_step`
 optimizer step on them, ``at_checkpoint`` runs every ``save_every`` steps (evaluations of the
 model belong there, before the checkpoint is written).
 
-The best model: at each checkpoint the long-horizon score ranks the model (``stability.rank``:
-one that holds, else one that grows, else one whose growth dies; then the lower worst MSE). The
-best so far is kept in ``best.safetensors`` with its score in its record; a checkpoint whose
-growth dies, diverges or overgrows prints one warning line with the step, and
-``stop_after_dead`` such deaths in a row end the run early.
+The best model (``outputs``): at each checkpoint the long-horizon score ranks the model
+(``stability.rank``: one that holds, else one that grows, else one whose growth dies; then the
+lower worst MSE). The best so far is kept in ``best.safetensors`` with its score in its
+record; a checkpoint whose growth dies, diverges or overgrows prints one warning line with the
+step, and ``stop_after_dead`` such deaths in a row end the run early.
 
 The guard (docs/TRAINING.md, "Divergence"): a step whose loss or gradients are not finite, or
 one of whose states leaves ``|x| <= state_bound``, is not applied: no optimizer step, no pool
@@ -40,13 +40,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
 import pathlib
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
@@ -54,18 +51,18 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import damage, stability
 from ..backends.interface import triton_usable
 from ..devices import resolve_device
-from ..files import atomic_write
-from ..media import load_target, write_png, write_video
+from ..media import load_target
 from ..model import NCA, load_any
 from ..resources import check as check_memory
+from . import damage, stability
+from .checkpoints import Checkpoints
 from .distributed import Dist
-from .options import DEFAULT_TARGET, RESUMABLE, TrainOptions, late_length, train_memory
+from .options import DEFAULT_TARGET, TrainOptions, late_length, train_memory
 from .options import mean_rollout as options_mean_rollout
-from .run_folder import (CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointError, checkpoint_path,
-                         read_checkpoint, save_model, write_loss_outputs, write_safetensors)
+from .outputs import Outputs
+from .signals import GracefulStop, TrainingInterrupted
 
 
 MAX_SKIPPED_IN_A_ROW = 50
@@ -85,21 +82,6 @@ def per_sample_loss(x: torch.Tensor, target: torch.Tensor, levels: int = 1) -> t
     return total / levels
 
 
-def _best_key(score: dict):
-    worst = score.get("worst_mse")
-    return (int(score["class"]), math.inf if worst is None else float(worst))
-
-
-def describe_score(score: dict) -> str:
-    """A best-model record in words: "holds, MSE 0.0123 at 1x, 0.0128 at 10x"."""
-    parts = [score["verdict"]]
-    if score.get("mse_1x") is not None:
-        parts.append(f"MSE {score['mse_1x']:.4g} at 1x")
-    if score.get("mse_10x") is not None:
-        parts.append(f"{score['mse_10x']:.4g} at 10x")
-    return ", ".join(parts)
-
-
 def warm_start(model: NCA, path: str) -> None:
     """Copy the weights of the model file ``path`` into ``model`` (same architecture)."""
     init = load_any(path, backend="torch")
@@ -114,50 +96,6 @@ def warm_start(model: NCA, path: str) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(dict(init.named_parameters())[name])
-
-
-class TrainingInterrupted(Exception):
-    """Training stopped on a signal (Ctrl-C, SIGTERM) after a checkpoint at ``step``."""
-
-    def __init__(self, step: int, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
-        self.step, self.signum = step, signum
-
-
-class GracefulStop:
-    """SIGINT and SIGTERM handlers for a training loop: the first signal asks the loop to stop
-    after the step in progress (``Trainer.run`` then writes a checkpoint); a second Ctrl-C
-    stops at once (KeyboardInterrupt; the last checkpoint stays as it was). A SIGTERM after
-    the request changes nothing: torchrun answers a Ctrl-C by sending SIGTERM to its workers,
-    and schedulers repeat SIGTERM; neither should cut the checkpoint short. Main thread only."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._old = {}
-
-    def __enter__(self) -> "GracefulStop":
-        if threading.current_thread() is threading.main_thread():   # else signal.signal fails
-            for sig in self.SIGNALS:
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            return
-        self.signum = signum
-        # os.write: print() could find sys.stderr's buffer in use by the progress bar.
-        os.write(2, f"\nnca-fast train: {signal.Signals(signum).name}: stopping after this step "
-                    "and saving a checkpoint (press Ctrl-C again to stop at once, without "
-                    "one)\n".encode())
 
 
 @dataclass
@@ -183,8 +121,10 @@ class TrainResult:
     steps: int
 
 
-class Trainer:
-    """One training run: model, optimizer, generator, pool; see the module docstring."""
+class Trainer(Checkpoints, Outputs):
+    """One training run: model, optimizer, generator, pool; see the module docstring. Its
+    checkpoint methods are ``checkpoints.Checkpoints``, its outputs and the best-model keeping
+    ``outputs.Outputs``."""
 
     def __init__(self, options: TrainOptions, run_dir: pathlib.Path, *,
                  dist_info: Optional[Dist] = None, progress: bool = True, log_every: int = 0):
@@ -434,7 +374,7 @@ class Trainer:
             self._event("pool", int(bad.sum()), "non-finite pool states reseeded before "
                         "the checkpoint", step=self.step)
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ at each checkpoint
     def at_checkpoint(self) -> None:
         """What the run does every ``save_every`` steps and after its last step: write the
         checkpoint. Evaluations of the model at checkpoints belong here, before the save, so
@@ -443,107 +383,6 @@ class Trainer:
         self.write_stability()
         self.save_checkpoint()
 
-    def _info(self) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "step": self.step, "world_size": self.dist.world,
-                "rank": self.dist.rank, "shards": self.shards,
-                "options": self.opts.to_dict(), "model": self.model.config.to_dict(),
-                "elapsed_s": self.elapsed, "cpu_s": self.cpu_time,
-                "guard": {"counts": self.counts, "events": self.events,
-                          "skipped_in_a_row": self.skipped_in_a_row},
-                "best": self.best, "dead_in_a_row": self.dead_in_a_row}
-
-    def save_checkpoint(self) -> pathlib.Path:
-        """Write this rank's checkpoint atomically (rank 0's file also holds the shared state)."""
-        path = checkpoint_path(self.run_dir, self.dist.rank)
-        self.sanitize_pool()
-        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
-        if bad:        # cannot happen while the guard holds; never overwrite a good checkpoint
-            raise FloatingPointError(f"parameters {bad} are not finite at step {self.step}; the "
-                                     "checkpoint was not written (the previous one is kept)")
-        tensors: Dict[str, torch.Tensor] = {}
-        info = self._info()
-        if self.pool is not None:
-            K = self.opts.accumulate
-            for k in range(K):
-                s = self.dist.rank * K + k
-                tensors[f"pool.{s}"] = self.pool[k * self.part:(k + 1) * self.part]
-        if self.dist.rank == 0:
-            for name, t in self.model.state_dict().items():
-                tensors[f"model.{name}"] = t
-            sd = self.optimizer.state_dict()
-            plain = {}
-            for pid, st in sd["state"].items():
-                for key, v in st.items():
-                    if torch.is_tensor(v):
-                        tensors[f"optim.{pid}.{key}"] = v
-                    else:
-                        plain.setdefault(str(pid), {})[key] = v
-            info["optimizer"] = {
-                "param_groups": sd["param_groups"], "plain_state": plain,
-                "tensor_state": sorted(k for k in tensors if k.startswith("optim."))}
-            info["lr"] = self.lr_at(self.step)
-            tensors["rng.generator"] = self.generator.get_state()
-            tensors["history.loss"] = torch.tensor(self.losses, dtype=torch.float64)
-        write_safetensors(path, tensors, {CHECKPOINT_KEY: json.dumps(info)})
-        self.dist.barrier()
-        return path
-
-    def load_checkpoint(self) -> None:
-        """Restore the state saved in ``run_dir`` (this rank's file and rank 0's shared state)."""
-        own_path = checkpoint_path(self.run_dir, self.dist.rank)
-        main_path = checkpoint_path(self.run_dir, 0)
-        own, own_info = read_checkpoint(own_path)
-        main, info = (own, own_info) if self.dist.rank == 0 else read_checkpoint(main_path)
-        if info.get("world_size") != self.dist.world:
-            raise CheckpointError(f"{main_path}: the run was saved with world size "
-                                  f"{info.get('world_size')}, this process group has "
-                                  f"{self.dist.world}; resume with the same number of processes")
-        if own_info.get("step") != info.get("step"):
-            raise CheckpointError(f"{own_path}: at step {own_info.get('step')} but {main_path} is "
-                                  f"at step {info.get('step')} (interrupted while saving?)")
-        saved = TrainOptions.from_dict(info["options"]).resolved()
-        mine = dataclasses.replace(self.opts, out=saved.out,
-                                   **{k: getattr(saved, k) for k in RESUMABLE})
-        if mine != saved:
-            diff = [f.name for f in dataclasses.fields(saved)
-                    if getattr(saved, f.name) != getattr(mine, f.name)]
-            raise CheckpointError(f"{main_path}: saved with different training options {diff}")
-        try:
-            self.model.load_state_dict(
-                {k[len("model."):]: v for k, v in main.items() if k.startswith("model.")})
-            opt = info["optimizer"]
-            state: Dict[int, dict] = {}
-            for key in opt["tensor_state"]:
-                _, pid, name = key.split(".", 2)
-                state.setdefault(int(pid), {})[name] = main[key]
-            for pid, extra in opt["plain_state"].items():
-                state.setdefault(int(pid), {}).update(extra)
-            self.optimizer.load_state_dict({"state": state, "param_groups": opt["param_groups"]})
-            self.generator.set_state(main["rng.generator"])
-            self.losses = [float(v) for v in main["history.loss"].tolist()]
-            if self.pool is not None:
-                K = self.opts.accumulate
-                for k in range(K):
-                    part = own[f"pool.{self.dist.rank * K + k}"]
-                    if tuple(part.shape) != tuple(self.pool[:self.part].shape):
-                        raise ValueError(f"pool part {self.dist.rank * K + k} has shape "
-                                         f"{tuple(part.shape)}")
-                    self.pool[k * self.part:(k + 1) * self.part] = part.to(self.device)
-            self.step = int(info["step"])
-        except (KeyError, ValueError, RuntimeError, TypeError) as e:
-            raise CheckpointError(f"{main_path}: incomplete or inconsistent checkpoint "
-                                  f"({type(e).__name__}: {e})") from None
-        if len(self.losses) != self.step:
-            raise CheckpointError(f"{main_path}: holds {len(self.losses)} losses for step "
-                                  f"{self.step}")
-        self.elapsed = float(info.get("elapsed_s", 0.0))
-        self.cpu_time = float(info.get("cpu_s", 0.0))
-        guard = info.get("guard", {})
-        self.counts = dict(guard.get("counts", {}))
-        self.events = list(guard.get("events", [])) if self.dist.rank == 0 else []
-        self.skipped_in_a_row = int(guard.get("skipped_in_a_row", 0))
-        self.best = info.get("best")
-        self.dead_in_a_row = int(info.get("dead_in_a_row", 0))
 
     # ------------------------------------------------------------------ the loop
     def run(self, on_step: Optional[Callable[["Trainer"], None]] = None) -> None:
@@ -593,30 +432,7 @@ class Trainer:
         finally:
             bar.close()
 
-    # ------------------------------------------------------------------ outputs
-    def write_stability(self) -> None:
-        """Rank 0: events.csv with the guard's events so far and, with ``opts.stability``, the
-        long-horizon score of the model as it is now, added to stability.csv / .png."""
-        if self.dist.rank != 0:
-            return
-        self.write_events()
-        if not self.opts.stability:
-            return
-        was = self.model.training
-        self.model.eval()
-        try:
-            rows = stability.long_horizon(self.model, self.target, self.opts.longest_rollout)
-        finally:
-            self.model.train(was)
-        self.last_stability = rows
-        stability.write_files(self.run_dir, self.step, rows)
-        self.keep_best(rows)
-        if self.log_every:
-            first, last = rows[0], rows[-1]
-            print(f"step {self.step}: long-horizon score: MSE {first.mse:.5f} at "
-                  f"{first.grow_steps} steps, {last.mse:.5f} at {last.grow_steps}; live cells "
-                  f"{last.live_cells} (target {last.target_live_cells})", flush=True)
-
+    # ------------------------------------------------------------------ the time estimate
     def calibrate(self, steps: int = 8, warmup: int = 2) -> Optional[dict]:
         """Time one training step's work on this machine (CPU only; None elsewhere): a copy of
         the model rolls this process's micro-batches out ``steps`` steps from states with every
@@ -643,118 +459,3 @@ class Trainer:
                 walls, cpus = time.perf_counter() - t0, time.process_time() - c0
         return {"step_s": walls * scale, "cpu_step_s": cpus * scale, "steps": steps,
                 "samples": self.shard_batch * o.accumulate}
-
-    def keep_best(self, rows: Sequence[stability.HorizonPoint]) -> None:
-        """Rank 0, at a checkpoint: write ``best.safetensors`` when this model ranks above the
-        best so far (``stability.rank``); a warning line when its growth dies, diverges or
-        overgrows; count the deaths in a row (``stop_after_dead``)."""
-        v = stability.verdict(rows)
-        cls, worst = stability.rank(rows)
-        first, last = rows[0], rows[-1]
-        score = {"step": self.step, "verdict": v, "class": cls,
-                 "worst_mse": worst if math.isfinite(worst) else None,
-                 "mse_1x": first.mse, "mse_10x": last.mse,
-                 "live_ratio_10x": last.live_ratio,
-                 "criterion": stability.CRITERION}
-        if score["mse_1x"] is not None and not math.isfinite(score["mse_1x"]):
-            score["mse_1x"] = None
-        if score["mse_10x"] is not None and not math.isfinite(score["mse_10x"]):
-            score["mse_10x"] = None
-        if self.best is None or (cls, worst) < _best_key(self.best):
-            self.best = score
-            save_model(self.model, self.run_dir / "best.safetensors",
-                       {**self.training_metadata(), "best": score})
-        dead = v in ("dies", "diverges")
-        self.dead_in_a_row = self.dead_in_a_row + 1 if dead else 0
-        if v in ("dies", "diverges", "overgrows"):
-            what = {"dies": next((f"0 live cells after {r.grow_steps} steps" for r in rows
-                                  if r.live_cells == 0), ""),
-                    "diverges": "non-finite states",
-                    "overgrows": f"{last.live_ratio:.2f}x the target's live cells after "
-                                 f"{last.grow_steps} steps" if last.live_ratio else ""}[v]
-            b = self.best
-            keep = ("this model is still the best so far" if b["step"] == self.step else
-                    f"best.safetensors keeps step {b['step']} ({describe_score(b)})")
-            print(f"nca-fast train: step {self.step}: WARNING: growth from the seed "
-                  f"{v.upper()} ({what}); {keep}", file=sys.stderr, flush=True)
-
-    def summary(self) -> List[str]:
-        """The end of a run in words: the last score's verdict, then which file to use and why."""
-        lines = []
-        if self.stopped_early:
-            lines.append(self.stopped_early)
-        if self.last_stability:
-            v = stability.verdict(self.last_stability)
-            said = "holds" if v == "holds" else f"does not hold: its growth {v}"
-            lines.append(f"final model (step {self.step}): {said} (the criterion of holding: "
-                         f"{stability.CRITERION})")
-        b = self.best
-        if b is None:
-            lines.append("use model.safetensors (no long-horizon score was taken: "
-                         "--no-stability)")
-        elif b["step"] == self.step:
-            lines.append(f"use model.safetensors: the final model is the best checkpoint "
-                         f"({describe_score(b)}); best.safetensors holds the same weights")
-        else:
-            lines.append(f"use best.safetensors: the model of step {b['step']}, the best "
-                         f"checkpoint ({describe_score(b)}); the final model.safetensors ranks "
-                         f"below it")
-        if b is not None and b["class"] > 0:
-            lines.append("no checkpoint held its pattern" if b["class"] == 1 else
-                         "no checkpoint grew from the seed: lower --lr or start from an earlier "
-                         "model (--init)")
-        return lines
-
-    def write_events(self) -> None:
-        """events.csv: every step the guard skipped, or reseeded states in (rank 0)."""
-        import csv
-        import io
-
-        if self.dist.rank != 0:
-            return
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, ["step", "event", "samples", "detail"], lineterminator="\n")
-        w.writeheader()
-        w.writerows(self.events)
-        text = buf.getvalue()
-        atomic_write(self.run_dir / "events.csv", lambda tmp: tmp.write_text(text))
-
-    def training_metadata(self) -> dict:
-        """What a user of the final model needs to grow it as it was trained."""
-        o = self.opts
-        return {"experiment": o.experiment, "grid": self.grid, "size": o.size, "pad": o.pad,
-                "rollout": [o.rollout_min, o.rollout_max], "steps": self.step, "seed": o.seed,
-                "final_loss": next((v for v in reversed(self.losses) if math.isfinite(v)), None),
-                "train_wall_s": round(self.elapsed, 1), "train_cpu_s": round(self.cpu_time, 1),
-                "target": str(o.target) if o.target is not None else "default_target.png",
-                "init": o.init, "longest_rollout": o.longest_rollout,
-                "longest_trained": o.longest_trained, "guard_events": dict(self.counts),
-                "stability": [dataclasses.asdict(r) for r in self.last_stability],
-                "verdict": stability.verdict(self.last_stability) if self.last_stability
-                else None}
-
-    def write_outputs(self) -> None:
-        """Final model, loss curve, videos (rank 0 only)."""
-        if self.dist.rank != 0:
-            return
-        o = self.opts
-        model = self.model
-        save_model(model, self.run_dir / "model.safetensors", self.training_metadata())
-        write_loss_outputs(self.losses, self.run_dir, lr_drop_at=o.lr_drop_at,
-                           levels=o.loss_levels)
-        ext = ".mp4" if o.mp4 else ".gif"
-        every = max(1, o.video_steps // 96)
-        scale = max(1, 256 // self.grid)
-        video_seed = (o.seed * 2654435761 + 1) % 2**62
-        with torch.no_grad():
-            x = self.seed_state.clone()
-            x, frames = model(x, o.video_steps, seed=video_seed, frames=every)
-            write_video(frames, self.run_dir / f"growth{ext}", fps=20, scale=scale)
-            write_png(x[0], self.run_dir / "final.png", scale=scale)
-            if o.experiment == "regenerate":
-                # Cut out the lower-right part of the grown pattern, then let it regrow.
-                damaged = x * damage.keep_mask(self.grid, self.grid, (0.3, 0.3), 0.4,
-                                               device=x.device)
-                _, regrow = model(damaged, o.video_steps, seed=video_seed + 1, frames=every)
-                write_video(frames[-10:] + regrow, self.run_dir / f"regenerate{ext}",
-                                fps=20, scale=scale)

@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import csv
 import io as _pyio
+import json
 import math
 import pathlib
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 
 import torch
+
+from ..files import atomic_write
+from ..formats import read_metadata
+from ..media import ASSETS
+from .run_folder import TRAINING_KEY
 
 MULTIPLES = (1, 2, 5, 10)
 # The update-mask key of every long-horizon growth: fixed, so that scores of two checkpoints or
@@ -196,8 +202,6 @@ def read_csv(path: pathlib.Path) -> List[dict]:
 def write_files(run_dir: pathlib.Path, train_step: int, rows: Sequence[HorizonPoint]) -> None:
     """Add this checkpoint's rows to ``stability.csv`` (replacing any of the same or a later
     training step: a resumed run recomputes them) and redraw ``stability.png``; atomic."""
-    from .files import atomic_write
-
     path = run_dir / "stability.csv"
     kept = [r for r in read_csv(path) if int(r["train_step"]) < train_step]
     for p in rows:
@@ -215,8 +219,6 @@ def write_files(run_dir: pathlib.Path, train_step: int, rows: Sequence[HorizonPo
 
 
 def _plot(rows: List[dict], path: pathlib.Path) -> None:
-    from .files import atomic_write
-
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
@@ -258,22 +260,16 @@ def _plot(rows: List[dict], path: pathlib.Path) -> None:
 
 
 # --------------------------------------------------------------------------- model files
-
-
 def model_facts(path) -> dict:
     """What a model file says about its training: grid, size, pad, rollout, longest_rollout,
     target, grow_hint. From ``NAME.json`` beside the file when it exists (the shipped models),
     else from the trainer's metadata inside a .safetensors; {} when neither is there."""
-    import json
-
     path = pathlib.Path(path)
     side = path.with_suffix(".json")
     facts: dict = {}
     if path.suffix == ".safetensors":
         try:
-            from .formats import read_metadata
             meta = read_metadata(path)
-            from .training.run_folder import TRAINING_KEY
             if TRAINING_KEY in meta:
                 facts = json.loads(meta[TRAINING_KEY])
         except (ValueError, OSError):
@@ -298,8 +294,7 @@ def resolve_target(name, model_path) -> Optional[pathlib.Path]:
     if not name:
         return None
     p = pathlib.Path(name)
-    assets = pathlib.Path(__file__).resolve().parent / "assets"
-    for cand in (p, assets / p.name, pathlib.Path(model_path).parent / p.name):
+    for cand in (p, ASSETS / p.name, pathlib.Path(model_path).parent / p.name):
         if cand.is_file():
             return cand
     return None
