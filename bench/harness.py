@@ -17,7 +17,6 @@ Outputs go where ``--out`` says (default: the current folder), never into the pa
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import os
@@ -37,6 +36,7 @@ from bench.timing import Timing, describe_error, free_memory, out_of_memory, tim
 from nca_fast import NCAConfig
 from nca_fast.devices import resolve_device as _resolve
 from nca_fast.files import atomic_write
+from nca_fast.usage import Parser, UsageError
 
 CHECKOUT = pathlib.Path(__file__).resolve().parents[1]     # read for its commit, never written
 COLUMNS = ("provider", "mode", "size", "steps", "metric", "median", "p20", "p80", "device",
@@ -53,17 +53,6 @@ TRAIN_FACTOR = 3
 
 
 # ---------------------------------------------------------------------------------- CLI
-class UsageError(Exception):
-    """A bad command-line argument: one line on stderr, exit status 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are ``UsageError`` (one line, no usage block)."""
-
-    def error(self, message):
-        raise UsageError(message)
-
-
 def resolve_device(name: str) -> torch.device:
     """``--device``: "auto", "cpu", "cuda" or "cuda:N"."""
     try:
