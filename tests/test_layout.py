@@ -256,3 +256,73 @@ def test_the_code_cites_the_repository_s_own_maths():
             if m.group(1):
                 assert m.group(1) in headings, f"{path}: docs/MODEL.md has no section {m.group(1)!r}"
     assert cited >= 8
+
+
+# ------------------------------------------------------------------------------ the tree's size
+MAX_LINES = 500
+
+
+def test_no_module_is_over_500_lines():
+    """A file a reader can hold: kernels, package and bench alike."""
+    long = {name: n for name, path in MODULES.items()
+            if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+# Documents that name a script to run (``python -m NAME`` or its path).
+_RUNNERS = ("README.md", "docs", "bench/NOTES.md", "bench/NOTES_cpu.md", "bench/RESULTS.md",
+            "bench/__init__.py", ".ci/run", "bench/gpu_check.sh", "setup.py")
+
+
+def _runner_text():
+    out = []
+    for rel in _RUNNERS:
+        p = ROOT / rel
+        files = sorted(p.rglob("*")) if p.is_dir() else [p]
+        out += [f.read_text(errors="replace") for f in files
+                if f.is_file() and f.suffix in ("", ".md", ".sh", ".py")]
+    return "\n".join(out)
+
+
+def test_every_module_is_imported_or_run():
+    """No dead module: each is imported by another module or a test, or is a script
+    (``if __name__ == "__main__"``) that a document or CI runs by name."""
+    graph = _graph()
+    imported = {t for targets in graph.values() for t in targets}
+    tests_text = "\n".join(p.read_text() for p in (ROOT / "tests").glob("*.py"))
+    runners = _runner_text()
+    dead = []
+    for name, path in MODULES.items():
+        if name in imported or name in PACKAGES or name.endswith("__main__"):
+            continue
+        short = name.replace("nca_fast.kernels", "kernels")
+        if re.search(rf"\b(import|from) {re.escape(name)}\b", tests_text):
+            continue
+        if re.search(rf"from {re.escape(name.rpartition('.')[0])} import [^\n]*\b"
+                     rf"{re.escape(name.rpartition('.')[2])}\b", tests_text):
+            continue
+        rel = str(path.relative_to(ROOT))
+        script = '__name__ == "__main__"' in path.read_text()
+        if script and (f"-m {name}" in runners or rel in runners or f"-m {short}" in runners):
+            continue
+        if path.name.startswith("test_") and f"pytest {path.parent.relative_to(ROOT)}" in runners:
+            continue                     # a pytest(-benchmark) module run by its folder
+        dead.append(name)
+    assert not dead, f"modules nothing imports or runs: {dead}"
+
+
+# History belongs in bench/NOTES.md, docs/ and commit messages, not in code or test names.
+_HISTORY = re.compile(r"\bissues? #?\d+\b|\bcommit [0-9a-f]{7,40}\b|(?<!\w)\(v\d+\)"
+                      r"|(?<!\w)\(v\d+, (?!v\d)|\bv\d+ kernels?\b", re.IGNORECASE)
+
+
+def test_code_names_no_tracker_numbers_version_tags_or_commits():
+    folders = [ROOT / "kernels", ROOT / "nca_fast", ROOT / "bench", ROOT / "tests"]
+    found = []
+    for folder in folders:
+        for path in sorted(folder.rglob("*.py")):
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                if _HISTORY.search(line) or (line.lstrip().startswith("def test_")
+                                              and re.search(r"issue|_v\d+_|_v\d+\(", line)):
+                    found.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()[:80]}")
+    assert not found, "history in code:\n" + "\n".join(found)
