@@ -6,9 +6,9 @@ import triton.language as tl
 # (identity, Sobel-x / 8, Sobel-y / 8), 2 = "sobel_laplacian" (+ the unscaled Laplacian),
 # 3 = "sobel_laplacian16" (+ Laplacian / 16).
 
-# hq bytes live in a padded plane per grid, [B, H + 4, W + 4], whose 2-cell border is zero: a
+# hq bytes live in a padded plane per grid, [B, H + 2 HALO, W + 2 HALO], whose border is zero: a
 # 5x5 window under zero padding never leaves it and needs no bounds checks.
-HALO = 2
+HALO: tl.constexpr = tl.constexpr(2)
 
 # Bit positions of the per-cell word ``cw`` (the 3x3 neighbourhood in three 10-bit rows):
 # tap (dy, dx) at bit 10 * (dy + 1) + 2 * (dx + 2); bit 0: pre-update mask; bit 1: fire.
@@ -86,9 +86,9 @@ def _wrap1(v, n):
 def _hq_index(b, y, x, H, W, INT64: tl.constexpr):
     """Index of cell (y, x) of grid b in the padded hq plane."""
     if INT64:
-        return (b.to(tl.int64) * (H + 2 * 2) + (y + 2)) * (W + 2 * 2) + (x + 2)
+        return (b.to(tl.int64) * (H + 2 * HALO) + (y + HALO)) * (W + 2 * HALO) + (x + HALO)
     else:
-        return (b * (H + 2 * 2) + (y + 2)) * (W + 2 * 2) + (x + 2)
+        return (b * (H + 2 * HALO) + (y + HALO)) * (W + 2 * HALO) + (x + HALO)
 
 
 @triton.jit
@@ -110,7 +110,7 @@ def _window_bits(hq_ptr, b, y, x, H, W, CIRCULAR: tl.constexpr, INT64: tl.conste
         r4 = _row_word_wrap(hq_ptr, b, _wrap1(y + 2, H), x, H, W, INT64)
     else:
         row = hq_ptr + _hq_index(b, y - 2, x - 2, H, W, INT64)
-        wp = W + 2 * 2
+        wp = W + 2 * HALO
         r0 = _row_word(row)
         r1 = _row_word(row + wp)
         r2 = _row_word(row + 2 * wp)
@@ -303,7 +303,7 @@ def _bank(v0, v1, v2, v3, v4, v5, v6, v7, v8, filt_ptr, NF: tl.constexpr, BANK: 
             p3 = tl.zeros_like(v4)
     else:
         # 8 x the Sobel filters (their 1/8 and the Laplacian's 1/16 are folded into W1's rows,
-        # ``_w1_rows``): the two share the corner differences
+        # ``_w1_tile``, ``_w1_block``): the two share the corner differences
         a = v8 - v0
         c = v2 - v6
         p0 = v4

@@ -9,12 +9,13 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from .spec import BANK_DATA, NAMED_BANKS, PRECISION_CODES  # noqa: F401  (re-exported)
+
 # Shapes the kernels are written and verified for. C and hidden are tl.dot dimensions
 # (powers of two, >= 16 for bf16 operands on tensor cores); F is unrolled in the kernels.
 SUPPORTED_CHANNELS = (16, 32)
 SUPPORTED_HIDDEN = (32, 64, 128, 256)
 SUPPORTED_FILTERS = (3, 4)
-PRECISION_CODES = {"ieee": 0, "tf32": 1, "bf16": 2}
 # float64 states run in the interpreter only (the CPU checks: gradcheck, property tests).
 # Compiled, a float64 tl.dot has no form for these shapes: triton stops with "Currently fp64
 # don't support largeK MMA" (sm_80, sm_90) after an MLIR dump.
@@ -46,39 +47,27 @@ RUNTIME_INTS = ("seed", "step", "fire_threshold", "H", "tiles_x", "tiles_y", "n_
 
 @dataclass(frozen=True)
 class StepConfig:
-    block_m: int      # cells per tile (rows of every tl.dot)
+    tile_h: int       # 2-D tiles: rows x columns of cells
+    tile_w: int
     num_warps: int
-    num_stages: int
     int64: bool       # 64-bit cell offsets
-    programs: int     # backward weight kernel: persistent programs (= partial sums per chunk)
+    programs: int     # persistent programs (the weight kernel: partial sums per hidden chunk)
     hidden_chunk: int  # hidden units per chunk of the dense layers
-    unroll_taps: bool = True  # bwd_input: the 9 taps unrolled, or in a loop
+    num_stages: int = 1
     maxnreg: Optional[int] = None  # register ceiling for ptxas (None: ptxas picks)
-    tile_h: int = 0   # 2-D tiles: rows x columns of cells (block_m = tile_h * tile_w)
-    tile_w: int = 0
     resident: bool = True   # weights loaded once per program (else once per tile)
     anchor: bool = False    # backward dense kernels: the perception tile through an opaque move (_layout_anchor)
     split_rows: bool = False  # forward: the dense layers on the tile's two halves of rows
+
+    @property
+    def block_m(self) -> int:
+        """Cells per tile (the rows of every tl.dot)."""
+        return self.tile_h * self.tile_w
 
     def launch_options(self) -> dict:
         """The compile options of a launch with this configuration."""
         return dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg,
                     enable_fp_fusion=FP_FUSION)
-
-
-# The filter banks the kernels hold as constants (``_tile._bank``: the Sobel pair's zero taps
-# skipped, their 1/8 and the Laplacian's 1/16 folded into W1), as 3x3 taps; code 3 compiles as
-# code 2 with W1's Laplacian rows scaled. nca_fast.config.FILTER_BANKS names the same banks
-# (tests/test_kernels.py checks they agree).
-_IDENTITY = (0, 0, 0, 0, 1, 0, 0, 0, 0)
-_SOBEL_X = (-0.125, 0, 0.125, -0.25, 0, 0.25, -0.125, 0, 0.125)
-_SOBEL_Y = (-0.125, -0.25, -0.125, 0, 0, 0, 0.125, 0.25, 0.125)
-_LAPLACIAN = (1, 2, 1, 2, -12, 2, 1, 2, 1)
-NAMED_BANKS = {
-    1: (_IDENTITY, _SOBEL_X, _SOBEL_Y),
-    2: (_IDENTITY, _SOBEL_X, _SOBEL_Y, _LAPLACIAN),
-    3: (_IDENTITY, _SOBEL_X, _SOBEL_Y, tuple(v / 16 for v in _LAPLACIAN)),
-}
 
 
 def bank_code(filters) -> int:
@@ -93,17 +82,15 @@ def bank_code(filters) -> int:
 def named_bank(taps) -> int:
     """``bank_code`` of taps given as numbers (F filters of 3 x 3 or of 9), in plain Python: no
     tensor, so nothing to copy and nothing for torch.compile to trace."""
-    flat = tuple(tuple(float(v) for v in (f if len(f) == 9 else [v for row in f for v in row]))
-                 for f in taps)
+    def flat(bank):
+        return tuple(tuple(float(v) for v in (f if len(f) == 9 else [v for row in f for v in row]))
+                     for f in bank)
+
+    taps = flat(taps)
     for code, bank in NAMED_BANKS.items():
-        if flat == tuple(tuple(float(v) for v in f) for f in bank):
+        if taps == flat(bank):
             return code
-    return 0
-
-
-def n_tiles(batch: int, grid_cells: int, block_m: int) -> int:
-    """Programs of a tiled kernel: tiles never straddle two grids (``_math._cells``)."""
-    return batch * (-(-grid_cells // block_m))
+    return BANK_DATA
 
 
 def interpreting() -> bool:
@@ -168,7 +155,7 @@ def select_forward(n_cells: int, channels: int, hidden: int, num_filters: int,
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
         # The interpreter pays per program, not per cell: few, large tiles.
-        return StepConfig(64 * 64, 4, 1, int64, 4, hidden, tile_h=64, tile_w=64)
+        return StepConfig(64, 64, 4, int64, 4, hidden)
     th, tw, warps, resident, hc, split = 8, 16, 4, True, min(hidden, 64), False
     if _wide(channels, num_filters):
         if precision == "ieee":
@@ -177,8 +164,8 @@ def select_forward(n_cells: int, channels: int, hidden: int, num_filters: int,
             warps, resident, hc = 8, False, min(hidden, 32)
     elif precision != "ieee" and _capability(device) >= (9, 0):
         split, hc = True, min(hidden, 128)  # sm_90a: spill-free under triton 3.9 (sm_80 spills)
-    return StepConfig(th * tw, warps, 1, int64, _dense_programs(warps, device), hc,
-                      tile_h=th, tile_w=tw, resident=resident, split_rows=split)
+    return StepConfig(th, tw, warps, int64, _dense_programs(warps, device), hc,
+                      resident=resident, split_rows=split)
 
 
 def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
@@ -204,15 +191,15 @@ def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
     """
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
-        return StepConfig(64 * 64, 4, 1, int64, 4, hidden, tile_h=64, tile_w=64)
+        return StepConfig(64, 64, 4, int64, 4, hidden)
     th, tw, warps, resident, hc = 4, 16, 4, True, min(hidden, 64)
     anchor = bank >= 2 and precision != "ieee"
     if channels * num_filters >= 128 and precision != "ieee" and hidden >= 128:
         resident, hc = False, 32
     elif channels * num_filters == 96 and precision != "ieee" and hidden >= 128:
         th, resident, hc = 2, False, 32
-    return StepConfig(th * tw, warps, 1, int64, _dense_programs(warps, device), hc,
-                      tile_h=th, tile_w=tw, resident=resident, anchor=anchor)
+    return StepConfig(th, tw, warps, int64, _dense_programs(warps, device), hc,
+                      resident=resident, anchor=anchor)
 
 
 def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
@@ -240,7 +227,7 @@ def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
     """
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
-        return StepConfig(64 * 64, 4, 1, int64, 4, hidden, tile_h=64, tile_w=64)
+        return StepConfig(64, 64, 4, int64, 4, hidden)
     th, tw = 4, 16
     if _wide(channels, num_filters) and precision != "ieee":
         tw = 8
@@ -251,8 +238,7 @@ def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
     hr = min(hidden, 128)
     programs = max(1, _sm_count(device) // (hidden // hr))
     anchor = precision != "ieee" and (bank >= 2 or (bank == 1 and _wide(channels, num_filters)))
-    return StepConfig(th * tw, 8 if hr >= 128 else 4, 1, int64, programs, hr, tile_h=th,
-                      tile_w=tw, anchor=anchor)
+    return StepConfig(th, tw, 8 if hr >= 128 else 4, int64, programs, hr, anchor=anchor)
 
 
 def select_transpose(n_cells: int, channels: int, num_filters: int, device=None,
@@ -264,12 +250,9 @@ def select_transpose(n_cells: int, channels: int, num_filters: int, device=None,
     """
     int64 = needs_int64(n_cells, channels, 0, num_filters)
     if interpreting():
-        return StepConfig(64 * 64, 4, 1, int64, 4, 0, tile_h=64, tile_w=64)
+        return StepConfig(64, 64, 4, int64, 4, 0)
     th, tw = 8, 16
     warps = 8 if _wide(channels, num_filters) else 4
     programs = 4 * _sm_count(device)
-    return StepConfig(th * tw, warps, 1, int64, programs, 0, tile_h=th, tile_w=tw)
+    return StepConfig(th, tw, warps, int64, programs, 0)
 
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())

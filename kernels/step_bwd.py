@@ -47,7 +47,8 @@ from ._tile import (_as_k_operand, _bank, _bias_rows, _concat4, _k_rows, _layout
                     _loop_zero, _mm, _nb,
                     _plain_bits, _tap_bit, _tile_cells, _tile_next, _tile_start, _w1_block,
                     _w1_tile)
-from .step_fwd import check_shapes, lap_scale, nca_step_fwd, persistent_grid
+from .spec import StepSpec, StepWeights, spec_of, w1_scales
+from .step_fwd import check_shapes, nca_step_fwd, persistent_grid
 
 
 # ------------------------------------------------------------------------------ weight layouts
@@ -434,7 +435,7 @@ def part_size(C: int, HID: int) -> int:
     return 4 * C * HID + HID * C + C + HID
 
 
-def weight_grads(parts: torch.Tensor, C: int, HID: int, F_: int, bank: int):
+def weight_grads(parts: torch.Tensor, C: int, HID: int, F_: int, spec: StepSpec):
     """(dw1k [F, C, HID], db1 [HID], dw2t [HID, C], db2 [C]) from a [programs, PART] buffer,
     summed over programs in a fixed order, the scale ``_w1_tile`` folds into W1 taken out."""
     total = parts.sum(0)
@@ -444,10 +445,9 @@ def weight_grads(parts: torch.Tensor, C: int, HID: int, F_: int, bank: int):
     db2 = total[o + HID * C:o + HID * C + C].clone()
     db1 = dw1[3 * C].clone() if F_ == 3 else total[o + HID * C + C:].clone()
     dw1k = dw1[:F_ * C].view(F_, C, HID).clone()
-    if bank != 0:
-        dw1k[1:3] *= 0.125
-        if F_ == 4:
-            dw1k[3] *= lap_scale(bank)
+    for k, scale in enumerate(w1_scales(spec.bank, F_)):
+        if scale != 1.0:
+            dw1k[k] *= scale
     return dw1k, db1, dw2t, db2
 
 
@@ -476,63 +476,70 @@ def _check_cw(cw, B, H, W):
                          f"{cw.dtype} {tuple(cw.shape)}")
 
 
-def bwd_gp(r, cw, g, w1k, b1, w2t, filters, *, circular: bool, precision: str, bank: int,
-           gp=None, cfg=None):
+# The three launchers check nothing: ``nca_step_bwd`` validates, a rollout validates once. Each
+# takes the step's ``spec`` (``StepSpec``), or the keyword options that make one
+# (``StepSpec.of``: circular, precision, bank, ...), and ``cfg``, the launch configuration
+# of its selector when the caller chose it once for many steps.
+def bwd_gp(r, cw, g, w1k, b1, w2t, filters, *, spec: Optional[StepSpec] = None, gp=None,
+           cfg=None, **options):
     """Kernel 1: the perception gradient of a step, [B*H*W, F, C] (slot 0 + g, named banks).
-    cfg: ``configs.select_backward(...)``, when the caller chose it once for many steps. These
-    three launchers check nothing: ``nca_step_bwd`` validates, a rollout validates once."""
+    cfg: ``configs.select_backward(...)``."""
+    spec = spec_of(spec, options)
     B, H, W, C = r.shape
     F_, _, HID = w1k.shape
-    cfg = cfg or configs.select_backward(B * H * W, C, HID, F_, r.device, precision, bank)
+    cfg = cfg or configs.select_backward(B * H * W, C, HID, F_, r.device, spec.precision,
+                                         spec.bank)
     programs, *sizes = persistent_grid(B, H, W, cfg)
     gp = torch.empty((B * H * W, F_, C), dtype=r.dtype, device=r.device) if gp is None else gp
     _nca_step_bwd_gp_kernel[(programs,)](
-        r, cw, g, gp, w1k, b1, w2t, filters, lap_scale(bank),
+        r, cw, g, gp, w1k, b1, w2t, filters, spec.lap_scale,
         H, W, *sizes,
         C=C, HID=HID, NF=F_, TH=cfg.tile_h, TW=cfg.tile_w, HC=cfg.hidden_chunk,
-        BANK=min(bank, 2),
-        CIRCULAR=circular, PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64,
-        RESIDENT=cfg.resident, ANCHOR=cfg.anchor,
+        BANK=spec.kernel_bank, CIRCULAR=spec.circular, PRECISION=spec.precision_code,
+        INT64=cfg.int64, RESIDENT=cfg.resident, ANCHOR=cfg.anchor,
         **cfg.launch_options())
     return gp
 
 
-def bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, *, circular: bool, precision: str,
-                bank: int, next_step=None, cfg=None):
+def bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, *, spec: Optional[StepSpec] = None,
+                next_step=None, cfg=None, **options):
     """Kernel 2: add a step's weight gradients to ``parts``. next_step = (gp, cw, g) of the
     following step: then this step's g is computed from them (and written into ``g``) first.
     cfg: ``configs.select_weights(...)``."""
+    spec = spec_of(spec, options)
     B, H, W, C = r.shape
     F_, _, HID = w1k.shape
-    cfg = cfg or configs.select_weights(B * H * W, C, HID, F_, r.device, precision, bank)
+    cfg = cfg or configs.select_weights(B * H * W, C, HID, F_, r.device, spec.precision,
+                                        spec.bank)
     programs, *sizes = persistent_grid(B, H, W, cfg)
     if tuple(parts.shape) != (programs, part_size(C, HID)) or parts.dtype != r.dtype:
         raise ValueError(f"parts: expected a {r.dtype} [{programs}, {part_size(C, HID)}] buffer "
                          f"(new_parts), got {parts.dtype} {tuple(parts.shape)}")
     gpn, cwn, gn = next_step if next_step is not None else (g, cw, g)
     _nca_step_bwd_weights_kernel[(programs, triton.cdiv(HID, cfg.hidden_chunk))](
-        r, cw, g, parts, gpn, cwn, gn, w1k, b1, w2t, filters, lap_scale(bank),
+        r, cw, g, parts, gpn, cwn, gn, w1k, b1, w2t, filters, spec.lap_scale,
         H, W, *sizes,
         C=C, HID=HID, NF=F_, HR=cfg.hidden_chunk, TH=cfg.tile_h, TW=cfg.tile_w,
-        BANK=min(bank, 2),
-        NEXT=next_step is not None, CIRCULAR=circular,
-        PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64, ANCHOR=cfg.anchor,
+        BANK=spec.kernel_bank, NEXT=next_step is not None, CIRCULAR=spec.circular,
+        PRECISION=spec.precision_code, INT64=cfg.int64, ANCHOR=cfg.anchor,
         **cfg.launch_options())
 
 
-def bwd_input(gp, cw, g, filters, shape, *, circular: bool, bank: int, grad_r=None, cfg=None):
+def bwd_input(gp, cw, g, filters, shape, *, spec: Optional[StepSpec] = None, grad_r=None,
+              cfg=None, **options):
     """Kernel 3: dL/d r of a step from its perception gradient (the transposed stencil).
     cfg: ``configs.select_transpose(...)``."""
+    spec = spec_of(spec, options)
     B, H, W, C = shape
     F_ = gp.shape[1]
-    cfg = cfg or configs.select_transpose(B * H * W, C, F_, gp.device, bank)
+    cfg = cfg or configs.select_transpose(B * H * W, C, F_, gp.device, spec.bank)
     programs, *sizes = persistent_grid(B, H, W, cfg)
     grad_r = torch.empty(shape, dtype=gp.dtype, device=gp.device) if grad_r is None else grad_r
     _nca_step_bwd_input_kernel[(programs,)](
         gp, cw, g, grad_r, filters,
         H, W, *sizes,
-        C=C, NF=F_, TH=cfg.tile_h, TW=cfg.tile_w, BANK=min(bank, 2), CIRCULAR=circular,
-        INT64=cfg.int64, **cfg.launch_options())
+        C=C, NF=F_, TH=cfg.tile_h, TW=cfg.tile_w, BANK=spec.kernel_bank,
+        CIRCULAR=spec.circular, INT64=cfg.int64, **cfg.launch_options())
     return grad_r
 
 
@@ -554,20 +561,19 @@ def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters,
     if alive_threshold is None and q is not None:
         raise ValueError("q: pre-mask bits given but alive masking is off")
     r, g = r.contiguous(), g.contiguous()
-    w1k, b1, w2t, b2, filters = (t.contiguous() for t in (w1k, b1, w2t, b2, filters))
+    w = StepWeights(w1k, b1, w2t, b2, filters).contiguous()
     if named_bank is None:
-        named_bank = configs.bank_code(filters)
+        named_bank = configs.bank_code(w.filters)
+    spec = StepSpec.of(circular=circular, precision=precision, bank=named_bank,
+                       alive_threshold=alive_threshold, alpha_channel=alpha_channel,
+                       fire_threshold=fire_threshold, seed=seed)
     if cw is None:
-        cw = cell_words(r, q, w1k, b1, w2t, b2, filters, seed=seed, step=step,
-                        fire_threshold=fire_threshold, alive_threshold=alive_threshold,
-                        alpha_channel=alpha_channel, circular=circular, precision=precision,
-                        named_bank=named_bank)
+        cw = cell_words(r, q, *w, seed=seed, step=step, fire_threshold=fire_threshold,
+                        alive_threshold=alive_threshold, alpha_channel=alpha_channel,
+                        circular=circular, precision=precision, named_bank=spec.bank)
     _check_cw(cw, B, H, W)
-    bank = named_bank
-    kw = dict(circular=circular, precision=precision, bank=bank)
-    parts = new_parts(B, H, W, C, HID, F_, r.device, precision, r.dtype, bank)
-    gp = bwd_gp(r, cw, g, w1k, b1, w2t, filters, **kw)
-    bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, **kw)
-    grad_r = bwd_input(gp, cw, g, filters, (B, H, W, C), circular=circular, bank=bank,
-                       grad_r=grad_r)
-    return (grad_r, *weight_grads(parts, C, HID, F_, bank))
+    parts = new_parts(B, H, W, C, HID, F_, r.device, precision, r.dtype, spec.bank)
+    gp = bwd_gp(r, cw, g, w.w1k, w.b1, w.w2t, w.filters, spec=spec)
+    bwd_weights(r, cw, g, parts, w.w1k, w.b1, w.w2t, w.filters, spec=spec)
+    grad_r = bwd_input(gp, cw, g, w.filters, (B, H, W, C), spec=spec, grad_r=grad_r)
+    return (grad_r, *weight_grads(parts, C, HID, F_, spec))

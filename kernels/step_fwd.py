@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from . import configs
+from .spec import HALO, HQ_HOT, HQ_Q, StepSpec, StepWeights
 from ._tile import (_bank, _bias_rows, _concat4, _fire_bit, _hq_index, _join_rows, _load_taps,
                     _loop_zero, _mlp_chunk, _split_rows, _tap_bit,
                     _mlp_chunk_fma, _w1_block,
@@ -219,24 +220,19 @@ def check_shapes(r, w1k, b1, w2t, b2, filters):
     return B, H, W, C, HID, F_
 
 
-def lap_scale(bank: int) -> float:
-    """The Laplacian's scale folded into W1 for a named bank: "sobel_laplacian16" is bank 3,
-    compiled as bank 2 (the unscaled Laplacian) with W1's Laplacian rows times 1/16."""
-    return 0.0625 if bank == 3 else 1.0
-
-
 def hq_plane(B: int, H: int, W: int, device, n: int = 0) -> torch.Tensor:
-    """A zeroed hq plane [B, H + 4, W + 4] (or [n, B, H + 4, W + 4] when n > 0): the border must
-    be zero and stays so (the kernels write only the interior)."""
-    shape = (B, H + 4, W + 4) if n == 0 else (n, B, H + 4, W + 4)
-    return torch.zeros(shape, dtype=torch.uint8, device=device)
+    """A zeroed hq plane [B, H + 4, W + 4] (or [n, B, H + 4, W + 4] when n > 0): the border of
+    HALO cells must be zero and stays so (the kernels write only the interior)."""
+    shape = (B, H + 2 * HALO, W + 2 * HALO)
+    return torch.zeros(shape if n == 0 else (n, *shape), dtype=torch.uint8, device=device)
 
 
 def as_hq_plane(r: torch.Tensor, q: torch.Tensor, thr: float, alpha: int) -> torch.Tensor:
     """The hq plane of a stored state r [B, H, W, C] that owes the pre-mask bits q [B, H, W]."""
     B, H, W, _ = r.shape
     plane = hq_plane(B, H, W, r.device)
-    plane[:, 2:-2, 2:-2] = (q != 0).to(torch.uint8) | ((r[..., alpha] > thr).to(torch.uint8) << 1)
+    plane[:, HALO:-HALO, HALO:-HALO] = (torch.where(q != 0, HQ_Q, 0)
+                                        | torch.where(r[..., alpha] > thr, HQ_HOT, 0))
     return plane
 
 
@@ -277,44 +273,39 @@ def nca_step_fwd(r: torch.Tensor, q, w1k, b1, w2t, b2, filters, *, seed: int, st
         raise ValueError(f"q: expected a uint8 hq plane [B, H + 4, W + 4] = "
                          f"{(B, H + 4, W + 4)} (or pre-mask bits [B, H, W]), got {q.dtype} "
                          f"{tuple(q.shape)}")
-    if precision not in configs.PRECISION_CODES:
-        raise ValueError(f"precision: expected one of {tuple(configs.PRECISION_CODES)}, "
-                         f"got {precision!r}")
     if named_bank is None:
         named_bank = configs.bank_code(filters)
-    cfg = configs.select_forward(B * H * W, C, HID, F_, r.device, precision, named_bank)
-    return launch_fwd(cfg, r, q, w1k.contiguous(), b1.contiguous(), w2t.contiguous(),
-                      b2.contiguous(), filters.contiguous(), seed=seed, step=step,
-                      fire_threshold=fire_threshold, alive_threshold=alive_threshold,
-                      alpha_channel=alpha_channel, circular=circular, precision=precision,
-                      bank=named_bank, out=out, q_out=q_out, cw_out=cw_out)
+    spec = StepSpec.of(circular=circular, precision=precision, bank=named_bank,
+                       alive_threshold=alive_threshold, alpha_channel=alpha_channel,
+                       fire_threshold=fire_threshold, seed=seed)      # checks them
+    cfg = configs.select_forward(B * H * W, C, HID, F_, r.device, precision, spec.bank)
+    weights = StepWeights(w1k, b1, w2t, b2, filters).contiguous()
+    return launch_fwd(cfg, r, q, weights, spec=spec, step=step, out=out, q_out=q_out,
+                      cw_out=cw_out)
 
 
-def launch_fwd(cfg, r, q, w1k, b1, w2t, b2, filters, *, seed: int, step: int,
-               fire_threshold: int, alive_threshold, alpha_channel: int, circular: bool,
-               precision: str, bank: int, out=None, q_out=None, cw_out=None):
+def launch_fwd(cfg, r, q, weights: StepWeights, *, spec: StepSpec, step: int, out=None,
+               q_out=None, cw_out=None):
     """``nca_step_fwd`` without its checks, for a caller that validated the operands (contiguous,
     shapes, dtypes, devices) and chose ``cfg = configs.select_forward(...)`` once for many
     steps: a rollout."""
     B, H, W, C = r.shape
-    F_, _, HID = w1k.shape
-    alive = alive_threshold is not None
+    F_, _, HID = weights.w1k.shape
     out = torch.empty_like(r) if out is None else out
-    if alive and q_out is None:
+    if spec.alive and q_out is None:
         q_out = hq_plane(B, H, W, r.device)
     programs, *sizes = persistent_grid(B, H, W, cfg)
     _nca_step_fwd_kernel[(programs,)](
-        r, q if q is not None else r, out, q_out if alive else out,
+        r, q if q is not None else r, out, q_out if spec.alive else out,
         cw_out if cw_out is not None else out,
-        w1k, b1, w2t, b2, filters,
-        lap_scale(bank),
-        seed, step, fire_threshold, float(alive_threshold) if alive else 0.0,
+        *weights, spec.lap_scale,
+        spec.seed, step, spec.fire_threshold,
+        float(spec.alive_threshold) if spec.alive else 0.0,
         H, W, *sizes,
-        C=C, HID=HID, NF=F_, ALPHA=alpha_channel, TH=cfg.tile_h, TW=cfg.tile_w,
-        HC=cfg.hidden_chunk, BANK=min(bank, 2), HAS_Q=q is not None, ALIVE=alive, CIRCULAR=circular,
-        PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64, RESIDENT=cfg.resident,
-        SPLIT_ROWS=cfg.split_rows,
-        SAVE_CW=cw_out is not None,
+        C=C, HID=HID, NF=F_, ALPHA=spec.alpha_channel, TH=cfg.tile_h, TW=cfg.tile_w,
+        HC=cfg.hidden_chunk, BANK=spec.kernel_bank, HAS_Q=q is not None, ALIVE=spec.alive,
+        CIRCULAR=spec.circular, PRECISION=spec.precision_code, INT64=cfg.int64,
+        RESIDENT=cfg.resident, SPLIT_ROWS=cfg.split_rows, SAVE_CW=cw_out is not None,
         **cfg.launch_options(),
     )
-    return out, (q_out if alive else None)
+    return out, (q_out if spec.alive else None)

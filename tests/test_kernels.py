@@ -284,7 +284,7 @@ def _precision_run(prec, monkeypatch=None):
         for module, name in ((step_fwd, "launch_fwd"), (step_bwd, "bwd_gp"),
                              (step_bwd, "bwd_weights")):
             def wrapper(*args, _real=getattr(module, name), _name=name, **kwargs):
-                seen.append((_name, kwargs.get("precision")))
+                seen.append((_name, kwargs["spec"].precision))
                 return _real(*args, **kwargs)
             monkeypatch.setattr(module, name, wrapper)
     model = NCA(NCAConfig(precision=prec, hidden=32), backend="triton").to(DEVICE)
