@@ -1,4 +1,4 @@
-"""Tile helpers of the v2 kernels: 2-D tiles, per-cell bit words, constexpr filter banks."""
+"""Tile helpers shared by the step kernels: 2-D tiles, per-cell bit words, constexpr filter banks."""
 import triton
 import triton.language as tl
 

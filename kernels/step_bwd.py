@@ -1,4 +1,4 @@
-"""Backward of one NCA step, handwritten: gradients for the stored state and every weight (v2).
+"""Backward of one NCA step, handwritten: gradients for the stored state and every weight.
 
 Nothing from the forward is kept but its input ``r`` and one 16-bit word per cell that the
 forward computed anyway (``nca_step_fwd(..., cw_out=)``): which of the 9 neighbours the deferred

@@ -1,4 +1,4 @@
-"""Forward of one NCA step, fused: one read of the state, one write (v2, persistent 2-D tiles).
+"""Forward of one NCA step, fused: one read of the state, one write (persistent 2-D tiles).
 
 Maths (docs in nca_fast), per cell i of a channels-last state ``r [B*H*W, C]``:
 
