@@ -58,7 +58,7 @@ class StepConfig:
     num_stages: int = 1
     maxnreg: Optional[int] = None  # register ceiling for ptxas (None: ptxas picks)
     resident: bool = True   # weights loaded once per program (else once per tile)
-    anchor: bool = False    # backward dense kernels: the perception tile through an opaque move (_layout_anchor)
+    anchor: bool = False    # backward dense kernels: the perception tile via _layout_anchor
     split_rows: bool = False  # forward: the dense layers on the tile's two halves of rows
 
     @property
