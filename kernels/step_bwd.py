@@ -89,6 +89,104 @@ def _gp_chunk_fma(p0, p1, p2, p3, gdx, w0, w1, w2, w3, b1c, t0, t1, t2, t3, w2c,
     return g0, g1, g2, g3
 
 
+@triton.jit
+def _gp_weights(w1_ptr, b1_ptr, w2_ptr, lap, r_ptr, C: tl.constexpr, HID: tl.constexpr,
+                HC: tl.constexpr, NF: tl.constexpr, BANK: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """(w1s, bss, wts, w2s): every hidden chunk's W1, b1, W1^T and W2 in the state's dtype.
+    FMA dots (IEEE): W1_k and W1_k^T per filter (index j * NF + k), b1 as a row; tensor
+    cores: [4C, HC] / [HC, 4C] tiles, b1 as the K block of the constant-1 column."""
+    dtype = r_ptr.dtype.element_ty
+    w1s = ()
+    bss = ()
+    wts = ()
+    w2s = ()
+    for j in tl.static_range(HID // HC):
+        if PRECISION == IEEE:
+            for k in tl.static_range(NF):
+                w1s = w1s + (_w1_block(w1_ptr, lap, k, j * HC, C, HID, HC, BANK).to(dtype),)
+                wts = wts + (_w1_block(w1_ptr, lap, k, j * HC, C, HID, HC, BANK,
+                                       TRANS=True).to(dtype),)
+            bss = bss + (tl.load(b1_ptr + j * HC + tl.arange(0, HC)).to(dtype),)
+        else:
+            w1s = w1s + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK,
+                                  BIAS=True, HIDDEN_ROWS=False, K_ORDER=IEEE).to(dtype),)
+            bss = bss + (_bias_rows(b1_ptr, j * HC, C, HC).to(dtype),)
+            wts = wts + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK,
+                                  BIAS=False, HIDDEN_ROWS=True, K_ORDER=PRECISION).to(dtype),)
+        w2s = w2s + (_w2_cols(w2_ptr, j * HC, C, HC),)
+    return w1s, bss, wts, w2s
+
+
+@triton.jit
+def _gp_fma(p0, p1, p2, p3, gdx, g, ok, w1s, bss, wts, w2s, w1p, b1p, w2p, lap,
+            C: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr, NF: tl.constexpr,
+            BANK: tl.constexpr, RESIDENT: tl.constexpr):
+    """The perception gradient [M, 4C] in FMA dots (IEEE): one accumulator per filter, the
+    weights resident (``_gp_weights``) or loaded here from the tile's pointers."""
+    dtype = gdx.dtype
+    M: tl.constexpr = gdx.shape[0]
+    if BANK != BANK_DATA:
+        g0 = tl.where(ok[:, None], g, 0.0).to(dtype)
+    else:
+        g0 = tl.zeros([M, C], dtype=dtype)
+    g1 = tl.zeros([M, C], dtype=dtype)
+    g2 = tl.zeros([M, C], dtype=dtype)
+    g3 = tl.zeros([M, C], dtype=dtype)
+    for j in tl.static_range(HID // HC):
+        if RESIDENT:
+            g0, g1, g2, g3 = _gp_chunk_fma(
+                p0, p1, p2, p3, gdx, w1s[j * NF], w1s[j * NF + 1], w1s[j * NF + 2],
+                w1s[j * NF + NF - 1], bss[j], wts[j * NF], wts[j * NF + 1],
+                wts[j * NF + 2], wts[j * NF + NF - 1], w2s[j], g0, g1, g2, g3, NF)
+        else:
+            g0, g1, g2, g3 = _gp_chunk_fma(
+                p0, p1, p2, p3, gdx,
+                _w1_block(w1p, lap, 0, j * HC, C, HID, HC, BANK).to(dtype),
+                _w1_block(w1p, lap, 1, j * HC, C, HID, HC, BANK).to(dtype),
+                _w1_block(w1p, lap, 2, j * HC, C, HID, HC, BANK).to(dtype),
+                _w1_block(w1p, lap, NF - 1, j * HC, C, HID, HC, BANK).to(dtype),
+                tl.load(b1p + j * HC + tl.arange(0, HC)).to(dtype),
+                _w1_block(w1p, lap, 0, j * HC, C, HID, HC, BANK, TRANS=True).to(dtype),
+                _w1_block(w1p, lap, 1, j * HC, C, HID, HC, BANK, TRANS=True).to(dtype),
+                _w1_block(w1p, lap, 2, j * HC, C, HID, HC, BANK, TRANS=True).to(dtype),
+                _w1_block(w1p, lap, NF - 1, j * HC, C, HID, HC, BANK, TRANS=True).to(dtype),
+                _w2_cols(w2p, j * HC, C, HC), g0, g1, g2, g3, NF)
+    return _concat4(g0, g1, g2, g3)
+
+
+@triton.jit
+def _gp_mma(pc, gdx, ones, g, ok, cl, w1s, bss, wts, w2s, w1p, b1p, w2p, lap, lz,
+            C: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr, NF: tl.constexpr,
+            BANK: tl.constexpr, PRECISION: tl.constexpr, RESIDENT: tl.constexpr):
+    """The perception gradient [M, 4C] on tensor cores (TF32, BF16), one K = 4C dot per chunk
+    each way: the weights resident, or loaded per tile in a loop."""
+    dtype = gdx.dtype
+    M: tl.constexpr = gdx.shape[0]
+    NCH: tl.constexpr = HID // HC
+    if BANK != BANK_DATA:
+        # the identity path joins gp's first slot: the accumulator starts at [g, 0, 0, 0]
+        zero = tl.where(cl[None, :] < 0, g, 0.0)
+        gp = _concat4(tl.where(ok[:, None], g, 0.0), zero, zero, zero)
+    else:
+        gp = tl.zeros([M, 4 * C], dtype=dtype)
+    if RESIDENT:
+        for j in tl.static_range(NCH):
+            gp = _gp_chunk(pc, gdx, ones, w1s[j], bss[j], wts[j], w2s[j], gp, NF, PRECISION)
+    else:
+        # a loop whose trip count the compiler cannot see (lz), so that it is not unrolled and
+        # one chunk's weights and activations are live at once
+        for j in range(0, NCH + lz):
+            gp = _gp_chunk(pc, gdx, ones,
+                           _w1_tile(w1p, b1p, lap, j * HC, C, HID, HC, NF, BANK, BIAS=True,
+                                    HIDDEN_ROWS=False, K_ORDER=IEEE).to(dtype),
+                           _bias_rows(b1p, j * HC, C, HC).to(dtype),
+                           _w1_tile(w1p, b1p, lap, j * HC, C, HID, HC, NF, BANK, BIAS=False,
+                                    HIDDEN_ROWS=True, K_ORDER=PRECISION).to(dtype),
+                           _w2_cols(w2p, j * HC, C, HC), gp, NF, PRECISION)
+    return gp
+
+
 @triton.jit(do_not_specialize=configs.RUNTIME_INTS)
 def _nca_step_bwd_gp_kernel(
     r_ptr,          # [B*H*W, C] the step's stored input state
@@ -107,32 +205,14 @@ def _nca_step_bwd_gp_kernel(
     _static_shapes(C, NF, HID, HC)
     tl.static_assert(HC <= HID, "HC: a chunk of the hidden units")
     M: tl.constexpr = TH * TW
-    NCH: tl.constexpr = HID // HC
     cols = tl.arange(0, C)
     dtype = r_ptr.dtype.element_ty
     ones = (tl.where(cols[None, :] == 0, 1.0, 0.0) + tl.zeros([M, C], dtype=tl.float32)).to(dtype)
-    # ---- parameters, once per program (RESIDENT) or once per tile
+    # ---- parameters, once per program (RESIDENT) or once per tile (in the dense helpers)
+    w1s, bss, wts, w2s = (), (), (), ()
     if RESIDENT:
-        w1s = ()
-        bss = ()
-        wts = ()
-        w2s = ()
-        for j in tl.static_range(NCH):
-            if PRECISION == IEEE:
-                # FMA dots: W1_k and W1_k^T per filter (index j * NF + k), b1 as a row
-                for k in tl.static_range(NF):
-                    w1s = w1s + (_w1_block(w1_ptr, lap, k, j * HC, C, HID, HC, BANK).to(dtype),)
-                    wts = wts + (_w1_block(w1_ptr, lap, k, j * HC, C, HID, HC, BANK,
-                                           TRANS=True).to(dtype),)
-                bss = bss + (tl.load(b1_ptr + j * HC + tl.arange(0, HC)).to(dtype),)
-            else:
-                w1s = w1s + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK,
-                                      BIAS=True, HIDDEN_ROWS=False, K_ORDER=IEEE).to(dtype),)
-                bss = bss + (_bias_rows(b1_ptr, j * HC, C, HC).to(dtype),)
-                wts = wts + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK,
-                                      BIAS=False, HIDDEN_ROWS=True,
-                                      K_ORDER=PRECISION).to(dtype),)
-            w2s = w2s + (_w2_cols(w2_ptr, j * HC, C, HC),)
+        w1s, bss, wts, w2s = _gp_weights(w1_ptr, b1_ptr, w2_ptr, lap, r_ptr, C, HID, HC, NF,
+                                         BANK, PRECISION)
 
     pid = tl.program_id(0)
     b, ty, tx = _tile_start(pid, tiles_x, tiles_y * tiles_x)
@@ -156,63 +236,13 @@ def _nca_step_bwd_gp_kernel(
         # ---- the update's gradient: the cells that fired (and are in the grid)
         g = tl.load(g_ptr + cell[:, None] * C + cl[None, :])
         gdx = tl.where(((cw & PACKED_FIRE) != 0)[:, None] & ok[:, None], g, 0.0).to(dtype)
+        # ---- hidden chunks: gp += gh @ W1^T (for a named bank gp_0 starts at g: the identity)
         if PRECISION == IEEE:
-            # ---- FMA dots: gp_k += gh @ W1_k^T, one accumulator per filter (the identity path
-            # of a named bank starts gp_0 at g)
-            if BANK != BANK_DATA:
-                g0 = tl.where(ok[:, None], g, 0.0).to(dtype)
-            else:
-                g0 = tl.zeros([M, C], dtype=dtype)
-            g1 = tl.zeros([M, C], dtype=dtype)
-            g2 = tl.zeros([M, C], dtype=dtype)
-            g3 = tl.zeros([M, C], dtype=dtype)
-            for j in tl.static_range(NCH):
-                if RESIDENT:
-                    g0, g1, g2, g3 = _gp_chunk_fma(
-                        p0, p1, p2, p3, gdx, w1s[j * NF], w1s[j * NF + 1], w1s[j * NF + 2],
-                        w1s[j * NF + NF - 1], bss[j], wts[j * NF], wts[j * NF + 1],
-                        wts[j * NF + 2], wts[j * NF + NF - 1], w2s[j], g0, g1, g2, g3, NF)
-                else:
-                    g0, g1, g2, g3 = _gp_chunk_fma(
-                        p0, p1, p2, p3, gdx,
-                        _w1_block(w1p, lap, 0, j * HC, C, HID, HC, BANK).to(dtype),
-                        _w1_block(w1p, lap, 1, j * HC, C, HID, HC, BANK).to(dtype),
-                        _w1_block(w1p, lap, 2, j * HC, C, HID, HC, BANK).to(dtype),
-                        _w1_block(w1p, lap, NF - 1, j * HC, C, HID, HC, BANK).to(dtype),
-                        tl.load(b1p + j * HC + tl.arange(0, HC)).to(dtype),
-                        _w1_block(w1p, lap, 0, j * HC, C, HID, HC, BANK, TRANS=True).to(dtype),
-                        _w1_block(w1p, lap, 1, j * HC, C, HID, HC, BANK, TRANS=True).to(dtype),
-                        _w1_block(w1p, lap, 2, j * HC, C, HID, HC, BANK, TRANS=True).to(dtype),
-                        _w1_block(w1p, lap, NF - 1, j * HC, C, HID, HC, BANK,
-                                  TRANS=True).to(dtype),
-                        _w2_cols(w2p, j * HC, C, HC), g0, g1, g2, g3, NF)
-            gp = _concat4(g0, g1, g2, g3)
+            gp = _gp_fma(p0, p1, p2, p3, gdx, g, ok, w1s, bss, wts, w2s, w1p, b1p, w2p, lap, C,
+                         HID, HC, NF, BANK, RESIDENT)
         else:
-            if BANK != BANK_DATA:
-                # the identity path joins gp's first slot: the accumulator starts at [g, 0, 0, 0]
-                zero = tl.where(cl[None, :] < 0, g, 0.0)
-                gp = _concat4(tl.where(ok[:, None], g, 0.0), zero, zero, zero)
-            else:
-                gp = tl.zeros([M, 4 * C], dtype=dtype)
-
-            # ---- hidden chunks: gp += gh @ W1^T
-            if RESIDENT:
-                for j in tl.static_range(NCH):
-                    gp = _gp_chunk(pc, gdx, ones, w1s[j], bss[j], wts[j], w2s[j], gp, NF,
-                                   PRECISION)
-            else:
-                # weights per tile: a loop whose trip count the compiler cannot see (lz), so
-                # that it is not unrolled and one chunk's weights and activations are live at once
-                for j in range(0, NCH + lz):
-                    gp = _gp_chunk(pc, gdx, ones,
-                                   _w1_tile(w1p, b1p, lap, j * HC, C, HID, HC, NF, BANK,
-                                            BIAS=True, HIDDEN_ROWS=False,
-                                            K_ORDER=IEEE).to(dtype),
-                                   _bias_rows(b1p, j * HC, C, HC).to(dtype),
-                                   _w1_tile(w1p, b1p, lap, j * HC, C, HID, HC, NF, BANK,
-                                            BIAS=False, HIDDEN_ROWS=True,
-                                            K_ORDER=PRECISION).to(dtype),
-                                   _w2_cols(w2p, j * HC, C, HC), gp, NF, PRECISION)
+            gp = _gp_mma(pc, gdx, ones, g, ok, cl, w1s, bss, wts, w2s, w1p, b1p, w2p, lap, lz,
+                         C, HID, HC, NF, BANK, PRECISION, RESIDENT)
 
         # ---- perception gradient to scratch, [cell, k, c]
         kc = tl.arange(0, 4 * C) + lz

@@ -39,6 +39,91 @@ from ._tile import (CW_FIRE, CW_PRE, HQ_HOT, IEEE, _bank, _bias_rows, _static_sh
                     _tile_next, _tile_start, _w1_block, _w1_tile, _w2_rows, _window_bits)
 
 
+# ------------------------------------------------------------------------------ dense layers
+@triton.jit
+def _chunk_weights(w1_ptr, b1_ptr, w2_ptr, lap, r_ptr, C: tl.constexpr, HID: tl.constexpr,
+                   HC: tl.constexpr, NF: tl.constexpr, BANK: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """(w1s, bss, w2s): every hidden chunk's weights in the state's dtype. FMA dots (IEEE):
+    W1 per filter (w1s[j * NF + k]) and b1 as a row; tensor cores: W1 as one [4C, HC] tile
+    and b1 as the K block of the constant-1 column."""
+    dtype = r_ptr.dtype.element_ty
+    w1s = ()
+    bss = ()
+    w2s = ()
+    for j in tl.static_range(HID // HC):
+        if PRECISION == IEEE:
+            for k in tl.static_range(NF):
+                w1s = w1s + (_w1_block(w1_ptr, lap, k, j * HC, C, HID, HC, BANK).to(dtype),)
+            bss = bss + (tl.load(b1_ptr + j * HC + tl.arange(0, HC)).to(dtype),)
+        else:
+            w1s = w1s + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK,
+                                  BIAS=True, HIDDEN_ROWS=False, K_ORDER=IEEE).to(dtype),)
+            bss = bss + (_bias_rows(b1_ptr, j * HC, C, HC).to(dtype),)
+        w2s = w2s + (_w2_rows(w2_ptr, j * HC, C, HC, PRECISION),)
+    return w1s, bss, w2s
+
+
+@triton.jit
+def _dense_fma(p0, p1, p2, p3, dx, w1s, bss, w2s, w1p, b1p, w2p, lap, C: tl.constexpr,
+               HID: tl.constexpr, HC: tl.constexpr, NF: tl.constexpr, BANK: tl.constexpr,
+               RESIDENT: tl.constexpr):
+    """dx + the update of the dense layers in FMA dots (IEEE), chunk by chunk: the weights
+    ``_chunk_weights`` loaded (RESIDENT), or loaded here from the tile's pointers."""
+    dtype = dx.dtype
+    for j in tl.static_range(HID // HC):
+        if RESIDENT:
+            dx = _mlp_chunk_fma(p0, p1, p2, p3, w1s[j * NF], w1s[j * NF + 1], w1s[j * NF + 2],
+                                w1s[j * NF + NF - 1], bss[j], w2s[j], dx, NF)
+        else:
+            dx = _mlp_chunk_fma(
+                p0, p1, p2, p3,
+                _w1_block(w1p, lap, 0, j * HC, C, HID, HC, BANK).to(dtype),
+                _w1_block(w1p, lap, 1, j * HC, C, HID, HC, BANK).to(dtype),
+                _w1_block(w1p, lap, 2, j * HC, C, HID, HC, BANK).to(dtype),
+                _w1_block(w1p, lap, NF - 1, j * HC, C, HID, HC, BANK).to(dtype),
+                tl.load(b1p + j * HC + tl.arange(0, HC)).to(dtype),
+                _w2_rows(w2p, j * HC, C, HC, IEEE), dx, NF)
+    return dx
+
+
+@triton.jit
+def _dense_mma(pc, ones, dx, w1s, bss, w2s, w1p, b1p, w2p, lap, lz, C: tl.constexpr,
+               HID: tl.constexpr, HC: tl.constexpr, NF: tl.constexpr, BANK: tl.constexpr,
+               PRECISION: tl.constexpr, RESIDENT: tl.constexpr, SPLIT_ROWS: tl.constexpr):
+    """dx + the update of the dense layers on tensor cores (TF32, BF16), one K = 4C dot per
+    chunk: the weights resident (on the tile's two halves of rows with SPLIT_ROWS), or
+    loaded per tile in a loop."""
+    dtype = dx.dtype
+    NCH: tl.constexpr = HID // HC
+    if SPLIT_ROWS:
+        # the tile's two halves of M / 2 cells one after the other (an m64 MMA each on
+        # sm_90a at M = 128): half the perception rows and accumulators live at a time,
+        # each row's products and sums as in one [M, .] dot
+        pa, pb = _split_rows(pc)
+        oa, ob = _split_rows(ones)
+        dxa, dxb = _split_rows(dx)
+        for j in tl.static_range(NCH):
+            dxa = _mlp_chunk(pa, oa, w1s[j], bss[j], w2s[j], dxa, NF, PRECISION)
+        for j in tl.static_range(NCH):
+            dxb = _mlp_chunk(pb, ob, w1s[j], bss[j], w2s[j], dxb, NF, PRECISION)
+        dx = _join_rows(dxa, dxb)
+    elif RESIDENT:
+        for j in tl.static_range(NCH):
+            dx = _mlp_chunk(pc, ones, w1s[j], bss[j], w2s[j], dx, NF, PRECISION)
+    else:
+        # a loop whose trip count the compiler cannot see (lz), so that it is not unrolled and
+        # one chunk's weights and activations are live at once
+        for j in range(0, NCH + lz):
+            dx = _mlp_chunk(pc, ones,
+                            _w1_tile(w1p, b1p, lap, j * HC, C, HID, HC, NF, BANK, BIAS=True,
+                                     HIDDEN_ROWS=False, K_ORDER=IEEE).to(dtype),
+                            _bias_rows(b1p, j * HC, C, HC).to(dtype),
+                            _w2_rows(w2p, j * HC, C, HC, PRECISION), dx, NF, PRECISION)
+    return dx
+
+
+# ---------------------------------------------------------------------------------- the kernel
 @triton.jit(do_not_specialize=configs.RUNTIME_INTS)
 def _nca_step_fwd_kernel(
     # state
@@ -71,27 +156,15 @@ def _nca_step_fwd_kernel(
     tl.static_assert(not SPLIT_ROWS or (PRECISION != IEEE and RESIDENT),
                      "SPLIT_ROWS: tensor cores, weights resident")
     M: tl.constexpr = TH * TW
-    NCH: tl.constexpr = HID // HC
     cols = tl.arange(0, C)
     dtype = r_ptr.dtype.element_ty
     ones = (tl.where(cols[None, :] == 0, 1.0, 0.0) + tl.zeros([M, C], dtype=tl.float32)).to(dtype)
     b2 = tl.load(b2_ptr + cols)
-    # ---- parameters, once per program (RESIDENT) or once per tile
+    # ---- parameters, once per program (RESIDENT) or once per tile (in the dense helpers)
+    w1s, bss, w2s = (), (), ()
     if RESIDENT:
-        w1s = ()
-        bss = ()
-        w2s = ()
-        for j in tl.static_range(NCH):
-            if PRECISION == IEEE:
-                # FMA dots: W1 per filter (w1s[j * NF + k]), b1 as a row
-                for k in tl.static_range(NF):
-                    w1s = w1s + (_w1_block(w1_ptr, lap, k, j * HC, C, HID, HC, BANK).to(dtype),)
-                bss = bss + (tl.load(b1_ptr + j * HC + tl.arange(0, HC)).to(dtype),)
-            else:
-                w1s = w1s + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK,
-                                      BIAS=True, HIDDEN_ROWS=False, K_ORDER=IEEE).to(dtype),)
-                bss = bss + (_bias_rows(b1_ptr, j * HC, C, HC).to(dtype),)
-            w2s = w2s + (_w2_rows(w2_ptr, j * HC, C, HC, PRECISION),)
+        w1s, bss, w2s = _chunk_weights(w1_ptr, b1_ptr, w2_ptr, lap, r_ptr, C, HID, HC, NF, BANK,
+                                       PRECISION)
 
     pid = tl.program_id(0)
     b, ty, tx = _tile_start(pid, tiles_x, tiles_y * tiles_x)
@@ -127,46 +200,14 @@ def _nca_step_fwd_kernel(
             p3 = (tl.where(cols[None, :] == 0, 1.0, 0.0) + tl.zeros_like(p3)).to(dtype)
         pc = _concat4(p0, p1, p2, p3)
 
-        # ---- dense layers on tensor cores, hidden in chunks of HC
+        # ---- dense layers, hidden in chunks of HC
         dx = tl.zeros([M, C], dtype=dtype)
-        if SPLIT_ROWS:
-            # the tile's two halves of M / 2 cells one after the other (an m64 MMA each on
-            # sm_90a at M = 128): half the perception rows and accumulators live at a time,
-            # each row's products and sums as in one [M, .] dot
-            pa, pb = _split_rows(pc)
-            oa, ob = _split_rows(ones)
-            dxa, dxb = _split_rows(dx)
-            for j in tl.static_range(NCH):
-                dxa = _mlp_chunk(pa, oa, w1s[j], bss[j], w2s[j], dxa, NF, PRECISION)
-            for j in tl.static_range(NCH):
-                dxb = _mlp_chunk(pb, ob, w1s[j], bss[j], w2s[j], dxb, NF, PRECISION)
-            dx = _join_rows(dxa, dxb)
-        for j in tl.static_range(NCH):
-            if PRECISION == IEEE:
-                if RESIDENT:
-                    dx = _mlp_chunk_fma(p0, p1, p2, p3, w1s[j * NF], w1s[j * NF + 1],
-                                        w1s[j * NF + 2], w1s[j * NF + NF - 1], bss[j], w2s[j],
-                                        dx, NF)
-                else:
-                    dx = _mlp_chunk_fma(
-                        p0, p1, p2, p3,
-                        _w1_block(w1p, lap, 0, j * HC, C, HID, HC, BANK).to(dtype),
-                        _w1_block(w1p, lap, 1, j * HC, C, HID, HC, BANK).to(dtype),
-                        _w1_block(w1p, lap, 2, j * HC, C, HID, HC, BANK).to(dtype),
-                        _w1_block(w1p, lap, NF - 1, j * HC, C, HID, HC, BANK).to(dtype),
-                        tl.load(b1p + j * HC + tl.arange(0, HC)).to(dtype),
-                        _w2_rows(w2p, j * HC, C, HC, PRECISION), dx, NF)
-            elif RESIDENT and not SPLIT_ROWS:
-                dx = _mlp_chunk(pc, ones, w1s[j], bss[j], w2s[j], dx, NF, PRECISION)
-        if PRECISION != IEEE and not RESIDENT:
-            # weights per tile: a loop whose trip count the compiler cannot see (lz), so
-            # that it is not unrolled and one chunk's weights and activations are live at once
-            for j in range(0, NCH + lz):
-                dx = _mlp_chunk(pc, ones,
-                                _w1_tile(w1p, b1p, lap, j * HC, C, HID, HC, NF, BANK, BIAS=True,
-                                         HIDDEN_ROWS=False, K_ORDER=IEEE).to(dtype),
-                                _bias_rows(b1p, j * HC, C, HC).to(dtype),
-                                _w2_rows(w2p, j * HC, C, HC, PRECISION), dx, NF, PRECISION)
+        if PRECISION == IEEE:
+            dx = _dense_fma(p0, p1, p2, p3, dx, w1s, bss, w2s, w1p, b1p, w2p, lap, C, HID, HC,
+                            NF, BANK, RESIDENT)
+        else:
+            dx = _dense_mma(pc, ones, dx, w1s, bss, w2s, w1p, b1p, w2p, lap, lz, C, HID, HC,
+                            NF, BANK, PRECISION, RESIDENT, SPLIT_ROWS)
         dx += b2[None, :]
         if SPLIT_ROWS:
             # the tile's cells and the cell's own row again (integer operations, an L1 hit)
