@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .kernels.spec import (BANK_DATA, HALO, HQ_Q, NAMED_BANKS, StepSpec, StepWeights)
+from .kernels.spec import BANK_DATA, HALO, HQ_Q, NAMED_BANKS, StepSpec, StepWeights
 from .params import bands as w1_bands
 from .reference import alive as alive_mask
 from .rng import fire_threshold
