@@ -1,17 +1,46 @@
-"""Tile helpers of the v2 kernels: 2-D tiles, per-cell bit words, constexpr filter banks."""
+"""Tile helpers shared by the step kernels: 2-D tiles, per-cell bit words, constexpr banks."""
 import triton
 import triton.language as tl
 
-# Filter-bank codes (constexpr BANK): 0 = taps read from memory (any bank), 1 = "sobel"
-# (identity, Sobel-x / 8, Sobel-y / 8), 2 = "sobel_laplacian" (+ the unscaled Laplacian),
-# 3 = "sobel_laplacian16" (+ Laplacian / 16).
+from . import spec
 
-# hq bytes live in a padded plane per grid, [B, H + 4, W + 4], whose 2-cell border is zero: a
+# ---- the named codes of kernels/spec.py, as constexprs the kernels compare against
+# constexpr PRECISION
+IEEE: tl.constexpr = tl.constexpr(spec.IEEE)
+TF32: tl.constexpr = tl.constexpr(spec.TF32)
+BF16: tl.constexpr = tl.constexpr(spec.BF16)
+# constexpr PADDING
+ZEROS: tl.constexpr = tl.constexpr(spec.ZEROS)
+CIRCULAR: tl.constexpr = tl.constexpr(spec.CIRCULAR)
+# constexpr BANK (a bank code as ``spec.kernel_bank`` compiles it)
+BANK_DATA: tl.constexpr = tl.constexpr(spec.BANK_DATA)
+BANK_SOBEL: tl.constexpr = tl.constexpr(spec.BANK_SOBEL)
+BANK_SOBEL_LAPLACIAN: tl.constexpr = tl.constexpr(spec.BANK_SOBEL_LAPLACIAN)
+SOBEL_SCALE: tl.constexpr = tl.constexpr(spec.SOBEL_SCALE)
+# hq bytes live in a padded plane per grid, [B, H + 2 HALO, W + 2 HALO], whose border is zero: a
 # 5x5 window under zero padding never leaves it and needs no bounds checks.
-HALO = 2
+HALO: tl.constexpr = tl.constexpr(spec.HALO)
+HQ_HOT: tl.constexpr = tl.constexpr(spec.HQ_HOT)
+# The per-cell word ``cw``: the 3x3 neighbourhood in three 10-bit rows, tap (dy, dx) at bit
+# 10 * (dy + 1) + 2 * (dx + 2) (``_tap_bit``); CW_PRE: pre-update mask; CW_FIRE: fire.
+CW_PRE: tl.constexpr = tl.constexpr(spec.CW_PRE)
+CW_FIRE: tl.constexpr = tl.constexpr(spec.CW_FIRE)
+ROW_HOT: tl.constexpr = tl.constexpr(spec.ROW_HOT)
+ROW_Q_INNER: tl.constexpr = tl.constexpr(spec.ROW_Q_INNER)
+# The 16-bit word saved for the backward (``_pack_cw``): tap t at bit t, fire at bit 9.
+PACKED_KEEP: tl.constexpr = tl.constexpr(spec.PACKED_KEEP)
+PACKED_FIRE: tl.constexpr = tl.constexpr(spec.PACKED_FIRE)
 
-# Bit positions of the per-cell word ``cw`` (the 3x3 neighbourhood in three 10-bit rows):
-# tap (dy, dx) at bit 10 * (dy + 1) + 2 * (dx + 2); bit 0: pre-update mask; bit 1: fire.
+
+@triton.jit
+def _static_shapes(C: tl.constexpr, NF: tl.constexpr, HID: tl.constexpr = 0,
+                  HC: tl.constexpr = 0):
+    """The shapes every kernel is written for (the launchers check the supported sets)."""
+    tl.static_assert(C > 0 and (C & (C - 1)) == 0, "C: a power of two (a tl.dot dimension)")
+    tl.static_assert(NF == 3 or NF == 4, "NF: 3 or 4 filters (the constant-1 column: 4 blocks)")
+    if HID > 0:
+        tl.static_assert((HID & (HID - 1)) == 0, "HID: a power of two (a tl.dot dimension)")
+        tl.static_assert(HC > 0 and (HC & (HC - 1)) == 0, "HC: a power of two (hidden units)")
 
 
 @triton.jit
@@ -32,7 +61,7 @@ def _pack_cw(cw):
     mid = (r & 1) | ((r >> 1) & 2) | ((r >> 2) & 4)
     r = cw >> 22
     hi = (r & 1) | ((r >> 1) & 2) | ((r >> 2) & 4)
-    return lo | (mid << 3) | (hi << 6) | ((cw & 2) << 8)
+    return lo | (mid << 3) | (hi << 6) | ((cw & CW_FIRE) << 8)
 
 
 @triton.jit
@@ -86,13 +115,13 @@ def _wrap1(v, n):
 def _hq_index(b, y, x, H, W, INT64: tl.constexpr):
     """Index of cell (y, x) of grid b in the padded hq plane."""
     if INT64:
-        return (b.to(tl.int64) * (H + 2 * 2) + (y + 2)) * (W + 2 * 2) + (x + 2)
+        return (b.to(tl.int64) * (H + 2 * HALO) + (y + HALO)) * (W + 2 * HALO) + (x + HALO)
     else:
-        return (b * (H + 2 * 2) + (y + 2)) * (W + 2 * 2) + (x + 2)
+        return (b * (H + 2 * HALO) + (y + HALO)) * (W + 2 * HALO) + (x + HALO)
 
 
 @triton.jit
-def _window_bits(hq_ptr, b, y, x, H, W, CIRCULAR: tl.constexpr, INT64: tl.constexpr):
+def _window_bits(hq_ptr, b, y, x, H, W, PADDING: tl.constexpr, INT64: tl.constexpr):
     """The per-cell word ``cw`` from the hq bytes of the 5x5 window around each cell: the tap
     bits (the neighbour exists and its deferred alive mask keeps it: q there, and hot somewhere
     on the 3x3 around it) and bit 0, the pre-update alive mask (a kept neighbour with alpha
@@ -102,7 +131,7 @@ def _window_bits(hq_ptr, b, y, x, H, W, CIRCULAR: tl.constexpr, INT64: tl.conste
     Zero padding reads the padded plane without bounds checks; circular padding wraps the
     window's rows and columns into the plane's interior.
     """
-    if CIRCULAR:
+    if PADDING == CIRCULAR:
         r0 = _row_word_wrap(hq_ptr, b, _wrap1(y - 2, H), x, H, W, INT64)
         r1 = _row_word_wrap(hq_ptr, b, _wrap1(y - 1, H), x, H, W, INT64)
         r2 = _row_word_wrap(hq_ptr, b, y, x, H, W, INT64)
@@ -110,23 +139,23 @@ def _window_bits(hq_ptr, b, y, x, H, W, CIRCULAR: tl.constexpr, INT64: tl.conste
         r4 = _row_word_wrap(hq_ptr, b, _wrap1(y + 2, H), x, H, W, INT64)
     else:
         row = hq_ptr + _hq_index(b, y - 2, x - 2, H, W, INT64)
-        wp = W + 2 * 2
+        wp = W + 2 * HALO
         r0 = _row_word(row)
         r1 = _row_word(row + wp)
         r2 = _row_word(row + 2 * wp)
         r3 = _row_word(row + 3 * wp)
         r4 = _row_word(row + 4 * wp)
     # hot on the 3 columns around k, at bit 2k + 1
-    h0 = _hor3(r0 & 0x2AA)
-    h1 = _hor3(r1 & 0x2AA)
-    h2 = _hor3(r2 & 0x2AA)
-    h3 = _hor3(r3 & 0x2AA)
-    h4 = _hor3(r4 & 0x2AA)
+    h0 = _hor3(r0 & ROW_HOT)
+    h1 = _hor3(r1 & ROW_HOT)
+    h2 = _hor3(r2 & ROW_HOT)
+    h3 = _hor3(r3 & ROW_HOT)
+    h4 = _hor3(r4 & ROW_HOT)
     # keep at (dy, k) = q there and hot on the 3x3 around: rows dy = -1, 0, 1 (k = 1..3)
-    k0 = ((h0 | h1 | h2) >> 1) & r1 & 0x54
-    k1 = ((h1 | h2 | h3) >> 1) & r2 & 0x54
-    k2 = ((h2 | h3 | h4) >> 1) & r3 & 0x54
-    pre = (((r1 & (r1 >> 1)) | (r2 & (r2 >> 1)) | (r3 & (r3 >> 1))) & 0x54) != 0
+    k0 = ((h0 | h1 | h2) >> 1) & r1 & ROW_Q_INNER
+    k1 = ((h1 | h2 | h3) >> 1) & r2 & ROW_Q_INNER
+    k2 = ((h2 | h3 | h4) >> 1) & r3 & ROW_Q_INNER
+    pre = (((r1 & (r1 >> 1)) | (r2 & (r2 >> 1)) | (r3 & (r3 >> 1))) & ROW_Q_INNER) != 0
     return k0 | (k1 << 10) | (k2 << 20) | pre.to(tl.int32)
 
 
@@ -157,11 +186,11 @@ def _hor3(v):
 
 
 @triton.jit
-def _nb(y, x, dy: tl.constexpr, dx: tl.constexpr, H, W, CIRCULAR: tl.constexpr):
+def _nb(y, x, dy: tl.constexpr, dx: tl.constexpr, H, W, PADDING: tl.constexpr):
     """In-grid index of the cell at (dy, dx) from (y, x) and whether it exists."""
     ny = y + dy
     nx = x + dx
-    if CIRCULAR:
+    if PADDING == CIRCULAR:
         ny = _wrap1(ny, H)
         nx = _wrap1(nx, W)
         ok = ny >= 0
@@ -173,12 +202,12 @@ def _nb(y, x, dy: tl.constexpr, dx: tl.constexpr, H, W, CIRCULAR: tl.constexpr):
 @triton.jit
 def _plain_bits(r_ptr, base, y, x, H, W, thr,
                 C: tl.constexpr, ALPHA: tl.constexpr, ALIVE: tl.constexpr,
-                CIRCULAR: tl.constexpr):
+                PADDING: tl.constexpr):
     """``cw`` for an input that owes no mask (the first step of a rollout, or alive masking
-    off): the tap bits say the neighbour exists; bit 0 (ALIVE): alpha > thr on the 3x3."""
+    off): the tap bits say the neighbour exists; CW_PRE (ALIVE): alpha > thr on the 3x3."""
     bits = tl.zeros_like(y)
     for t in tl.static_range(9):
-        nb, ok = _nb(y, x, t // 3 - 1, t % 3 - 1, H, W, CIRCULAR)
+        nb, ok = _nb(y, x, t // 3 - 1, t % 3 - 1, H, W, PADDING)
         bits |= tl.where(ok, _tap_bit(t), 0)
         if ALIVE:
             a = tl.load(r_ptr + (base + nb) * C + ALPHA, mask=ok, other=0.0)
@@ -233,95 +262,78 @@ def _loop_zero(v):
 
 @triton.jit
 def _load_taps(r_ptr, cw, base, y, x, H, W, lz,
-               C: tl.constexpr, CIRCULAR: tl.constexpr, PACKED: tl.constexpr = False):
-    """The 9 neighbour rows [M, C] of every cell, zero where the tap's bit of ``cw`` is clear.
-    lz: ``_loop_zero``."""
+               C: tl.constexpr, PADDING: tl.constexpr, PACKED: tl.constexpr = False):
+    """The 9 neighbour rows [M, C] of every cell (a tuple, tap t = (dy + 1) * 3 + dx + 1), zero
+    where the tap's bit of ``cw`` is clear. lz: ``_loop_zero``."""
     cols = tl.arange(0, C) + lz
     cw = cw[:, None]
-    if CIRCULAR:
+    taps = ()
+    if PADDING == CIRCULAR:
         p = r_ptr + cols[None, :]
-        n0, _ = _nb(y, x, -1, -1, H, W, CIRCULAR)
-        n1, _ = _nb(y, x, -1, 0, H, W, CIRCULAR)
-        n2, _ = _nb(y, x, -1, 1, H, W, CIRCULAR)
-        n3, _ = _nb(y, x, 0, -1, H, W, CIRCULAR)
-        n4, _ = _nb(y, x, 0, 0, H, W, CIRCULAR)
-        n5, _ = _nb(y, x, 0, 1, H, W, CIRCULAR)
-        n6, _ = _nb(y, x, 1, -1, H, W, CIRCULAR)
-        n7, _ = _nb(y, x, 1, 0, H, W, CIRCULAR)
-        n8, _ = _nb(y, x, 1, 1, H, W, CIRCULAR)
-        v0 = tl.load(p + (base + n0)[:, None] * C, mask=(cw & _tap_bit(0, PACKED)) != 0, other=0.0)
-        v1 = tl.load(p + (base + n1)[:, None] * C, mask=(cw & _tap_bit(1, PACKED)) != 0, other=0.0)
-        v2 = tl.load(p + (base + n2)[:, None] * C, mask=(cw & _tap_bit(2, PACKED)) != 0, other=0.0)
-        v3 = tl.load(p + (base + n3)[:, None] * C, mask=(cw & _tap_bit(3, PACKED)) != 0, other=0.0)
-        v4 = tl.load(p + (base + n4)[:, None] * C, mask=(cw & _tap_bit(4, PACKED)) != 0, other=0.0)
-        v5 = tl.load(p + (base + n5)[:, None] * C, mask=(cw & _tap_bit(5, PACKED)) != 0, other=0.0)
-        v6 = tl.load(p + (base + n6)[:, None] * C, mask=(cw & _tap_bit(6, PACKED)) != 0, other=0.0)
-        v7 = tl.load(p + (base + n7)[:, None] * C, mask=(cw & _tap_bit(7, PACKED)) != 0, other=0.0)
-        v8 = tl.load(p + (base + n8)[:, None] * C, mask=(cw & _tap_bit(8, PACKED)) != 0, other=0.0)
+        nbs = ()
+        for t in tl.static_range(9):
+            nb, _ = _nb(y, x, t // 3 - 1, t % 3 - 1, H, W, PADDING)
+            nbs = nbs + (nb,)
+        for t in tl.static_range(9):
+            taps = taps + (tl.load(p + (base + nbs[t])[:, None] * C,
+                                   mask=(cw & _tap_bit(t, PACKED)) != 0, other=0.0),)
     else:
         # three row pointers; the columns are constant offsets from them (+-C elements)
         p = r_ptr + (base + y * W + x)[:, None] * C + cols[None, :]
-        pu = p - W * C
-        pd = p + W * C
-        v0 = tl.load(pu - C, mask=(cw & _tap_bit(0, PACKED)) != 0, other=0.0)
-        v1 = tl.load(pu, mask=(cw & _tap_bit(1, PACKED)) != 0, other=0.0)
-        v2 = tl.load(pu + C, mask=(cw & _tap_bit(2, PACKED)) != 0, other=0.0)
-        v3 = tl.load(p - C, mask=(cw & _tap_bit(3, PACKED)) != 0, other=0.0)
-        v4 = tl.load(p, mask=(cw & _tap_bit(4, PACKED)) != 0, other=0.0)
-        v5 = tl.load(p + C, mask=(cw & _tap_bit(5, PACKED)) != 0, other=0.0)
-        v6 = tl.load(pd - C, mask=(cw & _tap_bit(6, PACKED)) != 0, other=0.0)
-        v7 = tl.load(pd, mask=(cw & _tap_bit(7, PACKED)) != 0, other=0.0)
-        v8 = tl.load(pd + C, mask=(cw & _tap_bit(8, PACKED)) != 0, other=0.0)
-    return v0, v1, v2, v3, v4, v5, v6, v7, v8
+        rows = (p - W * C, p, p + W * C)
+        for t in tl.static_range(9):
+            taps = taps + (tl.load(_col(rows[t // 3], t % 3 - 1, C),
+                                   mask=(cw & _tap_bit(t, PACKED)) != 0, other=0.0),)
+    return taps
 
 
 @triton.jit
-def _bank(v0, v1, v2, v3, v4, v5, v6, v7, v8, filt_ptr, NF: tl.constexpr, BANK: tl.constexpr):
-    """The F perception tiles p0..p3 [M, C] (p3 zero when F = 3) from the 9 taps."""
-    if BANK == 0:
-        p0 = (tl.load(filt_ptr + 0) * v0 + tl.load(filt_ptr + 1) * v1 + tl.load(filt_ptr + 2) * v2
-              + tl.load(filt_ptr + 3) * v3 + tl.load(filt_ptr + 4) * v4
-              + tl.load(filt_ptr + 5) * v5 + tl.load(filt_ptr + 6) * v6
-              + tl.load(filt_ptr + 7) * v7 + tl.load(filt_ptr + 8) * v8)
-        p1 = (tl.load(filt_ptr + 9) * v0 + tl.load(filt_ptr + 10) * v1
-              + tl.load(filt_ptr + 11) * v2 + tl.load(filt_ptr + 12) * v3
-              + tl.load(filt_ptr + 13) * v4 + tl.load(filt_ptr + 14) * v5
-              + tl.load(filt_ptr + 15) * v6 + tl.load(filt_ptr + 16) * v7
-              + tl.load(filt_ptr + 17) * v8)
-        p2 = (tl.load(filt_ptr + 18) * v0 + tl.load(filt_ptr + 19) * v1
-              + tl.load(filt_ptr + 20) * v2 + tl.load(filt_ptr + 21) * v3
-              + tl.load(filt_ptr + 22) * v4 + tl.load(filt_ptr + 23) * v5
-              + tl.load(filt_ptr + 24) * v6 + tl.load(filt_ptr + 25) * v7
-              + tl.load(filt_ptr + 26) * v8)
-        if NF == 4:
-            p3 = (tl.load(filt_ptr + 27) * v0 + tl.load(filt_ptr + 28) * v1
-                  + tl.load(filt_ptr + 29) * v2 + tl.load(filt_ptr + 30) * v3
-                  + tl.load(filt_ptr + 31) * v4 + tl.load(filt_ptr + 32) * v5
-                  + tl.load(filt_ptr + 33) * v6 + tl.load(filt_ptr + 34) * v7
-                  + tl.load(filt_ptr + 35) * v8)
-        else:
-            p3 = tl.zeros_like(v4)
+def _col(row, dx: tl.constexpr, STRIDE: tl.constexpr):
+    """The pointers ``row`` moved dx cells along the row (cells STRIDE elements apart)."""
+    if dx < 0:
+        return row - STRIDE
+    elif dx > 0:
+        return row + STRIDE
+    else:
+        return row
+
+
+@triton.jit
+def _bank(v, filt_ptr, NF: tl.constexpr, BANK: tl.constexpr):
+    """The F perception tiles p0..p3 [M, C] (p3 zero when F = 3) from the 9 taps ``v``."""
+    if BANK == BANK_DATA:
+        ps = ()
+        for k in tl.static_range(4):
+            if k < NF:
+                pk = tl.load(filt_ptr + 9 * k) * v[0]
+                for t in tl.static_range(1, 9):
+                    pk = pk + tl.load(filt_ptr + (9 * k + t)) * v[t]
+            else:
+                pk = tl.zeros_like(v[4])
+            ps = ps + (pk,)
+        p0, p1, p2, p3 = ps
     else:
         # 8 x the Sobel filters (their 1/8 and the Laplacian's 1/16 are folded into W1's rows,
-        # ``_w1_rows``): the two share the corner differences
-        a = v8 - v0
-        c = v2 - v6
-        p0 = v4
-        p1 = (a + c) + 2.0 * (v5 - v3)
-        p2 = (a - c) + 2.0 * (v7 - v1)
-        if BANK == 1:
-            p3 = tl.zeros_like(v4)
+        # ``_w1_tile``, ``_w1_block``): the two share the corner differences
+        a = v[8] - v[0]
+        c = v[2] - v[6]
+        p0 = v[4]
+        p1 = (a + c) + 2.0 * (v[5] - v[3])
+        p2 = (a - c) + 2.0 * (v[7] - v[1])
+        if BANK == BANK_SOBEL:
+            p3 = tl.zeros_like(v[4])
         else:
-            p3 = ((v0 + v2) + (v6 + v8)) + 2.0 * ((v1 + v3) + (v5 + v7)) - 12.0 * v4
+            p3 = (((v[0] + v[2]) + (v[6] + v[8])) + 2.0 * ((v[1] + v[3]) + (v[5] + v[7]))
+                  - 12.0 * v[4])
     return p0, p1, p2, p3
 
 
 @triton.jit
 def _mm(a, b, acc, PRECISION: tl.constexpr):
     """acc + a @ b with fp32 (fp64 for checks) accumulation at the configured precision."""
-    if PRECISION == 2:
+    if PRECISION == BF16:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
-    elif PRECISION == 1:
+    elif PRECISION == TF32:
         return tl.dot(a, b, acc, input_precision="tf32")
     else:
         return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
@@ -336,7 +348,7 @@ def _k_order(j, PRECISION: tl.constexpr):
     a tf32 k8 operand fragment wants columns c, c + 4. Reading the groups as (c, e) -> 4e + c
     (``_as_k_operand``) and ordering W2's rows the same way gives the same sum.
     """
-    if PRECISION == 1:
+    if PRECISION == TF32:
         return (j // 8) * 8 + (j % 4) * 2 + (j % 8) // 4
     else:
         return j
@@ -344,7 +356,7 @@ def _k_order(j, PRECISION: tl.constexpr):
 
 @triton.jit
 def _as_k_operand(h, PRECISION: tl.constexpr):
-    if PRECISION == 1:
+    if PRECISION == TF32:
         M: tl.constexpr = h.shape[0]
         N: tl.constexpr = h.shape[1]
         return tl.reshape(tl.permute(tl.reshape(h, (M, N // 8, 4, 2)), (0, 1, 3, 2)), (M, N))
@@ -398,8 +410,8 @@ def _w1_tile(w1_ptr, b1_ptr, lap, j0, C: tl.constexpr, HID: tl.constexpr, NJ: tl
         kk = k[:, None]
         jj = j[None, :]
     w = tl.load(w1_ptr + kk * HID + jj, mask=(kk < NF * C) & (jj < HID), other=0.0)
-    if BANK != 0:
-        w = w * tl.where((kk >= C) & (kk < 3 * C), 0.125, tl.where(kk >= 3 * C, lap, 1.0))
+    if BANK != BANK_DATA:
+        w = w * tl.where((kk >= C) & (kk < 3 * C), SOBEL_SCALE, tl.where(kk >= 3 * C, lap, 1.0))
     if BIAS:
         if NF == 3:
             w = tl.where(kk == 3 * C, tl.load(b1_ptr + jj, mask=jj < HID, other=0.0), w)
@@ -443,11 +455,11 @@ def _w1_block(w1_ptr, lap, k: tl.constexpr, j0, C: tl.constexpr, HID: tl.constex
         w = tl.load(w1_ptr + c[None, :] * HID + j[:, None])
     else:
         w = tl.load(w1_ptr + c[:, None] * HID + j[None, :])
-    if BANK != 0:
+    if BANK != BANK_DATA:
         if k == 3:
             w = w * lap
         elif k != 0:
-            w = w * 0.125
+            w = w * SOBEL_SCALE
     return w
 
 
@@ -456,19 +468,19 @@ def _mlp_chunk_fma(p0, p1, p2, p3, w0, w1, w2, w3, b1c, w2c, dx, NF: tl.constexp
     """``_mlp_chunk`` for "ieee" (FMA dots on CUDA cores, which pay for every K): one K = C dot
     per filter and b1 added, not the K = 4C dot whose fourth block is the bias column (at F = 3
     a quarter of its FMAs multiply zeros)."""
-    acc = _mm(p0, w0, tl.zeros([p0.shape[0], w0.shape[1]], dtype=dx.dtype), 0)
-    acc = _mm(p1, w1, acc, 0)
-    acc = _mm(p2, w2, acc, 0)
+    acc = _mm(p0, w0, tl.zeros([p0.shape[0], w0.shape[1]], dtype=dx.dtype), IEEE)
+    acc = _mm(p1, w1, acc, IEEE)
+    acc = _mm(p2, w2, acc, IEEE)
     if NF == 4:
-        acc = _mm(p3, w3, acc, 0)
-    return _mm(tl.maximum(acc + b1c[None, :], 0.0), w2c, dx, 0)
+        acc = _mm(p3, w3, acc, IEEE)
+    return _mm(tl.maximum(acc + b1c[None, :], 0.0), w2c, dx, IEEE)
 
 
 @triton.jit
 def _k_rows(v, PRECISION: tl.constexpr):
     """Rows of v [M, N] in the K order of ``_as_k_operand`` (for a B operand whose K runs over
     cells: row 4e + c of each group of 8 holds row 2c + e)."""
-    if PRECISION == 1:
+    if PRECISION == TF32:
         M: tl.constexpr = v.shape[0]
         N: tl.constexpr = v.shape[1]
         return tl.reshape(tl.permute(tl.reshape(v, (M // 8, 4, 2, N)), (0, 2, 1, 3)), (M, N))

@@ -1,7 +1,8 @@
 """Launch configurations: small named selectors, one reason per choice (no autotune lists).
 
-Register budgets below come from the ahead-of-time compile report (bench/compile_report.py,
-ptxas for sm_90a and sm_80): every configuration selected here must compile without spills.
+Every configuration selected here must compile without spills for sm_90a and sm_80 (the
+ahead-of-time compile report, bench/compile_report.py); the compile report's figures behind
+each rule are in bench/NOTES.md (section 6, and section 8 for the rules as written here).
 """
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from .spec import (BANK_DATA, BANK_SOBEL, BANK_SOBEL_LAPLACIAN, NAMED_BANKS,  # noqa: F401
+                   PRECISION_CODES, kernel_bank)
+
 # Shapes the kernels are written and verified for. C and hidden are tl.dot dimensions
 # (powers of two, >= 16 for bf16 operands on tensor cores); F is unrolled in the kernels.
 SUPPORTED_CHANNELS = (16, 32)
 SUPPORTED_HIDDEN = (32, 64, 128, 256)
 SUPPORTED_FILTERS = (3, 4)
-PRECISION_CODES = {"ieee": 0, "tf32": 1, "bf16": 2}
 # float64 states run in the interpreter only (the CPU checks: gradcheck, property tests).
 # Compiled, a float64 tl.dot has no form for these shapes: triton stops with "Currently fp64
 # don't support largeK MMA" (sm_80, sm_90) after an MLIR dump.
@@ -38,47 +41,35 @@ TARGET_CAPABILITY = (9, 0)
 # would otherwise make a constant of one equal to 1 and mark multiples of 16, a compile of its
 # own for each combination (a 1 x 1 grid, step 0 or 1, sizes of 16 n): tens of seconds each on
 # a GPU. All but W: a W known to be a multiple of 16 keeps bwd_gp at C32 hidden 256 Laplacian
-# tf32 spill-free on sm_90a (249 registers; 40 B spilled without it), so W still compiles once
-# for multiples of 16 and once for other widths. Names a kernel lacks are ignored.
+# tf32 spill-free on sm_90a, so W compiles once for multiples of 16 and once for other widths.
+# Names a kernel lacks are ignored.
 RUNTIME_INTS = ("seed", "step", "fire_threshold", "H", "tiles_x", "tiles_y", "n_tiles",
                 "step_b", "step_y", "step_x")
 
 
 @dataclass(frozen=True)
 class StepConfig:
-    block_m: int      # cells per tile (rows of every tl.dot)
+    tile_h: int       # 2-D tiles: rows x columns of cells
+    tile_w: int
     num_warps: int
-    num_stages: int
     int64: bool       # 64-bit cell offsets
-    programs: int     # backward weight kernel: persistent programs (= partial sums per chunk)
+    programs: int     # persistent programs (the weight kernel: partial sums per hidden chunk)
     hidden_chunk: int  # hidden units per chunk of the dense layers
-    unroll_taps: bool = True  # bwd_input: the 9 taps unrolled, or in a loop
+    num_stages: int = 1
     maxnreg: Optional[int] = None  # register ceiling for ptxas (None: ptxas picks)
-    tile_h: int = 0   # 2-D tiles: rows x columns of cells (block_m = tile_h * tile_w)
-    tile_w: int = 0
     resident: bool = True   # weights loaded once per program (else once per tile)
-    anchor: bool = False    # backward dense kernels: the perception tile through an opaque move (_layout_anchor)
+    anchor: bool = False    # backward dense kernels: the perception tile via _layout_anchor
     split_rows: bool = False  # forward: the dense layers on the tile's two halves of rows
+
+    @property
+    def block_m(self) -> int:
+        """Cells per tile (the rows of every tl.dot)."""
+        return self.tile_h * self.tile_w
 
     def launch_options(self) -> dict:
         """The compile options of a launch with this configuration."""
         return dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg,
                     enable_fp_fusion=FP_FUSION)
-
-
-# The filter banks the kernels hold as constants (``_tile._bank``: the Sobel pair's zero taps
-# skipped, their 1/8 and the Laplacian's 1/16 folded into W1), as 3x3 taps; code 3 compiles as
-# code 2 with W1's Laplacian rows scaled. nca_fast.config.FILTER_BANKS names the same banks
-# (tests/test_kernels.py checks they agree).
-_IDENTITY = (0, 0, 0, 0, 1, 0, 0, 0, 0)
-_SOBEL_X = (-0.125, 0, 0.125, -0.25, 0, 0.25, -0.125, 0, 0.125)
-_SOBEL_Y = (-0.125, -0.25, -0.125, 0, 0, 0, 0.125, 0.25, 0.125)
-_LAPLACIAN = (1, 2, 1, 2, -12, 2, 1, 2, 1)
-NAMED_BANKS = {
-    1: (_IDENTITY, _SOBEL_X, _SOBEL_Y),
-    2: (_IDENTITY, _SOBEL_X, _SOBEL_Y, _LAPLACIAN),
-    3: (_IDENTITY, _SOBEL_X, _SOBEL_Y, tuple(v / 16 for v in _LAPLACIAN)),
-}
 
 
 def bank_code(filters) -> int:
@@ -93,17 +84,15 @@ def bank_code(filters) -> int:
 def named_bank(taps) -> int:
     """``bank_code`` of taps given as numbers (F filters of 3 x 3 or of 9), in plain Python: no
     tensor, so nothing to copy and nothing for torch.compile to trace."""
-    flat = tuple(tuple(float(v) for v in (f if len(f) == 9 else [v for row in f for v in row]))
-                 for f in taps)
+    def flat(bank):
+        return tuple(tuple(float(v) for v in (f if len(f) == 9 else [v for row in f for v in row]))
+                     for f in bank)
+
+    taps = flat(taps)
     for code, bank in NAMED_BANKS.items():
-        if flat == tuple(tuple(float(v) for v in f) for f in bank):
+        if taps == flat(bank):
             return code
-    return 0
-
-
-def n_tiles(batch: int, grid_cells: int, block_m: int) -> int:
-    """Programs of a tiled kernel: tiles never straddle two grids (``_math._cells``)."""
-    return batch * (-(-grid_cells // block_m))
+    return BANK_DATA
 
 
 def interpreting() -> bool:
@@ -137,14 +126,14 @@ def _capability(device) -> tuple:
 
 def _wide(channels: int, num_filters: int) -> bool:
     """The wide inputs: C = 32 (C*F = 96 or 128 perception features). Every rule below that
-    departs from the C = 16 configuration is for these; C = 16 compiles as it always has, but
-    for the Laplacian bank's layout anchor (select_backward, select_weights)."""
+    departs from the C = 16 configuration is for these, but the Laplacian bank's layout
+    anchor (select_backward, select_weights)."""
     return channels * num_filters >= 96
 
 
 def _dense_programs(num_warps: int, device) -> int:
     """Persistent programs of a dense kernel: 2 per SM at 4 warps; 1 at 8 warps, whose
-    170-255 registers x 256 threads leave room for one program per SM."""
+    registers x 256 threads leave room for one program per SM."""
     return (2 if num_warps == 4 else 1) * _sm_count(device)
 
 
@@ -152,23 +141,17 @@ def select_forward(n_cells: int, channels: int, hidden: int, num_filters: int,
                    device=None, precision: str = "tf32", bank: int = 0) -> StepConfig:
     """The forward: persistent 8 x 16 tiles, weights resident, hidden in chunks of 64.
 
-    Rules (bench/NOTES.md, section 6, has the compile report's rows):
-
-    - C*F >= 96 on tensor cores (tf32, bf16): 8 warps, weights per tile, chunks of 32 in a
-      loop. Resident, the F [C, 64] weight slices of every chunk and the 9 taps of a 128-cell
-      tile spill 20-1936 B at 4 warps (C = 32, F = 3 and 4, hidden 32-256); so configured, all
-      compile spill-free on sm_90a and sm_80.
-    - C*F >= 96 in "ieee" (FMA dots, operands in registers): 8 warps: hidden 32 spills
-      208-336 B at 4 warps, none at 8 (hidden 64 and more still spill: section 6).
-    - C*F = 48 or 64 on tensor cores, sm_90 and later: the dense layers on the tile's two
-      halves of 64 cells (``split_rows``), hidden in chunks of 128: under triton 3.9 the
-      resident weights' shared-memory descriptors spill across the tile loop otherwise
-      (sm_90a, chunks of 64: 232-252 B); on sm_80 the split spills ~11.5 KB, so not there.
+    - C*F >= 96, tensor cores: 8 warps, weights per tile, chunks of 32 in a loop: every
+      chunk's resident weight slices beside the 9 taps of a tile spill.
+    - C*F >= 96, "ieee": 8 warps: the FMA dots' operand tiles in registers spill at 4.
+    - C*F = 48 / 64, tensor cores, sm_90 and later: the dense layers on the tile's two halves
+      of rows (``split_rows``), chunks of 128: the resident weights' shared-memory descriptors
+      spill across the tile loop otherwise (sm_80 spills with the split: not there).
     """
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
-        # The interpreter pays per program, not per cell: few, large tiles.
-        return StepConfig(64 * 64, 4, 1, int64, 4, hidden, tile_h=64, tile_w=64)
+        # the interpreter pays per program, not per cell: few, large tiles
+        return StepConfig(64, 64, 4, int64, 4, hidden)
     th, tw, warps, resident, hc, split = 8, 16, 4, True, min(hidden, 64), False
     if _wide(channels, num_filters):
         if precision == "ieee":
@@ -176,9 +159,9 @@ def select_forward(n_cells: int, channels: int, hidden: int, num_filters: int,
         else:
             warps, resident, hc = 8, False, min(hidden, 32)
     elif precision != "ieee" and _capability(device) >= (9, 0):
-        split, hc = True, min(hidden, 128)  # sm_90a: spill-free under triton 3.9 (sm_80 spills)
-    return StepConfig(th * tw, warps, 1, int64, _dense_programs(warps, device), hc,
-                      tile_h=th, tile_w=tw, resident=resident, split_rows=split)
+        split, hc = True, min(hidden, 128)
+    return StepConfig(th, tw, warps, int64, _dense_programs(warps, device), hc,
+                      resident=resident, split_rows=split)
 
 
 def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
@@ -186,90 +169,65 @@ def select_backward(n_cells: int, channels: int, hidden: int, num_filters: int,
     """The perception-gradient kernel: persistent 4 x 16 tiles, weights resident, hidden in
     chunks of 64.
 
-    Rules (bench/NOTES.md, section 6):
-
-    - C*F = 128, the Laplacian bank, tensor cores: the perception tile through a layout
-      anchor (``_layout_anchor``): without it the 9 taps are converted to the tile's layout
-      one by one and, on sm_80, ptxas settles at 32 registers: 7.9-38.8 KB spilled (hidden
-      32-256); so, hidden 32 / 64 compile spill-free at 4 x 16 on both archs (bf16 no longer
-      needs 8 x 16 tiles at 8 warps). C = 16 with the Laplacian bank takes it too: spill-free
-      either way, 3-12% fewer warp-instructions per cell anchored (hidden 32 / 128, both archs).
-    - C*F = 128 on tensor cores, hidden >= 128: weights per tile, in a loop of 32-unit
-      chunks: resident they need 196-360 KB of shared memory and spill 108-648 B on sm_90a;
-      so, none there (8 x 16 tiles at 8 warps still spill 4-12 B).
-    - C*F = 96 on tensor cores, hidden >= 128: 2 x 16 tiles (32 cells), weights per tile in a
-      loop of 32-unit chunks: resident, tf32 needs 184-328 KB of shared memory (over sm_80's
-      164 KB) and spills 40-2144 B (bf16 on sm_80: 112-204 B); at 4 x 16 in the loop 20-620 B;
-      so, none on either arch (206-250 registers), at ~3x the instructions of a 64-cell tile.
+    - The Laplacian bank, tensor cores: the perception tile through a layout anchor
+      (``_layout_anchor``): else its layout conversions land on the 9 taps and ptxas spills.
+    - C*F = 128, tensor cores, hidden >= 128: weights per tile in a loop of 32-unit chunks:
+      resident they exceed the shared memory and spill.
+    - C*F = 96, tensor cores, hidden >= 128: the same loop on 2 x 16 tiles: resident, or at
+      4 x 16, they spill (or exceed sm_80's shared memory).
     """
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
-        return StepConfig(64 * 64, 4, 1, int64, 4, hidden, tile_h=64, tile_w=64)
+        return StepConfig(64, 64, 4, int64, 4, hidden)
     th, tw, warps, resident, hc = 4, 16, 4, True, min(hidden, 64)
-    anchor = bank >= 2 and precision != "ieee"
+    anchor = kernel_bank(bank) == BANK_SOBEL_LAPLACIAN and precision != "ieee"
     if channels * num_filters >= 128 and precision != "ieee" and hidden >= 128:
         resident, hc = False, 32
     elif channels * num_filters == 96 and precision != "ieee" and hidden >= 128:
         th, resident, hc = 2, False, 32
-    return StepConfig(th * tw, warps, 1, int64, _dense_programs(warps, device), hc,
-                      tile_h=th, tile_w=tw, resident=resident, anchor=anchor)
+    return StepConfig(th, tw, warps, int64, _dense_programs(warps, device), hc,
+                      resident=resident, anchor=anchor)
 
 
 def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
                    device=None, precision: str = "tf32", bank: int = 0) -> StepConfig:
-    """The weight-gradient kernel: persistent 2-D tiles, hidden units as the MMA rows.
+    """The weight-gradient kernel: persistent 4 x 16 tiles, hidden units as the MMA rows.
 
-    Rules (bench/NOTES.md, section 6):
-
-    - C*F = 128, the Laplacian bank (codes 2, 3), tensor cores: the perception tile through
-      a layout anchor (``_layout_anchor``). Its conversions were otherwise pushed back onto the
-      9 taps (18 [M, C] conversions instead of two): ptxas settled at 32 registers and spilled
-      10-26 KB (sm_80 at every hidden size, sm_90a at hidden 32).
-    - C = 16, the Laplacian bank, tensor cores: the same anchor: the same 32 registers and
-      7.8-11.6 KB spilled (sm_80 hidden 32-256, sm_90a hidden 32, tf32 / bf16, next); anchored
-      none, at 65-278 warp-instr / cell instead of 405-1724 (sm_90a hidden >= 64 unchanged).
-    - C*F >= 96 on tensor cores: 4 x 8 tiles (32 cells, the K of the weight-gradient dots):
-      the [HR, 64] activations next to the [HR, 4C] accumulators spill 20-492 B at 64 cells
-      (C*F = 128, sm_90a, hidden 64-256), and 496-716 B at hidden 32 with the anchor; C*F = 96
-      (next) 4-400 B (sobel and data banks, hidden 32-256, one arch or both); none at 32 cells
-      (sm_90a cost at C*F = 96: 0.97-1.18x warp-instr / cell).
-    - C*F = 96, the Sobel bank, tensor cores: the anchor too: at 4 x 8 it saves 1-12% of the
-      warp-instructions (sm_90a h32 tf32 170.5 -> 149.9) and is spill-free on both archs.
-    - C*F = 128, taps as data (bank 0), hidden 32: 2 x 8 tiles (16 cells): 4 x 8 spills 8 B
-      (sm_80) / 64 B (sm_90a), 2 x 8 none, at 1.13x on sm_90a (8 warps: none, 1.47x).
+    - The Laplacian bank, tensor cores: the perception tile through a layout anchor
+      (``_layout_anchor``): else its layout conversions land on the 9 taps and ptxas spills.
+    - C*F >= 96, tensor cores: 4 x 8 tiles (32 cells, the K of the weight-gradient dots): at
+      64 cells the activations beside the [HR, 4C] accumulators spill.
+    - C*F = 96, the Sobel bank, tensor cores: the anchor too: fewer instructions, no spill.
+    - C*F = 128, taps as data, hidden 32: 2 x 8 tiles: 4 x 8 spills.
     """
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
-        return StepConfig(64 * 64, 4, 1, int64, 4, hidden, tile_h=64, tile_w=64)
+        return StepConfig(64, 64, 4, int64, 4, hidden)
     th, tw = 4, 16
     if _wide(channels, num_filters) and precision != "ieee":
         tw = 8
-        if bank == 0 and channels * num_filters >= 128 and hidden == 32:
+        if bank == BANK_DATA and channels * num_filters >= 128 and hidden == 32:
             th = 2
     # hidden_chunk = HR, the hidden units (MMA rows) of one program: 128 at most. 8 warps: the
-    # two warpgroups take half of them each; ~170 registers a thread, so one program per SM.
+    # two warpgroups take half of them each, one program per SM.
     hr = min(hidden, 128)
     programs = max(1, _sm_count(device) // (hidden // hr))
-    anchor = precision != "ieee" and (bank >= 2 or (bank == 1 and _wide(channels, num_filters)))
-    return StepConfig(th * tw, 8 if hr >= 128 else 4, 1, int64, programs, hr, tile_h=th,
-                      tile_w=tw, anchor=anchor)
+    anchor = precision != "ieee" and (kernel_bank(bank) == BANK_SOBEL_LAPLACIAN
+                                      or (bank == BANK_SOBEL and _wide(channels, num_filters)))
+    return StepConfig(th, tw, 8 if hr >= 128 else 4, int64, programs, hr, anchor=anchor)
 
 
 def select_transpose(n_cells: int, channels: int, num_filters: int, device=None,
                      bank: int = 0) -> StepConfig:
     """The transposed-stencil kernel: a gather of neighbours' perception gradients.
 
-    Rule (bench/NOTES.md, section 6): C*F >= 96: 8 warps: the 9 gathered [128, 32] taps
-    spill 28-100 B at 4 warps with circular padding and 64-bit offsets (sm_90a), none at 8.
+    - C*F >= 96: 8 warps: the 9 gathered [128, 32] taps spill at 4 (circular, 64-bit offsets).
     """
     int64 = needs_int64(n_cells, channels, 0, num_filters)
     if interpreting():
-        return StepConfig(64 * 64, 4, 1, int64, 4, 0, tile_h=64, tile_w=64)
+        return StepConfig(64, 64, 4, int64, 4, 0)
     th, tw = 8, 16
     warps = 8 if _wide(channels, num_filters) else 4
     programs = 4 * _sm_count(device)
-    return StepConfig(th * tw, warps, 1, int64, programs, 0, tile_h=th, tile_w=tw)
+    return StepConfig(th, tw, warps, int64, programs, 0)
 
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())

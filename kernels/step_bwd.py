@@ -1,4 +1,4 @@
-"""Backward of one NCA step, handwritten: gradients for the stored state and every weight (v2).
+"""Backward of one NCA step, handwritten: gradients for the stored state and every weight.
 
 Nothing from the forward is kept but its input ``r`` and one 16-bit word per cell that the
 forward computed anyway (``nca_step_fwd(..., cw_out=)``): which of the 9 neighbours the deferred
@@ -27,8 +27,8 @@ Three kernels, no atomics (the same inputs give bitwise the same gradients):
    and dW2 = h^T gdx. Fused with the transposed stencil of the *next* step (NEXT): that
    computes this step's g = dL/d out from the next step's gp, so g is written once and never
    read back here.
-3. ``_nca_step_bwd_input_kernel``: the transposed stencil alone, for the rollout's first step
-   (the gradient of its input).
+3. ``_nca_step_bwd_input_kernel`` (step_bwd_input.py, with the transposed stencil's helpers):
+   the transposed stencil alone, for the rollout's first step (the gradient of its input).
 
 The weight kernel could not join the gp kernel: the weight-gradient accumulators, the operands
 of five dots and the hoisted shared-memory descriptors of their k-steps need more than 255
@@ -43,11 +43,12 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._tile import (_as_k_operand, _bank, _bias_rows, _concat4, _k_rows, _layout_anchor, _load_taps,
-                    _loop_zero, _mm, _nb,
-                    _plain_bits, _tap_bit, _tile_cells, _tile_next, _tile_start, _w1_block,
-                    _w1_tile)
-from .step_fwd import check_shapes, lap_scale, nca_step_fwd, persistent_grid
+from ._tile import (BANK_DATA, IEEE, PACKED_FIRE, _as_k_operand, _bank, _bias_rows, _concat4,
+                    _k_rows, _layout_anchor, _load_taps, _loop_zero, _mm, _static_shapes,
+                    _tile_cells, _tile_next, _tile_start, _w1_block, _w1_tile)
+from .spec import StepSpec, StepWeights, spec_of, w1_scales
+from .step_bwd_input import _input_grad, bwd_input  # noqa: F401  (bwd_input: a launcher here too)
+from .step_fwd import check_shapes, nca_step_fwd, persistent_grid
 
 
 # ------------------------------------------------------------------------------ weight layouts
@@ -73,19 +74,117 @@ def _gp_chunk_fma(p0, p1, p2, p3, gdx, w0, w1, w2, w3, b1c, t0, t1, t2, t3, w2c,
                   NF: tl.constexpr):
     """``_gp_chunk`` for "ieee" (FMA dots, ``_mlp_chunk_fma``): one dot per filter each way, no
     bias block in K, no padded gp_3 at F = 3; g0..g3 accumulate gp_k."""
-    hp = _mm(p0, w0, tl.zeros([p0.shape[0], w0.shape[1]], dtype=gdx.dtype), 0)
-    hp = _mm(p1, w1, hp, 0)
-    hp = _mm(p2, w2, hp, 0)
+    hp = _mm(p0, w0, tl.zeros([p0.shape[0], w0.shape[1]], dtype=gdx.dtype), IEEE)
+    hp = _mm(p1, w1, hp, IEEE)
+    hp = _mm(p2, w2, hp, IEEE)
     if NF == 4:
-        hp = _mm(p3, w3, hp, 0)
+        hp = _mm(p3, w3, hp, IEEE)
     hp += b1c[None, :]
-    gh = tl.where(hp > 0, _mm(gdx, w2c, tl.zeros_like(hp), 0), 0.0)
-    g0 = _mm(gh, t0, g0, 0)
-    g1 = _mm(gh, t1, g1, 0)
-    g2 = _mm(gh, t2, g2, 0)
+    gh = tl.where(hp > 0, _mm(gdx, w2c, tl.zeros_like(hp), IEEE), 0.0)
+    g0 = _mm(gh, t0, g0, IEEE)
+    g1 = _mm(gh, t1, g1, IEEE)
+    g2 = _mm(gh, t2, g2, IEEE)
     if NF == 4:
-        g3 = _mm(gh, t3, g3, 0)
+        g3 = _mm(gh, t3, g3, IEEE)
     return g0, g1, g2, g3
+
+
+@triton.jit
+def _gp_weights(w1_ptr, b1_ptr, w2_ptr, lap, r_ptr, C: tl.constexpr, HID: tl.constexpr,
+                HC: tl.constexpr, NF: tl.constexpr, BANK: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """(w1s, bss, wts, w2s): every hidden chunk's W1, b1, W1^T and W2 in the state's dtype.
+    FMA dots (IEEE): W1_k and W1_k^T per filter (index j * NF + k), b1 as a row; tensor
+    cores: [4C, HC] / [HC, 4C] tiles, b1 as the K block of the constant-1 column."""
+    dtype = r_ptr.dtype.element_ty
+    w1s = ()
+    bss = ()
+    wts = ()
+    w2s = ()
+    for j in tl.static_range(HID // HC):
+        if PRECISION == IEEE:
+            for k in tl.static_range(NF):
+                w1s = w1s + (_w1_block(w1_ptr, lap, k, j * HC, C, HID, HC, BANK).to(dtype),)
+                wts = wts + (_w1_block(w1_ptr, lap, k, j * HC, C, HID, HC, BANK,
+                                       TRANS=True).to(dtype),)
+            bss = bss + (tl.load(b1_ptr + j * HC + tl.arange(0, HC)).to(dtype),)
+        else:
+            w1s = w1s + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK,
+                                  BIAS=True, HIDDEN_ROWS=False, K_ORDER=IEEE).to(dtype),)
+            bss = bss + (_bias_rows(b1_ptr, j * HC, C, HC).to(dtype),)
+            wts = wts + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK,
+                                  BIAS=False, HIDDEN_ROWS=True, K_ORDER=PRECISION).to(dtype),)
+        w2s = w2s + (_w2_cols(w2_ptr, j * HC, C, HC),)
+    return w1s, bss, wts, w2s
+
+
+@triton.jit
+def _gp_fma(p0, p1, p2, p3, gdx, g, ok, w1s, bss, wts, w2s, w1p, b1p, w2p, lap,
+            C: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr, NF: tl.constexpr,
+            BANK: tl.constexpr, RESIDENT: tl.constexpr):
+    """The perception gradient [M, 4C] in FMA dots (IEEE): one accumulator per filter, the
+    weights resident (``_gp_weights``) or loaded here from the tile's pointers."""
+    dtype = gdx.dtype
+    M: tl.constexpr = gdx.shape[0]
+    if BANK != BANK_DATA:
+        g0 = tl.where(ok[:, None], g, 0.0).to(dtype)
+    else:
+        g0 = tl.zeros([M, C], dtype=dtype)
+    g1 = tl.zeros([M, C], dtype=dtype)
+    g2 = tl.zeros([M, C], dtype=dtype)
+    g3 = tl.zeros([M, C], dtype=dtype)
+    for j in tl.static_range(HID // HC):
+        if RESIDENT:
+            g0, g1, g2, g3 = _gp_chunk_fma(
+                p0, p1, p2, p3, gdx, w1s[j * NF], w1s[j * NF + 1], w1s[j * NF + 2],
+                w1s[j * NF + NF - 1], bss[j], wts[j * NF], wts[j * NF + 1],
+                wts[j * NF + 2], wts[j * NF + NF - 1], w2s[j], g0, g1, g2, g3, NF)
+        else:
+            g0, g1, g2, g3 = _gp_chunk_fma(
+                p0, p1, p2, p3, gdx,
+                _w1_block(w1p, lap, 0, j * HC, C, HID, HC, BANK).to(dtype),
+                _w1_block(w1p, lap, 1, j * HC, C, HID, HC, BANK).to(dtype),
+                _w1_block(w1p, lap, 2, j * HC, C, HID, HC, BANK).to(dtype),
+                _w1_block(w1p, lap, NF - 1, j * HC, C, HID, HC, BANK).to(dtype),
+                tl.load(b1p + j * HC + tl.arange(0, HC)).to(dtype),
+                _w1_block(w1p, lap, 0, j * HC, C, HID, HC, BANK, TRANS=True).to(dtype),
+                _w1_block(w1p, lap, 1, j * HC, C, HID, HC, BANK, TRANS=True).to(dtype),
+                _w1_block(w1p, lap, 2, j * HC, C, HID, HC, BANK, TRANS=True).to(dtype),
+                _w1_block(w1p, lap, NF - 1, j * HC, C, HID, HC, BANK, TRANS=True).to(dtype),
+                _w2_cols(w2p, j * HC, C, HC), g0, g1, g2, g3, NF)
+    return _concat4(g0, g1, g2, g3)
+
+
+@triton.jit
+def _gp_mma(pc, gdx, ones, g, ok, cl, w1s, bss, wts, w2s, w1p, b1p, w2p, lap, lz,
+            C: tl.constexpr, HID: tl.constexpr, HC: tl.constexpr, NF: tl.constexpr,
+            BANK: tl.constexpr, PRECISION: tl.constexpr, RESIDENT: tl.constexpr):
+    """The perception gradient [M, 4C] on tensor cores (TF32, BF16), one K = 4C dot per chunk
+    each way: the weights resident, or loaded per tile in a loop."""
+    dtype = gdx.dtype
+    M: tl.constexpr = gdx.shape[0]
+    NCH: tl.constexpr = HID // HC
+    if BANK != BANK_DATA:
+        # the identity path joins gp's first slot: the accumulator starts at [g, 0, 0, 0]
+        zero = tl.where(cl[None, :] < 0, g, 0.0)
+        gp = _concat4(tl.where(ok[:, None], g, 0.0), zero, zero, zero)
+    else:
+        gp = tl.zeros([M, 4 * C], dtype=dtype)
+    if RESIDENT:
+        for j in tl.static_range(NCH):
+            gp = _gp_chunk(pc, gdx, ones, w1s[j], bss[j], wts[j], w2s[j], gp, NF, PRECISION)
+    else:
+        # a loop whose trip count the compiler cannot see (lz), so that it is not unrolled and
+        # one chunk's weights and activations are live at once
+        for j in range(0, NCH + lz):
+            gp = _gp_chunk(pc, gdx, ones,
+                           _w1_tile(w1p, b1p, lap, j * HC, C, HID, HC, NF, BANK, BIAS=True,
+                                    HIDDEN_ROWS=False, K_ORDER=IEEE).to(dtype),
+                           _bias_rows(b1p, j * HC, C, HC).to(dtype),
+                           _w1_tile(w1p, b1p, lap, j * HC, C, HID, HC, NF, BANK, BIAS=False,
+                                    HIDDEN_ROWS=True, K_ORDER=PRECISION).to(dtype),
+                           _w2_cols(w2p, j * HC, C, HC), gp, NF, PRECISION)
+    return gp
 
 
 @triton.jit(do_not_specialize=configs.RUNTIME_INTS)
@@ -95,40 +194,25 @@ def _nca_step_bwd_gp_kernel(
     g_ptr,          # [B*H*W, C] dL/d out
     gp_ptr,         # [B*H*W, F, C] out: perception gradient (slot 0 + g for a named bank)
     w1_ptr, b1_ptr, w2_ptr,     # [F, C, HID], [HID], [HID, C]
-    filt_ptr,                   # [F, 9] (BANK == 0)
+    filt_ptr,                   # [F, 9] (BANK == BANK_DATA)
     lap,                        # the Laplacian's scale in a named bank (1 or 1/16)
     H, W, tiles_x, tiles_y, n_tiles, step_b, step_y, step_x,
     C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, HC: tl.constexpr, BANK: tl.constexpr,
-    CIRCULAR: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+    PADDING: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
     RESIDENT: tl.constexpr, ANCHOR: tl.constexpr,
 ):
+    _static_shapes(C, NF, HID, HC)
+    tl.static_assert(HC <= HID, "HC: a chunk of the hidden units")
     M: tl.constexpr = TH * TW
-    NCH: tl.constexpr = HID // HC
     cols = tl.arange(0, C)
     dtype = r_ptr.dtype.element_ty
     ones = (tl.where(cols[None, :] == 0, 1.0, 0.0) + tl.zeros([M, C], dtype=tl.float32)).to(dtype)
-    # ---- parameters, once per program (RESIDENT) or once per tile
+    # ---- parameters, once per program (RESIDENT) or once per tile (in the dense helpers)
+    w1s, bss, wts, w2s = (), (), (), ()
     if RESIDENT:
-        w1s = ()
-        bss = ()
-        wts = ()
-        w2s = ()
-        for j in tl.static_range(NCH):
-            if PRECISION == 0:
-                # FMA dots: W1_k and W1_k^T per filter (index j * NF + k), b1 as a row
-                for k in tl.static_range(NF):
-                    w1s = w1s + (_w1_block(w1_ptr, lap, k, j * HC, C, HID, HC, BANK).to(dtype),)
-                    wts = wts + (_w1_block(w1_ptr, lap, k, j * HC, C, HID, HC, BANK,
-                                           True).to(dtype),)
-                bss = bss + (tl.load(b1_ptr + j * HC + tl.arange(0, HC)).to(dtype),)
-            else:
-                w1s = w1s + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, True,
-                                      False, 0).to(dtype),)
-                bss = bss + (_bias_rows(b1_ptr, j * HC, C, HC).to(dtype),)
-                wts = wts + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, False,
-                                      True, PRECISION).to(dtype),)
-            w2s = w2s + (_w2_cols(w2_ptr, j * HC, C, HC),)
+        w1s, bss, wts, w2s = _gp_weights(w1_ptr, b1_ptr, w2_ptr, lap, r_ptr, C, HID, HC, NF,
+                                         BANK, PRECISION)
 
     pid = tl.program_id(0)
     b, ty, tx = _tile_start(pid, tiles_x, tiles_y * tiles_x)
@@ -143,160 +227,28 @@ def _nca_step_bwd_gp_kernel(
         w2p = w2_ptr + lz
 
         # ---- the forward's perception again: [M, 4C], a constant-1 column after F = 3
-        v0, v1, v2, v3, v4, v5, v6, v7, v8 = _load_taps(r_ptr, cw, base, y, x, H, W, lz, C,
-                                                        CIRCULAR, True)
-        p0, p1, p2, p3 = _bank(v0, v1, v2, v3, v4, v5, v6, v7, v8, filt_ptr, NF, BANK)
+        taps = _load_taps(r_ptr, cw, base, y, x, H, W, lz, C, PADDING, PACKED=True)
+        p0, p1, p2, p3 = _bank(taps, filt_ptr, NF, BANK)
         if NF == 3:
             p3 = tl.where((cl[None, :] == 0) & (cw >= 0)[:, None], 1.0, 0.0).to(dtype)
         pc = _layout_anchor(_concat4(p0, p1, p2, p3), ANCHOR)
 
         # ---- the update's gradient: the cells that fired (and are in the grid)
         g = tl.load(g_ptr + cell[:, None] * C + cl[None, :])
-        gdx = tl.where(((cw & 512) != 0)[:, None] & ok[:, None], g, 0.0).to(dtype)
-        if PRECISION == 0:
-            # ---- FMA dots: gp_k += gh @ W1_k^T, one accumulator per filter (the identity path
-            # of a named bank starts gp_0 at g)
-            if BANK != 0:
-                g0 = tl.where(ok[:, None], g, 0.0).to(dtype)
-            else:
-                g0 = tl.zeros([M, C], dtype=dtype)
-            g1 = tl.zeros([M, C], dtype=dtype)
-            g2 = tl.zeros([M, C], dtype=dtype)
-            g3 = tl.zeros([M, C], dtype=dtype)
-            for j in tl.static_range(NCH):
-                if RESIDENT:
-                    g0, g1, g2, g3 = _gp_chunk_fma(
-                        p0, p1, p2, p3, gdx, w1s[j * NF], w1s[j * NF + 1], w1s[j * NF + 2],
-                        w1s[j * NF + NF - 1], bss[j], wts[j * NF], wts[j * NF + 1],
-                        wts[j * NF + 2], wts[j * NF + NF - 1], w2s[j], g0, g1, g2, g3, NF)
-                else:
-                    g0, g1, g2, g3 = _gp_chunk_fma(
-                        p0, p1, p2, p3, gdx,
-                        _w1_block(w1p, lap, 0, j * HC, C, HID, HC, BANK).to(dtype),
-                        _w1_block(w1p, lap, 1, j * HC, C, HID, HC, BANK).to(dtype),
-                        _w1_block(w1p, lap, 2, j * HC, C, HID, HC, BANK).to(dtype),
-                        _w1_block(w1p, lap, NF - 1, j * HC, C, HID, HC, BANK).to(dtype),
-                        tl.load(b1p + j * HC + tl.arange(0, HC)).to(dtype),
-                        _w1_block(w1p, lap, 0, j * HC, C, HID, HC, BANK, True).to(dtype),
-                        _w1_block(w1p, lap, 1, j * HC, C, HID, HC, BANK, True).to(dtype),
-                        _w1_block(w1p, lap, 2, j * HC, C, HID, HC, BANK, True).to(dtype),
-                        _w1_block(w1p, lap, NF - 1, j * HC, C, HID, HC, BANK,
-                                  True).to(dtype),
-                        _w2_cols(w2p, j * HC, C, HC), g0, g1, g2, g3, NF)
-            gp = _concat4(g0, g1, g2, g3)
+        gdx = tl.where(((cw & PACKED_FIRE) != 0)[:, None] & ok[:, None], g, 0.0).to(dtype)
+        # ---- hidden chunks: gp += gh @ W1^T (for a named bank gp_0 starts at g: the identity)
+        if PRECISION == IEEE:
+            gp = _gp_fma(p0, p1, p2, p3, gdx, g, ok, w1s, bss, wts, w2s, w1p, b1p, w2p, lap, C,
+                         HID, HC, NF, BANK, RESIDENT)
         else:
-            if BANK != 0:
-                # the identity path joins gp's first slot: the accumulator starts at [g, 0, 0, 0]
-                zero = tl.where(cl[None, :] < 0, g, 0.0)
-                gp = _concat4(tl.where(ok[:, None], g, 0.0), zero, zero, zero)
-            else:
-                gp = tl.zeros([M, 4 * C], dtype=dtype)
-
-            # ---- hidden chunks: gp += gh @ W1^T
-            if RESIDENT:
-                for j in tl.static_range(NCH):
-                    gp = _gp_chunk(pc, gdx, ones, w1s[j], bss[j], wts[j], w2s[j], gp, NF,
-                                   PRECISION)
-            else:
-                # weights per tile: a loop whose trip count the compiler cannot see (lz), so
-                # that it is not unrolled and one chunk's weights and activations are live at once
-                for j in range(0, NCH + lz):
-                    gp = _gp_chunk(pc, gdx, ones,
-                                   _w1_tile(w1p, b1p, lap, j * HC, C, HID, HC, NF, BANK,
-                                            True, False, 0).to(dtype),
-                                   _bias_rows(b1p, j * HC, C, HC).to(dtype),
-                                   _w1_tile(w1p, b1p, lap, j * HC, C, HID, HC, NF, BANK,
-                                            False, True, PRECISION).to(dtype),
-                                   _w2_cols(w2p, j * HC, C, HC), gp, NF, PRECISION)
+            gp = _gp_mma(pc, gdx, ones, g, ok, cl, w1s, bss, wts, w2s, w1p, b1p, w2p, lap, lz,
+                         C, HID, HC, NF, BANK, PRECISION, RESIDENT)
 
         # ---- perception gradient to scratch, [cell, k, c]
         kc = tl.arange(0, 4 * C) + lz
         tl.store(gp_ptr + cell[:, None] * (NF * C) + kc[None, :], gp,
                  mask=ok[:, None] & (kc < NF * C)[None, :])
         b, ty, tx = _tile_next(b, ty, tx, step_b, step_y, step_x, tiles_x, tiles_y)
-
-
-# ------------------------------------------------------------------- transposed stencil helpers
-@triton.jit
-def _gp_taps(gp_ptr, bits, base, y, x, H, W, lz, k: tl.constexpr,
-             C: tl.constexpr, NF: tl.constexpr, CIRCULAR: tl.constexpr):
-    """gp_k of the 9 neighbours [M, C] of every cell, zero where the neighbour does not exist."""
-    cols = tl.arange(0, C) + lz
-    bits = bits[:, None]
-    if CIRCULAR:
-        p = gp_ptr + k * C + cols[None, :]
-        n0, _ = _nb(y, x, -1, -1, H, W, CIRCULAR)
-        n1, _ = _nb(y, x, -1, 0, H, W, CIRCULAR)
-        n2, _ = _nb(y, x, -1, 1, H, W, CIRCULAR)
-        n3, _ = _nb(y, x, 0, -1, H, W, CIRCULAR)
-        n4, _ = _nb(y, x, 0, 0, H, W, CIRCULAR)
-        n5, _ = _nb(y, x, 0, 1, H, W, CIRCULAR)
-        n6, _ = _nb(y, x, 1, -1, H, W, CIRCULAR)
-        n7, _ = _nb(y, x, 1, 0, H, W, CIRCULAR)
-        n8, _ = _nb(y, x, 1, 1, H, W, CIRCULAR)
-        z0 = tl.load(p + (base + n0)[:, None] * (NF * C))
-        z1 = tl.load(p + (base + n1)[:, None] * (NF * C))
-        z2 = tl.load(p + (base + n2)[:, None] * (NF * C))
-        z3 = tl.load(p + (base + n3)[:, None] * (NF * C))
-        z4 = tl.load(p + (base + n4)[:, None] * (NF * C))
-        z5 = tl.load(p + (base + n5)[:, None] * (NF * C))
-        z6 = tl.load(p + (base + n6)[:, None] * (NF * C))
-        z7 = tl.load(p + (base + n7)[:, None] * (NF * C))
-        z8 = tl.load(p + (base + n8)[:, None] * (NF * C))
-    else:
-        p = gp_ptr + (base + y * W + x)[:, None] * (NF * C) + k * C + cols[None, :]
-        pu = p - W * (NF * C)
-        pd = p + W * (NF * C)
-        z0 = tl.load(pu - NF * C, mask=(bits & _tap_bit(0)) != 0, other=0.0)
-        z1 = tl.load(pu, mask=(bits & _tap_bit(1)) != 0, other=0.0)
-        z2 = tl.load(pu + NF * C, mask=(bits & _tap_bit(2)) != 0, other=0.0)
-        z3 = tl.load(p - NF * C, mask=(bits & _tap_bit(3)) != 0, other=0.0)
-        z4 = tl.load(p)
-        z5 = tl.load(p + NF * C, mask=(bits & _tap_bit(5)) != 0, other=0.0)
-        z6 = tl.load(pd - NF * C, mask=(bits & _tap_bit(6)) != 0, other=0.0)
-        z7 = tl.load(pd, mask=(bits & _tap_bit(7)) != 0, other=0.0)
-        z8 = tl.load(pd + NF * C, mask=(bits & _tap_bit(8)) != 0, other=0.0)
-    return z0, z1, z2, z3, z4, z5, z6, z7, z8
-
-
-@triton.jit
-def _transposed(z0, z1, z2, z3, z4, z5, z6, z7, z8, filt_ptr, k: tl.constexpr):
-    """sum_taps f_k[tap] * z[-tap]: the filter flipped (the cell at -tap received tap's weight)."""
-    f = filt_ptr + k * 9
-    return (tl.load(f + 8) * z0 + tl.load(f + 7) * z1 + tl.load(f + 6) * z2
-            + tl.load(f + 5) * z3 + tl.load(f + 4) * z4 + tl.load(f + 3) * z5
-            + tl.load(f + 2) * z6 + tl.load(f + 1) * z7 + tl.load(f + 0) * z8)
-
-
-@triton.jit
-def _input_grad(gp_ptr, cw_ptr, g_ptr, filt_ptr, base, y, x, cell, H, W, lz,
-                C: tl.constexpr, NF: tl.constexpr, BANK: tl.constexpr,
-                CIRCULAR: tl.constexpr):
-    """dL/d r [M, C] of the tile's cells: the transposed stencil of gp, the identity path and
-    the deferred alive mask (cw bit 4: the cell's own keep)."""
-    cl = tl.arange(0, C) + lz
-    bits = _plain_bits(gp_ptr, base, y, x, H, W, 0.0, C, 0, False, CIRCULAR)
-    keep = (tl.load(cw_ptr + cell).to(tl.int32) & 16) != 0
-    if BANK == 0:
-        acc = tl.load(g_ptr + cell[:, None] * C + cl[None, :])
-        for k in tl.static_range(NF):
-            z0, z1, z2, z3, z4, z5, z6, z7, z8 = _gp_taps(gp_ptr, bits, base, y, x, H, W, lz,
-                                                          k, C, NF, CIRCULAR)
-            acc += _transposed(z0, z1, z2, z3, z4, z5, z6, z7, z8, filt_ptr, k)
-    else:
-        # slot 0 holds g + gp_0 (the identity: its centre tap only); 8 x Sobel, flipped
-        acc = tl.load(gp_ptr + cell[:, None] * (NF * C) + cl[None, :])
-        z0, z1, z2, z3, z4, z5, z6, z7, z8 = _gp_taps(gp_ptr, bits, base, y, x, H, W, lz, 1,
-                                                      C, NF, CIRCULAR)
-        acc -= ((z2 - z0) + (z8 - z6)) + 2.0 * (z5 - z3)
-        z0, z1, z2, z3, z4, z5, z6, z7, z8 = _gp_taps(gp_ptr, bits, base, y, x, H, W, lz, 2,
-                                                      C, NF, CIRCULAR)
-        acc -= ((z6 - z0) + (z8 - z2)) + 2.0 * (z7 - z1)
-        if NF == 4:
-            z0, z1, z2, z3, z4, z5, z6, z7, z8 = _gp_taps(gp_ptr, bits, base, y, x, H, W, lz, 3,
-                                                          C, NF, CIRCULAR)
-            acc += ((z0 + z2) + (z6 + z8)) + 2.0 * ((z1 + z3) + (z5 + z7)) - 12.0 * z4
-    return tl.where(keep[:, None], acc, 0.0)
 
 
 # ------------------------------------------------------------------------ 2. the weight kernel
@@ -315,7 +267,7 @@ def _nca_step_bwd_weights_kernel(
     H, W, tiles_x, tiles_y, n_tiles, step_b, step_y, step_x,
     C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr, HR: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, BANK: tl.constexpr, NEXT: tl.constexpr,
-    CIRCULAR: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+    PADDING: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
     ANCHOR: tl.constexpr,
 ):
     """Program (p, j) walks tiles p, p + P, ... for hidden units j*HR .. j*HR + HR (HR = HID
@@ -323,6 +275,7 @@ def _nca_step_bwd_weights_kernel(
     rows k*C + c; with F = 3 row 3C is db1) + HID*C (dW2^T) + C (db2) + HID (db1 when F = 4).
     dW1's filter rows carry the scale ``_w1_tile`` folds into W1 for a named bank; the launcher
     takes it out. With NEXT every j computes g, the first one stores it; db2 is j = 0's."""
+    _static_shapes(C, NF, HID, HR)
     M: tl.constexpr = TH * TW
     cols = tl.arange(0, C)
     dtype = r_ptr.dtype.element_ty
@@ -331,7 +284,8 @@ def _nca_step_bwd_weights_kernel(
     hok = hh < HID          # HR may pad a small hidden layer to the MMA's 64 rows
 
     # ---- parameters, once per program: hidden units as rows
-    w1t = _w1_tile(w1_ptr, b1_ptr, lap, j0, C, HID, HR, NF, BANK, True, True, 0).to(dtype)
+    w1t = _w1_tile(w1_ptr, b1_ptr, lap, j0, C, HID, HR, NF, BANK, BIAS=True, HIDDEN_ROWS=True,
+                   K_ORDER=IEEE).to(dtype)
     w2t = tl.load(w2_ptr + hh[:, None] * C + cols[None, :], mask=hok[:, None], other=0.0)
     if NF == 4:
         b1c = tl.where((cols == 0)[None, :] & hok[:, None],
@@ -354,20 +308,19 @@ def _nca_step_bwd_weights_kernel(
         # ---- dL/d out of this step: the next step's input gradient, or given
         if NEXT:
             g = _input_grad(gpn_ptr, cwn_ptr, gn_ptr, filt_ptr, base, y, x, cell, H, W, lz,
-                            C, NF, BANK, CIRCULAR)
+                            C, NF, BANK, PADDING)
             if j0 == 0:
                 tl.store(g_ptr + cell[:, None] * C + cl[None, :], g.to(g_ptr.dtype.element_ty),
                          mask=ok[:, None])
         else:
             g = tl.load(g_ptr + cell[:, None] * C + cl[None, :])
         cw = tl.load(cw_ptr + cell).to(tl.int32)
-        gdx = tl.where(((cw & 512) != 0)[:, None] & ok[:, None], g, 0.0).to(dtype)
+        gdx = tl.where(((cw & PACKED_FIRE) != 0)[:, None] & ok[:, None], g, 0.0).to(dtype)
         db2 += gdx
 
         # ---- the forward's perception again
-        v0, v1, v2, v3, v4, v5, v6, v7, v8 = _load_taps(r_ptr, cw, base, y, x, H, W, lz, C,
-                                                        CIRCULAR, True)
-        p0, p1, p2, p3 = _bank(v0, v1, v2, v3, v4, v5, v6, v7, v8, filt_ptr, NF, BANK)
+        taps = _load_taps(r_ptr, cw, base, y, x, H, W, lz, C, PADDING, PACKED=True)
+        p0, p1, p2, p3 = _bank(taps, filt_ptr, NF, BANK)
         if NF == 3:
             p3 = tl.where((cl[None, :] == 0) & (cw >= 0)[:, None], 1.0, 0.0).to(dtype)
         pc = _layout_anchor(_concat4(p0, p1, p2, p3), ANCHOR)
@@ -402,39 +355,13 @@ def _nca_step_bwd_weights_kernel(
         tl.store(p, tl.load(p, mask=hok) + db1, mask=hok)
 
 
-# ------------------------------------------------------------------------- 3. the input kernel
-@triton.jit(do_not_specialize=configs.RUNTIME_INTS)
-def _nca_step_bwd_input_kernel(
-    gp_ptr,         # [B*H*W, F, C] perception gradient from _nca_step_bwd_gp_kernel
-    cw_ptr,         # [B*H*W] int16 the step's cell words (bit 4: the cell's own deferred mask)
-    g_ptr,          # [B*H*W, C] dL/d out (read only for a bank given as data, BANK == 0)
-    gr_ptr,         # [B*H*W, C] out: dL/d r
-    filt_ptr,       # [F, 9] (BANK == 0)
-    H, W, tiles_x, tiles_y, n_tiles, step_b, step_y, step_x,
-    C: tl.constexpr, NF: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-    BANK: tl.constexpr, CIRCULAR: tl.constexpr, INT64: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    b, ty, tx = _tile_start(pid, tiles_x, tiles_y * tiles_x)
-    for tile in range(pid, n_tiles, tl.num_programs(0)):
-        base, y, x, ok = _tile_cells(b, ty, tx, H, W, TH, TW, INT64)
-        cell = base + y * W + x
-        lz = _loop_zero(tx)
-        acc = _input_grad(gp_ptr, cw_ptr, g_ptr, filt_ptr, base, y, x, cell, H, W, lz,
-                          C, NF, BANK, CIRCULAR)
-        cl = tl.arange(0, C) + lz
-        tl.store(gr_ptr + cell[:, None] * C + cl[None, :], acc.to(gr_ptr.dtype.element_ty),
-                 mask=ok[:, None])
-        b, ty, tx = _tile_next(b, ty, tx, step_b, step_y, step_x, tiles_x, tiles_y)
-
-
 # --------------------------------------------------------------------------------- launchers
 def part_size(C: int, HID: int) -> int:
     """Floats per program in the weight-gradient buffer of ``nca_step_bwd``."""
     return 4 * C * HID + HID * C + C + HID
 
 
-def weight_grads(parts: torch.Tensor, C: int, HID: int, F_: int, bank: int):
+def weight_grads(parts: torch.Tensor, C: int, HID: int, F_: int, spec: StepSpec):
     """(dw1k [F, C, HID], db1 [HID], dw2t [HID, C], db2 [C]) from a [programs, PART] buffer,
     summed over programs in a fixed order, the scale ``_w1_tile`` folds into W1 taken out."""
     total = parts.sum(0)
@@ -444,10 +371,9 @@ def weight_grads(parts: torch.Tensor, C: int, HID: int, F_: int, bank: int):
     db2 = total[o + HID * C:o + HID * C + C].clone()
     db1 = dw1[3 * C].clone() if F_ == 3 else total[o + HID * C + C:].clone()
     dw1k = dw1[:F_ * C].view(F_, C, HID).clone()
-    if bank != 0:
-        dw1k[1:3] *= 0.125
-        if F_ == 4:
-            dw1k[3] *= lap_scale(bank)
+    for k, scale in enumerate(w1_scales(spec.bank, F_)):
+        if scale != 1.0:
+            dw1k[k] *= scale
     return dw1k, db1, dw2t, db2
 
 
@@ -476,64 +402,53 @@ def _check_cw(cw, B, H, W):
                          f"{cw.dtype} {tuple(cw.shape)}")
 
 
-def bwd_gp(r, cw, g, w1k, b1, w2t, filters, *, circular: bool, precision: str, bank: int,
-           gp=None, cfg=None):
+# The three launchers check nothing: ``nca_step_bwd`` validates, a rollout validates once. Each
+# takes the step's ``spec`` (``StepSpec``), or the keyword options that make one
+# (``StepSpec.of``: circular, precision, bank, ...), and ``cfg``, the launch configuration
+# of its selector when the caller chose it once for many steps.
+def bwd_gp(r, cw, g, w1k, b1, w2t, filters, *, spec: Optional[StepSpec] = None, gp=None,
+           cfg=None, **options):
     """Kernel 1: the perception gradient of a step, [B*H*W, F, C] (slot 0 + g, named banks).
-    cfg: ``configs.select_backward(...)``, when the caller chose it once for many steps. These
-    three launchers check nothing: ``nca_step_bwd`` validates, a rollout validates once."""
+    cfg: ``configs.select_backward(...)``."""
+    spec = spec_of(spec, options)
     B, H, W, C = r.shape
     F_, _, HID = w1k.shape
-    cfg = cfg or configs.select_backward(B * H * W, C, HID, F_, r.device, precision, bank)
+    cfg = cfg or configs.select_backward(B * H * W, C, HID, F_, r.device, spec.precision,
+                                         spec.bank)
     programs, *sizes = persistent_grid(B, H, W, cfg)
     gp = torch.empty((B * H * W, F_, C), dtype=r.dtype, device=r.device) if gp is None else gp
     _nca_step_bwd_gp_kernel[(programs,)](
-        r, cw, g, gp, w1k, b1, w2t, filters, lap_scale(bank),
+        r, cw, g, gp, w1k, b1, w2t, filters, spec.lap_scale,
         H, W, *sizes,
         C=C, HID=HID, NF=F_, TH=cfg.tile_h, TW=cfg.tile_w, HC=cfg.hidden_chunk,
-        BANK=min(bank, 2),
-        CIRCULAR=circular, PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64,
-        RESIDENT=cfg.resident, ANCHOR=cfg.anchor,
+        BANK=spec.kernel_bank, PADDING=spec.padding_code, PRECISION=spec.precision_code,
+        INT64=cfg.int64, RESIDENT=cfg.resident, ANCHOR=cfg.anchor,
         **cfg.launch_options())
     return gp
 
 
-def bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, *, circular: bool, precision: str,
-                bank: int, next_step=None, cfg=None):
+def bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, *, spec: Optional[StepSpec] = None,
+                next_step=None, cfg=None, **options):
     """Kernel 2: add a step's weight gradients to ``parts``. next_step = (gp, cw, g) of the
     following step: then this step's g is computed from them (and written into ``g``) first.
     cfg: ``configs.select_weights(...)``."""
+    spec = spec_of(spec, options)
     B, H, W, C = r.shape
     F_, _, HID = w1k.shape
-    cfg = cfg or configs.select_weights(B * H * W, C, HID, F_, r.device, precision, bank)
+    cfg = cfg or configs.select_weights(B * H * W, C, HID, F_, r.device, spec.precision,
+                                        spec.bank)
     programs, *sizes = persistent_grid(B, H, W, cfg)
     if tuple(parts.shape) != (programs, part_size(C, HID)) or parts.dtype != r.dtype:
         raise ValueError(f"parts: expected a {r.dtype} [{programs}, {part_size(C, HID)}] buffer "
                          f"(new_parts), got {parts.dtype} {tuple(parts.shape)}")
     gpn, cwn, gn = next_step if next_step is not None else (g, cw, g)
     _nca_step_bwd_weights_kernel[(programs, triton.cdiv(HID, cfg.hidden_chunk))](
-        r, cw, g, parts, gpn, cwn, gn, w1k, b1, w2t, filters, lap_scale(bank),
+        r, cw, g, parts, gpn, cwn, gn, w1k, b1, w2t, filters, spec.lap_scale,
         H, W, *sizes,
         C=C, HID=HID, NF=F_, HR=cfg.hidden_chunk, TH=cfg.tile_h, TW=cfg.tile_w,
-        BANK=min(bank, 2),
-        NEXT=next_step is not None, CIRCULAR=circular,
-        PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64, ANCHOR=cfg.anchor,
+        BANK=spec.kernel_bank, NEXT=next_step is not None, PADDING=spec.padding_code,
+        PRECISION=spec.precision_code, INT64=cfg.int64, ANCHOR=cfg.anchor,
         **cfg.launch_options())
-
-
-def bwd_input(gp, cw, g, filters, shape, *, circular: bool, bank: int, grad_r=None, cfg=None):
-    """Kernel 3: dL/d r of a step from its perception gradient (the transposed stencil).
-    cfg: ``configs.select_transpose(...)``."""
-    B, H, W, C = shape
-    F_ = gp.shape[1]
-    cfg = cfg or configs.select_transpose(B * H * W, C, F_, gp.device, bank)
-    programs, *sizes = persistent_grid(B, H, W, cfg)
-    grad_r = torch.empty(shape, dtype=gp.dtype, device=gp.device) if grad_r is None else grad_r
-    _nca_step_bwd_input_kernel[(programs,)](
-        gp, cw, g, grad_r, filters,
-        H, W, *sizes,
-        C=C, NF=F_, TH=cfg.tile_h, TW=cfg.tile_w, BANK=min(bank, 2), CIRCULAR=circular,
-        INT64=cfg.int64, **cfg.launch_options())
-    return grad_r
 
 
 def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters, *, seed: int,
@@ -554,20 +469,19 @@ def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters,
     if alive_threshold is None and q is not None:
         raise ValueError("q: pre-mask bits given but alive masking is off")
     r, g = r.contiguous(), g.contiguous()
-    w1k, b1, w2t, b2, filters = (t.contiguous() for t in (w1k, b1, w2t, b2, filters))
+    w = StepWeights(w1k, b1, w2t, b2, filters).contiguous()
     if named_bank is None:
-        named_bank = configs.bank_code(filters)
+        named_bank = configs.bank_code(w.filters)
+    spec = StepSpec.of(circular=circular, precision=precision, bank=named_bank,
+                       alive_threshold=alive_threshold, alpha_channel=alpha_channel,
+                       fire_threshold=fire_threshold, seed=seed)
     if cw is None:
-        cw = cell_words(r, q, w1k, b1, w2t, b2, filters, seed=seed, step=step,
-                        fire_threshold=fire_threshold, alive_threshold=alive_threshold,
-                        alpha_channel=alpha_channel, circular=circular, precision=precision,
-                        named_bank=named_bank)
+        cw = cell_words(r, q, *w, seed=seed, step=step, fire_threshold=fire_threshold,
+                        alive_threshold=alive_threshold, alpha_channel=alpha_channel,
+                        circular=circular, precision=precision, named_bank=spec.bank)
     _check_cw(cw, B, H, W)
-    bank = named_bank
-    kw = dict(circular=circular, precision=precision, bank=bank)
-    parts = new_parts(B, H, W, C, HID, F_, r.device, precision, r.dtype, bank)
-    gp = bwd_gp(r, cw, g, w1k, b1, w2t, filters, **kw)
-    bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, **kw)
-    grad_r = bwd_input(gp, cw, g, filters, (B, H, W, C), circular=circular, bank=bank,
-                       grad_r=grad_r)
-    return (grad_r, *weight_grads(parts, C, HID, F_, bank))
+    parts = new_parts(B, H, W, C, HID, F_, r.device, precision, r.dtype, spec.bank)
+    gp = bwd_gp(r, cw, g, w.w1k, w.b1, w.w2t, w.filters, spec=spec)
+    bwd_weights(r, cw, g, parts, w.w1k, w.b1, w.w2t, w.filters, spec=spec)
+    grad_r = bwd_input(gp, cw, g, w.filters, (B, H, W, C), spec=spec, grad_r=grad_r)
+    return (grad_r, *weight_grads(parts, C, HID, F_, spec))

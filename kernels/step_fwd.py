@@ -1,4 +1,4 @@
-"""Forward of one NCA step, fused: one read of the state, one write (v2, persistent 2-D tiles).
+"""Forward of one NCA step, fused: one read of the state, one write (persistent 2-D tiles).
 
 Maths (docs in nca_fast), per cell i of a channels-last state ``r [B*H*W, C]``:
 
@@ -31,13 +31,99 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._tile import (_bank, _bias_rows, _concat4, _fire_bit, _hq_index, _join_rows, _load_taps,
-                    _loop_zero, _mlp_chunk, _split_rows, _tap_bit,
-                    _mlp_chunk_fma, _w1_block,
-                    _pack_cw, _plain_bits, _tile_cells, _tile_next, _tile_start, _w1_tile, _w2_rows,
-                    _window_bits)
+from . import spec as codes
+from .spec import StepSpec, StepWeights
+from ._tile import (CW_FIRE, CW_PRE, HQ_HOT, IEEE, _bank, _bias_rows, _static_shapes, _concat4,
+                    _fire_bit, _hq_index, _join_rows, _load_taps, _loop_zero, _mlp_chunk,
+                    _mlp_chunk_fma, _pack_cw, _plain_bits, _split_rows, _tap_bit, _tile_cells,
+                    _tile_next, _tile_start, _w1_block, _w1_tile, _w2_rows, _window_bits)
 
 
+# ------------------------------------------------------------------------------ dense layers
+@triton.jit
+def _chunk_weights(w1_ptr, b1_ptr, w2_ptr, lap, r_ptr, C: tl.constexpr, HID: tl.constexpr,
+                   HC: tl.constexpr, NF: tl.constexpr, BANK: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """(w1s, bss, w2s): every hidden chunk's weights in the state's dtype. FMA dots (IEEE):
+    W1 per filter (w1s[j * NF + k]) and b1 as a row; tensor cores: W1 as one [4C, HC] tile
+    and b1 as the K block of the constant-1 column."""
+    dtype = r_ptr.dtype.element_ty
+    w1s = ()
+    bss = ()
+    w2s = ()
+    for j in tl.static_range(HID // HC):
+        if PRECISION == IEEE:
+            for k in tl.static_range(NF):
+                w1s = w1s + (_w1_block(w1_ptr, lap, k, j * HC, C, HID, HC, BANK).to(dtype),)
+            bss = bss + (tl.load(b1_ptr + j * HC + tl.arange(0, HC)).to(dtype),)
+        else:
+            w1s = w1s + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK,
+                                  BIAS=True, HIDDEN_ROWS=False, K_ORDER=IEEE).to(dtype),)
+            bss = bss + (_bias_rows(b1_ptr, j * HC, C, HC).to(dtype),)
+        w2s = w2s + (_w2_rows(w2_ptr, j * HC, C, HC, PRECISION),)
+    return w1s, bss, w2s
+
+
+@triton.jit
+def _dense_fma(p0, p1, p2, p3, dx, w1s, bss, w2s, w1p, b1p, w2p, lap, C: tl.constexpr,
+               HID: tl.constexpr, HC: tl.constexpr, NF: tl.constexpr, BANK: tl.constexpr,
+               RESIDENT: tl.constexpr):
+    """dx + the update of the dense layers in FMA dots (IEEE), chunk by chunk: the weights
+    ``_chunk_weights`` loaded (RESIDENT), or loaded here from the tile's pointers."""
+    dtype = dx.dtype
+    for j in tl.static_range(HID // HC):
+        if RESIDENT:
+            dx = _mlp_chunk_fma(p0, p1, p2, p3, w1s[j * NF], w1s[j * NF + 1], w1s[j * NF + 2],
+                                w1s[j * NF + NF - 1], bss[j], w2s[j], dx, NF)
+        else:
+            dx = _mlp_chunk_fma(
+                p0, p1, p2, p3,
+                _w1_block(w1p, lap, 0, j * HC, C, HID, HC, BANK).to(dtype),
+                _w1_block(w1p, lap, 1, j * HC, C, HID, HC, BANK).to(dtype),
+                _w1_block(w1p, lap, 2, j * HC, C, HID, HC, BANK).to(dtype),
+                _w1_block(w1p, lap, NF - 1, j * HC, C, HID, HC, BANK).to(dtype),
+                tl.load(b1p + j * HC + tl.arange(0, HC)).to(dtype),
+                _w2_rows(w2p, j * HC, C, HC, IEEE), dx, NF)
+    return dx
+
+
+@triton.jit
+def _dense_mma(pc, ones, dx, w1s, bss, w2s, w1p, b1p, w2p, lap, lz, C: tl.constexpr,
+               HID: tl.constexpr, HC: tl.constexpr, NF: tl.constexpr, BANK: tl.constexpr,
+               PRECISION: tl.constexpr, RESIDENT: tl.constexpr, SPLIT_ROWS: tl.constexpr):
+    """dx + the update of the dense layers on tensor cores (TF32, BF16), one K = 4C dot per
+    chunk: the weights resident (on the tile's two halves of rows with SPLIT_ROWS), or
+    loaded per tile in a loop."""
+    dtype = dx.dtype
+    NCH: tl.constexpr = HID // HC
+    if SPLIT_ROWS:
+        # the tile's two halves of M / 2 cells one after the other (an m64 MMA each on
+        # sm_90a at M = 128): half the perception rows and accumulators live at a time,
+        # each row's products and sums as in one [M, .] dot
+        pa, pb = _split_rows(pc)
+        oa, ob = _split_rows(ones)
+        dxa, dxb = _split_rows(dx)
+        for j in tl.static_range(NCH):
+            dxa = _mlp_chunk(pa, oa, w1s[j], bss[j], w2s[j], dxa, NF, PRECISION)
+        for j in tl.static_range(NCH):
+            dxb = _mlp_chunk(pb, ob, w1s[j], bss[j], w2s[j], dxb, NF, PRECISION)
+        dx = _join_rows(dxa, dxb)
+    elif RESIDENT:
+        for j in tl.static_range(NCH):
+            dx = _mlp_chunk(pc, ones, w1s[j], bss[j], w2s[j], dx, NF, PRECISION)
+    else:
+        # a loop whose trip count the compiler cannot see (lz), so that it is not unrolled and
+        # one chunk's weights and activations are live at once
+        for j in range(0, NCH + lz):
+            dx = _mlp_chunk(pc, ones,
+                            _w1_tile(w1p, b1p, lap, j * HC, C, HID, HC, NF, BANK, BIAS=True,
+                                     HIDDEN_ROWS=False, K_ORDER=IEEE).to(dtype),
+                            _bias_rows(b1p, j * HC, C, HC).to(dtype),
+                            _w2_rows(w2p, j * HC, C, HC, PRECISION), dx, NF, PRECISION)
+    return dx
+
+
+# ---------------------------------------------------------------------------------- the kernel
 @triton.jit(do_not_specialize=configs.RUNTIME_INTS)
 def _nca_step_fwd_kernel(
     # state
@@ -51,7 +137,7 @@ def _nca_step_fwd_kernel(
     b1_ptr,         # [HID]
     w2_ptr,         # [HID, C]     transpose of w2
     b2_ptr,         # [C]
-    filt_ptr,       # [F, 9] filter taps, row-major 3x3 (read when BANK == 0)
+    filt_ptr,       # [F, 9] filter taps, row-major 3x3 (read when BANK == BANK_DATA)
     lap,            # the Laplacian's scale in a named bank (1 or 1/16)
     # step (the seed always 64-bit: one compile for seeds below 2**31 and above)
     seed: tl.int64, step, fire_threshold, thr,
@@ -60,32 +146,25 @@ def _nca_step_fwd_kernel(
     H, W, tiles_x, tiles_y, n_tiles, step_b, step_y, step_x,
     C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr, ALPHA: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, HC: tl.constexpr, BANK: tl.constexpr,
-    HAS_Q: tl.constexpr, ALIVE: tl.constexpr, CIRCULAR: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_Q: tl.constexpr, ALIVE: tl.constexpr, PADDING: tl.constexpr, PRECISION: tl.constexpr,
     INT64: tl.constexpr, RESIDENT: tl.constexpr, SAVE_CW: tl.constexpr,
     SPLIT_ROWS: tl.constexpr,
 ):
+    _static_shapes(C, NF, HID, HC)
+    tl.static_assert(HC <= HID, "HC: a chunk of the hidden units")
+    tl.static_assert(ALPHA < C, "ALPHA: a channel of the state")
+    tl.static_assert(not SPLIT_ROWS or (PRECISION != IEEE and RESIDENT),
+                     "SPLIT_ROWS: tensor cores, weights resident")
     M: tl.constexpr = TH * TW
-    NCH: tl.constexpr = HID // HC
     cols = tl.arange(0, C)
     dtype = r_ptr.dtype.element_ty
     ones = (tl.where(cols[None, :] == 0, 1.0, 0.0) + tl.zeros([M, C], dtype=tl.float32)).to(dtype)
     b2 = tl.load(b2_ptr + cols)
-    # ---- parameters, once per program (RESIDENT) or once per tile
+    # ---- parameters, once per program (RESIDENT) or once per tile (in the dense helpers)
+    w1s, bss, w2s = (), (), ()
     if RESIDENT:
-        w1s = ()
-        bss = ()
-        w2s = ()
-        for j in tl.static_range(NCH):
-            if PRECISION == 0:
-                # FMA dots: W1 per filter (w1s[j * NF + k]), b1 as a row
-                for k in tl.static_range(NF):
-                    w1s = w1s + (_w1_block(w1_ptr, lap, k, j * HC, C, HID, HC, BANK).to(dtype),)
-                bss = bss + (tl.load(b1_ptr + j * HC + tl.arange(0, HC)).to(dtype),)
-            else:
-                w1s = w1s + (_w1_tile(w1_ptr, b1_ptr, lap, j * HC, C, HID, HC, NF, BANK, True,
-                                      False, 0).to(dtype),)
-                bss = bss + (_bias_rows(b1_ptr, j * HC, C, HC).to(dtype),)
-            w2s = w2s + (_w2_rows(w2_ptr, j * HC, C, HC, PRECISION),)
+        w1s, bss, w2s = _chunk_weights(w1_ptr, b1_ptr, w2_ptr, lap, r_ptr, C, HID, HC, NF, BANK,
+                                       PRECISION)
 
     pid = tl.program_id(0)
     b, ty, tx = _tile_start(pid, tiles_x, tiles_y * tiles_x)
@@ -93,17 +172,17 @@ def _nca_step_fwd_kernel(
         base, y, x, ok = _tile_cells(b, ty, tx, H, W, TH, TW, INT64)
         cell = base + y * W + x
 
-        # ---- per-cell word: neighbours kept, pre-update mask (bit 0), fire (bit 1)
+        # ---- per-cell word: neighbours kept, pre-update mask (CW_PRE), fire (CW_FIRE)
         if HAS_Q:
-            cw = _window_bits(hq_ptr, b, y, x, H, W, CIRCULAR, INT64)
+            cw = _window_bits(hq_ptr, b, y, x, H, W, PADDING, INT64)
         else:
-            cw = _plain_bits(r_ptr, base, y, x, H, W, thr, C, ALPHA, ALIVE, CIRCULAR)
+            cw = _plain_bits(r_ptr, base, y, x, H, W, thr, C, ALPHA, ALIVE, PADDING)
         key = seed
         if SPLIT_ROWS:
             # the key through lz: the Philox key schedule (20 words of the seed) computed per
             # tile, not hoisted out of the tile loop and held across it
             key = seed + _loop_zero(tx)
-        cw |= _fire_bit(key, cell, step, fire_threshold, INT64) << 1
+        cw |= _fire_bit(key, cell, step, fire_threshold, INT64) * CW_FIRE
         if SAVE_CW:
             tl.store(cw_out_ptr + cell, _pack_cw(cw).to(tl.int16), mask=ok)
 
@@ -114,54 +193,21 @@ def _nca_step_fwd_kernel(
         w1p = w1_ptr + lz
         b1p = b1_ptr + lz
         w2p = w2_ptr + lz
-        v0, v1, v2, v3, v4, v5, v6, v7, v8 = _load_taps(r_ptr, cw, base, y, x, H, W, lz, C,
-                                                        CIRCULAR)
-        p0, p1, p2, p3 = _bank(v0, v1, v2, v3, v4, v5, v6, v7, v8, filt_ptr, NF, BANK)
+        taps = _load_taps(r_ptr, cw, base, y, x, H, W, lz, C, PADDING)
+        p0, p1, p2, p3 = _bank(taps, filt_ptr, NF, BANK)
+        v4 = taps[4]
         if NF == 3:
             p3 = (tl.where(cols[None, :] == 0, 1.0, 0.0) + tl.zeros_like(p3)).to(dtype)
         pc = _concat4(p0, p1, p2, p3)
 
-        # ---- dense layers on tensor cores, hidden in chunks of HC
+        # ---- dense layers, hidden in chunks of HC
         dx = tl.zeros([M, C], dtype=dtype)
-        if SPLIT_ROWS:
-            tl.static_assert(PRECISION != 0 and RESIDENT, "SPLIT_ROWS: tensor cores, resident")
-            # the tile's two halves of M / 2 cells one after the other (an m64 MMA each on
-            # sm_90a at M = 128): half the perception rows and accumulators live at a time,
-            # each row's products and sums as in one [M, .] dot
-            pa, pb = _split_rows(pc)
-            oa, ob = _split_rows(ones)
-            dxa, dxb = _split_rows(dx)
-            for j in tl.static_range(NCH):
-                dxa = _mlp_chunk(pa, oa, w1s[j], bss[j], w2s[j], dxa, NF, PRECISION)
-            for j in tl.static_range(NCH):
-                dxb = _mlp_chunk(pb, ob, w1s[j], bss[j], w2s[j], dxb, NF, PRECISION)
-            dx = _join_rows(dxa, dxb)
-        for j in tl.static_range(NCH):
-            if PRECISION == 0:
-                if RESIDENT:
-                    dx = _mlp_chunk_fma(p0, p1, p2, p3, w1s[j * NF], w1s[j * NF + 1],
-                                        w1s[j * NF + 2], w1s[j * NF + NF - 1], bss[j], w2s[j],
-                                        dx, NF)
-                else:
-                    dx = _mlp_chunk_fma(
-                        p0, p1, p2, p3,
-                        _w1_block(w1p, lap, 0, j * HC, C, HID, HC, BANK).to(dtype),
-                        _w1_block(w1p, lap, 1, j * HC, C, HID, HC, BANK).to(dtype),
-                        _w1_block(w1p, lap, 2, j * HC, C, HID, HC, BANK).to(dtype),
-                        _w1_block(w1p, lap, NF - 1, j * HC, C, HID, HC, BANK).to(dtype),
-                        tl.load(b1p + j * HC + tl.arange(0, HC)).to(dtype),
-                        _w2_rows(w2p, j * HC, C, HC, PRECISION), dx, NF)
-            elif RESIDENT and not SPLIT_ROWS:
-                dx = _mlp_chunk(pc, ones, w1s[j], bss[j], w2s[j], dx, NF, PRECISION)
-        if PRECISION != 0 and not RESIDENT:
-            # weights per tile: a loop whose trip count the compiler cannot see (lz), so
-            # that it is not unrolled and one chunk's weights and activations are live at once
-            for j in range(0, NCH + lz):
-                dx = _mlp_chunk(pc, ones,
-                                _w1_tile(w1p, b1p, lap, j * HC, C, HID, HC, NF, BANK, True,
-                                         False, 0).to(dtype),
-                                _bias_rows(b1p, j * HC, C, HC).to(dtype),
-                                _w2_rows(w2p, j * HC, C, HC, PRECISION), dx, NF, PRECISION)
+        if PRECISION == IEEE:
+            dx = _dense_fma(p0, p1, p2, p3, dx, w1s, bss, w2s, w1p, b1p, w2p, lap, C, HID, HC,
+                            NF, BANK, RESIDENT)
+        else:
+            dx = _dense_mma(pc, ones, dx, w1s, bss, w2s, w1p, b1p, w2p, lap, lz, C, HID, HC,
+                            NF, BANK, PRECISION, RESIDENT, SPLIT_ROWS)
         dx += b2[None, :]
         if SPLIT_ROWS:
             # the tile's cells and the cell's own row again (integer operations, an L1 hit)
@@ -172,12 +218,12 @@ def _nca_step_fwd_kernel(
                          mask=((cw & _tap_bit(4)) != 0)[:, None], other=0.0)
 
         # ---- stochastic update, store
-        out = v4 + tl.where((cw & 2)[:, None] != 0, dx, 0.0)
+        out = v4 + tl.where((cw & CW_FIRE)[:, None] != 0, dx, 0.0)
         tl.store(out_ptr + cell[:, None] * C + cols[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=ok[:, None])
         if ALIVE:
             a = tl.sum(tl.where(cols[None, :] == ALPHA, out, 0.0), axis=1)
-            hq = (cw & 1) | ((a > thr).to(tl.int32) << 1)
+            hq = (cw & CW_PRE) | ((a > thr).to(tl.int32) * HQ_HOT)
             tl.store(hq_out_ptr + _hq_index(b, y, x, H, W, INT64), hq.to(tl.uint8), mask=ok)
         b, ty, tx = _tile_next(b, ty, tx, step_b, step_y, step_x, tiles_x, tiles_y)
 
@@ -219,24 +265,20 @@ def check_shapes(r, w1k, b1, w2t, b2, filters):
     return B, H, W, C, HID, F_
 
 
-def lap_scale(bank: int) -> float:
-    """The Laplacian's scale folded into W1 for a named bank: "sobel_laplacian16" is bank 3,
-    compiled as bank 2 (the unscaled Laplacian) with W1's Laplacian rows times 1/16."""
-    return 0.0625 if bank == 3 else 1.0
-
-
 def hq_plane(B: int, H: int, W: int, device, n: int = 0) -> torch.Tensor:
-    """A zeroed hq plane [B, H + 4, W + 4] (or [n, B, H + 4, W + 4] when n > 0): the border must
-    be zero and stays so (the kernels write only the interior)."""
-    shape = (B, H + 4, W + 4) if n == 0 else (n, B, H + 4, W + 4)
-    return torch.zeros(shape, dtype=torch.uint8, device=device)
+    """A zeroed hq plane [B, H + 4, W + 4] (or [n, B, H + 4, W + 4] when n > 0): the border of
+    HALO cells must be zero and stays so (the kernels write only the interior)."""
+    shape = (B, H + 2 * codes.HALO, W + 2 * codes.HALO)
+    return torch.zeros(shape if n == 0 else (n, *shape), dtype=torch.uint8, device=device)
 
 
 def as_hq_plane(r: torch.Tensor, q: torch.Tensor, thr: float, alpha: int) -> torch.Tensor:
     """The hq plane of a stored state r [B, H, W, C] that owes the pre-mask bits q [B, H, W]."""
     B, H, W, _ = r.shape
     plane = hq_plane(B, H, W, r.device)
-    plane[:, 2:-2, 2:-2] = (q != 0).to(torch.uint8) | ((r[..., alpha] > thr).to(torch.uint8) << 1)
+    inner = slice(codes.HALO, -codes.HALO)
+    plane[:, inner, inner] = (torch.where(q != 0, codes.HQ_Q, 0)
+                              | torch.where(r[..., alpha] > thr, codes.HQ_HOT, 0))
     return plane
 
 
@@ -277,44 +319,39 @@ def nca_step_fwd(r: torch.Tensor, q, w1k, b1, w2t, b2, filters, *, seed: int, st
         raise ValueError(f"q: expected a uint8 hq plane [B, H + 4, W + 4] = "
                          f"{(B, H + 4, W + 4)} (or pre-mask bits [B, H, W]), got {q.dtype} "
                          f"{tuple(q.shape)}")
-    if precision not in configs.PRECISION_CODES:
-        raise ValueError(f"precision: expected one of {tuple(configs.PRECISION_CODES)}, "
-                         f"got {precision!r}")
     if named_bank is None:
         named_bank = configs.bank_code(filters)
-    cfg = configs.select_forward(B * H * W, C, HID, F_, r.device, precision, named_bank)
-    return launch_fwd(cfg, r, q, w1k.contiguous(), b1.contiguous(), w2t.contiguous(),
-                      b2.contiguous(), filters.contiguous(), seed=seed, step=step,
-                      fire_threshold=fire_threshold, alive_threshold=alive_threshold,
-                      alpha_channel=alpha_channel, circular=circular, precision=precision,
-                      bank=named_bank, out=out, q_out=q_out, cw_out=cw_out)
+    spec = StepSpec.of(circular=circular, precision=precision, bank=named_bank,
+                       alive_threshold=alive_threshold, alpha_channel=alpha_channel,
+                       fire_threshold=fire_threshold, seed=seed)      # checks them
+    cfg = configs.select_forward(B * H * W, C, HID, F_, r.device, precision, spec.bank)
+    weights = StepWeights(w1k, b1, w2t, b2, filters).contiguous()
+    return launch_fwd(cfg, r, q, weights, spec=spec, step=step, out=out, q_out=q_out,
+                      cw_out=cw_out)
 
 
-def launch_fwd(cfg, r, q, w1k, b1, w2t, b2, filters, *, seed: int, step: int,
-               fire_threshold: int, alive_threshold, alpha_channel: int, circular: bool,
-               precision: str, bank: int, out=None, q_out=None, cw_out=None):
+def launch_fwd(cfg, r, q, weights: StepWeights, *, spec: StepSpec, step: int, out=None,
+               q_out=None, cw_out=None):
     """``nca_step_fwd`` without its checks, for a caller that validated the operands (contiguous,
     shapes, dtypes, devices) and chose ``cfg = configs.select_forward(...)`` once for many
     steps: a rollout."""
     B, H, W, C = r.shape
-    F_, _, HID = w1k.shape
-    alive = alive_threshold is not None
+    F_, _, HID = weights.w1k.shape
     out = torch.empty_like(r) if out is None else out
-    if alive and q_out is None:
+    if spec.alive and q_out is None:
         q_out = hq_plane(B, H, W, r.device)
     programs, *sizes = persistent_grid(B, H, W, cfg)
     _nca_step_fwd_kernel[(programs,)](
-        r, q if q is not None else r, out, q_out if alive else out,
+        r, q if q is not None else r, out, q_out if spec.alive else out,
         cw_out if cw_out is not None else out,
-        w1k, b1, w2t, b2, filters,
-        lap_scale(bank),
-        seed, step, fire_threshold, float(alive_threshold) if alive else 0.0,
+        *weights, spec.lap_scale,
+        spec.seed, step, spec.fire_threshold,
+        float(spec.alive_threshold) if spec.alive else 0.0,
         H, W, *sizes,
-        C=C, HID=HID, NF=F_, ALPHA=alpha_channel, TH=cfg.tile_h, TW=cfg.tile_w,
-        HC=cfg.hidden_chunk, BANK=min(bank, 2), HAS_Q=q is not None, ALIVE=alive, CIRCULAR=circular,
-        PRECISION=configs.PRECISION_CODES[precision], INT64=cfg.int64, RESIDENT=cfg.resident,
-        SPLIT_ROWS=cfg.split_rows,
-        SAVE_CW=cw_out is not None,
+        C=C, HID=HID, NF=F_, ALPHA=spec.alpha_channel, TH=cfg.tile_h, TW=cfg.tile_w,
+        HC=cfg.hidden_chunk, BANK=spec.kernel_bank, HAS_Q=q is not None, ALIVE=spec.alive,
+        PADDING=spec.padding_code, PRECISION=spec.precision_code, INT64=cfg.int64,
+        RESIDENT=cfg.resident, SPLIT_ROWS=cfg.split_rows, SAVE_CW=cw_out is not None,
         **cfg.launch_options(),
     )
-    return out, (q_out if alive else None)
+    return out, (q_out if spec.alive else None)

@@ -10,22 +10,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-from .kernels.configs import PRECISION_CODES
-
-Filter = Tuple[Tuple[float, float, float], ...]
-
-IDENTITY: Filter = ((0.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 0.0))
-# Cross-correlation taps; x grows to the right (along W), y grows down (along H).
-SOBEL_X: Filter = ((-0.125, 0.0, 0.125), (-0.25, 0.0, 0.25), (-0.125, 0.0, 0.125))
-SOBEL_Y: Filter = ((-0.125, -0.25, -0.125), (0.0, 0.0, 0.0), (0.125, 0.25, 0.125))
-LAPLACIAN: Filter = ((1.0, 2.0, 1.0), (2.0, -12.0, 2.0), (1.0, 2.0, 1.0))
-
-FILTER_BANKS = {
-    "sobel": (IDENTITY, SOBEL_X, SOBEL_Y),
-    "sobel_laplacian": (IDENTITY, SOBEL_X, SOBEL_Y, LAPLACIAN),
-    "sobel_laplacian16": (IDENTITY, SOBEL_X, SOBEL_Y,
-                          tuple(tuple(v / 16.0 for v in row) for row in LAPLACIAN)),
-}
+# The filter banks (and the kernels' precisions) are defined once, with the kernels' codes for
+# them: nca_fast.kernels.spec (plain Python, no triton).
+from .kernels.spec import (FILTER_BANKS, IDENTITY, LAPLACIAN, PRECISION_CODES,  # noqa: F401
+                           SOBEL_X, SOBEL_Y, Filter)
 
 PADDINGS = ("zeros", "circular")
 # The dense layers' operand precisions are the kernels' to define (the torch backend computes in

@@ -26,6 +26,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .kernels.spec import BANK_DATA, HALO, HQ_Q, NAMED_BANKS, StepSpec, StepWeights
 from .params import bands as w1_bands
 from .reference import alive as alive_mask
 from .resources import check_fits
@@ -67,80 +68,74 @@ def _kernel_weights(w1: Tensor, w2: Tensor, num_filters: int):
 def _final_keep(r: Tensor, q: Tensor, s: Static) -> Tensor:
     """[B, H, W] uint8: the last step's deferred mask, q and the post-alive mask of ``r``;
     q: the hq plane [B, H + 4, W + 4] (bit 0)."""
-    q = q[:, 2:-2, 2:-2]
+    q = q[:, HALO:-HALO, HALO:-HALO]
     post = alive_mask(r.permute(0, 3, 1, 2), s.alive_threshold,
                       "circular" if s.circular else "zeros", s.alpha_channel).squeeze(1)
-    return (post & ((q & 1) != 0)).to(torch.uint8)
+    return (post & ((q & HQ_Q) != 0)).to(torch.uint8)
 
 
 class _Steps:
-    """The kernels of one rollout with its fixed arguments: the operands validated and the
-    launch configurations chosen once, here, for every step's launches."""
+    """The kernels of one rollout with its fixed arguments: the operands validated, the step's
+    spec and weights built and the launch configurations chosen once, here, for every step's
+    launches (the ops' flat numbers become a ``StepSpec`` right after the op boundary)."""
 
     def __init__(self, x, w1, b1, w2, b2, filters, s: Static):
         from nca_fast.kernels import configs, step_bwd, step_fwd
 
-        if s.precision not in configs.PRECISION_CODES:
-            raise ValueError(f"precision: expected one of {tuple(configs.PRECISION_CODES)}, "
-                             f"got {s.precision!r}")
         self._f, self._k = step_fwd, step_bwd
         nf = filters.shape[0]
-        self.w1k, self.w2t = _kernel_weights(w1, w2, nf)
-        self.b1, self.b2 = b1.contiguous(), b2.contiguous()
-        self.filters = filters.reshape(nf, 9).contiguous()
+        w1k, w2t = _kernel_weights(w1, w2, nf)
+        self.weights = StepWeights(w1k, b1.contiguous(), w2t, b2.contiguous(),
+                                   filters.reshape(nf, 9).contiguous())
         if s.bank == -1:
-            self.bank = configs.bank_code(self.filters)       # reads the taps: a host copy
-        elif s.bank == 0 or (s.bank in configs.NAMED_BANKS
-                             and len(configs.NAMED_BANKS[s.bank]) == nf):
-            self.bank = s.bank
+            bank = configs.bank_code(self.weights.filters)     # reads the taps: a host copy
+        elif s.bank == BANK_DATA or (s.bank in NAMED_BANKS and len(NAMED_BANKS[s.bank]) == nf):
+            bank = s.bank
         else:
             raise ValueError(f"bank: expected -1, 0 or a named bank's code "
-                             f"{tuple(configs.NAMED_BANKS)} for {nf} filters, got {s.bank}")
+                             f"{tuple(NAMED_BANKS)} for {nf} filters, got {s.bank}")
+        self.spec = StepSpec(padding="circular" if s.circular else "zeros",
+                             precision=s.precision, bank=bank,
+                             alive_threshold=s.alive_threshold, alpha_channel=s.alpha_channel,
+                             fire_threshold=fire_threshold(s.fire_rate), seed=s.seed)
         B, C, H, W = x.shape
         # the kernels' own checks, once per rollout (the launchers below check nothing)
-        step_fwd.check_shapes(x.permute(0, 2, 3, 1), self.w1k, self.b1, self.w2t, self.b2,
-                              self.filters)
-        HID = self.w1k.shape[2]
+        step_fwd.check_shapes(x.permute(0, 2, 3, 1), *self.weights)
+        HID = w1k.shape[2]
         n = B * H * W
-        self.cfg_fwd = configs.select_forward(n, C, HID, nf, x.device, s.precision, self.bank)
-        self.cfg_gp = configs.select_backward(n, C, HID, nf, x.device, s.precision, self.bank)
-        self.cfg_w = configs.select_weights(n, C, HID, nf, x.device, s.precision, self.bank)
-        self.cfg_in = configs.select_transpose(n, C, nf, x.device, self.bank)
-        self.kw = dict(seed=s.seed, fire_threshold=fire_threshold(s.fire_rate),
-                       alive_threshold=s.alive_threshold, alpha_channel=s.alpha_channel,
-                       circular=s.circular, precision=s.precision, bank=self.bank)
+        self.cfg_fwd = configs.select_forward(n, C, HID, nf, x.device, s.precision, bank)
+        self.cfg_gp = configs.select_backward(n, C, HID, nf, x.device, s.precision, bank)
+        self.cfg_w = configs.select_weights(n, C, HID, nf, x.device, s.precision, bank)
+        self.cfg_in = configs.select_transpose(n, C, nf, x.device, bank)
         self.first_step = s.first_step
 
     def fwd(self, r, q, t, out=None, q_out=None, cw_out=None):
-        return self._f.launch_fwd(self.cfg_fwd, r, q, self.w1k, self.b1, self.w2t, self.b2,
-                                  self.filters, step=self.first_step + t, out=out, q_out=q_out,
-                                  cw_out=cw_out, **self.kw)
+        return self._f.launch_fwd(self.cfg_fwd, r, q, self.weights, spec=self.spec,
+                                  step=self.first_step + t, out=out, q_out=q_out, cw_out=cw_out)
 
     def new_parts(self, r):
         B, H, W, C = r.shape
-        return self._k.new_parts(B, H, W, C, self.w1k.shape[2], self.w1k.shape[0], r.device,
-                                 self.kw["precision"], r.dtype, cfg=self.cfg_w)
+        F_, _, HID = self.weights.w1k.shape
+        return self._k.new_parts(B, H, W, C, HID, F_, r.device, self.spec.precision, r.dtype,
+                                 cfg=self.cfg_w)
 
     def gp(self, r, cw, g, out=None):
-        return self._k.bwd_gp(r, cw, g, self.w1k, self.b1, self.w2t, self.filters, gp=out,
-                              cfg=self.cfg_gp, **self._bkw)
+        w = self.weights
+        return self._k.bwd_gp(r, cw, g, w.w1k, w.b1, w.w2t, w.filters, spec=self.spec, gp=out,
+                              cfg=self.cfg_gp)
 
-    def weights(self, r, cw, g, parts, next_step=None):
-        self._k.bwd_weights(r, cw, g, parts, self.w1k, self.b1, self.w2t, self.filters,
-                            next_step=next_step, cfg=self.cfg_w, **self._bkw)
+    def weights_grad(self, r, cw, g, parts, next_step=None):
+        w = self.weights
+        self._k.bwd_weights(r, cw, g, parts, w.w1k, w.b1, w.w2t, w.filters, spec=self.spec,
+                            next_step=next_step, cfg=self.cfg_w)
 
     def input_grad(self, gp, cw, g):
-        return self._k.bwd_input(gp, cw, g, self.filters, tuple(g.shape),
-                                 circular=self.kw["circular"], bank=self.bank, cfg=self.cfg_in)
-
-    @property
-    def _bkw(self):
-        return dict(circular=self.kw["circular"], precision=self.kw["precision"],
-                    bank=self.bank)
+        return self._k.bwd_input(gp, cw, g, self.weights.filters, tuple(g.shape), spec=self.spec,
+                                 cfg=self.cfg_in)
 
     def weight_grads(self, parts):
-        F_, C, HID = self.w1k.shape
-        return self._k.weight_grads(parts, C, HID, F_, self.bank)
+        F_, C, HID = self.weights.w1k.shape
+        return self._k.weight_grads(parts, C, HID, F_, self.spec)
 
 
 def _saved_shapes(x: Tensor, s: Static):
@@ -152,7 +147,8 @@ def _saved_shapes(x: Tensor, s: Static):
     B, C, H, W = x.shape
     n_saved = (s.steps - 1) // s.segment
     return (((n_saved, B, H, W, C), x.dtype),
-            ((n_saved if s.alive and s.segment > 1 else 0, B, H + 4, W + 4), torch.uint8),
+            ((n_saved if s.alive and s.segment > 1 else 0, B, H + 2 * HALO, W + 2 * HALO),
+             torch.uint8),
             ((s.steps if s.segment == 1 else 0, B, H, W), torch.int16),
             ((B, H, W) if s.alive else (0,), torch.uint8))
 
@@ -239,7 +235,7 @@ def _rollout_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tenso
             r, cw = inputs[t - t0], words[t - t0]
             if later is not None:
                 g = g_bufs[1] if later[2] is g_bufs[0] else g_bufs[0]
-            ks.weights(r, cw, g, parts, next_step=later)
+            ks.weights_grad(r, cw, g, parts, next_step=later)
             k = t % 2
             gp_bufs[k] = ks.gp(r, cw, g, gp_bufs[k])
             later = (gp_bufs[k], cw, g)

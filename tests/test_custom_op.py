@@ -172,7 +172,7 @@ def test_zero_steps_returns_a_new_tensor(backend):
 
 
 def test_compiled_fullgraph_one_step_forward_and_backward():
-    """torch.compile(fullgraph=True) through AOTAutograd: one step, the case of issue 12.1."""
+    """torch.compile(fullgraph=True) through AOTAutograd: one step."""
     model = NCA(CFG, backend="triton").to(DEVICE)
     torch.nn.init.normal_(model.w2.weight, std=0.05)
     x0 = _case(seed=6)[0]

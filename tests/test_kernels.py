@@ -284,7 +284,7 @@ def _precision_run(prec, monkeypatch=None):
         for module, name in ((step_fwd, "launch_fwd"), (step_bwd, "bwd_gp"),
                              (step_bwd, "bwd_weights")):
             def wrapper(*args, _real=getattr(module, name), _name=name, **kwargs):
-                seen.append((_name, kwargs.get("precision")))
+                seen.append((_name, kwargs["spec"].precision))
                 return _real(*args, **kwargs)
             monkeypatch.setattr(module, name, wrapper)
     model = NCA(NCAConfig(precision=prec, hidden=32), backend="triton").to(DEVICE)
@@ -463,8 +463,14 @@ def test_layer_reads_no_taps_back_from_the_device(monkeypatch, filters):
 
 
 def test_named_banks_are_the_configs_banks():
-    """The banks the kernels hold as constants are the taps nca_fast.config names, exactly."""
+    """The banks the kernels hold as constants are the taps nca_fast.config names, exactly:
+    defined once, in kernels/spec.py."""
     from nca_fast.config import FILTER_BANKS
+    from nca_fast.kernels import spec
+
+    assert FILTER_BANKS is spec.FILTER_BANKS
+    assert configs.NAMED_BANKS == {code: FILTER_BANKS[name]
+                                   for name, code in spec.BANK_CODES.items()}
 
     names = {1: "sobel", 2: "sobel_laplacian", 3: "sobel_laplacian16"}
     for code, name in names.items():

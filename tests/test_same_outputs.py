@@ -1,8 +1,8 @@
-"""Outputs bitwise equal to those recorded before the layout refactor (issue 13).
+"""Outputs bitwise equal to those recorded before the layout refactor.
 
 ``tests/data/rollout_hashes.json`` holds SHA-256 digests of states and gradients computed by the
-code at commit 09c60f3 (before the backends, the op schema and the training modules were
-reorganised), on this project's CPU machine: the shipped model and the Distill lizard, each on
+code before the backends, the op schema and the training modules were reorganised (the commit
+that recorded them says which), on this project's CPU machine: the shipped model and the Distill lizard, each on
 the torch backend and on the triton backend in Triton's interpreter. A refactor that changes
 what is computed, in any bit, fails here.
 

@@ -1,0 +1,137 @@
+"""The transposed stencil of a step's backward: dL/d r from the perception gradient.
+
+    gx[j] = g[j] + sum_taps sum_k f_k[tap] * gp_k[j - tap]        (the filters flipped)
+    gr[j] = gx[j] * keep[j]                                       (the deferred alive mask)
+
+A gather, not a scatter: each cell reads the gp of its 9 neighbours (stored by
+``_nca_step_bwd_gp_kernel``, step_bwd.py), so no two programs write one cell. ``_input_grad`` is
+shared: the weight kernel computes the next step's g with it (step_bwd.py, NEXT), and
+``_nca_step_bwd_input_kernel`` the rollout's first step's. For a named bank gp's first slot holds
+g + gp_0 (the identity has its centre tap only) and the Sobel / Laplacian taps are constants.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from ._tile import (BANK_DATA, CIRCULAR, PACKED_KEEP, _col, _loop_zero, _nb, _plain_bits,
+                    _static_shapes, _tap_bit, _tile_cells, _tile_next, _tile_start)
+from .spec import StepSpec, spec_of
+from .step_fwd import persistent_grid
+
+
+# ---------------------------------------------------------------------------- stencil helpers
+@triton.jit
+def _gp_taps(gp_ptr, bits, base, y, x, H, W, lz, k: tl.constexpr,
+             C: tl.constexpr, NF: tl.constexpr, PADDING: tl.constexpr):
+    """gp_k of the 9 neighbours [M, C] of every cell (a tuple, tap t as in ``_load_taps``),
+    zero where the neighbour does not exist."""
+    cols = tl.arange(0, C) + lz
+    bits = bits[:, None]
+    taps = ()
+    if PADDING == CIRCULAR:
+        p = gp_ptr + k * C + cols[None, :]
+        nbs = ()
+        for t in tl.static_range(9):
+            nb, _ = _nb(y, x, t // 3 - 1, t % 3 - 1, H, W, PADDING)
+            nbs = nbs + (nb,)
+        for t in tl.static_range(9):
+            taps = taps + (tl.load(p + (base + nbs[t])[:, None] * (NF * C)),)
+    else:
+        p = gp_ptr + (base + y * W + x)[:, None] * (NF * C) + k * C + cols[None, :]
+        rows = (p - W * (NF * C), p, p + W * (NF * C))
+        for t in tl.static_range(9):
+            if t == 4:
+                taps = taps + (tl.load(p),)           # the cell itself: always there
+            else:
+                taps = taps + (tl.load(_col(rows[t // 3], t % 3 - 1, NF * C),
+                                       mask=(bits & _tap_bit(t)) != 0, other=0.0),)
+    return taps
+
+
+@triton.jit
+def _transposed(z, filt_ptr, k: tl.constexpr):
+    """sum_taps f_k[tap] * z[-tap]: the filter flipped (the cell at -tap received tap's weight)."""
+    f = filt_ptr + k * 9
+    acc = tl.load(f + 8) * z[0]
+    for t in tl.static_range(1, 9):
+        acc = acc + tl.load(f + (8 - t)) * z[t]
+    return acc
+
+
+@triton.jit
+def _input_grad(gp_ptr, cw_ptr, g_ptr, filt_ptr, base, y, x, cell, H, W, lz,
+                C: tl.constexpr, NF: tl.constexpr, BANK: tl.constexpr,
+                PADDING: tl.constexpr):
+    """dL/d r [M, C] of the tile's cells: the transposed stencil of gp, the identity path and
+    the deferred alive mask (PACKED_KEEP: the cell's own keep)."""
+    cl = tl.arange(0, C) + lz
+    bits = _plain_bits(gp_ptr, base, y, x, H, W, 0.0, C, ALPHA=0, ALIVE=False, PADDING=PADDING)
+    keep = (tl.load(cw_ptr + cell).to(tl.int32) & PACKED_KEEP) != 0
+    if BANK == BANK_DATA:
+        acc = tl.load(g_ptr + cell[:, None] * C + cl[None, :])
+        for k in tl.static_range(NF):
+            acc += _transposed(_gp_taps(gp_ptr, bits, base, y, x, H, W, lz, k, C, NF, PADDING),
+                               filt_ptr, k)
+    else:
+        # slot 0 holds g + gp_0 (the identity: its centre tap only); 8 x Sobel, flipped
+        acc = tl.load(gp_ptr + cell[:, None] * (NF * C) + cl[None, :])
+        z = _gp_taps(gp_ptr, bits, base, y, x, H, W, lz, 1, C, NF, PADDING)
+        acc -= ((z[2] - z[0]) + (z[8] - z[6])) + 2.0 * (z[5] - z[3])
+        z = _gp_taps(gp_ptr, bits, base, y, x, H, W, lz, 2, C, NF, PADDING)
+        acc -= ((z[6] - z[0]) + (z[8] - z[2])) + 2.0 * (z[7] - z[1])
+        if NF == 4:
+            z = _gp_taps(gp_ptr, bits, base, y, x, H, W, lz, 3, C, NF, PADDING)
+            acc += (((z[0] + z[2]) + (z[6] + z[8])) + 2.0 * ((z[1] + z[3]) + (z[5] + z[7]))
+                    - 12.0 * z[4])
+    return tl.where(keep[:, None], acc, 0.0)
+
+
+# ---------------------------------------------------------------------------------- the kernel
+@triton.jit(do_not_specialize=configs.RUNTIME_INTS)
+def _nca_step_bwd_input_kernel(
+    gp_ptr,         # [B*H*W, F, C] perception gradient from _nca_step_bwd_gp_kernel
+    cw_ptr,         # [B*H*W] int16 the step's cell words (PACKED_KEEP: the cell's own mask)
+    g_ptr,          # [B*H*W, C] dL/d out (read only for a bank given as data, BANK_DATA)
+    gr_ptr,         # [B*H*W, C] out: dL/d r
+    filt_ptr,       # [F, 9] (BANK == BANK_DATA)
+    H, W, tiles_x, tiles_y, n_tiles, step_b, step_y, step_x,
+    C: tl.constexpr, NF: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    BANK: tl.constexpr, PADDING: tl.constexpr, INT64: tl.constexpr,
+):
+    _static_shapes(C, NF)
+    pid = tl.program_id(0)
+    b, ty, tx = _tile_start(pid, tiles_x, tiles_y * tiles_x)
+    for tile in range(pid, n_tiles, tl.num_programs(0)):
+        base, y, x, ok = _tile_cells(b, ty, tx, H, W, TH, TW, INT64)
+        cell = base + y * W + x
+        lz = _loop_zero(tx)
+        acc = _input_grad(gp_ptr, cw_ptr, g_ptr, filt_ptr, base, y, x, cell, H, W, lz,
+                          C, NF, BANK, PADDING)
+        cl = tl.arange(0, C) + lz
+        tl.store(gr_ptr + cell[:, None] * C + cl[None, :], acc.to(gr_ptr.dtype.element_ty),
+                 mask=ok[:, None])
+        b, ty, tx = _tile_next(b, ty, tx, step_b, step_y, step_x, tiles_x, tiles_y)
+
+
+# ---------------------------------------------------------------------------------- launcher
+def bwd_input(gp, cw, g, filters, shape, *, spec: Optional[StepSpec] = None, grad_r=None,
+              cfg=None, **options):
+    """Kernel 3: dL/d r of a step from its perception gradient (the transposed stencil).
+    cfg: ``configs.select_transpose(...)``."""
+    spec = spec_of(spec, options)
+    B, H, W, C = shape
+    F_ = gp.shape[1]
+    cfg = cfg or configs.select_transpose(B * H * W, C, F_, gp.device, spec.bank)
+    programs, *sizes = persistent_grid(B, H, W, cfg)
+    grad_r = torch.empty(shape, dtype=gp.dtype, device=gp.device) if grad_r is None else grad_r
+    _nca_step_bwd_input_kernel[(programs,)](
+        gp, cw, g, grad_r, filters,
+        H, W, *sizes,
+        C=C, NF=F_, TH=cfg.tile_h, TW=cfg.tile_w, BANK=spec.kernel_bank,
+        PADDING=spec.padding_code, INT64=cfg.int64, **cfg.launch_options())
+    return grad_r
