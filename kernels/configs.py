@@ -1,7 +1,7 @@
 """Launch configurations: small named selectors, one reason per choice (no autotune lists).
 
 Every configuration selected here must compile without spills for sm_90a and sm_80 (the
-ahead-of-time compile report, bench/compile_report.py); the compile report's figures behind
+ahead-of-time compile report, bench/compile/); the compile report's figures behind
 each rule are in bench/NOTES.md (section 6, and section 8 for the rules as written here).
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ MAX_GRID_CELLS = 2**31 - 8192
 # are verified with it on (docs/MODEL.md, "Numerics").
 FP_FUSION = True
 # The compute capability the selectors assume for a launch not on a CUDA device (a recording, a
-# compile for another machine): sm_90. bench/compile_report.py sets it to each variant's arch.
+# compile for another machine): sm_90. bench.compile.capture sets it to each variant's arch.
 TARGET_CAPABILITY = (9, 0)
 
 
@@ -144,9 +144,12 @@ def select_forward(n_cells: int, channels: int, hidden: int, num_filters: int,
     - C*F >= 96, tensor cores: 8 warps, weights per tile, chunks of 32 in a loop: every
       chunk's resident weight slices beside the 9 taps of a tile spill.
     - C*F >= 96, "ieee": 8 warps: the FMA dots' operand tiles in registers spill at 4.
+    - C*F >= 128, "ieee": 4 x 16 tiles: 128 cells spill under triton 3.9.
     - C*F = 48 / 64, tensor cores, sm_90 and later: the dense layers on the tile's two halves
       of rows (``split_rows``), chunks of 128: the resident weights' shared-memory descriptors
       spill across the tile loop otherwise (sm_80 spills with the split: not there).
+    - C*F = 48 / 64, hidden >= 128, before sm_90: tf32 weights per tile, bf16 at 8 warps in
+      chunks of 128: resident at 4 warps they spill under triton 3.7-3.9.
     """
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
     if interpreting():
@@ -156,10 +159,15 @@ def select_forward(n_cells: int, channels: int, hidden: int, num_filters: int,
     if _wide(channels, num_filters):
         if precision == "ieee":
             warps = 8
+            th = 4 if channels * num_filters >= 128 else th
         else:
             warps, resident, hc = 8, False, min(hidden, 32)
     elif precision != "ieee" and _capability(device) >= (9, 0):
         split, hc = True, min(hidden, 128)
+    elif precision == "tf32" and hidden >= 128:
+        resident = False
+    elif precision == "bf16" and hidden >= 128:
+        warps, hc = 8, min(hidden, 128)
     return StepConfig(th, tw, warps, int64, _dense_programs(warps, device), hc,
                       resident=resident, split_rows=split)
 
@@ -197,7 +205,8 @@ def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
       (``_layout_anchor``): else its layout conversions land on the 9 taps and ptxas spills.
     - C*F >= 96, tensor cores: 4 x 8 tiles (32 cells, the K of the weight-gradient dots): at
       64 cells the activations beside the [HR, 4C] accumulators spill.
-    - C*F = 96, the Sobel bank, tensor cores: the anchor too: fewer instructions, no spill.
+    - The Sobel bank, tensor cores: the anchor too: fewer instructions (sm_80), no spill
+      (sm_80 under triton 3.9).
     - C*F = 128, taps as data, hidden 32: 2 x 8 tiles: 4 x 8 spills.
     """
     int64 = needs_int64(n_cells, channels, hidden, num_filters)
@@ -212,8 +221,7 @@ def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
     # two warpgroups take half of them each, one program per SM.
     hr = min(hidden, 128)
     programs = max(1, _sm_count(device) // (hidden // hr))
-    anchor = precision != "ieee" and (kernel_bank(bank) == BANK_SOBEL_LAPLACIAN
-                                      or (bank == BANK_SOBEL and _wide(channels, num_filters)))
+    anchor = precision != "ieee" and bank != BANK_DATA
     return StepConfig(th, tw, 8 if hr >= 128 else 4, int64, programs, hr, anchor=anchor)
 
 

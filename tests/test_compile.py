@@ -35,36 +35,9 @@ def _id(v: variants.Variant) -> str:
     return v.label().replace(" ", "-")
 
 
-def _triton_release() -> str:
-    import triton
-
-    return ".".join(triton.__version__.split(".")[:2])
-
-
-# The CI variants that spill under a Triton release, as measured (bench/NOTES.md, section 7):
-# (release, variant label) -> the spill. Strict expected failures: a variant that stops
-# spilling fails here until it is taken off the list, and any other spill fails as always.
-KNOWN_SPILLS = {
-    ("3.7", "fwd sm_80 C=16 hidden=128 F=3:sobel bf16 -"): "4 B",
-    ("3.8", "fwd sm_80 C=16 hidden=128 F=3:sobel bf16 -"): "4 B",
-    ("3.9", "fwd sm_90a C=32 hidden=32 F=4:lap ieee A+i64"): "120 B",
-    ("3.9", "fwd sm_80 C=16 hidden=128 F=3:sobel tf32 Q+A"): "24 B",
-    ("3.9", "fwd sm_80 C=16 hidden=128 F=3:sobel bf16 -"): "16 B",
-    ("3.9", "fwd sm_80 C=16 hidden=128 F=3:sobel tf32 Q+A+i64"): "24 B",
-    ("3.9", "bwd_weights sm_80 C=16 hidden=128 F=3:sobel tf32 next"): "116 B",
-    ("3.9", "bwd_weights sm_80 C=16 hidden=128 F=3:sobel bf16 -"): "128 B",
-}
-
-
 def _ci_params():
-    release = _triton_release()
-    out = []
-    for v in CI_VARIANTS:
-        spill = KNOWN_SPILLS.get((release, v.label()))
-        reason = f"spills {spill} under triton {release} (bench/NOTES.md, section 7)"
-        marks = [pytest.mark.xfail(strict=True, reason=reason)] if spill else []
-        out.append(pytest.param(v, marks=marks, id=_id(v)))
-    return out
+    """Every CI variant, on every supported Triton: spill-free (bench/NOTES.md, section 7)."""
+    return [pytest.param(v, id=_id(v)) for v in CI_VARIANTS]
 
 
 def assert_fast_code(r: compiler.Result) -> None:
