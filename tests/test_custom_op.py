@@ -103,7 +103,8 @@ def _reference_grads(tensors, steps, probe):
 
 
 def test_one_step_rollout_is_differentiable():
-    """Issue 12.1: a one-step rollout's backward returned four views of one buffer."""
+    """A one-step rollout's backward returns four gradients that are not views of one
+    buffer."""
     tensors = _case(seed=2)
     ts = [t.clone().requires_grad_() for t in tensors]
     filters = filter_tensor(CFG, device=DEVICE)
@@ -156,7 +157,7 @@ def test_hand_written_loop_of_one_step_calls_trains():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_zero_steps_returns_a_new_tensor(backend):
-    """Issue 12.4: ``steps=0`` returned the input object itself."""
+    """``steps=0`` returns a copy of the input, never the input object itself."""
     model = NCA(CFG, backend=backend).to(DEVICE)
     x = _case()[0].requires_grad_()
     y = model(x, 0, seed=0)

@@ -196,7 +196,8 @@ def test_every_element_written():
 @pytest.mark.parametrize("capability,precision,channels,filters,split", [
     ((9, 0), "tf32", 16, 3, True),
     ((10, 0), "bf16", 16, 4, True),
-    ((8, 0), "tf32", 16, 3, False),   # sm_80: the whole tile at once
+    ((8, 0), "tf32", 16, 3, False),   # sm_80: the whole tile at once, weights per tile
+    ((8, 0), "bf16", 16, 3, False),   # sm_80: the whole tile at once, 8 warps
     ((9, 0), "ieee", 16, 3, False),   # FMA dots
     ((9, 0), "tf32", 32, 4, False),   # weights per tile
 ])
@@ -210,7 +211,12 @@ def test_forward_splits_rows_on_sm90_tensor_cores(monkeypatch, capability, preci
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     cfg = configs.select_forward(1024, channels, 256, filters, None, precision)
     assert cfg.split_rows == split
-    assert cfg.hidden_chunk == (128 if split else 64 if cfg.resident else 32)
+    wide = channels * filters >= 96
+    # chunks of 128 split (or at 8 warps on sm_80 in bf16), of 32 for the wide inputs' weights
+    # per tile, else of 64
+    big = split or (precision == "bf16" and capability < (9, 0))
+    assert cfg.hidden_chunk == (128 if big else 32 if wide and precision != "ieee" else 64)
+    assert cfg.resident == (split or precision in ("ieee", "bf16"))
 
 
 def test_int64_offsets_give_the_same_result(monkeypatch):

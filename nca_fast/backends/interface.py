@@ -14,10 +14,9 @@ and the last one. ``seed`` keys the update masks of steps ``first_step .. first_
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -36,16 +35,25 @@ Result = Union[Tensor, Tuple[Tensor, List[Tensor]]]
 VERIFIED_TRITON = ("3.6", "3.7", "3.8", "3.9")
 
 
-@functools.lru_cache(maxsize=1)
+_FOUND: Dict[str, Optional[str]] = {}
+
+
 def triton_version() -> Optional[str]:
     """The installed triton's version, or None when it cannot be imported (it is a Linux-only
     dependency). Looked up once per process: ``backends.resolve("auto")`` asks on every forward
-    on CUDA, and a failed import searches the whole path each time."""
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
+    on CUDA, and a failed import searches the whole path each time. (A dict, not
+    ``functools.lru_cache``: torch.compile traces this function and warns about a cache wrapper.)
+    ``triton_version.cache_clear()`` makes the next call look again."""
+    if "triton" not in _FOUND:
+        try:
+            import triton
+            _FOUND["triton"] = triton.__version__
+        except ImportError:
+            _FOUND["triton"] = None
+    return _FOUND["triton"]
+
+
+triton_version.cache_clear = _FOUND.clear
 
 
 def has_triton() -> bool:
