@@ -52,7 +52,8 @@ class NCAConfig:
     filters applied to every channel (a name from FILTER_BANKS or explicit taps). padding: "zeros"
     (outside the grid is empty and dead) or "circular" (the grid is a torus). precision: operand
     precision of the dense layers in the Triton kernels ("ieee" fp32, "tf32", or "bf16"), with fp32
-    accumulation; the state is always fp32.
+    accumulation; the state is always fp32. last_bias: whether the second dense layer has a bias
+    (False: the update is ``W2 h`` alone, as in Self-Organising Textures).
     """
 
     channels: int = 16
@@ -63,6 +64,7 @@ class NCAConfig:
     filters: Tuple[Filter, ...] = field(default=FILTER_BANKS["sobel"])
     padding: str = "zeros"
     precision: str = "tf32"
+    last_bias: bool = True
 
     def __post_init__(self):
         def bad(name, expected):
@@ -85,6 +87,8 @@ class NCAConfig:
             bad("padding", f"one of {PADDINGS}")
         if self.precision not in PRECISIONS:
             bad("precision", f"one of {PRECISIONS}")
+        if not isinstance(self.last_bias, bool):
+            bad("last_bias", "True or False")
 
     @property
     def num_filters(self) -> int:
