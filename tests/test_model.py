@@ -302,3 +302,17 @@ def test_a_file_whose_bias_disagrees_with_its_config_is_refused(tmp_path):
                         formats.VERSION_KEY: formats.FORMAT_VERSION})
     with pytest.raises(ValueError, match="unexpected tensors.*w2.bias.*last_bias"):
         nca_fast.load(path)
+
+
+def test_named_configurations_in_one_line():
+    assert NCAConfig.growing() == NCAConfig()
+    assert NCAConfig.growing(hidden=64).hidden == 64
+    t = NCAConfig.textures()
+    assert (t.channels, t.hidden, t.num_filters, t.alive_masking, t.padding, t.last_bias) == \
+        (12, 96, 4, False, "circular", False)
+    assert t.filters == nca_fast.FILTER_BANKS["sobel_laplacian"]
+    assert NCAConfig.textures(channels=16).channels == 16
+    model = NCA(NCAConfig.textures(), backend="torch")
+    assert model.w2.bias is None and tuple(model.w1.weight.shape[:2]) == (96, 48)
+    y = model(model.seed_state(1, 8, 8), 2, seed=0)
+    assert y.shape == (1, 12, 8, 8)
