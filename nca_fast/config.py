@@ -19,6 +19,9 @@ PADDINGS = ("zeros", "circular")
 # The dense layers' operand precisions are the kernels' to define (the torch backend computes in
 # fp32 whatever the precision): a new one is added there.
 PRECISIONS = tuple(PRECISION_CODES)
+# NCAConfig.textures(): the Self-Organising Textures model's fields.
+TEXTURES = dict(channels=12, hidden=96, filters="sobel_laplacian", alive_threshold=None,
+                padding="circular", last_bias=False)
 # The article's grid: a 40-cell target padded by 16 cells on each side.
 ARTICLE_GRID = 72
 
@@ -52,7 +55,8 @@ class NCAConfig:
     filters applied to every channel (a name from FILTER_BANKS or explicit taps). padding: "zeros"
     (outside the grid is empty and dead) or "circular" (the grid is a torus). precision: operand
     precision of the dense layers in the Triton kernels ("ieee" fp32, "tf32", or "bf16"), with fp32
-    accumulation; the state is always fp32.
+    accumulation; the state is always fp32. last_bias: whether the second dense layer has a bias
+    (False: the update is ``W2 h`` alone, as in Self-Organising Textures).
     """
 
     channels: int = 16
@@ -63,6 +67,7 @@ class NCAConfig:
     filters: Tuple[Filter, ...] = field(default=FILTER_BANKS["sobel"])
     padding: str = "zeros"
     precision: str = "tf32"
+    last_bias: bool = True
 
     def __post_init__(self):
         def bad(name, expected):
@@ -85,6 +90,8 @@ class NCAConfig:
             bad("padding", f"one of {PADDINGS}")
         if self.precision not in PRECISIONS:
             bad("precision", f"one of {PRECISIONS}")
+        if not isinstance(self.last_bias, bool):
+            bad("last_bias", "True or False")
 
     @property
     def num_filters(self) -> int:
@@ -103,6 +110,19 @@ class NCAConfig:
         """FLOPs of the two dense layers per cell-step (a multiply-add counts 2): 16,384 at the
         article's defaults. Perception, biases, ReLU and masks add about 900 more."""
         return 2 * self.hidden * (self.perception_size + self.channels)
+
+    @classmethod
+    def growing(cls, **changes) -> "NCAConfig":
+        """The Growing NCA (Distill 2020): every default; ``changes`` override fields."""
+        return cls(**changes)
+
+    @classmethod
+    def textures(cls, **changes) -> "NCAConfig":
+        """Self-Organising Textures (Distill 2021): 12 channels, 96 hidden units, identity +
+        Sobel + Laplacian perception, no alive masking, a torus (circular padding) and no bias
+        on the last layer; ``changes`` override fields. (The article's Sobel taps are 8x ours
+        and its Laplacian the same: a scale the first layer's weights absorb.)"""
+        return cls(**{**TEXTURES, **changes})
 
     def replace(self, **changes) -> "NCAConfig":
         return dataclasses.replace(self, **changes)

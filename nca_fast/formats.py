@@ -43,7 +43,8 @@ def write_model(path: PathLike, config: NCAConfig, tensors: Mapping[str, torch.T
     """Write one model to a ``.safetensors`` file at ``path``, atomically.
 
     tensors: at least ``PARAM_NAMES`` (an ``NCA.state_dict()``): ``w1.weight`` (hidden x F*C x
-    1 x 1), ``w1.bias`` (hidden), ``w2.weight`` (C x hidden x 1 x 1), ``w2.bias`` (C). The file
+    1 x 1), ``w1.bias`` (hidden), ``w2.weight`` (C x hidden x 1 x 1), ``w2.bias`` (C; not with
+    ``config.last_bias`` False). The file
     also holds the metadata entries ``nca_fast_config`` (``config`` as JSON) and
     ``format_version``; ``metadata``: more string entries to store with them (e.g. how the model
     was trained), read back by ``read_metadata``.
@@ -59,10 +60,11 @@ def write_model(path: PathLike, config: NCAConfig, tensors: Mapping[str, torch.T
                             f"{type(v).__name__}")
         if k in (CONFIG_KEY, VERSION_KEY):
             raise ValueError(f"metadata: {k!r} is reserved for the model's own entries")
-    missing = [k for k in PARAM_NAMES if k not in tensors]
+    names = tuple(param_shapes(config))
+    missing = [k for k in names if k not in tensors]
     if missing:
-        raise ValueError(f"tensors: missing {missing}; expected {list(PARAM_NAMES)}")
-    data = st_save({k: tensors[k].detach().to("cpu").contiguous() for k in PARAM_NAMES},
+        raise ValueError(f"tensors: missing {missing}; expected {list(names)}")
+    data = st_save({k: tensors[k].detach().to("cpu").contiguous() for k in names},
                    metadata={**extra, CONFIG_KEY: config.to_json(), VERSION_KEY: FORMAT_VERSION})
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
@@ -77,7 +79,7 @@ def read_metadata(path: PathLike) -> Dict[str, str]:
 
 def read_model(path: PathLike) -> Tuple[NCAConfig, Tensors]:
     """Read a model written by ``write_model`` (``NCA.save``): its config and checked parameter
-    tensors (``PARAM_NAMES``, on the CPU, as stored).
+    tensors (``param_shapes(config)``'s names, on the CPU, as stored).
 
     Raises FileNotFoundError when ``path`` does not exist and ValueError, naming the file and the
     problem, when it is not a valid nca_fast model (truncated, corrupt, not safetensors, missing
@@ -156,8 +158,11 @@ def _safetensors_header(path: pathlib.Path, data: bytes) -> dict:
 def param_shapes(config: NCAConfig) -> Dict[str, tuple]:
     """The parameter shapes of an NCA with ``config`` (as in its state_dict), without one."""
     c, h = config.channels, config.hidden
-    return {"w1.weight": (h, config.num_filters * c, 1, 1), "w1.bias": (h,),
-            "w2.weight": (c, h, 1, 1), "w2.bias": (c,)}
+    shapes = {"w1.weight": (h, config.num_filters * c, 1, 1), "w1.bias": (h,),
+              "w2.weight": (c, h, 1, 1), "w2.bias": (c,)}
+    if not config.last_bias:
+        del shapes["w2.bias"]
+    return shapes
 
 
 def _check_file_sizes(path, channels: int, hidden: int, num_filters: int) -> None:
@@ -169,20 +174,23 @@ def _check_file_sizes(path, channels: int, hidden: int, num_filters: int) -> Non
                              f"(at most {cap}); refusing to allocate it")
 
 
-def _check_names(path, names) -> None:
-    """``names`` (tensor names) are exactly ``PARAM_NAMES``."""
-    missing = [k for k in PARAM_NAMES if k not in names]
+def _check_names(path, names, config: NCAConfig) -> None:
+    """``names`` (tensor names) are exactly those of ``param_shapes(config)``."""
+    want = list(param_shapes(config))
+    missing = [k for k in want if k not in names]
     if missing:
-        raise ValueError(f"{path}: missing tensors {missing}; expected {list(PARAM_NAMES)}")
-    extra = sorted(set(names) - set(PARAM_NAMES))
+        raise ValueError(f"{path}: missing tensors {missing}; expected {want}")
+    extra = sorted(set(names) - set(want))
     if extra:
-        raise ValueError(f"{path}: unexpected tensors {extra}; expected {list(PARAM_NAMES)}")
+        hint = (" (the stored config has last_bias false: no w2.bias)"
+                if extra == ["w2.bias"] else "")
+        raise ValueError(f"{path}: unexpected tensors {extra}; expected {want}{hint}")
 
 
 def _check_header_shapes(path, header: dict, config: NCAConfig) -> None:
     """The safetensors header's tensor names, shapes and dtypes against the config's."""
     names = [k for k in header if k != "__metadata__"]
-    _check_names(path, names)
+    _check_names(path, names, config)
     for k, shape in param_shapes(config).items():
         info = header[k]
         got = info.get("shape") if isinstance(info, dict) else None
@@ -196,11 +204,11 @@ def _check_header_shapes(path, header: dict, config: NCAConfig) -> None:
 
 
 def check_tensors(tensors: Mapping[str, torch.Tensor], config: NCAConfig, path) -> None:
-    """``tensors`` hold exactly ``PARAM_NAMES``, shaped for ``config``, floating point and
-    finite; a ValueError names ``path`` and the first problem."""
+    """``tensors`` hold exactly the tensors of ``param_shapes(config)``, so shaped, floating
+    point and finite; a ValueError names ``path`` and the first problem."""
     expected = param_shapes(config)
-    _check_names(path, tensors)
-    for k in PARAM_NAMES:
+    _check_names(path, tensors, config)
+    for k in expected:
         t = tensors[k]
         if tuple(t.shape) != expected[k]:
             raise ValueError(f"{path}: tensor {k!r} has shape {tuple(t.shape)}, but the stored "

@@ -39,9 +39,10 @@ class NCA(nn.Module):
         self.backend = backend
         c, f = config.channels, config.num_filters
         self.w1 = nn.Conv2d(f * c, config.hidden, 1)
-        self.w2 = nn.Conv2d(config.hidden, c, 1)
+        self.w2 = nn.Conv2d(config.hidden, c, 1, bias=config.last_bias)
         nn.init.zeros_(self.w2.weight)
-        nn.init.zeros_(self.w2.bias)
+        if config.last_bias:
+            nn.init.zeros_(self.w2.bias)
         self.register_buffer("filters", filter_tensor(config), persistent=False)
 
     def _apply(self, fn, recurse=True):
@@ -57,7 +58,7 @@ class NCA(nn.Module):
         cfg = self.config
         return (f"channels={cfg.channels}, hidden={cfg.hidden}, filters={cfg.num_filters}, "
                 f"fire_rate={cfg.fire_rate}, alive_threshold={cfg.alive_threshold}, "
-                f"padding={cfg.padding!r}, backend={self.backend!r}")
+                f"padding={cfg.padding!r}, last_bias={cfg.last_bias}, backend={self.backend!r}")
 
     # ------------------------------------------------------------------ public API
     def seed_state(self, batch: int, height: int, width: int, *, device=None) -> torch.Tensor:
@@ -106,14 +107,21 @@ class NCA(nn.Module):
         return formats.write_model(path, self.config, self.state_dict(), metadata=metadata)
 
     # ------------------------------------------------------------------ helpers
+    def _b2(self) -> torch.Tensor:
+        """The second layer's bias, or zeros (no parameter, no gradient) without one."""
+        if self.w2.bias is not None:
+            return self.w2.bias
+        return self.w2.weight.new_zeros(self.config.channels)
+
     def weights(self):
-        """(w1, b1, w2, b2) as 2-D / 1-D views: hidden x F*C, hidden, C x hidden, C."""
-        return (self.w1.weight.flatten(1), self.w1.bias, self.w2.weight.flatten(1), self.w2.bias)
+        """(w1, b1, w2, b2) as 2-D / 1-D views: hidden x F*C, hidden, C x hidden, C (b2 zeros
+        when ``config.last_bias`` is False)."""
+        return (self.w1.weight.flatten(1), self.w1.bias, self.w2.weight.flatten(1), self._b2())
 
     def params(self) -> Params:
         """The parameters and the filter bank as the backends take them (``nca_fast.params``;
         the weights as the 1x1 convolutions hold them)."""
-        return Params(self.w1.weight, self.w1.bias, self.w2.weight, self.w2.bias, self.filters)
+        return Params(self.w1.weight, self.w1.bias, self.w2.weight, self._b2(), self.filters)
 
 
 # ------------------------------------------------------------------------------ model files

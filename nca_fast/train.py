@@ -108,6 +108,8 @@ def build_parser(prog: str = "nca-fast train") -> argparse.ArgumentParser:
     a("--filters", choices=tuple(FILTER_BANKS), help="perception filter bank (default sobel)")
     a("--padding", choices=PADDINGS, help="zeros (outside the grid is dead) or circular (a "
       "torus); default zeros")
+    a("--no-last-bias", dest="last_bias", action="store_false", help="no bias on the second "
+      "dense layer (the update is W2 h alone, as in Self-Organising Textures)")
     a("--init", metavar="MODEL", help="start from this model's weights (.safetensors, a "
       "Distill JSON, or the name of a shipped model) instead of a fresh initialisation: train "
       "small, then larger from it")

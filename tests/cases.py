@@ -15,6 +15,7 @@ def random_model(seed=0, *, w2_bias_std=0.01, w1_scale=1.0, **config):
     model = NCA(NCAConfig(**config), backend="torch")
     with torch.no_grad():
         model.w2.weight.normal_(0, 0.05)
-        model.w2.bias.normal_(0, w2_bias_std)
+        if model.w2.bias is not None:
+            model.w2.bias.normal_(0, w2_bias_std)
         model.w1.weight.mul_(w1_scale)
     return model

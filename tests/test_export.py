@@ -189,10 +189,11 @@ def test_all_article_models_are_listed():
 @needs_browser
 def test_every_config_the_page_runs(tmp_path):
     """Other channel counts, filter banks, paddings, alpha channels, fire rates, no alive
-    masking; three render targets per pass, so 32 channels take three passes."""
+    masking, no last-layer bias; three render targets per pass, so 32 channels take three
+    passes."""
     configs = [
         dict(channels=6, hidden=16, filters="sobel_laplacian", padding="circular",
-             alive_threshold=None, fire_rate=0.7),
+             alive_threshold=None, fire_rate=0.7, last_bias=False),
         dict(channels=12, hidden=8, alpha_channel=5, alive_threshold=0.05,
              filters=[[[0.3, 0, -1], [0, 2, 0], [0.1, 0, 0]], [[0, 1, 0], [1, 0, 1], [0, 1, 0]]]),
         dict(channels=32, hidden=24, padding="circular"),

@@ -337,9 +337,10 @@ def test_errors_name_the_problem(monkeypatch):
         rollout(x, w1, b1, w2.to("meta"), b2, filt, seed=0, steps=1)
     with pytest.raises(ValueError, match="bank: expected -1, 0 or a named bank's code"):
         rollout(x, w1, b1, w2, b2, filt, seed=0, steps=1, bank=2)     # 2: four filters
-    bad = NCA(NCAConfig(channels=12, hidden=32), backend="triton").to(DEVICE)
-    with pytest.raises(ValueError, match="backend='torch'"):
-        bad(bad.seed_state(1, 4, 4), 1, seed=0)
+    for field, big in (("channels", dict(channels=48)), ("hidden", dict(hidden=300))):
+        bad = NCA(NCAConfig(**big), backend="triton").to(DEVICE)
+        with pytest.raises(ValueError, match=f"^{field}: .*at most .*backend='torch'"):
+            bad(bad.seed_state(1, 4, 4), 1, seed=0)
     if not CUDA:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         m = NCA(cfg, backend="triton")
@@ -490,3 +491,41 @@ def test_named_banks_are_the_configs_banks():
         assert configs.named_bank(FILTER_BANKS[name]) == code
         assert configs.named_bank(torch.tensor(FILTER_BANKS[name]).reshape(-1, 9).tolist()) == code
     assert configs.named_bank(nearly.tolist()) == 0
+
+
+@pytest.mark.parametrize("config", [
+    # Self-Organising Textures' model: 12 channels, 96 hidden units, no alive mask, circular
+    dict(channels=12, hidden=96, filters="sobel_laplacian", alive_threshold=None,
+         padding="circular", last_bias=False),
+    dict(channels=3, hidden=8, alpha_channel=2),
+    dict(channels=20, hidden=40, fire_rate=1.0),
+], ids=["textures", "c3-h8", "c20-h40"])
+def test_sizes_between_the_kernels_own_run_zero_padded(config):
+    """Channels and hidden units other than the kernels' compiled sizes run zero-padded (exact:
+    a padded channel stays zero, a padded unit is zero): state and every gradient match the
+    torch backend, and the result keeps the user's channel count, channels-last."""
+    cfg = NCAConfig(precision="ieee", **config)
+    torch.manual_seed(3)
+    fast = NCA(cfg, backend="triton").to(DEVICE)
+    with torch.no_grad():
+        fast.w2.weight.normal_(0, 0.1)
+        if fast.w2.bias is not None:
+            fast.w2.bias.normal_(0, 0.02)
+    slow = NCA(cfg, backend="torch").to(DEVICE)
+    slow.load_state_dict(fast.state_dict())
+    x = fast.seed_state(2, 11, 9)
+    x[:, :] += 0.3 * torch.rand(x.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    results = []
+    for model in (fast, slow):
+        xi = x.clone().requires_grad_()
+        y = model(xi, 3, seed=11)
+        (y * torch.linspace(-1, 1, y.numel(), device=DEVICE).reshape(y.shape)).sum().backward()
+        results.append((y, xi.grad, {n: p.grad for n, p in model.named_parameters()}))
+    (y, gx, grads), (y_ref, gx_ref, grads_ref) = results
+    assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+    atol, rtol = tolerance(torch.float32, "ieee", "state")
+    assert_close_verbose(y, y_ref, atol, rtol, "state")
+    atol, rtol = tolerance(torch.float32, "ieee", "grad")
+    assert_close_verbose(gx, gx_ref, atol, rtol, "grad x")
+    for name, g in grads.items():
+        assert_close_verbose(g, grads_ref[name], atol, rtol, f"grad {name}")

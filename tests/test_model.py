@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import nca_fast
 from nca_fast import NCA, NCAConfig
 
 from cases import random_model
@@ -65,6 +66,7 @@ def test_empty_grid():
     ("filters", [[[0, 0, 0], [0, float("inf"), 0], [0, 0, 0]]]),
     ("padding", "reflect"),
     ("precision", "fp8"),
+    ("last_bias", 0), ("last_bias", "no"),
 ])
 def test_bad_config_field_is_named(field, value):
     with pytest.raises(ValueError, match=f"^{field}:"):
@@ -244,3 +246,73 @@ def test_torch_backend_under_torch_compile_is_one_graph_break():
     for x_, y in zip(xs, ys):
         y.pow(2).sum().backward()
     assert torch.equal(xs[0].grad, xs[1].grad)
+
+
+# ------------------------------------------------------------------------------ no last bias
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_last_bias_is_a_zero_bias_that_is_not_learned(backend, monkeypatch):
+    """``last_bias=False``: no w2.bias parameter; the rollout and the other gradients equal those
+    of the same model with a zero bias, bitwise, on each backend (triton in the interpreter)."""
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with_bias = random_model(4, channels=16, hidden=32, alive_threshold=None)
+    without = NCA(with_bias.config.replace(last_bias=False), backend=backend)
+    with_bias.backend = backend
+    assert "w2.bias" not in dict(without.named_parameters())
+    assert "w2.bias" not in without.state_dict()
+    assert sum(p.numel() for p in without.parameters()) == \
+        sum(p.numel() for p in with_bias.parameters()) - 16
+    with torch.no_grad():
+        with_bias.w2.bias.zero_()
+        for name, p in without.named_parameters():
+            p.copy_(dict(with_bias.named_parameters())[name])
+    x = with_bias.seed_state(1, 9, 11)
+    x[:, 3:] = torch.rand(1, 13, 9, 11, generator=torch.Generator().manual_seed(5))
+    outs = []
+    for model in (with_bias, without):
+        y = model(x, 3, seed=8)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        outs.append((y.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert torch.equal(outs[0][0], outs[1][0])
+    for name, grad in outs[1][1].items():
+        assert torch.equal(grad, outs[0][1][name]), name
+    assert outs[0][1]["w2.bias"].abs().sum() > 0      # a bias would have learned something
+
+
+def test_no_last_bias_survives_save_and_load(tmp_path):
+    model = random_model(6, channels=16, hidden=32, last_bias=False)
+    path = model.save(tmp_path / "m.safetensors")
+    back = nca_fast.load(path, backend="torch")
+    assert back.config.last_bias is False and back.w2.bias is None
+    for name, p in model.named_parameters():
+        assert torch.equal(p, dict(back.named_parameters())[name])
+
+
+def test_a_file_whose_bias_disagrees_with_its_config_is_refused(tmp_path):
+    """A w2.bias stored beside a config without one is refused, naming last_bias."""
+    from nca_fast import formats
+
+    model = random_model(7, channels=16, hidden=32)
+    config = model.config.replace(last_bias=False)
+    path = tmp_path / "bad.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={formats.CONFIG_KEY: config.to_json(),
+                        formats.VERSION_KEY: formats.FORMAT_VERSION})
+    with pytest.raises(ValueError, match="unexpected tensors.*w2.bias.*last_bias"):
+        nca_fast.load(path)
+
+
+def test_named_configurations_in_one_line():
+    assert NCAConfig.growing() == NCAConfig()
+    assert NCAConfig.growing(hidden=64).hidden == 64
+    t = NCAConfig.textures()
+    assert (t.channels, t.hidden, t.num_filters, t.alive_masking, t.padding, t.last_bias) == \
+        (12, 96, 4, False, "circular", False)
+    assert t.filters == nca_fast.FILTER_BANKS["sobel_laplacian"]
+    assert NCAConfig.textures(channels=16).channels == 16
+    model = NCA(NCAConfig.textures(), backend="torch")
+    assert model.w2.bias is None and tuple(model.w1.weight.shape[:2]) == (96, 48)
+    y = model(model.seed_state(1, 8, 8), 2, seed=0)
+    assert y.shape == (1, 12, 8, 8)

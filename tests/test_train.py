@@ -415,17 +415,18 @@ def test_triton_backend_where_it_cannot_run_is_refused_up_front(tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
-def test_trains_two_steps_with_another_filter_bank_and_padding(tmp_path):
-    """--filters and --padding reach the model; its perception has 4 filters."""
+def test_trains_two_steps_with_another_filter_bank_padding_and_no_last_bias(tmp_path):
+    """--filters, --padding and --no-last-bias reach the model; its perception has 4 filters."""
     run = tmp_path / "lap"
     rc = cli_main([*"--size 8 --pad 2 --hidden 32 --batch 2 --pool-size 4 --rollout 4 6".split(),
                    *"--steps 2 --save-every 2 --video-steps 2 --device cpu --backend torch".split(),
-                   "--filters", "sobel_laplacian16", "--padding", "circular", "--no-progress",
-                   "--out", str(run)])
+                   "--filters", "sobel_laplacian16", "--padding", "circular", "--no-last-bias",
+                   "--no-progress", "--out", str(run)])
     assert rc == 0
     model = nca_fast.load(run / "model.safetensors")
     assert model.config.filters == nca_fast.FILTER_BANKS["sobel_laplacian16"]
     assert model.config.padding == "circular"
+    assert model.config.last_bias is False and model.w2.bias is None
     assert tuple(model.w1.weight.shape) == (32, 4 * 16, 1, 1)
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["filters"] == "sobel_laplacian16"
@@ -439,3 +440,5 @@ def test_filters_and_padding_are_validated():
         TrainOptions(filters="prewitt")
     with pytest.raises(ValueError, match="^padding: expected one of"):
         TrainOptions(padding="reflect")
+    with pytest.raises(ValueError, match="^last_bias: expected True or False"):
+        TrainOptions(last_bias="no")

@@ -62,6 +62,7 @@ class TrainOptions:
     precision: str = "tf32"
     filters: str = "sobel"              # a perception bank, a name from nca_fast.FILTER_BANKS
     padding: str = "zeros"              # "zeros" or "circular"
+    last_bias: bool = True              # a bias on the second dense layer (--no-last-bias: none)
     # -- how it runs
     seed: int = 0                       # every random choice of the run
     backend: str = "auto"
@@ -137,6 +138,8 @@ class TrainOptions:
                 bad(name, text)
         if not isinstance(self.stability, bool):
             bad("stability", "True or False")
+        if not isinstance(self.last_bias, bool):
+            bad("last_bias", "True or False")
         if (self.rollout_min is not None and self.rollout_max is not None
                 and self.rollout_max <= self.rollout_min):
             raise ValueError(f"rollout: expected rollout_min < rollout_max, got "
@@ -195,7 +198,8 @@ class TrainOptions:
 
     def model_config(self) -> NCAConfig:
         return NCAConfig(channels=self.channels, hidden=self.hidden, fire_rate=self.fire_rate,
-                         precision=self.precision, filters=self.filters, padding=self.padding)
+                         precision=self.precision, filters=self.filters, padding=self.padding,
+                         last_bias=self.last_bias)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

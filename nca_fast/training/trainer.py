@@ -92,7 +92,8 @@ def warm_start(model: NCA, path: str) -> None:
     if diff:
         shown = ", ".join(f"{k}={v[0]!r} (run: {v[1]!r})" for k, v in diff.items())
         raise ValueError(f"init: {path} has a different architecture: {shown}; give the run the "
-                         "same --channels / --hidden / --fire-rate / --filters / --padding")
+                         "same --channels / --hidden / --fire-rate / --filters / --padding / "
+                         "--no-last-bias")
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(dict(init.named_parameters())[name])
