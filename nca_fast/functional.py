@@ -29,7 +29,7 @@ from torch import Tensor
 from .kernels.spec import BANK_DATA, HALO, HQ_Q, NAMED_BANKS, StepSpec, StepWeights
 from .params import bands as w1_bands
 from .reference import alive as alive_mask
-from .resources import check_fits
+from .resources import check_fits, triton_rollout_bytes as rollout_bytes  # noqa: F401 (public)
 from .rng import fire_threshold
 
 

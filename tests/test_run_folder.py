@@ -18,7 +18,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from nca_fast.train import cli_main, train
 from nca_fast.training import run_folder, trainer as T
