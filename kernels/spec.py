@@ -22,7 +22,10 @@ PRECISION_CODES = {"ieee": IEEE, "tf32": TF32, "bf16": BF16}
 # constexpr PADDING: what a neighbour across the grid's edge is
 ZEROS = 0       # a zero state (the tap is masked off)
 CIRCULAR = 1    # the cell on the opposite edge (a torus)
-PADDING_CODES = {"zeros": ZEROS, "circular": CIRCULAR}
+REPLICATE = 2   # the nearest edge cell
+REFLECT = 3     # the cell mirrored about the edge cell (the edge itself not repeated)
+PADDING_CODES = {"zeros": ZEROS, "circular": CIRCULAR, "replicate": REPLICATE,
+                 "reflect": REFLECT}
 
 # ---------------------------------------------------------------------------- filter banks
 Filter = Tuple[Tuple[float, float, float], ...]

@@ -15,7 +15,10 @@ from typing import Optional, Tuple
 from .kernels.spec import (FILTER_BANKS, IDENTITY, LAPLACIAN, PRECISION_CODES,  # noqa: F401
                            SOBEL_X, SOBEL_Y, Filter)
 
-PADDINGS = ("zeros", "circular")
+PADDINGS = ("zeros", "circular", "replicate", "reflect")
+# NCAConfig.learn_filters: None keeps the bank fixed; "shared" learns one [F, 3, 3] bank for every
+# channel (the article's form); "depthwise" learns [F, C, 3, 3], a filter per filter-channel pair.
+LEARN_FILTERS = (None, "shared", "depthwise")
 # The dense layers' operand precisions are the kernels' to define (the torch backend computes in
 # fp32 whatever the precision): a new one is added there.
 PRECISIONS = tuple(PRECISION_CODES)
@@ -52,8 +55,14 @@ class NCAConfig:
     fire_rate: probability that a cell updates in a step. alive_threshold: alpha above which a
     cell is alive (3x3 max-pool, before and after the update); None switches alive masking off.
     alpha_channel: index of alpha. filters: the perception bank, F fixed 3x3 cross-correlation
-    filters applied to every channel (a name from FILTER_BANKS or explicit taps). padding: "zeros"
-    (outside the grid is empty and dead) or "circular" (the grid is a torus). precision: operand
+    filters applied to every channel (a name from FILTER_BANKS or explicit taps; with
+    ``learn_filters``, the learned filters' initial taps). padding: what a neighbour across the
+    grid's edge is: "zeros" (empty and dead), "circular" (the grid is a torus), "replicate" (the
+    nearest edge cell) or "reflect" (the cell mirrored about the edge cell; grids of at least
+    2 x 2). learn_filters: None (the bank is fixed), "shared" (one learned [F, 3, 3] bank for
+    every channel) or "depthwise" (learned [F, C, 3, 3]: filter k of channel c feeds perception
+    column c*F + k). filter_bias: a learned bias [F, C] on each depthwise perception value
+    ("depthwise" only). precision: operand
     precision of the dense layers in the Triton kernels ("ieee" fp32, "tf32", or "bf16"), with fp32
     accumulation; the state is always fp32. last_bias: whether the second dense layer has a bias
     (False: the update is ``W2 h`` alone, as in Self-Organising Textures).
@@ -68,6 +77,8 @@ class NCAConfig:
     padding: str = "zeros"
     precision: str = "tf32"
     last_bias: bool = True
+    learn_filters: Optional[str] = None
+    filter_bias: bool = False
 
     def __post_init__(self):
         def bad(name, expected):
@@ -92,6 +103,13 @@ class NCAConfig:
             bad("precision", f"one of {PRECISIONS}")
         if not isinstance(self.last_bias, bool):
             bad("last_bias", "True or False")
+        if self.learn_filters not in LEARN_FILTERS:
+            bad("learn_filters", f"one of {LEARN_FILTERS}")
+        if not isinstance(self.filter_bias, bool):
+            bad("filter_bias", "True or False")
+        if self.filter_bias and self.learn_filters != "depthwise":
+            bad("filter_bias", "False unless learn_filters='depthwise' (a bias on each "
+                "depthwise perception value)")
 
     @property
     def num_filters(self) -> int:
@@ -162,11 +180,21 @@ def _is_real(v) -> bool:
 
 
 def filter_tensor(config: NCAConfig, dtype=None, device=None):
-    """The filter bank as an F x 3 x 3 tensor."""
+    """The filter bank as an F x 3 x 3 tensor (the fixed bank, or learned filters' initial
+    taps)."""
     import torch
 
     return torch.tensor(config.filters, dtype=dtype or torch.float32, device=device)
 
 
-__all__ = ["NCAConfig", "FILTER_BANKS", "PADDINGS", "PRECISIONS", "ARTICLE_GRID", "IDENTITY",
-           "SOBEL_X", "SOBEL_Y", "LAPLACIAN", "filter_tensor"]
+def initial_filters(config: NCAConfig, dtype=None, device=None):
+    """The filters a new model starts from: F x 3 x 3, or F x C x 3 x 3 (the bank on every
+    channel) for ``learn_filters="depthwise"``."""
+    bank = filter_tensor(config, dtype, device)
+    if config.learn_filters == "depthwise":
+        return bank[:, None].repeat(1, config.channels, 1, 1)
+    return bank
+
+
+__all__ = ["NCAConfig", "FILTER_BANKS", "PADDINGS", "LEARN_FILTERS", "PRECISIONS", "ARTICLE_GRID",
+           "IDENTITY", "SOBEL_X", "SOBEL_Y", "LAPLACIAN", "filter_tensor", "initial_filters"]
