@@ -125,9 +125,12 @@ class StepSpec:
                              f"{tuple(NAMED_BANKS)}, got {self.bank!r}")
 
     @classmethod
-    def of(cls, *, circular: bool = False, **fields) -> "StepSpec":
-        """A spec from the launchers' keyword options (``circular`` for the padding)."""
-        return cls(padding="circular" if circular else "zeros", **fields)
+    def of(cls, *, circular: Optional[bool] = None, **fields) -> "StepSpec":
+        """A spec from the launchers' keyword options (``padding``, or ``circular`` for one of
+        "circular" / "zeros")."""
+        if circular is not None:
+            fields["padding"] = "circular" if circular else "zeros"
+        return cls(**fields)
 
     @property
     def alive(self) -> bool:
@@ -171,7 +174,7 @@ class StepWeights(NamedTuple):
     b1: Any         # [HID]
     w2t: Any        # [HID, C]     the transpose of w2
     b2: Any         # [C]
-    filters: Any    # [F, 9] the filter taps, row-major 3 x 3 (read when BANK == BANK_DATA)
+    filters: Any    # [F, 9, C] filter k's tap t (row-major 3 x 3) on channel c (BANK_DATA)
 
     def contiguous(self) -> "StepWeights":
         return StepWeights(*(t.contiguous() for t in self))

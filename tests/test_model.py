@@ -64,7 +64,7 @@ def test_empty_grid():
     ("alpha_channel", 16), ("alpha_channel", -1),
     ("filters", "prewitt"), ("filters", [[[1, 2], [3, 4]]]), ("filters", []),
     ("filters", [[[0, 0, 0], [0, float("inf"), 0], [0, 0, 0]]]),
-    ("padding", "reflect"),
+    ("padding", "mirror"),
     ("precision", "fp8"),
     ("last_bias", 0), ("last_bias", "no"),
 ])

@@ -439,6 +439,6 @@ def test_filters_and_padding_are_validated():
     with pytest.raises(ValueError, match="^filters: expected one of"):
         TrainOptions(filters="prewitt")
     with pytest.raises(ValueError, match="^padding: expected one of"):
-        TrainOptions(padding="reflect")
+        TrainOptions(padding="mirror")
     with pytest.raises(ValueError, match="^last_bias: expected True or False"):
         TrainOptions(last_bias="no")
