@@ -12,6 +12,8 @@ BF16: tl.constexpr = tl.constexpr(spec.BF16)
 # constexpr PADDING
 ZEROS: tl.constexpr = tl.constexpr(spec.ZEROS)
 CIRCULAR: tl.constexpr = tl.constexpr(spec.CIRCULAR)
+REPLICATE: tl.constexpr = tl.constexpr(spec.REPLICATE)
+REFLECT: tl.constexpr = tl.constexpr(spec.REFLECT)
 # constexpr BANK (a bank code as ``spec.kernel_bank`` compiles it)
 BANK_DATA: tl.constexpr = tl.constexpr(spec.BANK_DATA)
 BANK_SOBEL: tl.constexpr = tl.constexpr(spec.BANK_SOBEL)
@@ -129,7 +131,8 @@ def _window_bits(hq_ptr, b, y, x, H, W, PADDING: tl.constexpr, INT64: tl.constex
 
     Each window row is packed into 10 bits, 2 per cell (bit 2k = q, 2k + 1 = hot, k = dx + 2).
     Zero padding reads the padded plane without bounds checks; circular padding wraps the
-    window's rows and columns into the plane's interior.
+    window's rows and columns into the plane's interior. Replicate and reflect read it as zero
+    padding does, then give a tap across the edge the bit of the cell it copies (``_edge_bits``).
     """
     if PADDING == CIRCULAR:
         r0 = _row_word_wrap(hq_ptr, b, _wrap1(y - 2, H), x, H, W, INT64)
@@ -156,7 +159,38 @@ def _window_bits(hq_ptr, b, y, x, H, W, PADDING: tl.constexpr, INT64: tl.constex
     k1 = ((h1 | h2 | h3) >> 1) & r2 & ROW_Q_INNER
     k2 = ((h2 | h3 | h4) >> 1) & r3 & ROW_Q_INNER
     pre = (((r1 & (r1 >> 1)) | (r2 & (r2 >> 1)) | (r3 & (r3 >> 1))) & ROW_Q_INNER) != 0
+    if PADDING == REPLICATE or PADDING == REFLECT:
+        k0, k1, k2 = _edge_bits(k0, k1, k2, y, x, H, W, PADDING)
     return k0 | (k1 << 10) | (k2 << 20) | pre.to(tl.int32)
+
+
+@triton.jit
+def _edge_bits(k0, k1, k2, y, x, H, W, PADDING: tl.constexpr):
+    """The kept-tap rows (dy = -1, 0, 1; tap dx at bit 2 (dx + 2)) of cells at the grid's edge
+    under replicate or reflect padding: a tap across the edge is the cell it copies (replicate:
+    the edge cell; reflect: the cell one further in), whose bit the zero-padded window holds at
+    another tap. Rows first (from the unchanged rows), then columns within each row."""
+    if PADDING == REPLICATE:
+        n0 = tl.where(y == 0, k1, k0)
+        n2 = tl.where(y == H - 1, k1, k2)
+    else:
+        n0 = tl.where(y == 0, k2, k0)
+        n2 = tl.where(y == H - 1, k0, k2)
+    return _edge_cols(n0, x, W, PADDING), _edge_cols(k1, x, W, PADDING), \
+        _edge_cols(n2, x, W, PADDING)
+
+
+@triton.jit
+def _edge_cols(k, x, W, PADDING: tl.constexpr):
+    """One kept-tap row with its taps across the left and right edges filled (``_edge_bits``):
+    dx = -1 at bit 2, dx = 0 at bit 4, dx = 1 at bit 6."""
+    if PADDING == REPLICATE:
+        left = (k >> 2) & 4
+        right = (k << 2) & 64
+    else:
+        left = (k >> 4) & 4
+        right = (k << 4) & 64
+    return k | tl.where(x == 0, left, 0) | tl.where(x == W - 1, right, 0)
 
 
 @triton.jit
@@ -186,16 +220,31 @@ def _hor3(v):
 
 
 @triton.jit
-def _nb(y, x, dy: tl.constexpr, dx: tl.constexpr, H, W, PADDING: tl.constexpr):
-    """In-grid index of the cell at (dy, dx) from (y, x) and whether it exists."""
-    ny = y + dy
-    nx = x + dx
+def _edge_index(v, n, PADDING: tl.constexpr):
+    """The in-grid index that index v in [-2, n + 1] reads across an edge of n cells: wrapped
+    (circular), clamped (replicate), mirrored about the edge cell (reflect; v in [-1, n]), or v
+    itself (zeros)."""
     if PADDING == CIRCULAR:
-        ny = _wrap1(ny, H)
-        nx = _wrap1(nx, W)
-        ok = ny >= 0
+        return _wrap1(v, n)
+    elif PADDING == REPLICATE:
+        return tl.minimum(tl.maximum(v, 0), n - 1)
+    elif PADDING == REFLECT:
+        v = tl.where(v < 0, -v, v)
+        return tl.where(v >= n, 2 * n - 2 - v, v)
     else:
+        return v
+
+
+@triton.jit
+def _nb(y, x, dy: tl.constexpr, dx: tl.constexpr, H, W, PADDING: tl.constexpr):
+    """In-grid index of the cell at (dy, dx) from (y, x) and whether it exists (always, but
+    under zero padding)."""
+    ny = _edge_index(y + dy, H, PADDING)
+    nx = _edge_index(x + dx, W, PADDING)
+    if PADDING == ZEROS:
         ok = (ny >= 0) & (ny < H) & (nx >= 0) & (nx < W)
+    else:
+        ok = ny >= 0
     return ny * W + nx, ok
 
 
@@ -268,7 +317,7 @@ def _load_taps(r_ptr, cw, base, y, x, H, W, lz,
     cols = tl.arange(0, C) + lz
     cw = cw[:, None]
     taps = ()
-    if PADDING == CIRCULAR:
+    if PADDING != ZEROS:
         p = r_ptr + cols[None, :]
         nbs = ()
         for t in tl.static_range(9):
@@ -300,14 +349,17 @@ def _col(row, dx: tl.constexpr, STRIDE: tl.constexpr):
 
 @triton.jit
 def _bank(v, filt_ptr, NF: tl.constexpr, BANK: tl.constexpr):
-    """The F perception tiles p0..p3 [M, C] (p3 zero when F = 3) from the 9 taps ``v``."""
+    """The F perception tiles p0..p3 [M, C] (p3 zero when F = 3) from the 9 taps ``v``. A bank
+    given as data (BANK_DATA) is read per channel: filt_ptr [F, 9, C]."""
     if BANK == BANK_DATA:
+        C: tl.constexpr = v[0].shape[1]
+        cols = tl.arange(0, C)
         ps = ()
         for k in tl.static_range(4):
             if k < NF:
-                pk = tl.load(filt_ptr + 9 * k) * v[0]
+                pk = tl.load(filt_ptr + 9 * k * C + cols)[None, :] * v[0]
                 for t in tl.static_range(1, 9):
-                    pk = pk + tl.load(filt_ptr + (9 * k + t)) * v[t]
+                    pk = pk + tl.load(filt_ptr + (9 * k + t) * C + cols)[None, :] * v[t]
             else:
                 pk = tl.zeros_like(v[4])
             ps = ps + (pk,)

@@ -74,9 +74,12 @@ class StepConfig:
 
 def bank_code(filters) -> int:
     """The code of the named bank ``filters`` ([F, 3, 3] or [F, 9]) is, exactly, or 0 (taps
-    read from memory: any other bank). Reads the taps on the host (a copy for a GPU tensor)."""
+    read from memory: any other bank, and taps per channel). Reads the taps on the host (a copy
+    for a GPU tensor)."""
     import torch
 
+    if filters.numel() != 9 * filters.shape[0]:
+        return BANK_DATA
     return named_bank(filters.detach().to("cpu", torch.float64).reshape(filters.shape[0], 9)
                       .tolist())
 
@@ -239,3 +242,15 @@ def select_transpose(n_cells: int, channels: int, num_filters: int, device=None,
     programs = 4 * _sm_count(device)
     return StepConfig(th, tw, warps, int64, programs, 0)
 
+
+
+def select_filters(n_cells: int, channels: int, num_filters: int, device=None) -> StepConfig:
+    """The filters' gradient kernel (a learned bank): per filter an elementwise sum of
+    [16, M, C] held across the program's tiles, so M * C = 256 (32 registers a thread at 4
+    warps for each of the F sums)."""
+    int64 = needs_int64(n_cells, channels, 0, num_filters)
+    if interpreting():
+        return StepConfig(64, 64, 4, int64, 4, 0)
+    tw = 8
+    th = max(1, 256 // channels // tw)
+    return StepConfig(th, tw, 4, int64, 4 * _sm_count(device), 0)

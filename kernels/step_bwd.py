@@ -48,7 +48,7 @@ from ._tile import (BANK_DATA, IEEE, PACKED_FIRE, _as_k_operand, _bank, _bias_ro
                     _tile_cells, _tile_next, _tile_start, _w1_block, _w1_tile)
 from .spec import StepSpec, StepWeights, spec_of, w1_scales
 from .step_bwd_input import _input_grad, bwd_input  # noqa: F401  (bwd_input: a launcher here too)
-from .step_fwd import check_shapes, nca_step_fwd, persistent_grid
+from .step_fwd import channel_taps, check_shapes, nca_step_fwd, persistent_grid
 
 
 # ------------------------------------------------------------------------------ weight layouts
@@ -194,7 +194,7 @@ def _nca_step_bwd_gp_kernel(
     g_ptr,          # [B*H*W, C] dL/d out
     gp_ptr,         # [B*H*W, F, C] out: perception gradient (slot 0 + g for a named bank)
     w1_ptr, b1_ptr, w2_ptr,     # [F, C, HID], [HID], [HID, C]
-    filt_ptr,                   # [F, 9] (BANK == BANK_DATA)
+    filt_ptr,                   # [F, 9, C] (BANK == BANK_DATA)
     lap,                        # the Laplacian's scale in a named bank (1 or 1/16)
     H, W, tiles_x, tiles_y, n_tiles, step_b, step_y, step_x,
     C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr,
@@ -462,6 +462,9 @@ def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters,
     Returns (grad_r [B, H, W, C], dw1k [F, C, HID], db1 [HID], dw2t [HID, C], db2 [C]). A rollout
     calls the kernels itself (``bwd_gp``, ``bwd_weights``, ``bwd_input``) to chain the steps.
     """
+    if named_bank is None:
+        named_bank = configs.bank_code(filters)
+    filters = channel_taps(filters, r.shape[-1])
     B, H, W, C, HID, F_ = check_shapes(r, w1k, b1, w2t, b2, filters)
     if tuple(g.shape) != (B, H, W, C) or g.dtype != r.dtype or g.device != r.device:
         raise ValueError(f"g: expected a {r.dtype} [B, H, W, C] = {(B, H, W, C)} gradient on "
@@ -470,8 +473,6 @@ def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters,
         raise ValueError("q: pre-mask bits given but alive masking is off")
     r, g = r.contiguous(), g.contiguous()
     w = StepWeights(w1k, b1, w2t, b2, filters).contiguous()
-    if named_bank is None:
-        named_bank = configs.bank_code(w.filters)
     spec = StepSpec.of(circular=circular, precision=precision, bank=named_bank,
                        alive_threshold=alive_threshold, alpha_channel=alpha_channel,
                        fire_threshold=fire_threshold, seed=seed)

@@ -4,7 +4,9 @@
     gr[j] = gx[j] * keep[j]                                       (the deferred alive mask)
 
 A gather, not a scatter: each cell reads the gp of its 9 neighbours (stored by
-``_nca_step_bwd_gp_kernel``, step_bwd.py), so no two programs write one cell. ``_input_grad`` is
+``_nca_step_bwd_gp_kernel``, step_bwd.py), so no two programs write one cell. Under replicate
+and reflect padding a cell at the edge also receives what its neighbours read of it across the
+edge: the gathered taps are folded first (``_fold_edges``). ``_input_grad`` is
 shared: the weight kernel computes the next step's g with it (step_bwd.py, NEXT), and
 ``_nca_step_bwd_input_kernel`` the rollout's first step's. For a named bank gp's first slot holds
 g + gp_0 (the identity has its centre tap only) and the Sobel / Laplacian taps are constants.
@@ -18,7 +20,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._tile import (BANK_DATA, CIRCULAR, PACKED_KEEP, _col, _loop_zero, _nb, _plain_bits,
+from ._tile import (BANK_DATA, CIRCULAR, PACKED_KEEP, REFLECT, REPLICATE, ZEROS, _col,
+                    _loop_zero, _nb, _plain_bits,
                     _static_shapes, _tap_bit, _tile_cells, _tile_next, _tile_start)
 from .spec import StepSpec, spec_of
 from .step_fwd import persistent_grid
@@ -54,12 +57,74 @@ def _gp_taps(gp_ptr, bits, base, y, x, H, W, lz, k: tl.constexpr,
 
 
 @triton.jit
+def _fold_edges(z, y, x, H, W, PADDING: tl.constexpr):
+    """The gathered taps z (gp of the 9 neighbours, zero across the edge) with what the
+    neighbours read of this cell across the edge added, so that the transposed stencil of the
+    result is the cell's whole gradient: tap t then holds the gp of every cell whose flipped
+    tap lands here. Replicate: the cell's copies (edge cells: itself at the centre tap's
+    neighbours); reflect: the cell one further in reads it. Columns within each row of taps,
+    then rows, each from the values before it (the two axes' maps compose)."""
+    if PADDING == REPLICATE:
+        lo_x = x == 0
+        hi_x = x == W - 1
+        lo_y = y == 0
+        hi_y = y == H - 1
+    else:
+        lo_x = x == 1
+        hi_x = x == W - 2
+        lo_y = y == 1
+        hi_y = y == H - 2
+    lo_x = lo_x[:, None]
+    hi_x = hi_x[:, None]
+    lo_y = lo_y[:, None]
+    hi_y = hi_y[:, None]
+    rows = ()
+    for r in tl.static_range(3):
+        a = z[3 * r]
+        c = z[3 * r + 1]
+        e = z[3 * r + 2]
+        if PADDING == REPLICATE:
+            rows = rows + ((a + tl.where(hi_x, c, 0.0), c, e + tl.where(lo_x, c, 0.0)),)
+        else:
+            rows = rows + ((a + tl.where(hi_x, e, 0.0), c, e + tl.where(lo_x, a, 0.0)),)
+    top = rows[0]
+    mid = rows[1]
+    bot = rows[2]
+    out = ()
+    for i in tl.static_range(3):
+        if PADDING == REPLICATE:
+            out = out + (top[i] + tl.where(hi_y, mid[i], 0.0),)
+        else:
+            out = out + (top[i] + tl.where(hi_y, bot[i], 0.0),)
+    out = out + mid
+    for i in tl.static_range(3):
+        if PADDING == REPLICATE:
+            out = out + (bot[i] + tl.where(lo_y, mid[i], 0.0),)
+        else:
+            out = out + (bot[i] + tl.where(lo_y, top[i], 0.0),)
+    return out
+
+
+@triton.jit
+def _taps_of(gp_ptr, bits, base, y, x, H, W, lz, k: tl.constexpr, C: tl.constexpr,
+             NF: tl.constexpr, PADDING: tl.constexpr):
+    """``_gp_taps``, folded at the edges under replicate and reflect padding."""
+    if PADDING == REPLICATE or PADDING == REFLECT:
+        return _fold_edges(_gp_taps(gp_ptr, bits, base, y, x, H, W, lz, k, C, NF, ZEROS),
+                           y, x, H, W, PADDING)
+    else:
+        return _gp_taps(gp_ptr, bits, base, y, x, H, W, lz, k, C, NF, PADDING)
+
+
+@triton.jit
 def _transposed(z, filt_ptr, k: tl.constexpr):
-    """sum_taps f_k[tap] * z[-tap]: the filter flipped (the cell at -tap received tap's weight)."""
-    f = filt_ptr + k * 9
-    acc = tl.load(f + 8) * z[0]
+    """sum_taps f_k[tap] * z[-tap]: the filter flipped (the cell at -tap received tap's weight),
+    per channel (filt_ptr [F, 9, C])."""
+    C: tl.constexpr = z[0].shape[1]
+    f = filt_ptr + k * 9 * C + tl.arange(0, C)[None, :]
+    acc = tl.load(f + 8 * C) * z[0]
     for t in tl.static_range(1, 9):
-        acc = acc + tl.load(f + (8 - t)) * z[t]
+        acc = acc + tl.load(f + (8 - t) * C) * z[t]
     return acc
 
 
@@ -70,22 +135,28 @@ def _input_grad(gp_ptr, cw_ptr, g_ptr, filt_ptr, base, y, x, cell, H, W, lz,
     """dL/d r [M, C] of the tile's cells: the transposed stencil of gp, the identity path and
     the deferred alive mask (PACKED_KEEP: the cell's own keep)."""
     cl = tl.arange(0, C) + lz
-    bits = _plain_bits(gp_ptr, base, y, x, H, W, 0.0, C, ALPHA=0, ALIVE=False, PADDING=PADDING)
+    # which neighbours exist (replicate and reflect: as zero padding, folded after the gather)
+    if PADDING == CIRCULAR:
+        bits = _plain_bits(gp_ptr, base, y, x, H, W, 0.0, C, ALPHA=0, ALIVE=False,
+                           PADDING=PADDING)
+    else:
+        bits = _plain_bits(gp_ptr, base, y, x, H, W, 0.0, C, ALPHA=0, ALIVE=False,
+                           PADDING=ZEROS)
     keep = (tl.load(cw_ptr + cell).to(tl.int32) & PACKED_KEEP) != 0
     if BANK == BANK_DATA:
         acc = tl.load(g_ptr + cell[:, None] * C + cl[None, :])
         for k in tl.static_range(NF):
-            acc += _transposed(_gp_taps(gp_ptr, bits, base, y, x, H, W, lz, k, C, NF, PADDING),
+            acc += _transposed(_taps_of(gp_ptr, bits, base, y, x, H, W, lz, k, C, NF, PADDING),
                                filt_ptr, k)
     else:
         # slot 0 holds g + gp_0 (the identity: its centre tap only); 8 x Sobel, flipped
         acc = tl.load(gp_ptr + cell[:, None] * (NF * C) + cl[None, :])
-        z = _gp_taps(gp_ptr, bits, base, y, x, H, W, lz, 1, C, NF, PADDING)
+        z = _taps_of(gp_ptr, bits, base, y, x, H, W, lz, 1, C, NF, PADDING)
         acc -= ((z[2] - z[0]) + (z[8] - z[6])) + 2.0 * (z[5] - z[3])
-        z = _gp_taps(gp_ptr, bits, base, y, x, H, W, lz, 2, C, NF, PADDING)
+        z = _taps_of(gp_ptr, bits, base, y, x, H, W, lz, 2, C, NF, PADDING)
         acc -= ((z[6] - z[0]) + (z[8] - z[2])) + 2.0 * (z[7] - z[1])
         if NF == 4:
-            z = _gp_taps(gp_ptr, bits, base, y, x, H, W, lz, 3, C, NF, PADDING)
+            z = _taps_of(gp_ptr, bits, base, y, x, H, W, lz, 3, C, NF, PADDING)
             acc += (((z[0] + z[2]) + (z[6] + z[8])) + 2.0 * ((z[1] + z[3]) + (z[5] + z[7]))
                     - 12.0 * z[4])
     return tl.where(keep[:, None], acc, 0.0)
@@ -98,7 +169,7 @@ def _nca_step_bwd_input_kernel(
     cw_ptr,         # [B*H*W] int16 the step's cell words (PACKED_KEEP: the cell's own mask)
     g_ptr,          # [B*H*W, C] dL/d out (read only for a bank given as data, BANK_DATA)
     gr_ptr,         # [B*H*W, C] out: dL/d r
-    filt_ptr,       # [F, 9] (BANK == BANK_DATA)
+    filt_ptr,       # [F, 9, C] (BANK == BANK_DATA)
     H, W, tiles_x, tiles_y, n_tiles, step_b, step_y, step_x,
     C: tl.constexpr, NF: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     BANK: tl.constexpr, PADDING: tl.constexpr, INT64: tl.constexpr,

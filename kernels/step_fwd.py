@@ -137,7 +137,7 @@ def _nca_step_fwd_kernel(
     b1_ptr,         # [HID]
     w2_ptr,         # [HID, C]     transpose of w2
     b2_ptr,         # [C]
-    filt_ptr,       # [F, 9] filter taps, row-major 3x3 (read when BANK == BANK_DATA)
+    filt_ptr,       # [F, 9, C] filter taps, row-major 3x3, per channel (BANK == BANK_DATA)
     lap,            # the Laplacian's scale in a named bank (1 or 1/16)
     # step (the seed always 64-bit: one compile for seeds below 2**31 and above)
     seed: tl.int64, step, fire_threshold, thr,
@@ -249,7 +249,7 @@ def check_shapes(r, w1k, b1, w2t, b2, filters):
         raise ValueError(f"filters: the Triton kernels support F in {configs.SUPPORTED_FILTERS} "
                          f"filters, got {F_}; use backend='torch'")
     expect = {"b1": (b1, (HID,)), "w2t": (w2t, (HID, C)), "b2": (b2, (C,)),
-              "filters": (filters, (F_, 9))}
+              "filters": (filters, (F_, 9, C))}
     for name, (t, shape) in expect.items():
         if tuple(t.shape) != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
@@ -263,6 +263,24 @@ def check_shapes(r, w1k, b1, w2t, b2, filters):
     if r.dtype == torch.float64 and not configs.interpreting():
         raise TypeError(f"r: {configs.FP64_COMPILED}")
     return B, H, W, C, HID, F_
+
+
+def channel_taps(filters: torch.Tensor, channels: int) -> torch.Tensor:
+    """The taps as the kernels read them, [F, 9, C] contiguous (tap t row-major 3 x 3, per
+    channel), from a bank for every channel ([F, 3, 3] or [F, 9]) or per channel ([F, C, 3, 3],
+    or [F, 9, C] as is). Differentiable."""
+    f = filters.shape[0]
+    if filters.dim() == 3 and tuple(filters.shape[1:]) == (9, channels):
+        return filters.contiguous()
+    if filters.dim() == 4:
+        if tuple(filters.shape[1:]) != (channels, 3, 3):
+            raise ValueError(f"filters: expected [F, C={channels}, 3, 3] per-channel taps, got "
+                             f"{tuple(filters.shape)}")
+        return filters.reshape(f, channels, 9).transpose(1, 2).contiguous()
+    if filters.numel() != 9 * f:
+        raise ValueError(f"filters: expected [F, 3, 3], [F, 9], [F, C, 3, 3] or [F, 9, C] taps, "
+                         f"got {tuple(filters.shape)}")
+    return filters.reshape(f, 9, 1).expand(f, 9, channels).contiguous()
 
 
 def hq_plane(B: int, H: int, W: int, device, n: int = 0) -> torch.Tensor:
@@ -308,6 +326,9 @@ def nca_step_fwd(r: torch.Tensor, q, w1k, b1, w2t, b2, filters, *, seed: int, st
     "sobel_laplacian16"), whose taps the kernels then hold as constants, 0 to read ``filters``;
     None: found from ``filters``.
     """
+    if named_bank is None:
+        named_bank = configs.bank_code(filters)
+    filters = channel_taps(filters, r.shape[-1])
     B, H, W, C, HID, F_ = check_shapes(r, w1k, b1, w2t, b2, filters)
     r = r.contiguous()
     alive = alive_threshold is not None
@@ -319,8 +340,6 @@ def nca_step_fwd(r: torch.Tensor, q, w1k, b1, w2t, b2, filters, *, seed: int, st
         raise ValueError(f"q: expected a uint8 hq plane [B, H + 4, W + 4] = "
                          f"{(B, H + 4, W + 4)} (or pre-mask bits [B, H, W]), got {q.dtype} "
                          f"{tuple(q.shape)}")
-    if named_bank is None:
-        named_bank = configs.bank_code(filters)
     spec = StepSpec.of(circular=circular, precision=precision, bank=named_bank,
                        alive_threshold=alive_threshold, alpha_channel=alpha_channel,
                        fire_threshold=fire_threshold, seed=seed)      # checks them

@@ -43,9 +43,10 @@ class Static(NamedTuple):
     fire_rate: float
     alive_threshold: Optional[float]   # None: alive masking off
     alpha_channel: int
-    circular: bool
+    padding: str                       # "zeros", "circular", "replicate" or "reflect"
     precision: str
     bank: int                          # the named filter bank's code, 0: taps as data, -1: find
+    filter_grad: bool                  # the filters' gradient too (a learned bank)
 
     @property
     def alive(self) -> bool:
@@ -56,6 +57,7 @@ _SCHEMA_TYPES = {int: "int", float: "float", bool: "bool", str: "str", Optional[
 STATIC_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[t]} {name}"
                           for name, t in typing.get_type_hints(Static).items())
 _FIVE = "(Tensor, Tensor, Tensor, Tensor, Tensor)"
+_SIX = "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 _WEIGHTS = "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor filters"
 
 
@@ -69,8 +71,11 @@ def _final_keep(r: Tensor, q: Tensor, s: Static) -> Tensor:
     """[B, H, W] uint8: the last step's deferred mask, q and the post-alive mask of ``r``;
     q: the hq plane [B, H + 4, W + 4] (bit 0)."""
     q = q[:, HALO:-HALO, HALO:-HALO]
+    # replicate and reflect: outside the grid counts as dead (an edge cell's copies are in
+    # its own 3x3 already), as under zero padding
     post = alive_mask(r.permute(0, 3, 1, 2), s.alive_threshold,
-                      "circular" if s.circular else "zeros", s.alpha_channel).squeeze(1)
+                      "circular" if s.padding == "circular" else "zeros",
+                      s.alpha_channel).squeeze(1)
     return (post & ((q & HQ_Q) != 0)).to(torch.uint8)
 
 
@@ -80,22 +85,24 @@ class _Steps:
     launches (the ops' flat numbers become a ``StepSpec`` right after the op boundary)."""
 
     def __init__(self, x, w1, b1, w2, b2, filters, s: Static):
-        from nca_fast.kernels import configs, step_bwd, step_fwd
+        from nca_fast.kernels import configs, step_bwd, step_bwd_filters, step_fwd
 
-        self._f, self._k = step_fwd, step_bwd
+        self._f, self._k, self._kf = step_fwd, step_bwd, step_bwd_filters
         nf = filters.shape[0]
         w1k, w2t = _kernel_weights(w1, w2, nf)
         self.weights = StepWeights(w1k, b1.contiguous(), w2t, b2.contiguous(),
-                                   filters.reshape(nf, 9).contiguous())
-        if s.bank == -1:
-            bank = configs.bank_code(self.weights.filters)     # reads the taps: a host copy
-        elif s.bank == BANK_DATA or (s.bank in NAMED_BANKS and len(NAMED_BANKS[s.bank]) == nf):
-            bank = s.bank
-        else:
+                                   step_fwd.channel_taps(filters, x.shape[1]))
+        if not (s.bank == -1 or s.bank == BANK_DATA
+                or (s.bank in NAMED_BANKS and len(NAMED_BANKS[s.bank]) == nf)):
             raise ValueError(f"bank: expected -1, 0 or a named bank's code "
                              f"{tuple(NAMED_BANKS)} for {nf} filters, got {s.bank}")
-        self.spec = StepSpec(padding="circular" if s.circular else "zeros",
-                             precision=s.precision, bank=bank,
+        if s.filter_grad or filters.dim() == 4:
+            bank = BANK_DATA            # learned or per-channel taps: read as data
+        elif s.bank == -1:
+            bank = configs.bank_code(filters)                  # reads the taps: a host copy
+        else:
+            bank = s.bank
+        self.spec = StepSpec(padding=s.padding, precision=s.precision, bank=bank,
                              alive_threshold=s.alive_threshold, alpha_channel=s.alpha_channel,
                              fire_threshold=fire_threshold(s.fire_rate), seed=s.seed)
         B, C, H, W = x.shape
@@ -107,6 +114,7 @@ class _Steps:
         self.cfg_gp = configs.select_backward(n, C, HID, nf, x.device, s.precision, bank)
         self.cfg_w = configs.select_weights(n, C, HID, nf, x.device, s.precision, bank)
         self.cfg_in = configs.select_transpose(n, C, nf, x.device, bank)
+        self.cfg_f = configs.select_filters(n, C, nf, x.device) if s.filter_grad else None
         self.first_step = s.first_step
 
     def fwd(self, r, q, t, out=None, q_out=None, cw_out=None):
@@ -136,6 +144,22 @@ class _Steps:
     def weight_grads(self, parts):
         F_, C, HID = self.weights.w1k.shape
         return self._k.weight_grads(parts, C, HID, F_, self.spec)
+
+    def new_filter_parts(self, r):
+        B, H, W, C = r.shape
+        return self._kf.new_filter_parts(B, H, W, C, self.weights.w1k.shape[0], r.device,
+                                         r.dtype, cfg=self.cfg_f)
+
+    def filters_grad(self, r, cw, gp, fparts):
+        self._kf.bwd_filters(r, cw, gp, fparts, spec=self.spec, cfg=self.cfg_f)
+
+    def filter_grads(self, fparts, filters):
+        """The filters' gradient in the shape of ``filters`` ([F, 3, 3]: the channels' sum;
+        [F, C, 3, 3]: per channel)."""
+        g = self._kf.filter_grads(fparts, filters.shape[0])          # [F, 9, C]
+        if filters.dim() == 4:
+            return g.transpose(1, 2).reshape(filters.shape)
+        return g.sum(2).reshape(filters.shape)
 
 
 def _saved_shapes(x: Tensor, s: Static):
@@ -192,16 +216,16 @@ def _(x, w1, b1, w2, b2, filters, *static):
 @torch.library.custom_op(
     "nca_fast::rollout_backward", mutates_args=(),
     schema=f"(Tensor grad, Tensor x, {_WEIGHTS}, Tensor states, Tensor qs, Tensor cws, "
-           f"Tensor keep, {STATIC_SCHEMA}) -> {_FIVE}")
+           f"Tensor keep, {STATIC_SCHEMA}) -> {_SIX}")
 def _rollout_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                       filters: Tensor, states: Tensor, qs: Tensor, cws: Tensor, keep: Tensor,
-                      *static) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      *static) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     s = Static(*static)
     ks = _Steps(x, w1, b1, w2, b2, filters, s)
     steps, segment = s.steps, s.segment
     if steps == 0:
         return (grad.clone(), torch.zeros_like(w1), torch.zeros_like(b1), torch.zeros_like(w2),
-                torch.zeros_like(b2))
+                torch.zeros_like(b2), torch.zeros_like(filters))
     g = grad.permute(0, 2, 3, 1)
     # g is the first of the two buffers the steps below write into: never the incoming gradient
     # itself (a channels-last grad is contiguous here; the op mutates none of its inputs)
@@ -209,6 +233,7 @@ def _rollout_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tenso
          else g.clone(memory_format=torch.contiguous_format))
     x_r = x.permute(0, 2, 3, 1).contiguous()
     parts = ks.new_parts(x_r)
+    fparts = ks.new_filter_parts(x_r) if s.filter_grad else None
     B, H, W, _ = x_r.shape
     # Per step t, last to first: the weight kernel first computes g_t = dL/d out_t from step
     # t + 1's perception gradient (fused transposed stencil) and adds step t's weight
@@ -238,6 +263,8 @@ def _rollout_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tenso
             ks.weights_grad(r, cw, g, parts, next_step=later)
             k = t % 2
             gp_bufs[k] = ks.gp(r, cw, g, gp_bufs[k])
+            if fparts is not None:
+                ks.filters_grad(r, cw, gp_bufs[k], fparts)
             later = (gp_bufs[k], cw, g)
     gp, cw, g_last = later
     g = ks.input_grad(gp, cw, g_last)
@@ -246,7 +273,9 @@ def _rollout_backward(grad: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tenso
     # (weight_grads copies them out of the summed buffer; these copies change the layouts).
     contig = dict(memory_format=torch.contiguous_format)     # clone always copies
     gw1 = dw1k.permute(2, 1, 0).clone(**contig).view(w1.shape[0], -1)
-    return (g.permute(0, 3, 1, 2), gw1, db1, dw2t.t().clone(**contig), db2)
+    gfilters = (ks.filter_grads(fparts, filters) if fparts is not None
+                else torch.zeros_like(filters, **contig))
+    return (g.permute(0, 3, 1, 2), gw1, db1, dw2t.t().clone(**contig), db2, gfilters)
 
 
 @_rollout_backward.register_fake
@@ -255,7 +284,7 @@ def _(grad, x, w1, b1, w2, b2, filters, states, qs, cws, keep, *static):
     gx = x.new_empty((B, H, W, C)).permute(0, 3, 1, 2)
     # Contiguous, as the real implementation returns them (whatever the inputs' strides).
     return (gx, x.new_empty(w1.shape), x.new_empty(b1.shape), x.new_empty(w2.shape),
-            x.new_empty(b2.shape))
+            x.new_empty(b2.shape), x.new_empty(filters.shape))
 
 
 def _setup_context(ctx, inputs, output):
@@ -268,9 +297,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, _g_states, _g_qs, _g_cws, _g_keep):
     x, w1, b1, w2, b2, filters, states, qs, cws, keep = ctx.saved_tensors
-    gx, gw1, gb1, gw2, gb2 = torch.ops.nca_fast.rollout_backward(
+    gx, gw1, gb1, gw2, gb2, gfilters = torch.ops.nca_fast.rollout_backward(
         grad, x, w1, b1, w2, b2, filters, states, qs, cws, keep, *ctx.static)
-    return (gx, gw1, gb1, gw2, gb2) + (None,) * (len(ctx.static) + 1)
+    gfilters = gfilters if Static(*ctx.static).filter_grad else None
+    return (gx, gw1, gb1, gw2, gb2, gfilters) + (None,) * len(ctx.static)
 
 
 _rollout.register_autograd(_backward, setup_context=_setup_context)
@@ -279,12 +309,15 @@ _rollout.register_autograd(_backward, setup_context=_setup_context)
 def rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: Tensor, *,
             seed: int, steps: int, first_step: int = 0, segment: Optional[int] = None,
             fire_rate: float = 0.5, alive_threshold: Optional[float] = 0.1,
-            alpha_channel: int = 3, circular: bool = False, precision: str = "tf32",
-            bank: Optional[int] = None) -> Tensor:
+            alpha_channel: int = 3, circular: bool = False, padding: Optional[str] = None,
+            precision: str = "tf32", bank: Optional[int] = None) -> Tensor:
     """``steps`` fused NCA steps on x (B x C x H x W), differentiable in x and every weight.
 
     w1: [hidden, F*C] (perception interleaved c*F + k), b1: [hidden], w2: [C, hidden], b2: [C],
-    filters: [F, 3, 3]. alive_threshold: None switches alive masking off. bank: the code of the
+    filters: [F, 3, 3] (every channel) or [F, C, 3, 3] (per channel); differentiable in them
+    too when they require a gradient (a learned bank, read as data). padding: "zeros",
+    "circular", "replicate" or "reflect" (``circular=True`` is ``padding="circular"``).
+    alive_threshold: None switches alive masking off. bank: the code of the
     named bank ``filters`` holds (``configs.bank_code``; 0: none, the taps read as data), when
     the caller knows it; None: found from ``filters``, which copies them to the host (a device
     sync) in the forward and again in the backward. Returns the final state, B x C x H x W
@@ -300,13 +333,19 @@ def rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: 
         # A new tensor (never x itself), channels-last like every other result; clone is
         # differentiable, so x's gradient flows through.
         return x.clone(memory_format=torch.channels_last)
+    if padding is None:
+        padding = "circular" if circular else "zeros"
+    if padding == "reflect" and min(x.shape[2:]) < 2:
+        raise ValueError(f"x: reflect padding needs a grid of at least 2 x 2 cells, got "
+                         f"{x.shape[2]} x {x.shape[3]}")
     seg = 1 if segment is None else int(segment)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2))
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values())
+    filter_grad = grad and filters.requires_grad
     if not grad:
         seg = steps                  # nothing will call backward: keep no intermediate state
     check_fits(x, steps, seg, filters.shape[0], alive_threshold is not None, grad=grad)
     static = Static(seed, first_step, steps, seg, float(fire_rate),
                     None if alive_threshold is None else float(alive_threshold), alpha_channel,
-                    circular, precision, -1 if bank is None else int(bank))
+                    padding, precision, -1 if bank is None else int(bank), filter_grad)
     out, _, _, _, _ = torch.ops.nca_fast.rollout(x, w1, b1, w2, b2, filters, *static)
     return out

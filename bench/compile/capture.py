@@ -67,7 +67,7 @@ def record_launch(v: Variant, modules, grid: Tuple[int, int, int] = GRID, step: 
     C, HID, F_ = v.channels, v.hidden or 32, v.filters
     prec = PRECISION_NAMES[v.precision]
     filt = (torch.tensor(FILTER_BANKS[BANK_FILTERS[v.bank]]) if v.bank else
-            torch.full((F_, 3, 3), 0.5)).reshape(F_, 9)
+            torch.full((F_, 3, 3), 0.5)).reshape(F_, 9, 1).expand(F_, 9, C).contiguous()
     r, g = torch.zeros(B, H, W, C), torch.zeros(B, H, W, C)
     w1k, b1, w2t, b2 = (torch.zeros(F_, C, HID), torch.zeros(HID), torch.zeros(HID, C),
                         torch.zeros(C))

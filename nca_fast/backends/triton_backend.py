@@ -38,8 +38,9 @@ def rollout(x: torch.Tensor, params: Params, config, *, steps: int, seed: int,
     filters = filters.to(x.dtype)
     channels = config.channels
     padded = w2.shape[0] != channels
-    # the bank's code from the config's taps, on the host: no copy of the filters per rollout
-    bank = configs.named_bank(config.filters)
+    # the bank's code from the config's taps, on the host: no copy of the filters per rollout;
+    # learned filters are read as data
+    bank = configs.BANK_DATA if config.learn_filters else configs.named_bank(config.filters)
 
     def run(x, n, first):
         if padded:
@@ -47,7 +48,7 @@ def rollout(x: torch.Tensor, params: Params, config, *, steps: int, seed: int,
         y = functional.rollout(
             x, w1, b1, w2, b2, filters, seed=seed, steps=n, first_step=first, segment=segment,
             fire_rate=config.fire_rate, alive_threshold=config.alive_threshold,
-            alpha_channel=config.alpha_channel, circular=config.padding == "circular",
+            alpha_channel=config.alpha_channel, padding=config.padding,
             precision=config.precision, bank=bank)
         return y[:, :channels].contiguous(memory_format=torch.channels_last) if padded else y
 
@@ -78,5 +79,7 @@ def _padded(params: Params, config, configs) -> Params:
     pad = torch.nn.functional.pad
     # w1's columns interleaved c*F + k: pad the channel axis of [hidden, C, F]
     w1 = pad(w1.reshape(h, c, f), (0, 0, 0, cp - c, 0, hp - h)).reshape(hp, cp * f)
+    if filters.dim() == 4:              # per-channel taps [F, C, 3, 3]: zero taps for padding
+        filters = pad(filters, (0, 0, 0, 0, 0, cp - c))
     return Params(w1, pad(b1, (0, hp - h)), pad(w2, (0, hp - h, 0, cp - c)), pad(b2, (0, cp - c)),
                   filters)

@@ -1,0 +1,169 @@
+"""The fused kernels on the variants: learned filters (a bank for every channel, or per channel)
+with their gradient, and every padding, against an oracle in plain PyTorch autograd.
+
+On a CPU these run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), in float64 with
+"ieee" dense layers, so kernels and oracle agree to rounding.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nca_fast import NCAConfig, reference
+from nca_fast.config import filter_tensor
+from nca_fast.functional import rollout
+from nca_fast.rng import update_mask
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.float32 if CUDA else torch.float64     # fp64 kernels: the interpreter only
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set by conftest before importing kernels)",
+                allow_module_level=True)
+TOL = dict(atol=2e-4, rtol=2e-4) if CUDA else dict(atol=1e-10, rtol=1e-9)
+MODES = {"zeros": "constant", "circular": "circular", "replicate": "replicate",
+         "reflect": "reflect"}
+
+
+def _perceive(x, filters, padding):
+    """B x C x H x W -> B x (C*F) x H x W, interleaved c*F + k; filters [F, 3, 3] or
+    [F, C, 3, 3] (cross-correlation), each padding as torch.nn.functional.pad computes it."""
+    b, c, h, w = x.shape
+    f = filters.shape[0]
+    taps = filters if filters.dim() == 4 else filters[:, None].expand(f, c, 3, 3)
+    weight = taps.permute(1, 0, 2, 3).reshape(c * f, 1, 3, 3)       # channel c, filter k: c*F+k
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode=MODES[padding]), weight, groups=c)
+
+
+def _oracle(x, w1, b1, w2, b2, filters, cfg, steps, seed):
+    """The rollout in autograd: perception with ``filters``, the reference's dense layers and
+    alive masks (which treat outside as dead under every padding but circular)."""
+    alive_pad = "circular" if cfg.padding == "circular" else "zeros"
+    b, _, h, w = x.shape
+    for t in range(steps):
+        m = update_mask(b, h, w, fire_rate=cfg.fire_rate, seed=seed, step=t, device=x.device)
+        if cfg.alive_masking:
+            pre = reference.alive(x, cfg.alive_threshold, alive_pad, cfg.alpha_channel)
+        dx = reference.dense(_perceive(x, filters, cfg.padding), w1, b1, w2, b2)
+        x = x + dx * m.to(x.dtype)
+        if cfg.alive_masking:
+            post = reference.alive(x, cfg.alive_threshold, alive_pad, cfg.alpha_channel)
+            x = x * (pre & post).to(x.dtype)
+    return x
+
+
+def _case(cfg, batch, height, width, learn, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c, f, hid = cfg.channels, cfg.num_filters, cfg.hidden
+    x = torch.rand(batch, c, height, width, generator=g, dtype=DTYPE)
+    a = torch.rand(batch, height, width, generator=g, dtype=DTYPE)
+    x[:, cfg.alpha_channel] = torch.where(a > 0.5, a, torch.zeros_like(a))
+    w1 = torch.randn(hid, f * c, generator=g, dtype=DTYPE) / (f * c) ** 0.5
+    b1 = torch.randn(hid, generator=g, dtype=DTYPE) * 0.1
+    w2 = torch.randn(c, hid, generator=g, dtype=DTYPE) * (0.5 / hid ** 0.5)
+    b2 = torch.randn(c, generator=g, dtype=DTYPE) * 0.05
+    bank = filter_tensor(cfg, dtype=DTYPE)
+    if learn == "depthwise":
+        filters = bank[:, None].repeat(1, c, 1, 1)
+        filters = filters + 0.1 * torch.randn(filters.shape, generator=g, dtype=DTYPE)
+    elif learn == "shared":
+        filters = bank + 0.1 * torch.randn(bank.shape, generator=g, dtype=DTYPE)
+    else:
+        filters = bank
+    return [t.to(DEVICE) for t in (x, w1, b1, w2, b2, filters)]
+
+
+def _both(cfg, learn, size=(2, 7, 9), steps=3, segment=None, seed=5):
+    x, w1, b1, w2, b2, filters = _case(cfg, *size, learn)
+    leaves = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2, filters)]
+    if learn is None:
+        leaves[5] = filters                      # a fixed bank: no gradient, named if it is one
+    kw = dict(fire_rate=cfg.fire_rate, alive_threshold=cfg.alive_threshold,
+              alpha_channel=cfg.alpha_channel, padding=cfg.padding, precision=cfg.precision)
+    out = rollout(*leaves, seed=seed, steps=steps, segment=segment, **kw)
+    refs = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2, filters)]
+    if learn is None:
+        refs[5] = filters
+    ref = _oracle(*refs, cfg, steps, seed)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=DTYPE)
+    g = g.to(DEVICE)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    return out, ref, leaves, refs
+
+
+def _check(out, ref, leaves, refs):
+    torch.testing.assert_close(out, ref, **TOL, msg=lambda m: f"state: {m}")
+    names = ("x", "w1", "b1", "w2", "b2", "filters")
+    for name, a, b in zip(names, leaves, refs):
+        if b.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, **TOL,
+                                       msg=lambda m: f"gradient of {name}: {m}")
+    if leaves[5].requires_grad:
+        assert leaves[5].grad.abs().sum() > 0, "the filters' gradient is zero: it tests nothing"
+
+
+LEARN = ["shared", "depthwise"]
+PADDINGS = ["zeros", "circular", "replicate", "reflect"]
+
+
+@pytest.mark.parametrize("alive", [0.1, None])
+@pytest.mark.parametrize("filters", ["sobel", "sobel_laplacian"])
+@pytest.mark.parametrize("padding", ["replicate", "reflect"])
+def test_edge_paddings_match_autograd(padding, filters, alive):
+    cfg = NCAConfig(precision="ieee", hidden=32, alive_threshold=alive, padding=padding,
+                    filters=filters)
+    _check(*_both(cfg, None))
+
+
+@pytest.mark.parametrize("size", [(1, 1, 1), (1, 2, 2), (1, 3, 17), (2, 11, 2), (1, 2, 5)])
+@pytest.mark.parametrize("padding", ["replicate", "reflect"])
+def test_edge_paddings_odd_sizes(padding, size):
+    if padding == "reflect" and min(size[1:]) < 2:
+        with pytest.raises(ValueError, match="^x: reflect padding"):
+            _both(NCAConfig(precision="ieee", hidden=32, padding=padding), None, size=size)
+        return
+    # every cell fires and none dies: a 1 x 1 grid's gradients are not zero
+    cfg = NCAConfig(precision="ieee", hidden=32, padding=padding, learn_filters="depthwise",
+                    fire_rate=1.0, alive_threshold=None)
+    _check(*_both(cfg, "depthwise", size=size, steps=2))
+
+
+@pytest.mark.parametrize("learn", LEARN)
+@pytest.mark.parametrize("alive", [0.1, None])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_learned_filters_match_autograd(learn, alive, padding):
+    cfg = NCAConfig(precision="ieee", hidden=32, alive_threshold=alive, padding=padding,
+                    learn_filters=learn)
+    _check(*_both(cfg, learn))
+
+
+@pytest.mark.parametrize("learn", LEARN)
+def test_learned_laplacian_bank_odd_grid_batch_one(learn):
+    cfg = NCAConfig(precision="ieee", hidden=32, filters="sobel_laplacian", learn_filters=learn)
+    _check(*_both(cfg, learn, size=(1, 5, 3), steps=2))
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_learned_filters_one_step_and_many(steps):
+    cfg = NCAConfig(precision="ieee", hidden=32, learn_filters="depthwise")
+    _check(*_both(cfg, "depthwise", steps=steps))
+
+
+def test_learned_filters_segments_are_bitwise_the_same():
+    cfg = NCAConfig(precision="ieee", hidden=32, learn_filters="depthwise")
+    *_, whole, _ = _both(cfg, "depthwise", steps=5)
+    *_, segmented, _ = _both(cfg, "depthwise", steps=5, segment=2)
+    *_, again, _ = _both(cfg, "depthwise", steps=5)
+    for a, b, c in zip(whole, segmented, again):
+        assert torch.equal(a.grad, b.grad) and torch.equal(a.grad, c.grad)
+
+
+def test_fixed_bank_as_data_has_no_filter_gradient():
+    cfg = NCAConfig(precision="ieee", hidden=32)
+    x, w1, b1, w2, b2, filters = _case(cfg, 1, 6, 6, None)
+    w1.requires_grad_()
+    out = rollout(x, w1, b1, w2, b2, filters, seed=1, steps=2, precision="ieee")
+    out.sum().backward()
+    assert filters.grad is None and w1.grad is not None
