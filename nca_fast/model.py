@@ -69,25 +69,43 @@ class NCA(nn.Module):
                                          device=self.filters.device)
         return self
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        # A fixed bank is not in a state_dict (a non-persistent buffer, rebuilt from the config);
-        # learned filters are. Weights trained with one perception must not run under another.
+    def _perception_mismatch(self, state_dict, prefix: str, strict: bool) -> Optional[str]:
+        """Why ``state_dict`` cannot be this model's (its learned filters or filter bias of
+        another form), or None. Filters or a filter bias that are absent are a mismatch only
+        when ``strict``: a non-strict load leaves them at their initial values."""
         want = self.config.learn_filters
         f = state_dict.get(prefix + "filters")
         got = None if f is None else ("shared" if f.dim() == 3 else "depthwise")
         if got != want and (f is not None or strict):
             have = "no 'filters' (a fixed filter bank)" if f is None else \
                 f"'filters' of shape {tuple(f.shape)} (learned, {got!r})"
-            raise ValueError(f"learn_filters: the state_dict holds {have}, but this model has "
-                             f"learn_filters={want!r}; build the NCA with the config the "
-                             f"weights were trained with")
+            return (f"learn_filters: the state_dict holds {have}, but this model has "
+                    f"learn_filters={want!r}; build the NCA with the config the weights were "
+                    f"trained with")
         has_bias = (prefix + "filter_bias") in state_dict
         if has_bias != self.config.filter_bias and (has_bias or strict):
-            raise ValueError(f"filter_bias: the state_dict {'holds' if has_bias else 'has no'} "
-                             f"'filter_bias', but this model has "
-                             f"filter_bias={self.config.filter_bias}; build the NCA with the "
-                             f"config the weights were trained with")
+            return (f"filter_bias: the state_dict {'holds' if has_bias else 'has no'} "
+                    f"'filter_bias', but this model has filter_bias={self.config.filter_bias}; "
+                    f"build the NCA with the config the weights were trained with")
+        return None
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, refusing (ValueError, one line naming
+        ``learn_filters`` or ``filter_bias``) weights trained with another perception: learned
+        filters into a fixed bank or the reverse, shared into depthwise or the reverse."""
+        problem = self._perception_mismatch(state_dict, "", strict)
+        if problem:
+            raise ValueError(problem)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # The same check when this model is loaded as part of another module (torch passes
+        # strict=True here whatever the caller asked: absent tensors are left to its own
+        # missing-keys report).
+        problem = self._perception_mismatch(state_dict, prefix, strict=False)
+        if problem:
+            raise ValueError(problem)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
