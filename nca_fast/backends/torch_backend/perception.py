@@ -11,9 +11,10 @@ or reflected) and the choice of the cells a step updates.
 Learned filters (``config.learn_filters``) change every rollout, so they get no plan: a cell's
 9 neighbours are gathered tap-major (``9 x n x C``, tap ``t = 3*(dy+1) + (dx+1)``) and
 perception is one small matmul against the taps (shared ``F x 3 x 3``) or a broadcast multiply
-over the channels (depthwise ``F x C x 3 x 3``), written interleaved (``c*F + k``, w1's own
-order). The filters' gradient is the sum over cells of the perception gradient times the tap
-values, and the taps' gradient is scattered back onto the state by the same offsets.
+over the channels (depthwise ``F x C x 3 x 3``), laid out band-major like the fixed bank's
+(``k*C + c``; w1 unscaled). The filters' gradient is the sum over cells of the perception
+gradient times the tap values, and the taps' gradient is scattered back onto the state by the
+same offsets.
 """
 from __future__ import annotations
 
@@ -138,6 +139,7 @@ class Plan:
                          "reflect": (2, h - 1, 2, w - 1)}.get(config.padding)
         self.learned = config.learn_filters
         self.tap_offsets = [dy * self.wp + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        self._tap_offsets = {}
         self.thr = config.alive_threshold
         self.alpha = config.alpha_channel
         self.patterns, self.bands = perception_plan(config.filters)
@@ -264,57 +266,63 @@ class Plan:
                 gx[:, :, 1 + t.shift:1 + t.shift + w].add_(inner, alpha=t.coef)
 
     # -------------------------------------------------------------- learned filters
-    def gather_taps(self, xflat: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
-        """out (9 x n x C) = the 9 neighbours of the cells ``idx`` (flat padded indices into
-        ``xflat``, rows x C), tap-major."""
-        for t, off in enumerate(self.tap_offsets):
-            torch.index_select(xflat, 0, idx + off, out=out[t])
+    def tap_index(self, idx: torch.Tensor) -> torch.Tensor:
+        """9 x n flat padded indices of the neighbours of the cells ``idx``, tap-major."""
+        offs = self._tap_offsets.get(idx.device)
+        if offs is None:
+            offs = torch.tensor(self.tap_offsets, dtype=idx.dtype, device=idx.device)
+            self._tap_offsets[idx.device] = offs
+        return idx[None] + offs[:, None]
+
+    def gather_taps(self, xflat: torch.Tensor, idx9: torch.Tensor, out: torch.Tensor) -> None:
+        """out (9 x n x C) = the rows ``idx9`` (9 x n, from ``tap_index``) of ``xflat``."""
+        torch.index_select(xflat, 0, idx9.view(-1), out=out.view(-1, self.c))
 
     def perceive_taps(self, taps: torch.Tensor, filters: torch.Tensor, out: torch.Tensor):
-        """out (n x C*F, interleaved ``c*F + k``) = the filters applied to the gathered taps
-        (9 x n x C). filters: F x 3 x 3 or F x C x 3 x 3."""
+        """out (n x F*C, band-major ``k*C + c``) = the filters (F x 3 x 3 or F x C x 3 x 3)
+        applied to the gathered taps (9 x n x C).
+
+        Computed filter-major (F x n x C: shared filters are one (F x 9) @ (9 x n*C) matmul,
+        depthwise ones 9 broadcast multiply-adds per filter), then transposed into ``out``."""
         n, c = taps.shape[1], self.c
         f = filters.shape[0]
-        if filters.dim() == 3:              # (n*C x 9) @ (9 x F): n*C rows of F values
-            torch.mm(taps.view(9, n * c).t(), filters.view(f, 9).t(), out=out.view(n * c, f))
-            return
-        fd = filters.view(f, c, 9)
-        band = self.scratch("taps_band", (n, c))
-        view = out.view(n, c, f)
-        for k in range(f):
-            torch.mul(taps[0], fd[k, :, 0], out=band)
-            for t in range(1, 9):
-                band.addcmul_(taps[t], fd[k, :, t])
-            view[:, :, k].copy_(band)
+        band = self.scratch("taps_band", (f, n, c))
+        if filters.dim() == 3:
+            torch.mm(filters.view(f, 9), taps.view(9, n * c), out=band.view(f, n * c))
+        else:
+            fd = filters.view(f, c, 9)
+            for k in range(f):
+                torch.mul(taps[0], fd[k, :, 0], out=band[k])
+                for t in range(1, 9):
+                    band[k].addcmul_(taps[t], fd[k, :, t])
+        out.view(n, f, c).copy_(band.transpose(0, 1))
 
-    def filter_grad(self, taps: torch.Tensor, gp: torch.Tensor, acc: torch.Tensor) -> None:
+    def filter_grad(self, taps: torch.Tensor, gband: torch.Tensor, acc: torch.Tensor) -> None:
         """acc += the filters' gradient from gathered taps (9 x n x C) and the perception's
-        gradient gp (n x C*F): shared, acc is 9 x F; depthwise, F x C x 9."""
-        n, c = taps.shape[1], self.c
-        f = gp.shape[1] // c
-        if acc.shape[0] == 9:
-            acc.addmm_(taps.view(9, n * c), gp.view(n * c, f))
+        gradient filter-major ``gband`` (F x n x C): shared, acc is 9 x F; depthwise,
+        F x C x 9."""
+        f, n, c = gband.shape
+        if acc.dim() == 2:
+            acc.addmm_(taps.view(9, n * c), gband.view(f, n * c).t())
             return
         prod = self.scratch("taps_prod", taps.shape)
-        view = gp.view(n, c, f)
         for k in range(f):
-            torch.mul(taps, view[:, :, k], out=prod)
+            torch.mul(taps, gband[k], out=prod)
             acc[k].add_(prod.sum(1).t())
 
-    def taps_adjoint(self, gp: torch.Tensor, filters: torch.Tensor, out: torch.Tensor) -> None:
-        """out (9 x n x C) = the gradient of the gathered taps from the perception's gradient
-        gp (n x C*F)."""
-        n, c = out.shape[1], self.c
-        f = filters.shape[0]
+    def taps_adjoint(self, gband: torch.Tensor, filters: torch.Tensor,
+                     out: torch.Tensor) -> None:
+        """out (9 x n x C) = the gradient of the gathered taps from the perception's gradient,
+        filter-major ``gband`` (F x n x C)."""
+        f, n, c = gband.shape
         if filters.dim() == 3:              # (9 x F) @ (F x n*C)
-            torch.mm(filters.view(f, 9).t(), gp.view(n * c, f).t(), out=out.view(9, n * c))
+            torch.mm(filters.view(f, 9).t(), gband.view(f, n * c), out=out.view(9, n * c))
             return
         fd = filters.view(f, c, 9)
-        view = gp.view(n, c, f)
         for t in range(9):
-            torch.mul(view[:, :, 0], fd[0, :, t], out=out[t])
+            torch.mul(gband[0], fd[0, :, t], out=out[t])
             for k in range(1, f):
-                out[t].addcmul_(view[:, :, k], fd[k, :, t])
+                out[t].addcmul_(gband[k], fd[k, :, t])
 
     # -------------------------------------------------------------- alive masks and halo
     def alive(self, xp: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
-from ...params import Params
+from ...params import Params, bands
 from ..interface import check_rollout, run_in_frames
 from .masks import mask_block
 from .perception import Plan, band_weights
@@ -296,8 +296,9 @@ def _rollout(x, params: Params, config, steps: int, seed: int, first_step: int, 
              for b0, b1_ in ranges]
     weights = (w1, b1, w2, b2) if filters is None else (w1, b1, w2, b2, filters)
     grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in weights))
-    # Learned filters perceive into w1's own interleaved order; a fixed bank into bands.
-    w1b = band_weights(config, w1) if filters is None else w1
+    # Band-major w1: each band times its scale for a fixed bank, unscaled for learned filters.
+    w1b = band_weights(config, w1) if filters is None else bands(w1, config.num_filters).reshape(
+        w1.shape[0], -1).contiguous()
     xp = _pad(x, config.padding)
     if not grad:
         with torch.no_grad():

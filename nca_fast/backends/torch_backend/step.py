@@ -5,7 +5,7 @@ The MLP runs on the gathered cells alone, in row chunks small enough that the
 by chunk in a fixed order (deterministic) and replays perception transposed.
 
 With learned filters (``filters`` not None) the MLP's input is computed per chunk from the
-gathered neighbours (``Plan.perceive_taps``) with w1 interleaved; a step's record keeps its
+gathered neighbours (``Plan.perceive_taps``), band-major; a step's record keeps its
 input state instead of the perception values, and the backward gathers the neighbours again
 for the filters' gradient and the perception's adjoint.
 """
@@ -52,18 +52,18 @@ def _mlp_rows(plan: Plan, sources, pidx, w1b, b1, w2, b2, dx, gath=None, hid=Non
 
 def _mlp_rows_learned(plan: Plan, xflat, pidx, w1, b1, w2, b2, filters, dx, hid=None):
     """dx (n x C) for the cells ``pidx`` (flat padded indices into ``xflat``) with learned
-    filters (w1 interleaved); with ``hid`` (n x hidden) also keeps the hidden activations."""
+    filters (w1 band-major, unscaled); with ``hid`` (n x hidden) also keeps the hidden
+    activations."""
     n, c = pidx.numel(), plan.c
     f = filters.shape[0]
     step = min(plan.chunk, max(n, 1))
-    taps = plan.scratch("taps", (9, step, c))
     per = plan.scratch("perception", (step, c * f))
     hbuf = plan.scratch("hidden", (step, w1.shape[0])) if hid is None else None
     for s in range(0, n, plan.chunk):
         e = min(s + plan.chunk, n)
-        tc, pc = taps[:, :e - s], per[:e - s]
+        tc, pc = plan.scratch("taps", (9, e - s, c)), per[:e - s]
         hc = hid[s:e] if hid is not None else hbuf[:e - s]
-        plan.gather_taps(xflat, pidx[s:e], tc)
+        plan.gather_taps(xflat, plan.tap_index(pidx[s:e]), tc)
         plan.perceive_taps(tc, filters, pc)
         torch.addmm(b1, pc, w1.t(), out=hc)
         hc.clamp_min_(0)
@@ -74,8 +74,8 @@ def _mlp_rows_learned(plan: Plan, xflat, pidx, w1, b1, w2, b2, filters, dx, hid=
 def step_forward(plan: Plan, xp: torch.Tensor, fire, w1b, b1, w2, b2, filters, save: bool):
     """One step on the padded state ``xp`` (b x (H+2) x (W+2) x C), updated in place.
 
-    ``w1b``: band-major first-layer weights for the config's fixed bank (``filters`` None),
-    or w1 interleaved with learned ``filters`` (F x 3 x 3 or F x C x 3 x 3).
+    ``w1b``: band-major first-layer weights (each band times its scale for the config's fixed
+    bank, ``filters`` None; unscaled with learned ``filters``, F x 3 x 3 or F x C x 3 x 3).
     The MLP reads everything it needs from ``xp`` before the scatter, so in place is safe.
     (Perceiving and updating an image at a time, so that the bands are still in cache when
     gathered, is slower: more, smaller ops.) Returns None, or with ``save`` the step's record
@@ -173,12 +173,11 @@ def _mlp_backward_learned(plan: Plan, gdx, pidx, xin, hid, w1, w2, filters, acc,
     """The MLP's and perception's backward with learned filters, chunk by chunk: the taps are
     gathered again from the step's input ``xin`` and perceived again (the forward's code), the
     filters' gradient taken from them, then their buffer reused for the taps' gradient, which
-    is scattered onto ``gx`` tap by tap."""
+    is scattered onto ``gx``."""
     gw1, gb1, gw2, gb2, gf = acc
     n, c = pidx.numel(), plan.c
     f = filters.shape[0]
     step = min(plan.chunk, max(n, 1))
-    taps = plan.scratch("taps", (9, step, c))
     per = plan.scratch("perception", (step, c * f))
     gper = plan.scratch("grad_perception", (step, c * f))
     ghb = plan.scratch("grad_hidden", (step, hid.shape[1]))
@@ -187,9 +186,11 @@ def _mlp_backward_learned(plan: Plan, gdx, pidx, xin, hid, w1, w2, filters, acc,
     for s in range(0, n, plan.chunk):
         e = min(s + plan.chunk, n)
         m = e - s
-        tc, pc, gp, gh = taps[:, :m], per[:m], gper[:m], ghb[:m]
-        gd, hc, idx = gdx[s:e], hid[s:e], pidx[s:e]
-        plan.gather_taps(xflat, idx, tc)
+        # Tap-major and filter-major chunks: whole (contiguous) scratch views of their size.
+        tc, gb = plan.scratch("taps", (9, m, c)), plan.scratch("grad_band", (f, m, c))
+        pc, gp, gh = per[:m], gper[:m], ghb[:m]
+        gd, hc, idx9 = gdx[s:e], hid[s:e], plan.tap_index(pidx[s:e])
+        plan.gather_taps(xflat, idx9, tc)
         plan.perceive_taps(tc, filters, pc)
         gw2.addmm_(gd.t(), hc)
         torch.mm(gd, w2, out=gh)
@@ -197,9 +198,9 @@ def _mlp_backward_learned(plan: Plan, gdx, pidx, xin, hid, w1, w2, filters, acc,
         gb1.add_(gh.sum(0))
         gw1.addmm_(gh.t(), pc)
         torch.mm(gh, w1, out=gp)
-        plan.filter_grad(tc, gp, gf)
+        gb.copy_(gp.view(m, f, c).transpose(0, 1))
+        plan.filter_grad(tc, gb, gf)
         if gxflat is not None:
-            plan.taps_adjoint(gp, filters, tc)
-            for t, off in enumerate(plan.tap_offsets):
-                gxflat.index_add_(0, idx + off, tc[t])
+            plan.taps_adjoint(gb, filters, tc)
+            gxflat.index_add_(0, idx9.view(-1), tc.reshape(9 * m, c))
     gb2.add_(gdx.sum(0))
