@@ -76,20 +76,20 @@ def main(argv=None):
         p.error(f"model: {a.model} has a fixed filter bank (learn_filters None): nothing learned "
                 "to draw")
     learned = model.filters.detach()
-    where = "shared by every channel"
+    where = "shared: one bank for every channel"
     if cfg.learn_filters == "depthwise":
         if not 0 <= a.channel < cfg.channels:
             p.error(f"--channel: expected an integer in [0, {cfg.channels}), got {a.channel}")
         learned = learned[:, a.channel]
-        where = f"channel {a.channel}"
+        where = f"depthwise: channel {a.channel}"
     start = filter_tensor(cfg)
     for k in range(start.shape[0]):
         name = NAMES[k] if k < len(NAMES) else f"filter {k}"
         change = float((learned[k] - start[k]).abs().max())
         print(f"{name}: largest change {change:.4f}\n{learned[k].numpy().round(4)}")
     if a.out:
-        figure(start, learned, f"{a.model.split('/')[-1]}: learned filters ({cfg.learn_filters}, "
-               f"{where}) and the bank they started from", a.out)
+        figure(start, learned, f"learned filters ({where}) and the bank they started from",
+               a.out)
         print(f"wrote {a.out}")
 
 

@@ -422,3 +422,24 @@ def test_checkpoint_resume_with_learned_filters_is_bitwise(tmp_path):
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert whole.losses == resumed.losses
+
+
+def test_filters_figure_draws_a_learned_model(tmp_path, capsys):
+    import importlib.util
+    import pathlib
+
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location(
+        "filters_figure", pathlib.Path(__file__).resolve().parents[1] / "docs" / "filters_figure.py")
+    fig = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fig)
+    path = _model(learn_filters="depthwise").save(tmp_path / "m.safetensors")
+    fig.main([str(path), "--channel", "2", "--out", str(tmp_path / "f.png")])
+    out = capsys.readouterr().out
+    assert "Sobel-x: largest change" in out and "wrote" in out
+    assert Image.open(tmp_path / "f.png").size[0] > 300
+    fixed = NCA(NCAConfig()).save(tmp_path / "fixed.safetensors")
+    with pytest.raises(SystemExit):
+        fig.main([str(fixed)])
+    assert "fixed filter bank" in capsys.readouterr().err
