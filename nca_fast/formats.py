@@ -4,8 +4,9 @@ as an ``NCAConfig`` and the module's parameter tensors (``model.NCA`` builds the
 Nothing here uses pickle. Our format is one ``.safetensors`` file: the parameter tensors
 (``param_shapes(config)``: ``PARAM_NAMES``, less ``w2.bias`` without ``last_bias``, plus the
 learned ``filters`` and ``filter_bias`` when the config has them; shaped as in
-``NCA.state_dict()``), with the ``NCAConfig`` as JSON in the safetensors metadata. A model file may come from anyone: sizes are capped and every header is
-checked against the config before a tensor is allocated.
+``NCA.state_dict()``), with the ``NCAConfig`` as JSON in the safetensors metadata. A model
+file may come from anyone: sizes are capped and every header is checked against the config
+before a tensor is allocated.
 """
 from __future__ import annotations
 

@@ -430,8 +430,8 @@ def test_filters_figure_draws_a_learned_model(tmp_path, capsys):
 
     from PIL import Image
 
-    spec = importlib.util.spec_from_file_location(
-        "filters_figure", pathlib.Path(__file__).resolve().parents[1] / "docs" / "filters_figure.py")
+    script = pathlib.Path(__file__).resolve().parents[1] / "docs" / "filters_figure.py"
+    spec = importlib.util.spec_from_file_location("filters_figure", script)
     fig = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fig)
     path = _model(learn_filters="depthwise").save(tmp_path / "m.safetensors")
