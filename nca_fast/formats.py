@@ -1,10 +1,12 @@
 """Model files: ours (safetensors + JSON config) and the Distill WebGL exports, read and written
 as an ``NCAConfig`` and the module's parameter tensors (``model.NCA`` builds the layer from them).
 
-Nothing here uses pickle. Our format is one ``.safetensors`` file: the four parameter tensors
-(``PARAM_NAMES``, shaped as in ``NCA.state_dict()``), with the ``NCAConfig`` as JSON in the
-safetensors metadata. A model file may come from anyone: sizes are capped and every header is
-checked against the config before a tensor is allocated.
+Nothing here uses pickle. Our format is one ``.safetensors`` file: the parameter tensors
+(``param_shapes(config)``: ``PARAM_NAMES``, less ``w2.bias`` without ``last_bias``, plus the
+learned ``filters`` and ``filter_bias`` when the config has them; shaped as in
+``NCA.state_dict()``), with the ``NCAConfig`` as JSON in the safetensors metadata. A model
+file may come from anyone: sizes are capped and every header is checked against the config
+before a tensor is allocated.
 """
 from __future__ import annotations
 
@@ -42,9 +44,11 @@ def write_model(path: PathLike, config: NCAConfig, tensors: Mapping[str, torch.T
                 metadata: Optional[Dict[str, str]] = None) -> pathlib.Path:
     """Write one model to a ``.safetensors`` file at ``path``, atomically.
 
-    tensors: at least ``PARAM_NAMES`` (an ``NCA.state_dict()``): ``w1.weight`` (hidden x F*C x
-    1 x 1), ``w1.bias`` (hidden), ``w2.weight`` (C x hidden x 1 x 1), ``w2.bias`` (C; not with
-    ``config.last_bias`` False). The file
+    tensors: at least ``param_shapes(config)``'s (an ``NCA.state_dict()``): ``w1.weight``
+    (hidden x F*C x 1 x 1), ``w1.bias`` (hidden), ``w2.weight`` (C x hidden x 1 x 1),
+    ``w2.bias`` (C; not with ``config.last_bias`` False), ``filters`` (F x 3 x 3, or
+    F x C x 3 x 3 for depthwise; only with ``config.learn_filters``) and ``filter_bias``
+    (F x C; only with ``config.filter_bias``). The file
     also holds the metadata entries ``nca_fast_config`` (``config`` as JSON) and
     ``format_version``; ``metadata``: more string entries to store with them (e.g. how the model
     was trained), read back by ``read_metadata``.
@@ -162,7 +166,28 @@ def param_shapes(config: NCAConfig) -> Dict[str, tuple]:
               "w2.weight": (c, h, 1, 1), "w2.bias": (c,)}
     if not config.last_bias:
         del shapes["w2.bias"]
+    f = config.num_filters
+    if config.learn_filters == "shared":
+        shapes["filters"] = (f, 3, 3)
+    elif config.learn_filters == "depthwise":
+        shapes["filters"] = (f, c, 3, 3)
+    if config.filter_bias:
+        shapes["filter_bias"] = (f, c)
     return shapes
+
+
+def _config_hint(names, config: NCAConfig) -> str:
+    """Why the config wants (or refuses) the tensors ``names``, for an error message."""
+    hints = []
+    if "w2.bias" in names:
+        hints.append(f"last_bias {str(config.last_bias).lower()}")
+    if "filters" in names:
+        hints.append(f"learn_filters {config.learn_filters!r}" +
+                     (": learned filters are stored with the weights"
+                      if config.learn_filters else ": the fixed bank is in the config"))
+    if "filter_bias" in names:
+        hints.append(f"filter_bias {str(config.filter_bias).lower()}")
+    return f" (the stored config has {'; '.join(hints)})" if hints else ""
 
 
 def _check_file_sizes(path, channels: int, hidden: int, num_filters: int) -> None:
@@ -179,12 +204,12 @@ def _check_names(path, names, config: NCAConfig) -> None:
     want = list(param_shapes(config))
     missing = [k for k in want if k not in names]
     if missing:
-        raise ValueError(f"{path}: missing tensors {missing}; expected {want}")
+        raise ValueError(f"{path}: missing tensors {missing}; expected {want}"
+                         f"{_config_hint(missing, config)}")
     extra = sorted(set(names) - set(want))
     if extra:
-        hint = (" (the stored config has last_bias false: no w2.bias)"
-                if extra == ["w2.bias"] else "")
-        raise ValueError(f"{path}: unexpected tensors {extra}; expected {want}{hint}")
+        raise ValueError(f"{path}: unexpected tensors {extra}; expected {want}"
+                         f"{_config_hint(extra, config)}")
 
 
 def _check_header_shapes(path, header: dict, config: NCAConfig) -> None:
@@ -216,7 +241,8 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], config: NCAConfig, path) 
         if not t.is_floating_point():
             raise ValueError(f"{path}: tensor {k!r} has dtype {t.dtype}, expected floating point")
         if not torch.isfinite(t).all():
-            raise ValueError(f"{path}: tensor {k!r} holds NaN or infinite values")
+            what = " (learned filter taps)" if k == "filters" else ""
+            raise ValueError(f"{path}: tensor {k!r}{what} holds NaN or infinite values")
 
 
 # --------------------------------------------------------------------------- Distill exports

@@ -8,7 +8,7 @@ from torch import nn
 
 from . import backends, formats, reference
 from .backends import BACKENDS
-from .config import NCAConfig, filter_tensor
+from .config import NCAConfig, filter_tensor, initial_filters
 from .media import ASSETS
 from .params import Params
 from .rng import random_seed
@@ -20,7 +20,13 @@ class NCA(nn.Module):
     Parameters are laid out as in common PyTorch ports, so their state_dicts load as is:
     ``w1 = Conv2d(F*C, hidden, 1)`` over perception interleaved ``c*F + k`` (docs/MODEL.md,
     "W1 layouts") and ``w2 = Conv2d(hidden, C, 1)``, which starts at zero (a new model is the
-    identity map). The forward hands ``params()`` and the config to a backend
+    identity map). The perception filters ``filters`` are a fixed buffer built from
+    ``config.filters`` (not in the state_dict), or with ``config.learn_filters`` a parameter
+    starting at ``config.initial_filters``: F x 3 x 3 ("shared") or F x C x 3 x 3
+    ("depthwise"); ``config.filter_bias`` adds ``filter_bias`` (F x C, starting at zero), which
+    ``params()`` folds into the first layer's bias. A state_dict from a model with another
+    ``learn_filters`` or ``filter_bias`` is refused (docs/MODEL.md, "Learned filters").
+    The forward hands ``params()`` and the config to a backend
     (``nca_fast.backends``); nothing below this module reads it.
 
     backend: "torch" (pure PyTorch, any device), "triton" (fused kernels: CUDA, or CPU under
@@ -43,20 +49,71 @@ class NCA(nn.Module):
         nn.init.zeros_(self.w2.weight)
         if config.last_bias:
             nn.init.zeros_(self.w2.bias)
-        self.register_buffer("filters", filter_tensor(config), persistent=False)
+        if config.learn_filters is None:
+            self.register_buffer("filters", filter_tensor(config), persistent=False)
+        else:
+            self.filters = nn.Parameter(initial_filters(config))
+        if config.filter_bias:
+            self.filter_bias = nn.Parameter(torch.zeros(f, c))
+        else:
+            self.register_parameter("filter_bias", None)
 
     def _apply(self, fn, recurse=True):
-        # .to(dtype) / .double() would round the float32 taps (0.3 -> 0.30000001192...): the
+        # .to(dtype) / .double() would round the float32 taps (0.3 -> 0.30000001192...): a fixed
         # filter bank is rebuilt from the config at the buffer's new dtype and device instead.
+        # Learned filters are parameters: converted like the weights, never rebuilt.
         super()._apply(fn, recurse)
-        if self.filters.is_floating_point() and self.filters.device.type != "meta":
+        if (self.config.learn_filters is None and self.filters.is_floating_point()
+                and self.filters.device.type != "meta"):
             self.filters = filter_tensor(self.config, dtype=self.filters.dtype,
                                          device=self.filters.device)
         return self
 
+    def _perception_mismatch(self, state_dict, prefix: str, strict: bool) -> Optional[str]:
+        """Why ``state_dict`` cannot be this model's (its learned filters or filter bias of
+        another form), or None. Filters or a filter bias that are absent are a mismatch only
+        when ``strict``: a non-strict load leaves them at their initial values."""
+        want = self.config.learn_filters
+        f = state_dict.get(prefix + "filters")
+        got = None if f is None else ("shared" if f.dim() == 3 else "depthwise")
+        if got != want and (f is not None or strict):
+            have = "no 'filters' (a fixed filter bank)" if f is None else \
+                f"'filters' of shape {tuple(f.shape)} (learned, {got!r})"
+            return (f"learn_filters: the state_dict holds {have}, but this model has "
+                    f"learn_filters={want!r}; build the NCA with the config the weights were "
+                    f"trained with")
+        has_bias = (prefix + "filter_bias") in state_dict
+        if has_bias != self.config.filter_bias and (has_bias or strict):
+            return (f"filter_bias: the state_dict {'holds' if has_bias else 'has no'} "
+                    f"'filter_bias', but this model has filter_bias={self.config.filter_bias}; "
+                    f"build the NCA with the config the weights were trained with")
+        return None
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, refusing (ValueError, one line naming
+        ``learn_filters`` or ``filter_bias``) weights trained with another perception: learned
+        filters into a fixed bank or the reverse, shared into depthwise or the reverse."""
+        problem = self._perception_mismatch(state_dict, "", strict)
+        if problem:
+            raise ValueError(problem)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # The same check when this model is loaded as part of another module (torch passes
+        # strict=True here whatever the caller asked: absent tensors are left to its own
+        # missing-keys report).
+        problem = self._perception_mismatch(state_dict, prefix, strict=False)
+        if problem:
+            raise ValueError(problem)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def extra_repr(self) -> str:
         cfg = self.config
+        bias = ", filter_bias=True" if cfg.filter_bias else ""
         return (f"channels={cfg.channels}, hidden={cfg.hidden}, filters={cfg.num_filters}, "
+                f"learn_filters={cfg.learn_filters!r}{bias}, "
                 f"fire_rate={cfg.fire_rate}, alive_threshold={cfg.alive_threshold}, "
                 f"padding={cfg.padding!r}, last_bias={cfg.last_bias}, backend={self.backend!r}")
 
@@ -113,15 +170,30 @@ class NCA(nn.Module):
             return self.w2.bias
         return self.w2.weight.new_zeros(self.config.channels)
 
+    def _b1(self) -> torch.Tensor:
+        """The first layer's bias, with ``filter_bias`` folded in when the model has one.
+
+        A perception bias is the same in every cell, so ``W1 (p + beta) + b1 = W1 p + (b1 +
+        W1 beta)`` exactly, ``beta`` the bias of each perception column (column ``c*F + k``
+        gets ``filter_bias[k, c]``). Differentiable: filter_bias gets its gradient through it."""
+        b1 = self.w1.bias
+        if self.filter_bias is None:
+            return b1
+        beta = self.filter_bias.t().reshape(-1)                 # [C, F] -> column c*F + k
+        return b1 + self.w1.weight.flatten(1) @ beta
+
     def weights(self):
-        """(w1, b1, w2, b2) as 2-D / 1-D views: hidden x F*C, hidden, C x hidden, C (b2 zeros
-        when ``config.last_bias`` is False)."""
-        return (self.w1.weight.flatten(1), self.w1.bias, self.w2.weight.flatten(1), self._b2())
+        """(w1, b1, w2, b2) as 2-D / 1-D tensors: hidden x F*C, hidden, C x hidden, C (b1 with
+        ``filter_bias`` folded in, b2 zeros when ``config.last_bias`` is False). The perception
+        filters are ``params().filters``."""
+        return (self.w1.weight.flatten(1), self._b1(), self.w2.weight.flatten(1), self._b2())
 
     def params(self) -> Params:
-        """The parameters and the filter bank as the backends take them (``nca_fast.params``;
-        the weights as the 1x1 convolutions hold them)."""
-        return Params(self.w1.weight, self.w1.bias, self.w2.weight, self._b2(), self.filters)
+        """The parameters and the filters as the backends take them (``nca_fast.params``; the
+        weights as the 1x1 convolutions hold them): b1 with ``filter_bias`` folded in, and the
+        filters F x 3 x 3 (a fixed bank, or learned with ``learn_filters="shared"``) or
+        F x C x 3 x 3 (``learn_filters="depthwise"``)."""
+        return Params(self.w1.weight, self._b1(), self.w2.weight, self._b2(), self.filters)
 
 
 # ------------------------------------------------------------------------------ model files

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .backends import BACKENDS
-from .config import FILTER_BANKS, PADDINGS, PRECISIONS
+from .config import FILTER_BANKS, LEARN_FILTERS, PADDINGS, PRECISIONS
 from .files import remove_stale_temporaries, writable_folder
 from .media import mp4_missing
 from .training.distributed import init_distributed
@@ -105,9 +105,19 @@ def build_parser(prog: str = "nca-fast train") -> argparse.ArgumentParser:
     a("--fire-rate", type=float, help="default 0.5")
     a("--precision", choices=PRECISIONS, help="dense-layer operands in the Triton kernels "
       "(default tf32; the torch backend computes in fp32)")
-    a("--filters", choices=tuple(FILTER_BANKS), help="perception filter bank (default sobel)")
-    a("--padding", choices=PADDINGS, help="zeros (outside the grid is dead) or circular (a "
-      "torus); default zeros")
+    a("--filters", choices=tuple(FILTER_BANKS), help="perception filter bank (default sobel; "
+      "with --learn-filters, the learned filters' initial taps)")
+    a("--learn-filters", choices=tuple(v for v in LEARN_FILTERS if v), help="learn the "
+      "perception filters, starting from --filters: shared (one bank of 3x3 filters for every "
+      "channel) or depthwise (a 3x3 filter per filter and channel); default: a fixed bank")
+    a("--filter-bias", action="store_true", help="a learned bias on each perception value "
+      "(with --learn-filters depthwise only)")
+    a("--padding", choices=PADDINGS, help="what a neighbour across the grid's edge is: zeros "
+      "(an empty, dead cell), circular (the opposite edge: a torus), replicate (the nearest "
+      "edge cell) or reflect (the cell mirrored about the edge cell); default zeros. The alive "
+      "mask is the same under zeros, replicate and reflect (docs/MODEL.md, \"Paddings\"), and "
+      "a dead edge cell is all zeros: with a dead border (--pad > 0) the three differ only "
+      "where the model grows into the border, which the loss penalises")
     a("--no-last-bias", dest="last_bias", action="store_false", help="no bias on the second "
       "dense layer (the update is W2 h alone, as in Self-Organising Textures)")
     a("--init", metavar="MODEL", help="start from this model's weights (.safetensors, a "

@@ -114,14 +114,46 @@ def check_input(x, params: Params, config: NCAConfig) -> None:
                          "model or the input")
     if min(x.shape) == 0:
         raise ValueError(f"x: expected non-empty dimensions, got shape {tuple(x.shape)}")
+    if config.padding == "reflect" and min(x.shape[-2:]) < 2:
+        raise ValueError(f"x: padding 'reflect' needs H and W of at least 2, got shape "
+                         f"{tuple(x.shape)}")
+
+
+def check_filters(params: Params, config: NCAConfig) -> None:
+    """``params.filters`` against the config: F x 3 x 3 (fixed or shared learned filters) or
+    F x C x 3 x 3 (``learn_filters="depthwise"``), w1's dtype and device, finite taps."""
+    f, w1 = params.filters, params.w1
+    if not isinstance(f, torch.Tensor):
+        raise TypeError(f"filters: expected a torch.Tensor, got {type(f).__name__}")
+    nf, c = config.num_filters, config.channels
+    if config.learn_filters == "depthwise":
+        want = (nf, c, 3, 3)
+        what = f"F x C x 3 x 3 = {nf} x {c} x 3 x 3 (learn_filters='depthwise')"
+    else:
+        want, what = (nf, 3, 3), f"F x 3 x 3 = {nf} x 3 x 3"
+    if tuple(f.shape) != want:
+        raise ValueError(f"filters: expected shape {what}, got {tuple(f.shape)}")
+    if f.dtype != w1.dtype:
+        raise TypeError(f"filters: dtype {f.dtype} differs from w1's {w1.dtype}")
+    if f.device != w1.device:
+        raise ValueError(f"filters: on {f.device} but w1 is on {w1.device}")
+    if f.device.type != "meta" and not bool(torch.isfinite(f).all()):
+        raise ValueError("filters: every tap must be finite (found NaN or inf)")
 
 
 def check_rollout(x, params: Params, config: NCAConfig, steps, seed, first_step, checkpoint,
                   frames) -> Tuple[Params, Optional[int]]:
     """Every argument of ``rollout`` checked, each error naming its argument. Returns the
     parameters with w1 and w2 as matrices, and the checkpoint segment length (None: no
-    checkpointing)."""
+    checkpointing).
+
+    ``params.filters`` is F x 3 x 3 (the fixed bank, or shared learned filters) or
+    F x C x 3 x 3 (``learn_filters="depthwise"``). A filter bias never reaches a backend: it is
+    the same for every cell, so the caller folds it into b1 exactly
+    (``b1 + w1 @ bias.t().reshape(-1)``).
+    """
     check_input(x, params, config)
+    check_filters(params, config)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps: expected a non-negative integer, got {steps!r}")
     check_seed(seed)

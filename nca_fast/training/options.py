@@ -12,7 +12,9 @@ import torch
 
 from ..backends import BACKENDS, resolve as resolve_backend
 from ..backends.interface import resolve_checkpoint
-from ..config import ARTICLE_GRID, FILTER_BANKS, PADDINGS, PRECISIONS, NCAConfig, from_fields
+from ..config import (ARTICLE_GRID, FILTER_BANKS, LEARN_FILTERS, PADDINGS, PRECISIONS, NCAConfig,
+                      from_fields)
+from ..formats import param_shapes
 from ..media import ASSETS
 from ..resources import DEVICE as ON_DEVICE, HOST, Term, format_bytes, format_seconds, rollout_bytes
 
@@ -61,7 +63,11 @@ class TrainOptions:
     fire_rate: float = 0.5
     precision: str = "tf32"
     filters: str = "sobel"              # a perception bank, a name from nca_fast.FILTER_BANKS
-    padding: str = "zeros"              # "zeros" or "circular"
+                                        # (with learn_filters, the learned filters' start)
+    learn_filters: Optional[str] = None     # None (a fixed bank), "shared" or "depthwise"
+    filter_bias: bool = False           # a learned bias per depthwise perception value
+    padding: str = "zeros"              # one of nca_fast.PADDINGS: "zeros", "circular",
+                                        # "replicate" or "reflect"
     last_bias: bool = True              # a bias on the second dense layer (--no-last-bias: none)
     # -- how it runs
     seed: int = 0                       # every random choice of the run
@@ -118,7 +124,8 @@ class TrainOptions:
             bad("seed", "an integer in [0, 2**63)")
         for name, allowed in (("experiment", EXPERIMENTS), ("backend", BACKENDS),
                               ("precision", PRECISIONS), ("filters", tuple(FILTER_BANKS)),
-                              ("padding", PADDINGS), ("device", DEVICES)):
+                              ("padding", PADDINGS), ("device", DEVICES),
+                              ("learn_filters", LEARN_FILTERS)):
             if getattr(self, name) not in allowed:
                 bad(name, f"one of {allowed}")
         # Rates must be finite: an infinite lr makes every weight NaN at the first step.
@@ -140,6 +147,14 @@ class TrainOptions:
             bad("stability", "True or False")
         if not isinstance(self.last_bias, bool):
             bad("last_bias", "True or False")
+        if not isinstance(self.filter_bias, bool):
+            bad("filter_bias", "True or False")
+        if self.filter_bias and self.learn_filters != "depthwise":
+            bad("filter_bias", "False unless learn_filters is 'depthwise' (a bias on each "
+                "depthwise perception value)")
+        if self.padding == "reflect" and self.grid < 2:
+            raise ValueError(f"padding: 'reflect' needs a grid of at least 2 x 2 cells, got "
+                             f"{self.grid} x {self.grid}")
         if (self.rollout_min is not None and self.rollout_max is not None
                 and self.rollout_max <= self.rollout_min):
             raise ValueError(f"rollout: expected rollout_min < rollout_max, got "
@@ -199,7 +214,8 @@ class TrainOptions:
     def model_config(self) -> NCAConfig:
         return NCAConfig(channels=self.channels, hidden=self.hidden, fire_rate=self.fire_rate,
                          precision=self.precision, filters=self.filters, padding=self.padding,
-                         last_bias=self.last_bias)
+                         last_bias=self.last_bias, learn_filters=self.learn_filters,
+                         filter_bias=self.filter_bias)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -276,7 +292,9 @@ def train_memory(o: TrainOptions, shards: int, device: torch.device) -> List[Ter
     where = f"{o.channels} x {grid} x {grid}"
     sized = f"--size {o.size} --pad {o.pad}"
     pool_states = 0 if o.experiment == "grow" else o.pool_size // shards * o.accumulate
-    n_params = (cfg.num_filters * o.channels + o.channels + 1) * o.hidden + o.channels
+    n_params = (cfg.num_filters * o.channels + o.channels + 1) * o.hidden + o.channels + sum(
+        math.prod(shape) for name, shape in param_shapes(cfg).items()
+        if name in ("filters", "filter_bias"))
     micro = o.batch // shards
     steps = o.longest_trained
     rollout = rollout_bytes(resolve_backend(o.backend, device), micro * cells, o.channels,

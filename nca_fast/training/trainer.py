@@ -93,7 +93,7 @@ def warm_start(model: NCA, path: str) -> None:
         shown = ", ".join(f"{k}={v[0]!r} (run: {v[1]!r})" for k, v in diff.items())
         raise ValueError(f"init: {path} has a different architecture: {shown}; give the run the "
                          "same --channels / --hidden / --fire-rate / --filters / --padding / "
-                         "--no-last-bias")
+                         "--no-last-bias / --learn-filters / --filter-bias")
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(dict(init.named_parameters())[name])
@@ -171,7 +171,8 @@ class Trainer(Checkpoints, Outputs):
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # The filter bank is a constant buffer: nothing to broadcast each forward.
+            # A fixed filter bank is a constant buffer: nothing to broadcast each forward
+            # (learned filters are parameters, all-reduced with the weights).
             self.net = DDP(self.model, device_ids=ids, broadcast_buffers=False)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=o.lr)
         self.generator = torch.Generator(device="cpu")

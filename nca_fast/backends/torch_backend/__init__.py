@@ -5,8 +5,10 @@ depthwise convolution, two 1x1 convolutions over every cell, a full-grid mask mu
 This package computes the same numbers with far less work:
 
 * Layout. The state is kept between steps as a padded channels-last grid ``B x (H+2) x (W+2) x C``
-  (a cell's C channels contiguous, a one-cell halo that is zero or wraps), so a 3x3 neighbour is a
-  fixed row offset and the dense layers are plain ``cells x C`` matmuls.
+  (a cell's C channels contiguous, a one-cell halo that is zero, wraps, or copies the edge cells
+  for replicate and reflect padding), so a 3x3 neighbour is a fixed row offset and the dense
+  layers are plain ``cells x C`` matmuls. The backward folds the halo's gradient back onto the
+  cells it copies.
 * Only the cells that matter are computed: those whose mask fires within one cell of a live
   (pre-alive) cell. Any other cell's update is zeroed by the alive mask and reaches no survivor's
   post-alive max-pool. At fire_rate 0.5 that is at most half the grid. The cells are gathered by
@@ -18,6 +20,11 @@ This package computes the same numbers with far less work:
   (the identity) costs nothing: its band is gathered straight from the state. The filter's scale
   (Sobel's 1/8) is folded into the first layer's weights, permuted band-major, so the first
   layer is one K = F*C matmul on the gathered bands.
+* Learned filters (``config.learn_filters``: ``params.filters`` F x 3 x 3 or F x C x 3 x 3) have
+  no plan: the 9 neighbours of the computed cells are gathered and perceived chunk by chunk (a
+  small matmul for shared filters, broadcast multiply-adds over the channels for depthwise
+  ones), in the same band-major order; the backward gathers them again from the step's saved
+  input for the filters' gradient, summed chunk by chunk in a fixed order.
 * Masks. All update masks of a rollout come from one vectorised Philox pass over a (step, cell)
   grid (``update_masks``), bit-identical to ``nca_fast.rng.update_mask`` (docs/MODEL.md,
   "Update masks").

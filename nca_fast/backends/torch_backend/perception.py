@@ -4,8 +4,17 @@
 horizontal pass) and a vertical combination of them; a filter that is a pure shift costs
 nothing (its band is gathered straight from the state). ``Plan`` holds what the steps of one
 rollout share on the padded channels-last grid ``b x (H+2) x (W+2) x C``: shapes, the
-perception plan, scratch buffers, the perception passes and their adjoint, the alive masks,
-the halo of circular padding and the choice of the cells a step updates.
+perception plan, scratch buffers, the perception passes and their adjoint, learned filters'
+perception on gathered cells and its adjoints, the alive masks, the halo (wrapped, replicated
+or reflected) and the choice of the cells a step updates.
+
+Learned filters (``config.learn_filters``) change every rollout, so they get no plan: a cell's
+9 neighbours are gathered tap-major (``9 x n x C``, tap ``t = 3*(dy+1) + (dx+1)``) and
+perception is one small matmul against the taps (shared ``F x 3 x 3``) or a broadcast multiply
+over the channels (depthwise ``F x C x 3 x 3``), laid out band-major like the fixed bank's
+(``k*C + c``; w1 unscaled). The filters' gradient is the sum over cells of the perception
+gradient times the tap values, and the taps' gradient is scattered back onto the state by the
+same offsets.
 """
 from __future__ import annotations
 
@@ -124,6 +133,13 @@ class Plan:
         self.np = b * self.hp * self.wp
         self.dtype, self.device = dtype, device
         self.circular = config.padding == "circular"
+        # A halo that copies cells of the grid (rows top, bottom; columns left, right of the
+        # padded grid); None for zeros, whose halo stays 0.
+        self.halo_src = {"circular": (h, 1, w, 1), "replicate": (1, h, 1, w),
+                         "reflect": (2, h - 1, 2, w - 1)}.get(config.padding)
+        self.learned = config.learn_filters
+        self.tap_offsets = [dy * self.wp + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        self._tap_offsets = {}
         self.thr = config.alive_threshold
         self.alpha = config.alpha_channel
         self.patterns, self.bands = perception_plan(config.filters)
@@ -249,6 +265,65 @@ class Plan:
             for t in self.patterns[k].terms:
                 gx[:, :, 1 + t.shift:1 + t.shift + w].add_(inner, alpha=t.coef)
 
+    # -------------------------------------------------------------- learned filters
+    def tap_index(self, idx: torch.Tensor) -> torch.Tensor:
+        """9 x n flat padded indices of the neighbours of the cells ``idx``, tap-major."""
+        offs = self._tap_offsets.get(idx.device)
+        if offs is None:
+            offs = torch.tensor(self.tap_offsets, dtype=idx.dtype, device=idx.device)
+            self._tap_offsets[idx.device] = offs
+        return idx[None] + offs[:, None]
+
+    def gather_taps(self, xflat: torch.Tensor, idx9: torch.Tensor, out: torch.Tensor) -> None:
+        """out (9 x n x C) = the rows ``idx9`` (9 x n, from ``tap_index``) of ``xflat``."""
+        torch.index_select(xflat, 0, idx9.view(-1), out=out.view(-1, self.c))
+
+    def perceive_taps(self, taps: torch.Tensor, filters: torch.Tensor, out: torch.Tensor):
+        """out (n x F*C, band-major ``k*C + c``) = the filters (F x 3 x 3 or F x C x 3 x 3)
+        applied to the gathered taps (9 x n x C).
+
+        Computed filter-major (F x n x C: shared filters are one (F x 9) @ (9 x n*C) matmul,
+        depthwise ones 9 broadcast multiply-adds per filter), then transposed into ``out``."""
+        n, c = taps.shape[1], self.c
+        f = filters.shape[0]
+        band = self.scratch("taps_band", (f, n, c))
+        if filters.dim() == 3:
+            torch.mm(filters.view(f, 9), taps.view(9, n * c), out=band.view(f, n * c))
+        else:
+            fd = filters.view(f, c, 9)
+            for k in range(f):
+                torch.mul(taps[0], fd[k, :, 0], out=band[k])
+                for t in range(1, 9):
+                    band[k].addcmul_(taps[t], fd[k, :, t])
+        out.view(n, f, c).copy_(band.transpose(0, 1))
+
+    def filter_grad(self, taps: torch.Tensor, gband: torch.Tensor, acc: torch.Tensor) -> None:
+        """acc += the filters' gradient from gathered taps (9 x n x C) and the perception's
+        gradient filter-major ``gband`` (F x n x C): shared, acc is 9 x F; depthwise,
+        F x C x 9."""
+        f, n, c = gband.shape
+        if acc.dim() == 2:
+            acc.addmm_(taps.view(9, n * c), gband.view(f, n * c).t())
+            return
+        prod = self.scratch("taps_prod", taps.shape)
+        for k in range(f):
+            torch.mul(taps, gband[k], out=prod)
+            acc[k].add_(prod.sum(1).t())
+
+    def taps_adjoint(self, gband: torch.Tensor, filters: torch.Tensor,
+                     out: torch.Tensor) -> None:
+        """out (9 x n x C) = the gradient of the gathered taps from the perception's gradient,
+        filter-major ``gband`` (F x n x C)."""
+        f, n, c = gband.shape
+        if filters.dim() == 3:              # (9 x F) @ (F x n*C)
+            torch.mm(filters.view(f, 9).t(), gband.view(f, n * c), out=out.view(9, n * c))
+            return
+        fd = filters.view(f, c, 9)
+        for t in range(9):
+            torch.mul(gband[0], fd[0, :, t], out=out[t])
+            for k in range(1, f):
+                out[t].addcmul_(gband[k], fd[k, :, t])
+
     # -------------------------------------------------------------- alive masks and halo
     def alive(self, xp: torch.Tensor) -> torch.Tensor:
         """B x H x W bool: 3x3 max of alpha > threshold, read from the padded state
@@ -265,20 +340,24 @@ class Plan:
         return m2 > self.thr
 
     def fill_halo(self, xp: torch.Tensor) -> None:
-        """Circular padding: copy the wrapped interior into the halo (columns, then rows)."""
+        """Circular, replicate or reflect padding: copy the cells the halo stands for into it
+        (columns of the interior rows, then whole rows, so the corners copy a copy)."""
         h, w = self.h, self.w
-        xp[:, 1:-1, 0].copy_(xp[:, 1:-1, w])
-        xp[:, 1:-1, w + 1].copy_(xp[:, 1:-1, 1])
-        xp[:, 0].copy_(xp[:, h])
-        xp[:, h + 1].copy_(xp[:, 1])
+        top, bottom, left, right = self.halo_src
+        xp[:, 1:-1, 0].copy_(xp[:, 1:-1, left])
+        xp[:, 1:-1, w + 1].copy_(xp[:, 1:-1, right])
+        xp[:, 0].copy_(xp[:, top])
+        xp[:, h + 1].copy_(xp[:, bottom])
 
     def fold_halo(self, g: torch.Tensor) -> None:
-        """Adjoint of ``fill_halo``: add the halo's gradient onto the cells it copies."""
+        """Adjoint of ``fill_halo``: add the halo's gradient onto the cells it copies (rows,
+        then columns: the reverse order)."""
         h, w = self.h, self.w
-        g[:, h].add_(g[:, 0])
-        g[:, 1].add_(g[:, h + 1])
-        g[:, 1:-1, w].add_(g[:, 1:-1, 0])
-        g[:, 1:-1, 1].add_(g[:, 1:-1, w + 1])
+        top, bottom, left, right = self.halo_src
+        g[:, top].add_(g[:, 0])
+        g[:, bottom].add_(g[:, h + 1])
+        g[:, 1:-1, left].add_(g[:, 1:-1, 0])
+        g[:, 1:-1, right].add_(g[:, 1:-1, w + 1])
 
     def active(self, xp: torch.Tensor, fire: torch.Tensor):
         """(pidx, pre): padded flat indices of the cells to update, and the pre-alive mask.

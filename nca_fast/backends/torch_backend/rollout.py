@@ -13,7 +13,7 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
-from ...params import Params
+from ...params import Params, bands
 from ..interface import check_rollout, run_in_frames
 from .masks import mask_block
 from .perception import Plan, band_weights
@@ -112,12 +112,17 @@ class _Part:
         return saved
 
     def backward(self, gout, saved, weights, need_x):
-        """Grad of the part's padded input (or None) and its weight-gradient sums, from what
-        ``forward_train`` returned (as unpacked by autograd)."""
-        w1b, b1, w2, b2 = weights
+        """Grad of the part's padded input (or None) and its weight-gradient sums (and the
+        learned filters', 9 x F or F x C x 9), from what ``forward_train`` returned (as
+        unpacked by autograd)."""
+        w1b, b1, w2, b2, filters = weights
         masks, rest = saved[0], saved[1:]
         acc = [torch.zeros_like(w1b), torch.zeros_like(b1), torch.zeros_like(w2),
                torch.zeros_like(b2)]
+        if filters is not None:
+            f = filters.shape[0]
+            acc.append(filters.new_zeros((9, f) if filters.dim() == 3 else
+                                         (f, filters.shape[1], 9)))
         with self.plan() as plan:
             g = plan.scratch("grad_a", gout.shape)
             g.copy_(gout)
@@ -136,7 +141,7 @@ class _Part:
                     del xp
                 for t in reversed(range(s0, s1)):
                     gx = other if (t > 0 or need_x) else None
-                    step_backward(plan, g, records.pop(t), w1b, w2, acc, gx)
+                    step_backward(plan, g, records.pop(t), w1b, w2, filters, acc, gx)
                     if gx is None:
                         g = None
                         break
@@ -201,21 +206,21 @@ class _Rollout(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xp, w1b, b1, w2, b2, parts):
-        weights = (w1b, b1, w2, b2)
+    def forward(ctx, xp, w1b, b1, w2, b2, filters, parts):
+        weights = (w1b, b1, w2, b2, filters)
         out = xp.clone()
         saved = _parallel(lambda p: p.forward_train(out[p.b0:p.b1], weights), parts)
         ctx.parts = parts
         ctx.counts = [len(sv) for sv in saved]
-        ctx.save_for_backward(w1b, b1, w2, b2, *[t for sv in saved for t in sv])
+        ctx.save_for_backward(w1b, b1, w2, b2, filters, *[t for sv in saved for t in sv])
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gout):
         tensors = ctx.saved_tensors
-        weights = tensors[:4]
-        per_part, i = [], 4
+        weights = tensors[:5]
+        per_part, i = [], 5
         for n in ctx.counts:
             per_part.append(tensors[i:i + n])
             i += n
@@ -228,13 +233,18 @@ class _Rollout(torch.autograd.Function):
         total = res[0][1]
         for r in res[1:]:                   # a fixed order: part 0, 1, ...
             total = [a + b for a, b in zip(total, r[1])]
-        return (gx, *total, None)
+        filters = weights[4]
+        gf = None
+        if filters is not None:             # 9 x F -> F x 3 x 3; F x C x 9 -> F x C x 3 x 3
+            gf = total.pop()
+            gf = gf.t().reshape(filters.shape) if filters.dim() == 3 else gf.view(filters.shape)
+        return (gx, *total, gf, None)
 
 
 # ------------------------------------------------------------------------------ the rollout
-def _pad(x: torch.Tensor, circular: bool) -> torch.Tensor:
+def _pad(x: torch.Tensor, padding: str) -> torch.Tensor:
     """B x C x H x W -> the padded channels-last state B x (H+2) x (W+2) x C (differentiable)."""
-    xp = F.pad(x, (1, 1, 1, 1), mode="circular" if circular else "constant")
+    xp = F.pad(x, (1, 1, 1, 1), mode="constant" if padding == "zeros" else padding)
     return xp.permute(0, 2, 3, 1).contiguous()
 
 
@@ -257,7 +267,9 @@ def rollout(x: torch.Tensor, params: Params, config, *, steps: int, seed: int,
     ``checkpoint``, only each segment's first state is kept and the segment is recomputed
     during backward; gradients are bitwise those without. Returns new tensors in ``x``'s memory
     format (channels-last for a channels-last ``x``, else contiguous; a copy of ``x`` for 0
-    steps). The filter bank is read from ``config`` (its taps decide the perception plan).
+    steps). A fixed filter bank is read from ``config`` (its taps decide the perception plan);
+    with ``config.learn_filters``, perception uses ``params.filters`` (F x 3 x 3, or
+    F x C x 3 x 3 for "depthwise") and the rollout is differentiable in them too.
 
     On a CPU the batch is split into up to ``torch.get_num_threads()`` parts run by
     single-threaded worker threads (a batch of 1 runs in the calling thread).
@@ -274,6 +286,7 @@ def _rollout(x, params: Params, config, steps: int, seed: int, first_step: int, 
     if steps == 0:
         return x.clone()            # a new tensor in x's memory format, differentiable
     w1, b1, w2, b2 = params.w1, params.b1, params.w2, params.b2
+    filters = params.filters.contiguous() if config.learn_filters is not None else None
     b, c, h, w = x.shape
     ranges = _split(b, x.device)
     if segment is not None and segment >= steps:
@@ -281,14 +294,16 @@ def _rollout(x, params: Params, config, steps: int, seed: int, first_step: int, 
     parts = [_Part(config, b0, b1_, h, w, c, x.dtype, x.device, steps, seed, first_step,
                    segment)
              for b0, b1_ in ranges]
-    weights = (w1, b1, w2, b2)
+    weights = (w1, b1, w2, b2) if filters is None else (w1, b1, w2, b2, filters)
     grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in weights))
-    w1b = band_weights(config, w1)
-    xp = _pad(x, config.padding == "circular")
+    # Band-major w1: each band times its scale for a fixed bank, unscaled for learned filters.
+    w1b = band_weights(config, w1) if filters is None else bands(w1, config.num_filters).reshape(
+        w1.shape[0], -1).contiguous()
+    xp = _pad(x, config.padding)
     if not grad:
         with torch.no_grad():
-            banded = (w1b, b1, w2, b2)
+            banded = (w1b, b1, w2, b2, filters)
             _parallel(lambda p: p.forward_nograd(xp[p.b0:p.b1], banded), parts)
             return _unpad(xp, x)
-    xp = _Rollout.apply(xp, w1b, b1, w2, b2, parts)
+    xp = _Rollout.apply(xp, w1b, b1, w2, b2, filters, parts)
     return _unpad(xp, x)
