@@ -118,7 +118,9 @@ const NCAShaders = (function () {
       if (!used.includes(4)) s += "  vec4 x" + g + "_4 = at(S" + g + ", c, 0, 0);\n";
     }
     for (let k = 0; k < F; k++) {
-      for (let g = 0; g < G; g++) s += "  vec4 p" + k + "_" + g + " = " + perception(m, k, g, used) + ";\n";
+      for (let g = 0; g < G; g++) {
+        s += "  vec4 p" + k + "_" + g + " = " + perception(m, k, g, used) + ";\n";
+      }
     }
     for (let g = g0; g < g1; g++) s += "  vec4 a" + g + " = vec4(0.0);\n";
     if (m.aliveThreshold !== null) {
