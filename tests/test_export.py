@@ -1,6 +1,8 @@
 """The exported web page: self-contained, and in a real headless Chromium (WebGL2 on the CPU) it
-computes the torch backend's states: every shipped and published model, and the other configs."""
+computes the torch backend's states: every shipped and published model, and the other configs;
+the reference's states for every padding and for learned (depthwise) filter taps."""
 import base64
+import inspect
 import json
 import pathlib
 import re
@@ -10,11 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from nca_fast import NCA, NCAConfig, cli
-from nca_fast.export import export_html, pack_weights, render_page
+import torch.nn.functional as F
+
+from nca_fast import NCA, NCAConfig, cli, reference
+from nca_fast.export import export_html, filter_taps, pack_weights, render_page
 from nca_fast.export.headless import (BrowserError, find_chromium, page_url, run_page, run_pages,
                                       run_urls, screenshot)
 from nca_fast.model import load_any, shipped_models
+from nca_fast.rng import update_mask
 
 from cases import random_model
 
@@ -39,6 +44,74 @@ def _engine(model, size, steps, seed):
         return model(model.seed_state(1, size, size), steps, seed=seed)[0].numpy()
 
 
+class _WithTaps:
+    """What the exporter reads of a model (``config``, ``params()``), with ``model``'s weights
+    but the given filter taps ([F, 3, 3] or [F, C, 3, 3]) and first-layer bias."""
+
+    def __init__(self, model, filters, b1=None):
+        self.config = model.config
+        p = model.params()
+        self._params = p._replace(filters=filters, b1=p.b1 if b1 is None else b1)
+
+    def params(self):
+        return self._params
+
+
+def _random_taps(config, seed, depthwise=True):
+    g = torch.Generator().manual_seed(seed)
+    shape = (config.num_filters,) + ((config.channels,) if depthwise else ()) + (3, 3)
+    return torch.randn(shape, generator=g) * 0.5
+
+
+PAD_MODES = {"zeros": "constant", "circular": "circular", "replicate": "replicate",
+             "reflect": "reflect"}
+
+
+def _rollout_with_taps(x, w1, b1, w2, b2, config, steps, seed, filters):
+    """docs/MODEL.md's rollout with per-channel taps: perception is a grouped convolution
+    (output c*F + k: filters[k, c] on channel c) of the input padded by ``config.padding``; the
+    alive masks' max-pool wraps under circular padding and sees the outside as dead otherwise."""
+    c, f = config.channels, config.num_filters
+    taps = filters if filters.dim() == 4 else filters[:, None].expand(f, c, 3, 3)
+    conv = taps.permute(1, 0, 2, 3).reshape(c * f, 1, 3, 3).to(x.dtype)
+    b, _, h, w = x.shape
+
+    def alive(s):
+        a = s[:, config.alpha_channel:config.alpha_channel + 1]
+        if config.padding == "circular":
+            a = F.pad(a, (1, 1, 1, 1), mode="circular")
+        else:
+            a = F.pad(a, (1, 1, 1, 1), value=float("-inf"))
+        return F.max_pool2d(a, 3, stride=1) > config.alive_threshold
+
+    for t in range(steps):
+        mode = PAD_MODES[config.padding]
+        p = F.conv2d(F.pad(x, (1, 1, 1, 1), mode=mode), conv, groups=c)
+        dx = reference.dense(p, w1, b1, w2, b2)
+        m = update_mask(b, h, w, fire_rate=config.fire_rate, seed=seed, step=t)
+        if config.alive_threshold is None:
+            x = x + dx * m
+        else:
+            pre = alive(x)
+            x = x + dx * m
+            x = x * (pre & alive(x)).to(x.dtype)
+    return x
+
+
+def _oracle(model, size, steps, seed, **changes):
+    """The state after ``steps`` steps from the seed for the exporter's view of ``model``
+    (``config`` with ``changes``, ``params()``): ``nca_fast.reference.rollout`` given the
+    filter taps where it takes them, else ``_rollout_with_taps``."""
+    cfg = model.config.replace(**changes)
+    p = model.params()
+    x = reference.seed_state(1, size, size, cfg.channels, cfg.alpha_channel)
+    args = (x, p.w1.detach(), p.b1.detach(), p.w2.detach(), p.b2.detach(), cfg, steps, seed)
+    with torch.no_grad():
+        if "filters" in inspect.signature(reference.rollout).parameters:
+            return reference.rollout(*args, filters=p.filters.detach())[0].numpy()
+        return _rollout_with_taps(*args, filters=p.filters.detach())[0].numpy()
+
+
 def _error_line(capsys):
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
@@ -61,6 +134,38 @@ def test_weights_texture_layout():
             assert tex[h, f * g + c // 4, c % 4] == (w2[c, h] if c < 6 else 0.0)
         assert tex[h, f * g + g, 0] == b1[h]
     assert list(tex[5, :g].reshape(-1)[:6]) == list(b2) and not tex[5, :g].reshape(-1)[6:].any()
+
+
+def test_page_reads_params_filters_and_bias():
+    """The texture holds ``params()``'s b1 (any filter bias folded in); the page's taps are
+    ``params().filters`` per channel, a shared bank repeated on every channel."""
+    model = _random_model(channels=6, hidden=5, filters="sobel_laplacian")
+    b1 = torch.arange(5, dtype=torch.float32) - 2.5
+    taps = _random_taps(model.config, 1)
+    tex = pack_weights(_WithTaps(model, taps, b1))
+    assert np.array_equal(tex[:5, 4 * 2 + 2, 0], b1.numpy())
+    assert np.array_equal(filter_taps(_WithTaps(model, taps)), taps.double().numpy())
+    shared = _random_taps(model.config, 2, depthwise=False)
+    got = filter_taps(_WithTaps(model, shared))
+    assert got.shape == (4, 6, 3, 3)
+    assert all(np.array_equal(got[:, c], shared.double().numpy()) for c in range(6))
+    assert np.array_equal(filter_taps(model)[:, 5], model.config.filters)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 3, 3), (3, 3, 3), (4, 6, 9), (4, 6, 3, 3, 1)])
+def test_filters_of_another_shape_are_refused(shape):
+    model = _random_model(channels=6, hidden=5, filters="sobel_laplacian")
+    with pytest.raises(ValueError, match=r"^filters: expected taps of shape \(4, 3, 3\) or "
+                                         r"\(4, 6, 3, 3\) for 4 filters on 6 channels, got"):
+        render_page(_WithTaps(model, torch.zeros(shape)), 16, "m")
+
+
+def test_non_finite_taps_are_refused():
+    model = _random_model(channels=6, hidden=5)
+    taps = _random_taps(model.config, 0)
+    taps[1, 2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="filters: the model's filter taps are not all finite"):
+        render_page(_WithTaps(model, taps), 16, "m")
 
 
 def test_page_is_self_contained():
@@ -256,3 +361,48 @@ def test_grid_beyond_the_texture_limit_is_refused_on_the_page(tmp_path):
     page = export_html(shipped_models()["flower"], tmp_path / "page.html")
     with pytest.raises(BrowserError, match="larger than this browser's WebGL texture limit"):
         run_page(page, 1, 0, size=100000)
+
+
+@needs_browser
+def test_every_padding_and_learned_taps(tmp_path):
+    """Replicate and reflect padding (with and without alive masking), per-channel (depthwise)
+    taps with a non-zero b1 (a partial last channel group; 32 channels and 4 filters in three
+    passes), a learned shared bank: the page's state after 10 steps is the reference's within
+    1e-4, and each case's state differs from the one its padding or taps would not give."""
+    cases = [   # (config, size, taps: None (the bank), "shared" or "depthwise")
+        (dict(channels=8, hidden=16, filters="sobel_laplacian", padding="replicate",
+              alive_threshold=None, fire_rate=0.7), 11, None),
+        (dict(channels=5, hidden=12, padding="reflect", alive_threshold=None, last_bias=False),
+         10, "shared"),
+        (dict(channels=8, hidden=16, padding="replicate"), 7, None),
+        (dict(channels=6, hidden=16, padding="reflect", alive_threshold=0.02), 8, "depthwise"),
+        (dict(channels=8, hidden=16, padding="reflect"), 7, None),
+        (dict(channels=7, hidden=16, filters="sobel_laplacian", padding="zeros",
+              learn_filters="depthwise", filter_bias=True), 12, "depthwise"),
+        (dict(channels=32, hidden=24, filters="sobel_laplacian", padding="circular",
+              alive_threshold=None, learn_filters="depthwise"), 7, "depthwise"),
+    ]
+    models = []
+    for i, (config, size, taps) in enumerate(cases):
+        model = _random_model(10 + i, **config)
+        if taps is None and model.config.alive_masking:
+            with torch.no_grad():       # alpha grows: live cells reach the grid's edges
+                model.w2.bias[model.config.alpha_channel] = 0.1
+        if taps is not None:
+            b1 = torch.randn(model.config.hidden, generator=torch.Generator().manual_seed(i)) * 0.3
+            model = _WithTaps(model, _random_taps(model.config, i, taps == "depthwise"), b1)
+        models.append(model)
+    pages = [export_html(m, tmp_path / f"v{i}.html", size=size)
+             for i, (m, (_, size, _)) in enumerate(zip(models, cases))]
+    states = run_pages(pages, 10, 12345, targets=3)
+    for model, page, (config, size, taps) in zip(models, pages, cases):
+        state, _ = states[page.resolve()]
+        want = _oracle(model, size, 10, 12345)
+        assert (np.abs(want) > 1e-6).sum() > 20, config
+        if config["padding"] in ("replicate", "reflect"):
+            other = _oracle(model, size, 10, 12345, padding="zeros")
+            assert np.abs(want - other).max() > 1e-2, config
+        if taps == "depthwise":
+            shared = _WithTaps(model, model.params().filters[:, 0])
+            assert np.abs(want - _oracle(shared, size, 10, 12345)).max() > 1e-2, config
+        assert np.abs(state - want).max() <= 1e-4, config

@@ -9,15 +9,19 @@ with update-mask seed S from ``NCA.seed_state``'s state and writes the state int
 ``<pre id="nca-state">`` as JSON: ``{"shape": [C, H, W], "steps": N, "data": base64 float32,
 C-major, ...}`` (``nca_fast.export.headless`` reads it with a headless Chromium).
 
-The shaders compute the step of docs/MODEL.md in float32, as the torch backend does: the
-model's filter bank and padding, the two dense layers, the Philox update mask keyed by (seed,
-cell, step) and the alive masks. ``precision`` (the Triton kernels' operand precision) does not
-apply in the page.
+The shaders compute the step of docs/MODEL.md in float32, as the torch backend does, from the
+tensors of ``model.params()`` and ``model.config``: perception with the filters as given (an
+[F, 3, 3] bank on every channel, or [F, C, 3, 3] depthwise taps: filter k on channel c) under
+any of the config's paddings (zeros, circular, replicate, reflect), the two dense layers (b1 as
+``params()`` gives it, any filter bias folded in; b2 zeros without a last-layer bias), the
+Philox update mask keyed by (seed, cell, step) and the alive masks. ``precision`` (the Triton
+kernels' operand precision) does not apply in the page.
 """
 from __future__ import annotations
 
 import base64
 import json
+import os
 import pathlib
 from typing import Optional, Union
 
@@ -35,15 +39,38 @@ MAX_CHANNELS = 32
 MAX_SIZE = 8192
 
 
+def _dense(model):
+    """(w1, b1, w2, b2) of ``model.params()`` as float64 arrays: hidden x F*C, hidden,
+    C x hidden, C."""
+    p = model.params()
+    w1, b1, w2, b2 = (t.detach().to("cpu").double().numpy() for t in p[:4])
+    return w1.reshape(w1.shape[0], -1), b1, w2.reshape(w2.shape[0], -1), b2
+
+
+def filter_taps(model) -> np.ndarray:
+    """``model.params().filters`` as per-channel taps, F x C x 3 x 3 float64 (an [F, 3, 3] bank
+    repeated on every channel); ValueError for any other shape."""
+    cfg = model.config
+    f, c = cfg.num_filters, cfg.channels
+    taps = model.params().filters.detach().to("cpu").double().numpy()
+    if taps.shape == (f, 3, 3):
+        return np.repeat(taps[:, None], c, axis=1)
+    if taps.shape != (f, c, 3, 3):
+        raise ValueError(f"filters: expected taps of shape ({f}, 3, 3) or ({f}, {c}, 3, 3) "
+                         f"for {f} filters on {c} channels, got {tuple(taps.shape)}")
+    return taps
+
+
 def pack_weights(model) -> np.ndarray:
-    """The weights as the shaders read them: a (hidden + 1) x (F*G + G + 1) x 4 float32 texture,
-    G = ceil(C / 4). Row h: W1's vec4s (column k*G + g: filter k on channels 4g..4g+3), W2's
-    (column F*G + g: outputs 4g..4g+3 of hidden unit h), b1[h] (column F*G + G, first
-    component); row ``hidden``: b2 (columns 0..G-1). Channels past C are zero."""
+    """The weights of ``model.params()`` as the shaders read them: a (hidden + 1) x
+    (F*G + G + 1) x 4 float32 texture, G = ceil(C / 4). Row h: W1's vec4s (column k*G + g:
+    filter k on channels 4g..4g+3), W2's (column F*G + g: outputs 4g..4g+3 of hidden unit h),
+    b1[h] (column F*G + G, first component); row ``hidden``: b2 (columns 0..G-1). Channels past
+    C are zero."""
     cfg = model.config
     c, f, hidden = cfg.channels, cfg.num_filters, cfg.hidden
     g = -(-c // 4)
-    w1, b1, w2, b2 = (t.detach().to("cpu").double().numpy() for t in model.weights())
+    w1, b1, w2, b2 = _dense(model)
     tex = np.zeros((hidden + 1, f * g + g + 1, 4), dtype=np.float64)
     bands = np.zeros((hidden, f, 4 * g))
     bands[:, :, :c] = w1.reshape(hidden, c, f).transpose(0, 2, 1)       # [h, k, c] = w1[h, c*F+k]
@@ -64,7 +91,7 @@ def page_model(model, size: int, name: str) -> dict:
     tex = pack_weights(model)
     return {
         "name": name, "size": size, "channels": cfg.channels, "hidden": cfg.hidden,
-        "filters": [[list(r) for r in f] for f in cfg.filters], "padding": cfg.padding,
+        "filters": filter_taps(model).tolist(), "padding": cfg.padding,
         "fire_threshold": fire_threshold(cfg.fire_rate), "alive_threshold": cfg.alive_threshold,
         "alpha_channel": cfg.alpha_channel, "weights_shape": [tex.shape[1], tex.shape[0]],
         "weights": base64.b64encode(tex.tobytes()).decode("ascii"),
@@ -79,8 +106,10 @@ def check_exportable(model, size: int) -> None:
                          f"(WebGL2 guarantees 16 texture units), this one has {cfg.channels}")
     if isinstance(size, bool) or not isinstance(size, int) or not 3 <= size <= MAX_SIZE:
         raise ValueError(f"size: expected an integer in [3, {MAX_SIZE}], got {size!r}")
-    if not all(bool(np.isfinite(t.detach().cpu().numpy()).all()) for t in model.weights()):
+    if not all(bool(np.isfinite(t).all()) for t in _dense(model)):
         raise ValueError("model: its weights are not all finite")
+    if not np.isfinite(filter_taps(model)).all():
+        raise ValueError("filters: the model's filter taps are not all finite")
 
 
 def render_page(model, size: int, name: str) -> str:
@@ -123,13 +152,14 @@ def default_size(path: Optional[pathlib.Path]) -> int:
 
 def export_html(model: Union["object", PathLike], out: PathLike, *, size: Optional[int] = None,
                 name: Optional[str] = None) -> pathlib.Path:
-    """Write the page of ``model`` (an ``NCA``, or a model file: ``.safetensors`` or a Distill
-    ``.json``) to ``out``, atomically; returns the path. ``size``: the grid side in cells
-    (default: as ``nca-fast grow``); ``name``: shown on the page (default: the file's stem)."""
-    from ..model import NCA, load_any
+    """Write the page of ``model`` (an ``NCA``, or any object with its ``config`` and
+    ``params()``; or a model file: ``.safetensors`` or a Distill ``.json``) to ``out``,
+    atomically; returns the path. ``size``: the grid side in cells (default: as ``nca-fast
+    grow``); ``name``: shown on the page (default: the file's stem)."""
+    from ..model import load_any
 
     path = None
-    if not isinstance(model, NCA):
+    if isinstance(model, (str, os.PathLike)):
         path = pathlib.Path(model)
         model = load_any(path, backend="torch")
     if name is None:
@@ -142,5 +172,6 @@ def export_html(model: Union["object", PathLike], out: PathLike, *, size: Option
     return atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-__all__ = ["export_html", "render_page", "page_model", "pack_weights", "check_exportable",
+__all__ = ["export_html", "render_page", "page_model", "pack_weights", "filter_taps",
+           "check_exportable",
            "default_size", "MAX_CHANNELS"]

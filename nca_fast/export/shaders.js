@@ -1,4 +1,5 @@
-// GLSL ES 3.00 sources of one NCA step, generated from the model's config (docs/MODEL.md).
+// GLSL ES 3.00 sources of one NCA step, generated from the page's model (docs/MODEL.md): its
+// config, and its filter taps compiled in as literals (filter k on channel c: filters[k][c]).
 // The state lives in G = ceil(C / 4) RGBA32F textures S0..S{G-1}: channel c is component
 // c % 4 of texture c / 4. The weights are one RGBA32F texture W (nca_fast/export/__init__.py,
 // pack_weights): row h holds W1's F*G vec4s (column k*G + g: filter k on channels 4g..4g+3),
@@ -24,18 +25,31 @@ const NCAShaders = (function () {
     return s;
   }
 
-  // The cell at offset (dx, dy) of `c` in state texture `tex`: zero outside the grid under zero
-  // padding, wrapped under circular padding.
-  function fetcher(padding) {
-    if (padding === "circular") {
-      return "vec4 at(sampler2D tex, ivec2 c, int dx, int dy) {\n" +
-        "  ivec2 q = (c + ivec2(dx, dy) + size) % size;\n" +
-        "  return texelFetch(tex, q, 0);\n}\n";
+  // GLSL function `name`(tex, c, dx, dy): the cell at offset (dx, dy) of `c` in state texture
+  // `tex`, for |dx|, |dy| <= 2 on a grid of at least 3 x 3. Across the grid's edge: zero under
+  // "zeros" padding, wrapped under "circular", the nearest edge cell under "replicate", the cell
+  // mirrored about the edge cell under "reflect" (-1 -> 1, n -> n - 2).
+  function fetcher(name, padding) {
+    const head = "vec4 " + name + "(sampler2D tex, ivec2 c, int dx, int dy) {\n" +
+      "  ivec2 q = c + ivec2(dx, dy);\n";
+    const fetch = "  return texelFetch(tex, q, 0);\n}\n";
+    if (padding === "zeros") {
+      return head + "  if (any(lessThan(q, ivec2(0))) || any(greaterThanEqual(q, size))) " +
+        "return vec4(0.0);\n" + fetch;
     }
-    return "vec4 at(sampler2D tex, ivec2 c, int dx, int dy) {\n" +
-      "  ivec2 q = c + ivec2(dx, dy);\n" +
-      "  if (any(lessThan(q, ivec2(0))) || any(greaterThanEqual(q, size))) return vec4(0.0);\n" +
-      "  return texelFetch(tex, q, 0);\n}\n";
+    if (padding === "circular") return head + "  q = (q + size) % size;\n" + fetch;
+    if (padding === "replicate") return head + "  q = clamp(q, ivec2(0), size - 1);\n" + fetch;
+    if (padding === "reflect") {
+      return head + "  q = abs(q);\n  q = min(q, 2 * (size - 1) - q);\n" + fetch;
+    }
+    throw new NCAError("padding: the page runs zeros, circular, replicate and reflect, not " +
+      JSON.stringify(padding));
+  }
+
+  // The alive masks' 3x3 max-pool wraps under circular padding; under every other padding the
+  // cells outside the grid are dead, as zeros (the threshold is >= 0).
+  function aliveFetcher(padding) {
+    return fetcher("alpha", padding === "circular" ? "circular" : "zeros");
   }
 
   // Philox4x32-10 as triton.language.philox and nca_fast/rng.py compute it: key = the seed's
@@ -57,19 +71,44 @@ const NCAShaders = (function () {
     "  }\n" +
     "  return (c0 >> 8) < threshold;\n}\n";
 
+  // Perception of group g by filter k: sum over taps i of taps[k][c][i / 3][i % 3] * x_g_i for
+  // the group's channels c = 4g..4g+3, a scalar literal where the group's channels share the
+  // tap (every fixed bank), else a vec4 of literals (zero past the last channel). Taps that are
+  // zero on every channel are skipped.
+  function perception(m, k, g, used) {
+    const terms = [];
+    for (const i of used) {
+      const w = [];
+      for (let c = 4 * g; c < Math.min(4 * g + 4, m.channels); c++) {
+        w.push(m.filters[k][c][Math.floor(i / 3)][i % 3]);
+      }
+      if (w.every((v) => v === 0)) continue;
+      const x = "x" + g + "_" + i;
+      if (w.every((v) => v === w[0])) {
+        terms.push(lit(w[0]) + " * " + x);
+      } else {
+        while (w.length < 4) w.push(0);
+        terms.push("vec4(" + w.map(lit).join(", ") + ") * " + x);
+      }
+    }
+    return terms.length ? terms.join(" + ") : "vec4(0.0)";
+  }
+
   // The update pass for output groups [g0, g1): perception, the two dense layers, the update
   // mask: u = x + dx * m. Writes one vec4 per output group (multiple render targets).
+  // m.filters: F x C x 3 x 3 taps (filter k on channel c).
   function update(m, g0, g1) {
     const G = m.groups, F = m.filters.length, H = m.hidden;
     let s = HEADER + samplers(G, "S") + "uniform sampler2D W;\nuniform ivec2 size;\n" +
       "uniform uvec2 key;\nuniform uint threshold;\nuniform uint t;\nuniform float aliveThreshold;\n";
     for (let g = g0; g < g1; g++) s += "layout(location = " + (g - g0) + ") out vec4 o" + g + ";\n";
-    s += fetcher(m.padding) + PHILOX;
+    s += fetcher("at", m.padding) + PHILOX;
+    if (m.aliveThreshold !== null) s += aliveFetcher(m.padding);
     s += "void main() {\n  ivec2 c = ivec2(gl_FragCoord.xy);\n";
-    // The taps any filter uses, fetched once per group.
+    // The taps any filter uses on any channel, fetched once per group.
     const used = [];
     for (let i = 0; i < 9; i++) {
-      if (m.filters.some((f) => f[Math.floor(i / 3)][i % 3] !== 0)) used.push(i);
+      if (m.filters.some((f) => f.some((t) => t[Math.floor(i / 3)][i % 3] !== 0))) used.push(i);
     }
     for (let g = 0; g < G; g++) {
       for (const i of used) {
@@ -80,12 +119,7 @@ const NCAShaders = (function () {
     }
     for (let k = 0; k < F; k++) {
       for (let g = 0; g < G; g++) {
-        const terms = [];
-        for (const i of used) {
-          const w = m.filters[k][Math.floor(i / 3)][i % 3];
-          if (w !== 0) terms.push(lit(w) + " * x" + g + "_" + i);
-        }
-        s += "  vec4 p" + k + "_" + g + " = " + (terms.length ? terms.join(" + ") : "vec4(0.0)") + ";\n";
+        s += "  vec4 p" + k + "_" + g + " = " + perception(m, k, g, used) + ";\n";
       }
     }
     for (let g = g0; g < g1; g++) s += "  vec4 a" + g + " = vec4(0.0);\n";
@@ -96,7 +130,7 @@ const NCAShaders = (function () {
       const ag = m.alphaGroup, ac = "xyzw"[m.alphaComponent];
       s += "  float near = 0.0;\n" +
         "  for (int dy = -2; dy <= 2; dy++) for (int dx = -2; dx <= 2; dx++) {\n" +
-        "    near = max(near, at(S" + ag + ", c, dx, dy)." + ac + ");\n  }\n";
+        "    near = max(near, alpha(S" + ag + ", c, dx, dy)." + ac + ");\n  }\n";
       s += "  if (!(near > aliveThreshold)) {\n";
       for (let g = g0; g < g1; g++) s += "    o" + g + " = vec4(0.0);\n";
       s += "    return;\n  }\n";
@@ -128,12 +162,12 @@ const NCAShaders = (function () {
     let s = HEADER + samplers(G, "S") + samplers(G, "U") + "uniform ivec2 size;\n" +
       "uniform float aliveThreshold;\n";
     for (let g = g0; g < g1; g++) s += "layout(location = " + (g - g0) + ") out vec4 o" + g + ";\n";
-    s += fetcher(m.padding);
+    s += aliveFetcher(m.padding);
     s += "void main() {\n  ivec2 c = ivec2(gl_FragCoord.xy);\n" +
       "  float pre = 0.0, post = 0.0;\n" +
       "  for (int dy = -1; dy <= 1; dy++) for (int dx = -1; dx <= 1; dx++) {\n" +
-      "    pre = max(pre, at(S" + ag + ", c, dx, dy)." + ac + ");\n" +
-      "    post = max(post, at(U" + ag + ", c, dx, dy)." + ac + ");\n  }\n" +
+      "    pre = max(pre, alpha(S" + ag + ", c, dx, dy)." + ac + ");\n" +
+      "    post = max(post, alpha(U" + ag + ", c, dx, dy)." + ac + ");\n  }\n" +
       "  bool keep = pre > aliveThreshold && post > aliveThreshold;\n";
     for (let g = g0; g < g1; g++) {
       s += "  o" + g + " = keep ? texelFetch(U" + g + ", c, 0) : vec4(0.0);\n";
