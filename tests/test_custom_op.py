@@ -42,9 +42,10 @@ def _case(seed=0):
     return [t.to(DEVICE) for t in (x, w1, b1, w2, b2)]
 
 
-def _op_args(steps, segment, alive):
+def _op_args(steps, segment, alive, padding="zeros", bank=-1, filter_grad=False):
     """The scalar arguments of both ops, after x, the weights and the filters."""
-    return (SEED, 0, steps, segment, FIRE_RATE, 0.1 if alive else None, ALPHA, False, "ieee", -1)
+    return (SEED, 0, steps, segment, FIRE_RATE, 0.1 if alive else None, ALPHA, padding, "ieee",
+            bank, filter_grad)
 
 
 # The checkpoint options as the layer resolves them: each distinct (steps, segment) is checked
@@ -93,6 +94,21 @@ def test_opcheck_rollout_backward(steps, segment, alive):
     # grad: with grad it would differentiate the backward itself (a double backward), which
     # the op does not support (the rollout is once-differentiable; no formula is registered).
     torch.library.opcheck(op, args(False), test_utils=("test_aot_dispatch_dynamic",))
+
+
+@pytest.mark.parametrize("padding", ["zeros", "reflect"])
+@pytest.mark.parametrize("form", ["shared", "depthwise"])
+def test_opcheck_learned_filters(form, padding):
+    """Filters that need a gradient (a learned bank, read as data): the op's every default
+    check, the backward's gradient of the filters included."""
+    x, w1, b1, w2, b2 = [t.requires_grad_() for t in _case()]
+    filters = filter_tensor(CFG, device=DEVICE)
+    if form == "depthwise":
+        filters = filters[:, None].repeat(1, CFG.channels, 1, 1)
+    filters = (filters + 0.1 * torch.randn(filters.shape, generator=torch.Generator()
+                                           .manual_seed(3)).to(DEVICE)).requires_grad_()
+    args = (x, w1, b1, w2, b2, filters) + _op_args(2, 1, True, padding, 0, True)
+    torch.library.opcheck(torch.ops.nca_fast.rollout.default, args)
 
 
 def _reference_grads(tensors, steps, probe):
@@ -172,9 +188,12 @@ def test_zero_steps_returns_a_new_tensor(backend):
     assert torch.equal(x.detach() + 1, y.detach()), "changing the result changed the input"
 
 
-def test_compiled_fullgraph_one_step_forward_and_backward():
-    """torch.compile(fullgraph=True) through AOTAutograd: one step."""
-    model = NCA(CFG, backend="triton").to(DEVICE)
+@pytest.mark.parametrize("learn", [None, "depthwise"], ids=["fixed", "learned"])
+def test_compiled_fullgraph_one_step_forward_and_backward(learn):
+    """torch.compile(fullgraph=True) through AOTAutograd: one step (learned filters with a
+    bias too: their checks and the bias fold stay inside the graph)."""
+    cfg = CFG.replace(learn_filters=learn, filter_bias=learn is not None)
+    model = NCA(cfg, backend="triton").to(DEVICE)
     torch.nn.init.normal_(model.w2.weight, std=0.05)
     x0 = _case(seed=6)[0]
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)

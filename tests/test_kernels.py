@@ -366,8 +366,9 @@ def test_float64_is_refused_before_any_launch_when_compiled(monkeypatch):
     assert not launched
 
 
-def test_torch_compile_sees_one_op_and_no_graph_break():
-    cfg = NCAConfig(precision="ieee", hidden=32)
+@pytest.mark.parametrize("learn", [None, "shared"], ids=["fixed", "learned"])
+def test_torch_compile_sees_one_op_and_no_graph_break(learn):
+    cfg = NCAConfig(precision="ieee", hidden=32, learn_filters=learn)
     m = NCA(cfg, backend="triton").to(DEVICE)
     torch.nn.init.normal_(m.w2.weight, std=0.05)
     x = m.seed_state(1, 6, 6)

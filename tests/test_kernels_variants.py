@@ -167,3 +167,50 @@ def test_fixed_bank_as_data_has_no_filter_gradient():
     out = rollout(x, w1, b1, w2, b2, filters, seed=1, steps=2, precision="ieee")
     out.sum().backward()
     assert filters.grad is None and w1.grad is not None
+
+
+MODEL_CASES = {
+    "shared": dict(learn_filters="shared"),
+    "depthwise_bias": dict(learn_filters="depthwise", filter_bias=True),
+    "replicate_no_last_bias": dict(padding="replicate", last_bias=False),
+    "reflect_depthwise": dict(padding="reflect", learn_filters="depthwise"),
+    "textures_depthwise_bias": dict(preset="textures", learn_filters="depthwise",
+                                    filter_bias=True),
+}
+
+
+@pytest.mark.parametrize("case", list(MODEL_CASES), ids=list(MODEL_CASES))
+def test_module_learned_variants_triton_matches_torch(case):
+    """The drop-in module on both backends, learned parameters moved off their initial values:
+    the same state and the same gradient for every parameter (the filters and the filter bias,
+    folded into b1 by ``params()``, included)."""
+    from nca_fast import NCA
+
+    changes = dict(MODEL_CASES[case])
+    make = NCAConfig.textures if changes.pop("preset", None) == "textures" else NCAConfig
+    cfg = make(precision="ieee", hidden=32, **changes)
+    torch.manual_seed(4)
+    a = NCA(cfg, backend="triton").to(DEVICE)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    b = NCA(cfg, backend="torch").to(DEVICE)
+    b.load_state_dict(a.state_dict())
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(2, cfg.channels, 7, 9, generator=g).to(DEVICE)
+    outs = []
+    for m in (a, b):
+        y = m(x, 3, seed=5)
+        (y * torch.linspace(-1, 1, y.numel(), device=DEVICE).reshape(y.shape)).sum().backward()
+        outs.append(y.detach())
+    names = [n for n, _ in a.named_parameters()]
+    assert ("filters" in names) == bool(cfg.learn_filters)
+    assert ("filter_bias" in names) == bool(cfg.filter_bias)
+    assert ("w2.bias" in names) == cfg.last_bias
+    state_tol = (1e-5, 1e-5) if not CUDA else (2e-4, 2e-4)
+    grad_tol = (1e-5, 1e-4) if not CUDA else (2e-3, 2e-3)
+    torch.testing.assert_close(outs[0], outs[1], atol=state_tol[0], rtol=state_tol[1])
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert pa.grad is not None and pa.grad.abs().sum() > 0, name
+        torch.testing.assert_close(pa.grad, pb.grad, atol=grad_tol[0], rtol=grad_tol[1],
+                                   msg=lambda m, name=name: f"{name}: {m}")
