@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from .spec import (BANK_DATA, BANK_SOBEL, BANK_SOBEL_LAPLACIAN, NAMED_BANKS,  # noqa: F401
-                   PRECISION_CODES, kernel_bank)
+from .spec import (BANK_CHANNELS, BANK_DATA, BANK_SOBEL, BANK_SOBEL_LAPLACIAN,  # noqa: F401
+                   DATA_BANKS, NAMED_BANKS, PRECISION_CODES, kernel_bank)
 
 # Shapes the kernels are written and verified for. C and hidden are tl.dot dimensions
 # (powers of two, >= 16 for bf16 operands on tensor cores); F is unrolled in the kernels.
@@ -73,15 +73,25 @@ class StepConfig:
 
 
 def bank_code(filters) -> int:
-    """The code of the named bank ``filters`` ([F, 3, 3] or [F, 9]) is, exactly, or 0 (taps
-    read from memory: any other bank, and taps per channel). Reads the taps on the host (a copy
-    for a GPU tensor)."""
+    """The code of the named bank ``filters`` ([F, 3, 3] or [F, 9]) is, exactly, or BANK_DATA
+    (taps read from memory: any other bank), or BANK_CHANNELS for taps per channel. Reads the
+    taps on the host (a copy for a GPU tensor)."""
     import torch
 
     if filters.numel() != 9 * filters.shape[0]:
-        return BANK_DATA
+        return BANK_CHANNELS
     return named_bank(filters.detach().to("cpu", torch.float64).reshape(filters.shape[0], 9)
                       .tolist())
+
+
+def launch_bank(taps, bank: Optional[int]) -> int:
+    """The bank code a launcher compiles for its kernel-layout ``taps`` (``kernel_taps``):
+    BANK_CHANNELS for taps per channel, else ``bank`` (None: found by ``bank_code``)."""
+    if taps.dim() == 3:
+        return BANK_CHANNELS
+    if bank is None:
+        return bank_code(taps)
+    return BANK_DATA if bank == BANK_CHANNELS else bank
 
 
 def named_bank(taps) -> int:
@@ -218,13 +228,13 @@ def select_weights(n_cells: int, channels: int, hidden: int, num_filters: int,
     th, tw = 4, 16
     if _wide(channels, num_filters) and precision != "ieee":
         tw = 8
-        if bank == BANK_DATA and channels * num_filters >= 128 and hidden == 32:
+        if bank in DATA_BANKS and channels * num_filters >= 128 and hidden == 32:
             th = 2
     # hidden_chunk = HR, the hidden units (MMA rows) of one program: 128 at most. 8 warps: the
     # two warpgroups take half of them each, one program per SM.
     hr = min(hidden, 128)
     programs = max(1, _sm_count(device) // (hidden // hr))
-    anchor = precision != "ieee" and bank != BANK_DATA
+    anchor = precision != "ieee" and bank not in DATA_BANKS
     return StepConfig(th, tw, 8 if hr >= 128 else 4, int64, programs, hr, anchor=anchor)
 
 
@@ -233,12 +243,16 @@ def select_transpose(n_cells: int, channels: int, num_filters: int, device=None,
     """The transposed-stencil kernel: a gather of neighbours' perception gradients.
 
     - C*F >= 96: 8 warps: the 9 gathered [128, 32] taps spill at 4 (circular, 64-bit offsets).
+    - C*F = 48 / 64, taps as data: 2 x 16 tiles: 8 x 16 spills under triton 3.9 (taps per
+      channel, and replicate / reflect padding).
     """
     int64 = needs_int64(n_cells, channels, 0, num_filters)
     if interpreting():
         return StepConfig(64, 64, 4, int64, 4, 0)
     th, tw = 8, 16
     warps = 8 if _wide(channels, num_filters) else 4
+    if bank in DATA_BANKS and not _wide(channels, num_filters):
+        th = 2
     programs = 4 * _sm_count(device)
     return StepConfig(th, tw, warps, int64, programs, 0)
 

@@ -44,13 +44,16 @@ FILTER_BANKS = {
                           tuple(tuple(v / 16.0 for v in row) for row in LAPLACIAN)),
 }
 
-# constexpr BANK: 0 reads the taps from memory (any bank); a named bank's taps are constants
-# of the kernels (``_tile._bank``: the Sobel pair's zero taps skipped, their 1/8 and the
-# Laplacian's scale folded into W1's rows instead).
+# constexpr BANK: 0 reads the taps from memory (any bank: F x 9 numbers, the same for every
+# channel); 4 reads them per channel (F x 9 x C: depthwise filters); a named bank's taps are
+# constants of the kernels (``_tile._bank``: the Sobel pair's zero taps skipped, their 1/8 and
+# the Laplacian's scale folded into W1's rows instead).
 BANK_DATA = 0
 BANK_SOBEL = 1
 BANK_SOBEL_LAPLACIAN = 2
 BANK_SOBEL_LAPLACIAN16 = 3      # compiled as BANK_SOBEL_LAPLACIAN, W1's Laplacian rows / 16
+BANK_CHANNELS = 4
+DATA_BANKS = (BANK_DATA, BANK_CHANNELS)     # the codes whose taps are read from memory
 BANK_CODES = {"sobel": BANK_SOBEL, "sobel_laplacian": BANK_SOBEL_LAPLACIAN,
               "sobel_laplacian16": BANK_SOBEL_LAPLACIAN16}
 NAMED_BANKS = {code: FILTER_BANKS[name] for name, code in BANK_CODES.items()}
@@ -72,7 +75,7 @@ def w1_scales(code: int, num_filters: int) -> Tuple[float, ...]:
     """The scale folded into each filter's rows of W1 (and taken out of their gradients):
     1 for a bank given as data; for a named bank the identity 1, the Sobel pair 1/8, the
     Laplacian ``lap_scale``. Powers of two: the products are exactly those of the taps."""
-    if code == BANK_DATA:
+    if code in DATA_BANKS:
         return (1.0,) * num_filters
     return (1.0, SOBEL_SCALE, SOBEL_SCALE, lap_scale(code))[:num_filters]
 
@@ -100,7 +103,7 @@ class StepSpec:
     """The static scalars of a step's launches, the same for every step of a rollout.
 
     padding: a name of PADDING_CODES; precision: a name of PRECISION_CODES; bank: the named
-    bank's code (BANK_CODES) or BANK_DATA. alive_threshold: None switches alive masking off;
+    bank's code (BANK_CODES), BANK_DATA or BANK_CHANNELS. alive_threshold: None switches alive masking off;
     alpha_channel: the channel it reads. fire_threshold (a 24-bit threshold, ``nca_fast.rng``)
     and seed: the stochastic update, read by the forward only.
     """
@@ -120,25 +123,14 @@ class StepSpec:
         if self.padding not in PADDING_CODES:
             raise ValueError(f"padding: expected one of {tuple(PADDING_CODES)}, "
                              f"got {self.padding!r}")
-        if self.bank != BANK_DATA and self.bank not in NAMED_BANKS:
-            raise ValueError(f"bank: expected {BANK_DATA} (taps as data) or a named bank's code "
-                             f"{tuple(NAMED_BANKS)}, got {self.bank!r}")
-
-    @classmethod
-    def of(cls, *, circular: Optional[bool] = None, **fields) -> "StepSpec":
-        """A spec from the launchers' keyword options (``padding``, or ``circular`` for one of
-        "circular" / "zeros")."""
-        if circular is not None:
-            fields["padding"] = "circular" if circular else "zeros"
-        return cls(**fields)
+        if self.bank not in DATA_BANKS and self.bank not in NAMED_BANKS:
+            raise ValueError(f"bank: expected {BANK_DATA} (taps as data), {BANK_CHANNELS} (taps "
+                             f"per channel) or a named bank's code {tuple(NAMED_BANKS)}, got "
+                             f"{self.bank!r}")
 
     @property
     def alive(self) -> bool:
         return self.alive_threshold is not None
-
-    @property
-    def circular(self) -> bool:
-        return self.padding == "circular"
 
     # the kernels' constexprs and scalars
     @property
@@ -159,9 +151,10 @@ class StepSpec:
 
 
 def spec_of(spec: Optional[StepSpec], options: dict) -> StepSpec:
-    """A launcher's spec: ``spec``, or one made of its keyword options (``StepSpec.of``)."""
+    """A launcher's spec: ``spec``, or one made of its keyword options (``StepSpec``'s
+    fields)."""
     if spec is None:
-        return StepSpec.of(**options)
+        return StepSpec(**options)
     if options:
         raise TypeError(f"give a spec or its options, not both: {sorted(options)}")
     return spec

@@ -43,12 +43,12 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._tile import (BANK_DATA, IEEE, PACKED_FIRE, _as_k_operand, _bank, _bias_rows, _concat4,
-                    _k_rows, _layout_anchor, _load_taps, _loop_zero, _mm, _static_shapes,
-                    _tile_cells, _tile_next, _tile_start, _w1_block, _w1_tile)
+from ._dense import _as_k_operand, _bias_rows, _concat4, _k_rows, _mm, _w1_block, _w1_tile
+from ._tile import (BANK_CHANNELS, BANK_DATA, IEEE, PACKED_FIRE, _bank, _layout_anchor,
+                    _load_taps, _loop_zero, _static_shapes, _tile_cells, _tile_next, _tile_start)
 from .spec import StepSpec, StepWeights, spec_of, w1_scales
 from .step_bwd_input import _input_grad, bwd_input  # noqa: F401  (bwd_input: a launcher here too)
-from .step_fwd import channel_taps, check_shapes, nca_step_fwd, persistent_grid
+from .step_fwd import check_shapes, kernel_taps, nca_step_fwd, persistent_grid
 
 
 # ------------------------------------------------------------------------------ weight layouts
@@ -126,7 +126,7 @@ def _gp_fma(p0, p1, p2, p3, gdx, g, ok, w1s, bss, wts, w2s, w1p, b1p, w2p, lap,
     weights resident (``_gp_weights``) or loaded here from the tile's pointers."""
     dtype = gdx.dtype
     M: tl.constexpr = gdx.shape[0]
-    if BANK != BANK_DATA:
+    if BANK != BANK_DATA and BANK != BANK_CHANNELS:
         g0 = tl.where(ok[:, None], g, 0.0).to(dtype)
     else:
         g0 = tl.zeros([M, C], dtype=dtype)
@@ -164,7 +164,7 @@ def _gp_mma(pc, gdx, ones, g, ok, cl, w1s, bss, wts, w2s, w1p, b1p, w2p, lap, lz
     dtype = gdx.dtype
     M: tl.constexpr = gdx.shape[0]
     NCH: tl.constexpr = HID // HC
-    if BANK != BANK_DATA:
+    if BANK != BANK_DATA and BANK != BANK_CHANNELS:
         # the identity path joins gp's first slot: the accumulator starts at [g, 0, 0, 0]
         zero = tl.where(cl[None, :] < 0, g, 0.0)
         gp = _concat4(tl.where(ok[:, None], g, 0.0), zero, zero, zero)
@@ -194,7 +194,7 @@ def _nca_step_bwd_gp_kernel(
     g_ptr,          # [B*H*W, C] dL/d out
     gp_ptr,         # [B*H*W, F, C] out: perception gradient (slot 0 + g for a named bank)
     w1_ptr, b1_ptr, w2_ptr,     # [F, C, HID], [HID], [HID, C]
-    filt_ptr,                   # [F, 9, C] (BANK == BANK_DATA)
+    filt_ptr,                   # taps as data: [F, 9] (BANK_DATA) or [F, 9, C] (BANK_CHANNELS)
     lap,                        # the Laplacian's scale in a named bank (1 or 1/16)
     H, W, tiles_x, tiles_y, n_tiles, step_b, step_y, step_x,
     C: tl.constexpr, HID: tl.constexpr, NF: tl.constexpr,
@@ -404,7 +404,7 @@ def _check_cw(cw, B, H, W):
 
 # The three launchers check nothing: ``nca_step_bwd`` validates, a rollout validates once. Each
 # takes the step's ``spec`` (``StepSpec``), or the keyword options that make one
-# (``StepSpec.of``: circular, precision, bank, ...), and ``cfg``, the launch configuration
+# (``StepSpec``'s fields: padding, precision, bank, ...), and ``cfg``, the launch configuration
 # of its selector when the caller chose it once for many steps.
 def bwd_gp(r, cw, g, w1k, b1, w2t, filters, *, spec: Optional[StepSpec] = None, gp=None,
            cfg=None, **options):
@@ -453,7 +453,7 @@ def bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, *, spec: Optional[StepSp
 
 def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters, *, seed: int,
                  step: int, fire_threshold: int, alive_threshold, alpha_channel: int,
-                 circular: bool, precision: str, named_bank: Optional[int] = None, cw=None,
+                 padding: str, precision: str, named_bank: Optional[int] = None, cw=None,
                  grad_r=None):
     """Gradients of one step_fwd call, all three kernels. r, g: [B, H, W, C]; q: the input's
     hq plane (or an unpadded [B, H, W] pre-mask) or None. cw: the step's int16 cell words from
@@ -462,9 +462,8 @@ def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters,
     Returns (grad_r [B, H, W, C], dw1k [F, C, HID], db1 [HID], dw2t [HID, C], db2 [C]). A rollout
     calls the kernels itself (``bwd_gp``, ``bwd_weights``, ``bwd_input``) to chain the steps.
     """
-    if named_bank is None:
-        named_bank = configs.bank_code(filters)
-    filters = channel_taps(filters, r.shape[-1])
+    filters = kernel_taps(filters, r.shape[-1])
+    named_bank = configs.launch_bank(filters, named_bank)
     B, H, W, C, HID, F_ = check_shapes(r, w1k, b1, w2t, b2, filters)
     if tuple(g.shape) != (B, H, W, C) or g.dtype != r.dtype or g.device != r.device:
         raise ValueError(f"g: expected a {r.dtype} [B, H, W, C] = {(B, H, W, C)} gradient on "
@@ -473,13 +472,13 @@ def nca_step_bwd(r: torch.Tensor, q, g: torch.Tensor, w1k, b1, w2t, b2, filters,
         raise ValueError("q: pre-mask bits given but alive masking is off")
     r, g = r.contiguous(), g.contiguous()
     w = StepWeights(w1k, b1, w2t, b2, filters).contiguous()
-    spec = StepSpec.of(circular=circular, precision=precision, bank=named_bank,
-                       alive_threshold=alive_threshold, alpha_channel=alpha_channel,
-                       fire_threshold=fire_threshold, seed=seed)
+    spec = StepSpec(padding=padding, precision=precision, bank=named_bank,
+                    alive_threshold=alive_threshold, alpha_channel=alpha_channel,
+                    fire_threshold=fire_threshold, seed=seed)
     if cw is None:
         cw = cell_words(r, q, *w, seed=seed, step=step, fire_threshold=fire_threshold,
                         alive_threshold=alive_threshold, alpha_channel=alpha_channel,
-                        circular=circular, precision=precision, named_bank=spec.bank)
+                        padding=padding, precision=precision, named_bank=spec.bank)
     _check_cw(cw, B, H, W)
     parts = new_parts(B, H, W, C, HID, F_, r.device, precision, r.dtype, spec.bank)
     gp = bwd_gp(r, cw, g, w.w1k, w.b1, w.w2t, w.filters, spec=spec)

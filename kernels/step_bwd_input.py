@@ -20,9 +20,9 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._tile import (BANK_DATA, CIRCULAR, PACKED_KEEP, REFLECT, REPLICATE, ZEROS, _col,
-                    _loop_zero, _nb, _plain_bits,
-                    _static_shapes, _tap_bit, _tile_cells, _tile_next, _tile_start)
+from ._tile import (BANK_CHANNELS, BANK_DATA, CIRCULAR, PACKED_KEEP, REFLECT, REPLICATE, ZEROS,
+                    _col, _loop_zero, _nb, _plain_bits, _static_shapes, _tap_bit, _tile_cells,
+                    _tile_next, _tile_start)
 from .spec import StepSpec, spec_of
 from .step_fwd import persistent_grid
 
@@ -117,14 +117,20 @@ def _taps_of(gp_ptr, bits, base, y, x, H, W, lz, k: tl.constexpr, C: tl.constexp
 
 
 @triton.jit
-def _transposed(z, filt_ptr, k: tl.constexpr):
-    """sum_taps f_k[tap] * z[-tap]: the filter flipped (the cell at -tap received tap's weight),
-    per channel (filt_ptr [F, 9, C])."""
-    C: tl.constexpr = z[0].shape[1]
-    f = filt_ptr + k * 9 * C + tl.arange(0, C)[None, :]
-    acc = tl.load(f + 8 * C) * z[0]
-    for t in tl.static_range(1, 9):
-        acc = acc + tl.load(f + (8 - t) * C) * z[t]
+def _transposed(z, filt_ptr, k: tl.constexpr, BANK: tl.constexpr):
+    """sum_taps f_k[tap] * z[-tap]: the filter flipped (the cell at -tap received tap's weight);
+    filt_ptr [F, 9] (BANK_DATA) or [F, 9, C] (BANK_CHANNELS)."""
+    if BANK == BANK_CHANNELS:
+        C: tl.constexpr = z[0].shape[1]
+        f = filt_ptr + k * 9 * C + tl.arange(0, C)[None, :]
+        acc = tl.load(f + 8 * C) * z[0]
+        for t in tl.static_range(1, 9):
+            acc = acc + tl.load(f + (8 - t) * C) * z[t]
+    else:
+        f = filt_ptr + k * 9
+        acc = tl.load(f + 8) * z[0]
+        for t in tl.static_range(1, 9):
+            acc = acc + tl.load(f + (8 - t)) * z[t]
     return acc
 
 
@@ -143,11 +149,11 @@ def _input_grad(gp_ptr, cw_ptr, g_ptr, filt_ptr, base, y, x, cell, H, W, lz,
         bits = _plain_bits(gp_ptr, base, y, x, H, W, 0.0, C, ALPHA=0, ALIVE=False,
                            PADDING=ZEROS)
     keep = (tl.load(cw_ptr + cell).to(tl.int32) & PACKED_KEEP) != 0
-    if BANK == BANK_DATA:
+    if BANK == BANK_DATA or BANK == BANK_CHANNELS:
         acc = tl.load(g_ptr + cell[:, None] * C + cl[None, :])
         for k in tl.static_range(NF):
             acc += _transposed(_taps_of(gp_ptr, bits, base, y, x, H, W, lz, k, C, NF, PADDING),
-                               filt_ptr, k)
+                               filt_ptr, k, BANK)
     else:
         # slot 0 holds g + gp_0 (the identity: its centre tap only); 8 x Sobel, flipped
         acc = tl.load(gp_ptr + cell[:, None] * (NF * C) + cl[None, :])
@@ -167,9 +173,9 @@ def _input_grad(gp_ptr, cw_ptr, g_ptr, filt_ptr, base, y, x, cell, H, W, lz,
 def _nca_step_bwd_input_kernel(
     gp_ptr,         # [B*H*W, F, C] perception gradient from _nca_step_bwd_gp_kernel
     cw_ptr,         # [B*H*W] int16 the step's cell words (PACKED_KEEP: the cell's own mask)
-    g_ptr,          # [B*H*W, C] dL/d out (read only for a bank given as data, BANK_DATA)
+    g_ptr,          # [B*H*W, C] dL/d out (read only for taps as data)
     gr_ptr,         # [B*H*W, C] out: dL/d r
-    filt_ptr,       # [F, 9, C] (BANK == BANK_DATA)
+    filt_ptr,       # taps as data: [F, 9] (BANK_DATA) or [F, 9, C] (BANK_CHANNELS)
     H, W, tiles_x, tiles_y, n_tiles, step_b, step_y, step_x,
     C: tl.constexpr, NF: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     BANK: tl.constexpr, PADDING: tl.constexpr, INT64: tl.constexpr,

@@ -33,10 +33,11 @@ import triton.language as tl
 from . import configs
 from . import spec as codes
 from .spec import StepSpec, StepWeights
-from ._tile import (CW_FIRE, CW_PRE, HQ_HOT, IEEE, _bank, _bias_rows, _static_shapes, _concat4,
-                    _fire_bit, _hq_index, _join_rows, _load_taps, _loop_zero, _mlp_chunk,
-                    _mlp_chunk_fma, _pack_cw, _plain_bits, _split_rows, _tap_bit, _tile_cells,
-                    _tile_next, _tile_start, _w1_block, _w1_tile, _w2_rows, _window_bits)
+from ._dense import (_bias_rows, _concat4, _join_rows, _mlp_chunk, _mlp_chunk_fma, _split_rows,
+                     _w1_block, _w1_tile, _w2_rows)
+from ._tile import (CW_FIRE, CW_PRE, HQ_HOT, IEEE, _bank, _fire_bit, _hq_index, _load_taps,
+                    _loop_zero, _pack_cw, _plain_bits, _static_shapes, _tap_bit, _tile_cells,
+                    _tile_next, _tile_start, _window_bits)
 
 
 # ------------------------------------------------------------------------------ dense layers
@@ -137,7 +138,7 @@ def _nca_step_fwd_kernel(
     b1_ptr,         # [HID]
     w2_ptr,         # [HID, C]     transpose of w2
     b2_ptr,         # [C]
-    filt_ptr,       # [F, 9, C] filter taps, row-major 3x3, per channel (BANK == BANK_DATA)
+    filt_ptr,       # taps as data, row-major 3x3: [F, 9] (BANK_DATA), [F, 9, C] (BANK_CHANNELS)
     lap,            # the Laplacian's scale in a named bank (1 or 1/16)
     # step (the seed always 64-bit: one compile for seeds below 2**31 and above)
     seed: tl.int64, step, fire_threshold, thr,
@@ -249,7 +250,7 @@ def check_shapes(r, w1k, b1, w2t, b2, filters):
         raise ValueError(f"filters: the Triton kernels support F in {configs.SUPPORTED_FILTERS} "
                          f"filters, got {F_}; use backend='torch'")
     expect = {"b1": (b1, (HID,)), "w2t": (w2t, (HID, C)), "b2": (b2, (C,)),
-              "filters": (filters, (F_, 9, C))}
+              "filters": (filters, (F_, 9, C) if filters.dim() == 3 else (F_, 9))}
     for name, (t, shape) in expect.items():
         if tuple(t.shape) != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
@@ -265,10 +266,10 @@ def check_shapes(r, w1k, b1, w2t, b2, filters):
     return B, H, W, C, HID, F_
 
 
-def channel_taps(filters: torch.Tensor, channels: int) -> torch.Tensor:
-    """The taps as the kernels read them, [F, 9, C] contiguous (tap t row-major 3 x 3, per
-    channel), from a bank for every channel ([F, 3, 3] or [F, 9]) or per channel ([F, C, 3, 3],
-    or [F, 9, C] as is). Differentiable."""
+def kernel_taps(filters: torch.Tensor, channels: int) -> torch.Tensor:
+    """The taps as the kernels read them, contiguous, tap t row-major 3 x 3: [F, 9] from a bank
+    for every channel ([F, 3, 3] or [F, 9]), [F, 9, C] from taps per channel ([F, C, 3, 3], or
+    [F, 9, C] as is). Differentiable."""
     f = filters.shape[0]
     if filters.dim() == 3 and tuple(filters.shape[1:]) == (9, channels):
         return filters.contiguous()
@@ -280,7 +281,7 @@ def channel_taps(filters: torch.Tensor, channels: int) -> torch.Tensor:
     if filters.numel() != 9 * f:
         raise ValueError(f"filters: expected [F, 3, 3], [F, 9], [F, C, 3, 3] or [F, 9, C] taps, "
                          f"got {tuple(filters.shape)}")
-    return filters.reshape(f, 9, 1).expand(f, 9, channels).contiguous()
+    return filters.reshape(f, 9).contiguous()
 
 
 def hq_plane(B: int, H: int, W: int, device, n: int = 0) -> torch.Tensor:
@@ -312,7 +313,7 @@ def persistent_grid(B: int, H: int, W: int, cfg):
 
 
 def nca_step_fwd(r: torch.Tensor, q, w1k, b1, w2t, b2, filters, *, seed: int, step: int,
-                 fire_threshold: int, alive_threshold, alpha_channel: int, circular: bool,
+                 fire_threshold: int, alive_threshold, alpha_channel: int, padding: str,
                  precision: str, named_bank: Optional[int] = None, out=None, q_out=None,
                  cw_out=None):
     """One fused step. r: [B, H, W, C] (made contiguous); q: the hq plane of r
@@ -326,9 +327,8 @@ def nca_step_fwd(r: torch.Tensor, q, w1k, b1, w2t, b2, filters, *, seed: int, st
     "sobel_laplacian16"), whose taps the kernels then hold as constants, 0 to read ``filters``;
     None: found from ``filters``.
     """
-    if named_bank is None:
-        named_bank = configs.bank_code(filters)
-    filters = channel_taps(filters, r.shape[-1])
+    filters = kernel_taps(filters, r.shape[-1])
+    named_bank = configs.launch_bank(filters, named_bank)
     B, H, W, C, HID, F_ = check_shapes(r, w1k, b1, w2t, b2, filters)
     r = r.contiguous()
     alive = alive_threshold is not None
@@ -340,9 +340,9 @@ def nca_step_fwd(r: torch.Tensor, q, w1k, b1, w2t, b2, filters, *, seed: int, st
         raise ValueError(f"q: expected a uint8 hq plane [B, H + 4, W + 4] = "
                          f"{(B, H + 4, W + 4)} (or pre-mask bits [B, H, W]), got {q.dtype} "
                          f"{tuple(q.shape)}")
-    spec = StepSpec.of(circular=circular, precision=precision, bank=named_bank,
-                       alive_threshold=alive_threshold, alpha_channel=alpha_channel,
-                       fire_threshold=fire_threshold, seed=seed)      # checks them
+    spec = StepSpec(padding=padding, precision=precision, bank=named_bank,
+                    alive_threshold=alive_threshold, alpha_channel=alpha_channel,
+                    fire_threshold=fire_threshold, seed=seed)      # checks them
     cfg = configs.select_forward(B * H * W, C, HID, F_, r.device, precision, spec.bank)
     weights = StepWeights(w1k, b1, w2t, b2, filters).contiguous()
     return launch_fwd(cfg, r, q, weights, spec=spec, step=step, out=out, q_out=q_out,

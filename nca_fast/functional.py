@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .kernels.spec import BANK_DATA, HALO, HQ_Q, NAMED_BANKS, StepSpec, StepWeights
+from .kernels.spec import BANK_CHANNELS, BANK_DATA, HALO, HQ_Q, NAMED_BANKS, StepSpec, StepWeights
 from .params import bands as w1_bands
 from .reference import alive as alive_mask
 from .resources import check_fits, triton_rollout_bytes as rollout_bytes  # noqa: F401 (public)
@@ -91,13 +91,15 @@ class _Steps:
         nf = filters.shape[0]
         w1k, w2t = _kernel_weights(w1, w2, nf)
         self.weights = StepWeights(w1k, b1.contiguous(), w2t, b2.contiguous(),
-                                   step_fwd.channel_taps(filters, x.shape[1]))
+                                   step_fwd.kernel_taps(filters, x.shape[1]))
         if not (s.bank == -1 or s.bank == BANK_DATA
                 or (s.bank in NAMED_BANKS and len(NAMED_BANKS[s.bank]) == nf)):
             raise ValueError(f"bank: expected -1, 0 or a named bank's code "
                              f"{tuple(NAMED_BANKS)} for {nf} filters, got {s.bank}")
-        if s.filter_grad or filters.dim() == 4:
-            bank = BANK_DATA            # learned or per-channel taps: read as data
+        if filters.dim() == 4:
+            bank = BANK_CHANNELS        # taps per channel
+        elif s.filter_grad:
+            bank = BANK_DATA            # a learned bank: read as data
         elif s.bank == -1:
             bank = configs.bank_code(filters)                  # reads the taps: a host copy
         else:
@@ -309,14 +311,13 @@ _rollout.register_autograd(_backward, setup_context=_setup_context)
 def rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: Tensor, *,
             seed: int, steps: int, first_step: int = 0, segment: Optional[int] = None,
             fire_rate: float = 0.5, alive_threshold: Optional[float] = 0.1,
-            alpha_channel: int = 3, circular: bool = False, padding: Optional[str] = None,
-            precision: str = "tf32", bank: Optional[int] = None) -> Tensor:
+            alpha_channel: int = 3, padding: str = "zeros", precision: str = "tf32", bank: Optional[int] = None) -> Tensor:
     """``steps`` fused NCA steps on x (B x C x H x W), differentiable in x and every weight.
 
     w1: [hidden, F*C] (perception interleaved c*F + k), b1: [hidden], w2: [C, hidden], b2: [C],
     filters: [F, 3, 3] (every channel) or [F, C, 3, 3] (per channel); differentiable in them
     too when they require a gradient (a learned bank, read as data). padding: "zeros",
-    "circular", "replicate" or "reflect" (``circular=True`` is ``padding="circular"``).
+    "circular", "replicate" or "reflect".
     alive_threshold: None switches alive masking off. bank: the code of the
     named bank ``filters`` holds (``configs.bank_code``; 0: none, the taps read as data), when
     the caller knows it; None: found from ``filters``, which copies them to the host (a device
@@ -333,8 +334,6 @@ def rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: 
         # A new tensor (never x itself), channels-last like every other result; clone is
         # differentiable, so x's gradient flows through.
         return x.clone(memory_format=torch.channels_last)
-    if padding is None:
-        padding = "circular" if circular else "zeros"
     if padding == "reflect" and min(x.shape[2:]) < 2:
         raise ValueError(f"x: reflect padding needs a grid of at least 2 x 2 cells, got "
                          f"{x.shape[2]} x {x.shape[3]}")

@@ -89,7 +89,7 @@ def check_against_reference(cfg, shape, steps: int, device, all_alive: bool, see
     ours = [t.to(device, copy=True).requires_grad_() for t in tensors]
     out = rollout(*ours, filter_tensor(cfg, device=device), seed=seed, steps=steps,
                   fire_rate=cfg.fire_rate, alive_threshold=cfg.alive_threshold,
-                  alpha_channel=cfg.alpha_channel, circular=cfg.padding == "circular",
+                  alpha_channel=cfg.alpha_channel, padding=cfg.padding,
                   precision=cfg.precision)
     (out * probe.to(device)).sum().backward()
     theirs = [t.to(torch.float64, copy=True).requires_grad_() for t in tensors]

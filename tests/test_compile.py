@@ -86,7 +86,7 @@ def test_ci_subset_covers_the_required_cases():
         largest = {v.kernel for v in dense if (v.channels, v.hidden, v.filters) == (32, 256, 4)}
         assert largest == ({"fwd", "bwd_gp", "bwd_weights"} if arch >= 90 else {"fwd"})
         assert any(v.int64 for v in dense) and any(v.int64 for v in vs if not v.dense)
-        assert any(v.circular for v in vs) and any(v.bank == 0 for v in dense)
+        assert {v.padding for v in vs} == set(variants.PADDINGS) and any(v.bank == 0 for v in dense)
 
 
 # ---------------------------------------------------------------------- every variant (slow)
@@ -111,7 +111,7 @@ def test_constant_one_arguments_compile():
     """The JIT turns an int argument equal to 1 into a constant (a 1 x 1 grid, step 1, seed 1):
     the kernels must compile then too (a method call on such an argument fails there only)."""
     edge = [variants.Variant("fwd", 90, 16, 128, 3, 1, 1, has_q=True, alive=True),
-            variants.Variant("fwd", 90, 16, 32, 3, 0, 0, alive=True, circular=True),
+            variants.Variant("fwd", 90, 16, 32, 3, 0, 0, alive=True, padding="circular"),
             variants.Variant("bwd_gp", 90, 16, 128, 3, 1, 1),
             variants.Variant("bwd_weights", 90, 16, 128, 3, 1, 1, next=True),
             variants.Variant("bwd_input", 90, 16, 0, 3, 1, 0)]

@@ -115,7 +115,7 @@ def test_step_backward_sizes_its_buffer_with_the_bank(gpu_selection, monkeypatch
     grad_r, *_ = step_bwd.nca_step_bwd(
         r, None, g, w1k, b1, w2t, b2, filt, seed=1, step=0,
         fire_threshold=fire_threshold(0.5), alive_threshold=None, alpha_channel=3,
-        circular=False, precision="tf32")
+        padding="zeros", precision="tf32")
     assert torch.isfinite(grad_r).all()
     parts = step_bwd.new_parts(1, 24, 37, 32, 32, 4, x.device, "tf32", bank=bank)
     assert parts.shape[0] == 30

@@ -42,7 +42,7 @@ def random_case(cfg, batch, height, width, dtype=torch.float32, seed=0):
 def run_both(cfg, x, w1, b1, w2, b2, steps, seed=7, first_step=0, segment=None):
     filt = filter_tensor(cfg, dtype=x.dtype, device=x.device)
     kw = dict(fire_rate=cfg.fire_rate, alive_threshold=cfg.alive_threshold,
-              alpha_channel=cfg.alpha_channel, circular=cfg.padding == "circular",
+              alpha_channel=cfg.alpha_channel, padding=cfg.padding,
               precision=cfg.precision)
     out = rollout(x, w1, b1, w2, b2, filt, seed=seed, steps=steps, first_step=first_step,
                   segment=segment, **kw)
@@ -119,7 +119,7 @@ def test_gradcheck_fp64(alive, padding):
 
     def f(x, w1, b1, w2, b2):
         return rollout(x, w1, b1, w2, b2, filt, seed=4, steps=2, alive_threshold=alive,
-                       circular=padding == "circular", precision="ieee")
+                       padding=padding, precision="ieee")
 
     inputs = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2)]
     # fast mode: checks random projections of the Jacobian, a handful of evaluations instead of
@@ -134,7 +134,7 @@ def _launch_args(cfg, w1, b1, w2, b2):
     filt = filter_tensor(cfg, dtype=w1.dtype, device=w1.device).reshape(-1, 9)
     kw = dict(fire_threshold=rng.fire_threshold(cfg.fire_rate),
               alive_threshold=cfg.alive_threshold, alpha_channel=cfg.alpha_channel,
-              circular=cfg.padding == "circular", precision=cfg.precision)
+              padding=cfg.padding, precision=cfg.precision)
     return (w1k, b1, w2t, b2, filt), kw
 
 

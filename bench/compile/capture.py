@@ -16,7 +16,7 @@ from bench.compile.variants import ALPHA_CHANNEL, BANK_FILTERS, GRID, PRECISION_
 
 def load_kernels():
     """Import ``nca_fast.kernels`` compiled-mode; returns its modules (configs, step_fwd,
-    step_bwd).
+    step_bwd, step_bwd_filters).
 
     ``@triton.jit`` decides at import whether a kernel is a compilable JITFunction or an
     interpreted one (TRITON_INTERPRET), so this runs only in processes that exist to compile
@@ -33,7 +33,7 @@ def load_kernels():
         raise RuntimeError("load_kernels: triton was imported with TRITON_INTERPRET=1 in this "
                            "process; compile in a fresh process (bench.compile.compiler)")
     return tuple(importlib.import_module(f"nca_fast.kernels.{m}")
-                 for m in ("configs", "step_fwd", "step_bwd"))
+                 for m in ("configs", "step_fwd", "step_bwd", "step_bwd_filters"))
 
 
 class _Recorder:
@@ -62,17 +62,22 @@ def record_launch(v: Variant, modules, grid: Tuple[int, int, int] = GRID, step: 
     import torch
     from nca_fast.config import FILTER_BANKS
 
-    configs, step_fwd, step_bwd = modules
+    from nca_fast.kernels.spec import StepSpec
+
+    configs, step_fwd, step_bwd, step_bwd_filters = modules
     B, H, W = grid
     C, HID, F_ = v.channels, v.hidden or 32, v.filters
     prec = PRECISION_NAMES[v.precision]
-    filt = (torch.tensor(FILTER_BANKS[BANK_FILTERS[v.bank]]) if v.bank else
-            torch.full((F_, 3, 3), 0.5)).reshape(F_, 9, 1).expand(F_, 9, C).contiguous()
+    if v.bank == 4:                                     # taps per channel
+        filt = torch.full((F_, 9, C), 0.5)
+    else:
+        filt = (torch.tensor(FILTER_BANKS[BANK_FILTERS[v.bank]]) if v.bank else
+                torch.full((F_, 3, 3), 0.5)).reshape(F_, 9)
     r, g = torch.zeros(B, H, W, C), torch.zeros(B, H, W, C)
     w1k, b1, w2t, b2 = (torch.zeros(F_, C, HID), torch.zeros(HID), torch.zeros(HID, C),
                         torch.zeros(C))
     cw = torch.zeros(B, H, W, dtype=torch.int16)
-    kw = dict(circular=v.circular, precision=prec, bank=v.bank)
+    kw = dict(padding=v.padding, precision=prec, bank=v.bank)
     orig, target = configs.needs_int64, configs.TARGET_CAPABILITY
     configs.needs_int64 = lambda *a: v.int64       # the switch alone, at the nominal size
     configs.TARGET_CAPABILITY = divmod(v.arch, 10)  # the variant's arch's choices
@@ -83,7 +88,7 @@ def record_launch(v: Variant, modules, grid: Tuple[int, int, int] = GRID, step: 
                 step_fwd.nca_step_fwd(r, q, w1k, b1, w2t, b2, filt, seed=seed, step=step,
                                       fire_threshold=1 << 23,
                                       alive_threshold=0.1 if v.alive else None,
-                                      alpha_channel=ALPHA_CHANNEL, circular=v.circular,
+                                      alpha_channel=ALPHA_CHANNEL, padding=v.padding,
                                       precision=prec, named_bank=v.bank, cw_out=cw)
             elif v.kernel == "bwd_gp":
                 step_bwd.bwd_gp(r, cw, g, w1k, b1, w2t, filt, **kw)
@@ -91,9 +96,13 @@ def record_launch(v: Variant, modules, grid: Tuple[int, int, int] = GRID, step: 
                 parts = step_bwd.new_parts(B, H, W, C, HID, F_, "cpu", prec)
                 nxt = (torch.zeros(B * H * W, F_, C), cw, g) if v.next else None
                 step_bwd.bwd_weights(r, cw, g, parts, w1k, b1, w2t, filt, next_step=nxt, **kw)
-            else:
+            elif v.kernel == "bwd_input":
                 step_bwd.bwd_input(torch.zeros(B * H * W, F_, C), cw, g, filt, (B, H, W, C),
-                                   circular=v.circular, bank=v.bank)
+                                   padding=v.padding, bank=v.bank)
+            else:
+                parts = step_bwd_filters.new_filter_parts(B, H, W, C, F_, "cpu")
+                step_bwd_filters.bwd_filters(r, cw, torch.zeros(B * H * W, F_, C), parts,
+                                             spec=StepSpec(padding=v.padding))
     finally:
         configs.needs_int64, configs.TARGET_CAPABILITY = orig, target
     if len(rec.launches) != 1:

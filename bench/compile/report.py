@@ -14,7 +14,7 @@ Usage (from the repository root; no GPU, no CUDA driver needed)::
     python -m bench.compile.report --subset ci --json r.json
     python -m bench.compile.report --subset defaults --sass  # executed counts, default model
 
-Every variant is 2,336 compiles per architecture, --quick a few dozen (compile times:
+Every variant is 7,040 compiles per architecture, --quick a few dozen (compile times:
 bench/NOTES.md, section 5). Each run compiles from scratch into a temporary triton cache that is
 deleted at exit. Exit status 1 when any variant fails.
 """
