@@ -130,7 +130,8 @@ keys = {}
 for v in [variants.Variant("fwd", 90, 16, 128, 3, 1, 1, has_q=True, alive=True),
           variants.Variant("bwd_gp", 90, 16, 128, 3, 1, 1),
           variants.Variant("bwd_weights", 90, 16, 128, 3, 1, 1, next=True),
-          variants.Variant("bwd_input", 90, 16, 0, 3, 1, 0)]:
+          variants.Variant("bwd_input", 90, 16, 0, 3, 1, 0),
+          variants.Variant("bwd_filters", 90, 16, 0, 3, 0, 0)]:
     for grid, step, seed in (((1, 1, 16), 1, 1), ((2, 13, 32), 0, 5), ((1, 32, 64), 16, 2**40),
                              ((3, 64, 48), 7, 12345)):
         launch = capture.record_launch(v, modules, grid=grid, step=step, seed=seed)
@@ -160,9 +161,10 @@ def test_one_compile_for_every_size_and_step():
 # ----------------------------------------------------------------- the report's own parsing
 def test_enumeration_is_every_valid_combination():
     every = variants.all_variants()
-    # per arch: 2 C x 4 banks x 2 paddings x 2 offset widths = 32 input kernels, each dense one
-    # x 4 hidden x 3 precisions: forward x 3 mask states, weights x next or not
-    assert len(every) == len(set(every)) == 2 * 32 * (1 + 12 * (3 + 1 + 2))
+    # per arch: 2 C x 6 banks x 4 paddings x 2 offset widths = 96 input kernels, each dense one
+    # x 4 hidden x 3 precisions: forward x 3 mask states, weights x next or not; the filters'
+    # gradient for the 2 banks read as data that a learned bank compiles as (2 C x 4 x 2)
+    assert len(every) == len(set(every)) == 2 * (96 * (1 + 12 * (3 + 1 + 2)) + 32)
     assert not any(v.has_q and not v.alive for v in every)
     assert _CI <= set(every) and set(variants.quick_variants()) <= set(every)
     assert set(variants.default_variants()) <= set(every)
@@ -172,6 +174,10 @@ def test_enumeration_is_every_valid_combination():
         variants.Variant("fwd", 90, 16, 128, 3, 2, 1)
     with pytest.raises(ValueError, match="next"):
         variants.Variant("bwd_gp", 90, 16, 128, 3, 1, 1, next=True)
+    with pytest.raises(ValueError, match="padding"):
+        variants.Variant("fwd", 90, 16, 128, 3, 1, 1, padding="mirror")
+    with pytest.raises(ValueError, match="bank"):
+        variants.Variant("bwd_filters", 90, 16, 0, 3, 1, 0)
 
 
 SASS_COUNT = Path(__file__).resolve().parents[2] / "shared" / "tools" / "sass_count.py"
