@@ -12,6 +12,7 @@ The tool's last line is printed as it prints it (bench/NOTES.md, section 8, has 
 from __future__ import annotations
 
 import functools
+import os
 import runpy
 import sys
 
@@ -35,6 +36,9 @@ def main(argv=None) -> None:
     tool = argv.pop(0)
     depthwise = "--depthwise" in argv
     argv = [a for a in argv if a != "--depthwise"]
+    # the tool compiles: triton must not be imported in interpreter mode (it reads the variable
+    # on import), and nca_fast imports it
+    os.environ.pop("TRITON_INTERPRET", None)
     from nca_fast import functional
 
     functional.rollout = learned(functional.rollout, depthwise)

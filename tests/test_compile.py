@@ -20,6 +20,7 @@ from __future__ import annotations
 import pytest
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -202,6 +203,33 @@ def test_executed_counts_agree_with_sass_count(tmp_path):
     names = {"fwd": "_nca_step_fwd_kernel", "bwd_gp": "_nca_step_bwd_gp_kernel",
              "bwd_weights": "_nca_step_bwd_weights_kernel"}
     assert set(names.values()) == set(theirs), theirs
+    for kernel, name in names.items():
+        mine = ours[kernel].warp_instr_per_cell
+        assert mine == pytest.approx(theirs[name], rel=0.02), (kernel, mine, theirs[name])
+
+
+def test_learned_bank_counts_agree_with_sass_count(tmp_path):
+    """``bench.sass_learned`` (sass_count.py with the filters needing a gradient) launches the
+    filter-gradient kernel and the kernels that read taps as data, and the report's "learned"
+    subset counts what it counts, kernel by kernel."""
+    if not SASS_COUNT.is_file():
+        pytest.skip(f"shared/tools/sass_count.py is not at {SASS_COUNT} (../shared absent)")
+    out = tmp_path / "sass_learned.json"
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench.sass_learned", str(SASS_COUNT),
+                           "--json", str(out)], cwd=root, capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = {}
+    for row in json.loads(out.read_text())["kernels"]:
+        theirs[row["name"]] = theirs.get(row["name"], 0.0) + row["warp_instr_per_cell"]
+    names = {"fwd": "_nca_step_fwd_kernel", "bwd_gp": "_nca_step_bwd_gp_kernel",
+             "bwd_weights": "_nca_step_bwd_weights_kernel",
+             "bwd_filters": "_nca_step_bwd_filters_kernel"}
+    assert set(names.values()) == set(theirs), theirs
+    shared = [v for v in variants.learned_variants() if v.bank == 0]
+    ours = {r.variant.kernel: r for r in compiler.run(shared, workers=2, sass=True)}
     for kernel, name in names.items():
         mine = ours[kernel].warp_instr_per_cell
         assert mine == pytest.approx(theirs[name], rel=0.02), (kernel, mine, theirs[name])
