@@ -160,6 +160,22 @@ def test_learned_filters_segments_are_bitwise_the_same():
         assert torch.equal(a.grad, b.grad) and torch.equal(a.grad, c.grad)
 
 
+@pytest.mark.skipif(CUDA, reason="float64 kernels run in Triton's interpreter only")
+@pytest.mark.parametrize("learn", LEARN)
+def test_filter_gradient_passes_gradcheck(learn):
+    """fp64 finite differences of the kernels' rollout in the filters alone (reflect padding,
+    alive masking on, an odd grid)."""
+    cfg = NCAConfig(precision="ieee", hidden=32, padding="reflect", learn_filters=learn)
+    x, w1, b1, w2, b2, filters = _case(cfg, 1, 5, 3, learn)
+
+    def f(taps):
+        return rollout(x, w1, b1, w2, b2, taps, seed=3, steps=2, padding="reflect",
+                       alive_threshold=cfg.alive_threshold, precision="ieee")
+
+    assert torch.autograd.gradcheck(f, (filters.clone().requires_grad_(),), eps=1e-6,
+                                    atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
 def test_fixed_bank_as_data_has_no_filter_gradient():
     cfg = NCAConfig(precision="ieee", hidden=32)
     x, w1, b1, w2, b2, filters = _case(cfg, 1, 6, 6, None)
