@@ -8,10 +8,10 @@ what is computed, in any bit, fails here.
 
 Bitwise equality is only defined for the build that recorded them (torch version, the CPU's
 vector instructions that MKL and oneDNN pick; for the triton digests, the interpreter's Triton
-release, whose numpy code changes between releases): elsewhere the test skips and says what
-differs. The triton digests are kept per Triton release (major.minor). Regenerate (only when a
-change of results is intended, and say so in the commit), or add the installed release's digests
-(only when the code still matches every recorded release):
+release and the numpy it computes with, both major.minor): elsewhere the test skips and says
+what differs. The triton digests are kept per (Triton, numpy) pair. Regenerate (only when a
+change of results is intended, and say so in the commit), or add the installed pair's digests
+(only when the code still matches every recorded pair):
 ``TRITON_INTERPRET=1 python tests/test_same_outputs.py --write`` (``--add-triton``).
 """
 import hashlib
@@ -36,10 +36,16 @@ def _environment():
 
 
 def _triton_release():
+    """"triton X.Y, numpy X.Y": what the interpreter's bits depend on (None: no triton)."""
+    import numpy
+
     from nca_fast.backends.interface import triton_version
 
     version = triton_version()
-    return None if version is None else ".".join(version.split(".")[:2])
+    if version is None:
+        return None
+    return (f"triton {'.'.join(version.split('.')[:2])}, "
+            f"numpy {'.'.join(numpy.__version__.split('.')[:2])}")
 
 
 def _digest(*tensors):
@@ -106,8 +112,8 @@ def test_outputs_equal_the_recorded_ones(which, backend):
         release = _triton_release()
         by_release = recorded["triton_digests"]
         if release not in by_release:
-            pytest.skip(f"the triton digests were recorded under Triton {sorted(by_release)}; "
-                        f"this machine has {release}")
+            pytest.skip(f"the triton digests were recorded under {sorted(by_release)}; this "
+                        f"machine has {release}")
         want = by_release[release][which]
     else:
         want = recorded["digests"][f"{which}-{backend}"]
