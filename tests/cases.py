@@ -19,3 +19,12 @@ def random_model(seed=0, *, w2_bias_std=0.01, w1_scale=1.0, **config):
             model.w2.bias.normal_(0, w2_bias_std)
         model.w1.weight.mul_(w1_scale)
     return model
+
+
+def ragged_state(cfg, b, h, w, dtype, seed=1):
+    """Random channels; alpha mostly dead with some cells near and well above the threshold."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, cfg.channels, h, w, generator=g, dtype=dtype) - 0.5
+    choices = torch.tensor([0.0, 0.0, 0.0, 0.05, 0.09, 0.12, 0.6, 1.0], dtype=dtype)
+    x[:, cfg.alpha_channel] = choices[torch.randint(0, 8, (b, h, w), generator=g)]
+    return x

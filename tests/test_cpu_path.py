@@ -16,6 +16,7 @@ from nca_fast.config import filter_tensor
 from nca_fast.params import Params
 from nca_fast.rng import philox, update_mask
 
+from cases import ragged_state
 from tolerances import assert_close_verbose, tolerance
 
 STEPS, SEED = 5, 1234
@@ -32,15 +33,6 @@ def _model(cfg, dtype, seed=0):
         model.w2.weight.normal_(0.0, 0.3 / cfg.hidden ** 0.5)
         model.w2.bias.normal_(0.0, 0.05)
     return model
-
-
-def _state(cfg, b, h, w, dtype, seed=1):
-    """Random channels; alpha mostly dead with some cells near and well above the threshold."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(b, cfg.channels, h, w, generator=g, dtype=dtype) - 0.5
-    choices = torch.tensor([0.0, 0.0, 0.0, 0.05, 0.09, 0.12, 0.6, 1.0], dtype=dtype)
-    x[:, cfg.alpha_channel] = choices[torch.randint(0, 8, (b, h, w), generator=g)]
-    return x
 
 
 def _close(actual, expected, dtype, kind, name):
@@ -138,7 +130,7 @@ def test_forward_and_gradients_equal_reference(padding, threshold, bank, dtype):
     cfg = NCAConfig(channels=16, hidden=32, padding=padding, alive_threshold=threshold,
                     filters=bank)
     model = _model(cfg, dtype)
-    x = _state(cfg, 2, 9, 13, dtype)
+    x = ragged_state(cfg, 2, 9, 13, dtype)
     target = torch.rand(x.shape, generator=torch.Generator().manual_seed(5), dtype=dtype)
     want_y, want_g = _grads(_reference(model, cfg), model, x, target)
     got_y, got_g = _grads(_fast(model), model, x, target)
@@ -156,7 +148,7 @@ def test_sizes_equal_reference(channels, hidden, alpha):
     cfg = NCAConfig(channels=channels, hidden=hidden, alpha_channel=alpha,
                     filters="sobel_laplacian16")
     model = _model(cfg, torch.float32, seed=2)
-    x = _state(cfg, 2, 11, 7, torch.float32, seed=4)
+    x = ragged_state(cfg, 2, 11, 7, torch.float32, seed=4)
     target = torch.rand(x.shape, generator=torch.Generator().manual_seed(6))
     want_y, want_g = _grads(_reference(model, cfg), model, x, target)
     got_y, got_g = _grads(_fast(model), model, x, target)
@@ -175,7 +167,7 @@ def test_odd_filter_bank_equal_reference():
     for padding in ("zeros", "circular"):
         cfg = NCAConfig(channels=6, hidden=16, filters=bank, padding=padding)
         model = _model(cfg, torch.float64, seed=3)
-        x = _state(cfg, 2, 6, 9, torch.float64, seed=7)
+        x = ragged_state(cfg, 2, 6, 9, torch.float64, seed=7)
         target = torch.rand(x.shape, generator=torch.Generator().manual_seed(8),
                             dtype=torch.float64)
         want_y, want_g = _grads(_reference(model, cfg), model, x, target)
@@ -191,7 +183,7 @@ def test_tiny_grids_equal_reference(h, w, padding):
     """Grids thinner than the stencil: the halo wraps onto the same cells under circular."""
     cfg = NCAConfig(channels=4, hidden=8, padding=padding, alive_threshold=None)
     model = _model(cfg, torch.float64, seed=9)
-    x = _state(cfg, 2, h, w, torch.float64, seed=10)
+    x = ragged_state(cfg, 2, h, w, torch.float64, seed=10)
     target = torch.rand(x.shape, generator=torch.Generator().manual_seed(11),
                         dtype=torch.float64)
     want_y, want_g = _grads(_reference(model, cfg), model, x, target)
@@ -258,7 +250,7 @@ def test_dead_cells_that_fire_count_in_the_post_mask(padding):
 def test_checkpoint_segments_bitwise(padding, threshold):
     cfg = NCAConfig(channels=16, hidden=32, padding=padding, alive_threshold=threshold)
     model = _model(cfg, torch.float32)
-    x = _state(cfg, 2, 9, 13, torch.float32)
+    x = ragged_state(cfg, 2, 9, 13, torch.float32)
     target = torch.rand(x.shape, generator=torch.Generator().manual_seed(5))
     steps = 7
     plain_y, plain_g = _grads(_fast(model, steps), model, x, target)
@@ -272,7 +264,7 @@ def test_checkpoint_segments_bitwise(padding, threshold):
 def test_checkpoint_through_the_module():
     cfg = NCAConfig(channels=8, hidden=16)
     model = _model(cfg, torch.float32)
-    x = _state(cfg, 2, 7, 10, torch.float32)
+    x = ragged_state(cfg, 2, 7, 10, torch.float32)
     grads = []
     for ckpt in (None, "sqrt", 2):
         model.zero_grad(set_to_none=True)
@@ -288,7 +280,7 @@ def test_checkpoint_through_the_module():
 def test_no_grad_path_equals_grad_path(padding, threshold):
     cfg = NCAConfig(channels=16, hidden=32, padding=padding, alive_threshold=threshold)
     model = _model(cfg, torch.float32)
-    x = _state(cfg, 2, 9, 13, torch.float32)
+    x = ragged_state(cfg, 2, 9, 13, torch.float32)
     x_before = x.clone()
     with torch.no_grad():
         y0 = rollout(x, model.params(), model.config, steps=STEPS, seed=SEED)
@@ -306,7 +298,7 @@ def test_no_grad_path_equals_grad_path(padding, threshold):
 def test_channels_last_input_and_memory_format():
     cfg = NCAConfig(channels=16, hidden=32)
     model = _model(cfg, torch.float32)
-    x = _state(cfg, 2, 9, 13, torch.float32)
+    x = ragged_state(cfg, 2, 9, 13, torch.float32)
     xcl = x.contiguous(memory_format=torch.channels_last)
     target = torch.rand(x.shape, generator=torch.Generator().manual_seed(5))
     want_y, want_g = _grads(_reference(model, cfg), model, x, target)
@@ -325,7 +317,7 @@ def test_module_forward_with_frames_and_first_step():
     which must draw the masks of the later steps."""
     cfg = NCAConfig(channels=16, hidden=32)
     model = _model(cfg, torch.float32)
-    x = _state(cfg, 2, 9, 13, torch.float32)
+    x = ragged_state(cfg, 2, 9, 13, torch.float32)
     with torch.no_grad():
         y, frames = model(x, 7, seed=SEED, frames=3)
         want = reference.rollout(x, *model.weights(), cfg, 7, SEED)
@@ -341,7 +333,7 @@ def test_worker_threads_equal_reference(batch, segment):
     odd batches); states, gradients, checkpoint bitwise equality and no-grad must hold."""
     cfg = NCAConfig(channels=16, hidden=32, padding="circular" if batch == 3 else "zeros")
     model = _model(cfg, torch.float32)
-    x = _state(cfg, batch, 9, 13, torch.float32)
+    x = ragged_state(cfg, batch, 9, 13, torch.float32)
     target = torch.rand(x.shape, generator=torch.Generator().manual_seed(5))
     want_y, want_g = _grads(_reference(model, cfg), model, x, target)
     torch.set_num_threads(2)
@@ -363,7 +355,7 @@ def test_worker_threads_equal_reference(batch, segment):
 def test_zero_steps_and_no_active_cells():
     cfg = NCAConfig(channels=8, hidden=16)
     model = _model(cfg, torch.float32)
-    x = _state(cfg, 1, 5, 6, torch.float32)
+    x = ragged_state(cfg, 1, 5, 6, torch.float32)
     y0 = rollout(x, model.params(), model.config, steps=0, seed=1)
     assert torch.equal(y0, x) and y0.data_ptr() != x.data_ptr()     # a copy, never x itself
     dead = torch.zeros_like(x)          # nothing alive: every step leaves all zeros

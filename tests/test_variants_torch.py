@@ -19,6 +19,7 @@ from nca_fast.backends.torch_backend.perception import Plan
 from nca_fast.config import initial_filters
 from nca_fast.params import Params
 
+from cases import ragged_state
 from tolerances import assert_close_verbose, tolerance
 
 SEED = 77
@@ -41,15 +42,6 @@ def _params(cfg, dtype, seed=0, requires_grad=True):
     if cfg.learn_filters is not None:
         f = f + 0.2 * torch.randn(f.shape, generator=g, dtype=dtype)
     return Params(*[t.requires_grad_(requires_grad) for t in (w1, b1, w2, b2, f)])
-
-
-def _state(cfg, b, h, w, dtype, seed=1):
-    """Random channels; alpha mostly dead with some cells near and well above the threshold."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(b, cfg.channels, h, w, generator=g, dtype=dtype) - 0.5
-    choices = torch.tensor([0.0, 0.0, 0.0, 0.05, 0.09, 0.12, 0.6, 1.0], dtype=dtype)
-    x[:, cfg.alpha_channel] = choices[torch.randint(0, 8, (b, h, w), generator=g)]
-    return x
 
 
 def _close(actual, expected, dtype, kind, name):
@@ -111,7 +103,7 @@ def test_reference_alive_equals_maxpool_of_the_padded_alpha(padding):
     """For replicate and reflect the alive mask is a max-pool over the padded alpha (the copies
     lie inside each window already), which is the zero padding's mask."""
     cfg = NCAConfig(channels=4, alpha_channel=1)
-    x = _state(cfg, 2, 7, 5, torch.float64, seed=4)
+    x = ragged_state(cfg, 2, 7, 5, torch.float64, seed=4)
     a = F.pad(x[:, 1:2], (1, 1, 1, 1), mode=padding)
     want = F.max_pool2d(a, 3, stride=1) > 0.1
     got = reference.alive(x, 0.1, padding, alpha_channel=1)
@@ -136,7 +128,7 @@ def test_torch_equals_reference(padding, learn, threshold, batch, steps):
     cfg = NCAConfig(channels=6, hidden=12, padding=padding, learn_filters=learn,
                     alive_threshold=threshold, alpha_channel=2)
     params = _params(cfg, torch.float64)
-    x = _state(cfg, batch, 7, 5, torch.float64)
+    x = ragged_state(cfg, batch, 7, 5, torch.float64)
     target = torch.rand(x.shape, generator=torch.Generator().manual_seed(5),
                         dtype=torch.float64)
     want_y, want_g = _run(_reference(params, cfg, steps), x, params, cfg, target)
@@ -155,7 +147,7 @@ def test_fixed_bank_of_four_with_halo_paddings(padding, bank):
     paddings that copy edge cells into the halo."""
     cfg = NCAConfig(channels=5, hidden=9, padding=padding, filters=bank)
     params = _params(cfg, torch.float64, seed=6)
-    x = _state(cfg, 2, 6, 9, torch.float64, seed=7)
+    x = ragged_state(cfg, 2, 6, 9, torch.float64, seed=7)
     target = torch.rand(x.shape, generator=torch.Generator().manual_seed(8),
                         dtype=torch.float64)
     want_y, want_g = _run(_reference(params, cfg, 4), x, params, cfg, target)
@@ -175,7 +167,7 @@ def test_learned_filters_over_several_chunks(learn, padding):
     fired = update_masks(1, h, w, fire_rate=cfg.fire_rate, seed=SEED, first_step=0, steps=2)
     assert int(fired.sum(dim=(1, 2, 3)).min()) > chunk, "one chunk holds every updated cell"
     params = _params(cfg, torch.float32, seed=9)
-    x = _state(cfg, 1, h, w, torch.float32, seed=10)
+    x = ragged_state(cfg, 1, h, w, torch.float32, seed=10)
     target = torch.rand(x.shape, generator=torch.Generator().manual_seed(11))
     want_y, want_g = _run(_reference(params, cfg, 2), x, params, cfg, target)
     got_y, got_g = _run(_torch(params, cfg, 2), x, params, cfg, target)
@@ -192,7 +184,7 @@ def test_filter_bias_folds_into_b1():
     params = _params(cfg, torch.float64, seed=12)
     bias = (0.3 * torch.randn(cfg.num_filters, cfg.channels, dtype=torch.float64,
                               generator=torch.Generator().manual_seed(13))).requires_grad_()
-    x = _state(cfg, 2, 5, 7, torch.float64, seed=14)
+    x = ragged_state(cfg, 2, 5, 7, torch.float64, seed=14)
     w1, b1, w2, b2, f = params
     want = reference.rollout(x, w1, b1, w2, b2, cfg, 3, SEED, filters=f, filter_bias=bias)
     folded = Params(w1, b1 + w1 @ bias.t().reshape(-1), w2, b2, f)
@@ -214,7 +206,7 @@ def test_checkpoint_segments_and_repeats_bitwise(learn, padding, threshold):
     cfg = NCAConfig(channels=16, hidden=32, learn_filters=learn, padding=padding,
                     alive_threshold=threshold)
     params = _params(cfg, torch.float32, seed=15)
-    x = _state(cfg, 2, 9, 13, torch.float32, seed=16)
+    x = ragged_state(cfg, 2, 9, 13, torch.float32, seed=16)
     target = torch.rand(x.shape, generator=torch.Generator().manual_seed(17))
     steps = 7
     plain_y, plain_g = _run(_torch(params, cfg, steps), x, params, cfg, target)
@@ -230,7 +222,7 @@ def test_checkpoint_segments_and_repeats_bitwise(learn, padding, threshold):
 def test_no_grad_path_equals_grad_path(learn, padding):
     cfg = NCAConfig(channels=8, hidden=16, learn_filters=learn, padding=padding)
     params = _params(cfg, torch.float32, seed=18)
-    x = _state(cfg, 2, 9, 7, torch.float32, seed=19)
+    x = ragged_state(cfg, 2, 9, 7, torch.float32, seed=19)
     x_before = x.clone()
     with torch.no_grad():
         y0 = rollout(x, params, cfg, steps=5, seed=SEED)
