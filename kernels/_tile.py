@@ -349,29 +349,28 @@ def _col(row, dx: tl.constexpr, STRIDE: tl.constexpr):
 
 
 @triton.jit
+def _tap(filt_ptr, i, C: tl.constexpr, BANK: tl.constexpr):
+    """Tap i (9 k + t, filter k) of a bank read as data: one number for every channel
+    (BANK_DATA, filt_ptr [F, 9]) or a [1, C] row, one per channel (BANK_CHANNELS,
+    filt_ptr [F, 9, C])."""
+    if BANK == BANK_CHANNELS:
+        return tl.load(filt_ptr + i * C + tl.arange(0, C))[None, :]
+    else:
+        return tl.load(filt_ptr + i)
+
+
+@triton.jit
 def _bank(v, filt_ptr, NF: tl.constexpr, BANK: tl.constexpr):
     """The F perception tiles p0..p3 [M, C] (p3 zero when F = 3) from the 9 taps ``v``; taps
     as data: filt_ptr [F, 9] (BANK_DATA) or [F, 9, C] (BANK_CHANNELS)."""
-    if BANK == BANK_DATA:
-        ps = ()
-        for k in tl.static_range(4):
-            if k < NF:
-                pk = tl.load(filt_ptr + 9 * k) * v[0]
-                for t in tl.static_range(1, 9):
-                    pk = pk + tl.load(filt_ptr + (9 * k + t)) * v[t]
-            else:
-                pk = tl.zeros_like(v[4])
-            ps = ps + (pk,)
-        p0, p1, p2, p3 = ps
-    elif BANK == BANK_CHANNELS:
+    if BANK == BANK_DATA or BANK == BANK_CHANNELS:
         C: tl.constexpr = v[0].shape[1]
-        cols = tl.arange(0, C)
         ps = ()
         for k in tl.static_range(4):
             if k < NF:
-                pk = tl.load(filt_ptr + 9 * k * C + cols)[None, :] * v[0]
+                pk = _tap(filt_ptr, 9 * k, C, BANK) * v[0]
                 for t in tl.static_range(1, 9):
-                    pk = pk + tl.load(filt_ptr + (9 * k + t) * C + cols)[None, :] * v[t]
+                    pk = pk + _tap(filt_ptr, 9 * k + t, C, BANK) * v[t]
             else:
                 pk = tl.zeros_like(v[4])
             ps = ps + (pk,)

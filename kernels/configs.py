@@ -257,7 +257,6 @@ def select_transpose(n_cells: int, channels: int, num_filters: int, device=None,
     return StepConfig(th, tw, warps, int64, programs, 0)
 
 
-
 def select_filters(n_cells: int, channels: int, num_filters: int, device=None) -> StepConfig:
     """The filters' gradient kernel (a learned bank): per filter an elementwise sum of
     [9, M, C] held across the program's tiles, with M * C = 512 (36 registers a thread at 4

@@ -21,8 +21,8 @@ import triton.language as tl
 
 from . import configs
 from ._tile import (BANK_CHANNELS, BANK_DATA, CIRCULAR, PACKED_KEEP, REFLECT, REPLICATE, ZEROS,
-                    _col, _loop_zero, _nb, _plain_bits, _static_shapes, _tap_bit, _tile_cells,
-                    _tile_next, _tile_start)
+                    _col, _loop_zero, _nb, _plain_bits, _static_shapes, _tap, _tap_bit,
+                    _tile_cells, _tile_next, _tile_start)
 from .spec import StepSpec, spec_of
 from .step_fwd import persistent_grid
 
@@ -120,17 +120,10 @@ def _taps_of(gp_ptr, bits, base, y, x, H, W, lz, k: tl.constexpr, C: tl.constexp
 def _transposed(z, filt_ptr, k: tl.constexpr, BANK: tl.constexpr):
     """sum_taps f_k[tap] * z[-tap]: the filter flipped (the cell at -tap received tap's weight);
     filt_ptr [F, 9] (BANK_DATA) or [F, 9, C] (BANK_CHANNELS)."""
-    if BANK == BANK_CHANNELS:
-        C: tl.constexpr = z[0].shape[1]
-        f = filt_ptr + k * 9 * C + tl.arange(0, C)[None, :]
-        acc = tl.load(f + 8 * C) * z[0]
-        for t in tl.static_range(1, 9):
-            acc = acc + tl.load(f + (8 - t) * C) * z[t]
-    else:
-        f = filt_ptr + k * 9
-        acc = tl.load(f + 8) * z[0]
-        for t in tl.static_range(1, 9):
-            acc = acc + tl.load(f + (8 - t)) * z[t]
+    C: tl.constexpr = z[0].shape[1]
+    acc = _tap(filt_ptr, 9 * k + 8, C, BANK) * z[0]
+    for t in tl.static_range(1, 9):
+        acc = acc + _tap(filt_ptr, 9 * k + 8 - t, C, BANK) * z[t]
     return acc
 
 

@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .kernels.spec import BANK_CHANNELS, BANK_DATA, HALO, HQ_Q, NAMED_BANKS, StepSpec, StepWeights
+from .kernels.spec import BANK_DATA, HALO, HQ_Q, NAMED_BANKS, StepSpec, StepWeights
 from .params import bands as w1_bands
 from .reference import alive as alive_mask
 from .resources import check_fits, triton_rollout_bytes as rollout_bytes  # noqa: F401 (public)
@@ -71,10 +71,7 @@ def _final_keep(r: Tensor, q: Tensor, s: Static) -> Tensor:
     """[B, H, W] uint8: the last step's deferred mask, q and the post-alive mask of ``r``;
     q: the hq plane [B, H + 4, W + 4] (bit 0)."""
     q = q[:, HALO:-HALO, HALO:-HALO]
-    # replicate and reflect: outside the grid counts as dead (an edge cell's copies are in
-    # its own 3x3 already), as under zero padding
-    post = alive_mask(r.permute(0, 3, 1, 2), s.alive_threshold,
-                      "circular" if s.padding == "circular" else "zeros",
+    post = alive_mask(r.permute(0, 3, 1, 2), s.alive_threshold, s.padding,
                       s.alpha_channel).squeeze(1)
     return (post & ((q & HQ_Q) != 0)).to(torch.uint8)
 
@@ -96,14 +93,10 @@ class _Steps:
                 or (s.bank in NAMED_BANKS and len(NAMED_BANKS[s.bank]) == nf)):
             raise ValueError(f"bank: expected -1, 0 or a named bank's code "
                              f"{tuple(NAMED_BANKS)} for {nf} filters, got {s.bank}")
-        if filters.dim() == 4:
-            bank = BANK_CHANNELS        # taps per channel
-        elif s.filter_grad:
-            bank = BANK_DATA            # a learned bank: read as data
-        elif s.bank == -1:
-            bank = configs.bank_code(filters)                  # reads the taps: a host copy
-        else:
-            bank = s.bank
+        # taps per channel have their own code; a learned bank is read as data; -1: the named
+        # bank the taps are, found on the host (a copy)
+        asked = BANK_DATA if s.filter_grad else (None if s.bank == -1 else s.bank)
+        bank = configs.launch_bank(self.weights.filters, asked)
         self.spec = StepSpec(padding=s.padding, precision=s.precision, bank=bank,
                              alive_threshold=s.alive_threshold, alpha_channel=s.alpha_channel,
                              fire_threshold=fire_threshold(s.fire_rate), seed=s.seed)
@@ -311,7 +304,8 @@ _rollout.register_autograd(_backward, setup_context=_setup_context)
 def rollout(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, filters: Tensor, *,
             seed: int, steps: int, first_step: int = 0, segment: Optional[int] = None,
             fire_rate: float = 0.5, alive_threshold: Optional[float] = 0.1,
-            alpha_channel: int = 3, padding: str = "zeros", precision: str = "tf32", bank: Optional[int] = None) -> Tensor:
+            alpha_channel: int = 3, padding: str = "zeros", precision: str = "tf32",
+            bank: Optional[int] = None) -> Tensor:
     """``steps`` fused NCA steps on x (B x C x H x W), differentiable in x and every weight.
 
     w1: [hidden, F*C] (perception interleaved c*F + k), b1: [hidden], w2: [C, hidden], b2: [C],
