@@ -164,3 +164,9 @@ def _k_rows(v, PRECISION: tl.constexpr):
         return tl.reshape(tl.permute(tl.reshape(v, (M // 8, 4, 2, N)), (0, 2, 1, 3)), (M, N))
     else:
         return v
+
+
+@triton.jit
+def _w2_cols(w2_ptr, j0, C: tl.constexpr, HC: tl.constexpr):
+    """[C, HC]: W2 for hidden units j0 .. j0 + HC (w2_ptr holds W2^T, [HID, C])."""
+    return tl.load(w2_ptr + (j0 + tl.arange(0, HC))[None, :] * C + tl.arange(0, C)[:, None])

@@ -124,6 +124,28 @@ def _hq_index(b, y, x, H, W, INT64: tl.constexpr):
 
 
 @triton.jit
+def _gp_index(b, y, x, H, W, INT64: tl.constexpr):
+    """Index of cell (y, x) of grid b in the perception-gradient buffer, whose grids have a
+    border of one zero cell ([B, H + 2, W + 2, F, C]): the transposed stencil reads a missing
+    neighbour's zeros there, with no mask (y, x in [-1, H] x [-1, W])."""
+    if INT64:
+        return (b.to(tl.int64) * (H + 2) + (y + 1)) * (W + 2) + (x + 1)
+    else:
+        return (b * (H + 2) + (y + 1)) * (W + 2) + (x + 1)
+
+
+@triton.jit
+def _bordered(cell, b, ty, H, W, TH: tl.constexpr, TW: tl.constexpr, INT64: tl.constexpr):
+    """``_gp_index`` of the tile's cells from their flat indices (``_tile_cells``), right for
+    the cells inside the grid (the clamped others are not stored): (y + 1)(W + 2) + x + 1 per
+    grid is y W + x + 2 y + W + 3, and y's tile row comes from the lane, not a register."""
+    row = tl.arange(0, TH * TW) // TW
+    if INT64:
+        b = b.to(tl.int64)
+    return cell + (b * (2 * H + 2 * W + 4) + 2 * ty * TH + W + 3) + 2 * row
+
+
+@triton.jit
 def _window_bits(hq_ptr, b, y, x, H, W, PADDING: tl.constexpr, INT64: tl.constexpr):
     """The per-cell word ``cw`` from the hq bytes of the 5x5 window around each cell: the tap
     bits (the neighbour exists and its deferred alive mask keeps it: q there, and hot somewhere
@@ -349,28 +371,56 @@ def _col(row, dx: tl.constexpr, STRIDE: tl.constexpr):
 
 
 @triton.jit
-def _tap(filt_ptr, i, C: tl.constexpr, BANK: tl.constexpr):
-    """Tap i (9 k + t, filter k) of a bank read as data: one number for every channel
-    (BANK_DATA, filt_ptr [F, 9]) or a [1, C] row, one per channel (BANK_CHANNELS,
-    filt_ptr [F, 9, C])."""
-    if BANK == BANK_CHANNELS:
-        return tl.load(filt_ptr + i * C + tl.arange(0, C))[None, :]
-    else:
-        return tl.load(filt_ptr + i)
+def _filter_taps(filt_ptr, NF: tl.constexpr, C: tl.constexpr, BANK: tl.constexpr):
+    """The taps of a bank read as data, loaded once for every use (tap 9 k + t of filter k):
+    a number for every channel (BANK_DATA, filt_ptr [F, 9]) or a [1, C] row, one per channel
+    (BANK_CHANNELS, filt_ptr [F, 9, C]). A named bank: none (its taps are constants)."""
+    taps = ()
+    if BANK == BANK_DATA or BANK == BANK_CHANNELS:
+        for i in tl.static_range(9 * NF):
+            if BANK == BANK_CHANNELS:
+                taps = taps + (tl.load(filt_ptr + i * C + tl.arange(0, C))[None, :],)
+            else:
+                taps = taps + (tl.load(filt_ptr + i),)
+    return taps
 
 
 @triton.jit
-def _bank(v, filt_ptr, NF: tl.constexpr, BANK: tl.constexpr):
-    """The F perception tiles p0..p3 [M, C] (p3 zero when F = 3) from the 9 taps ``v``; taps
-    as data: filt_ptr [F, 9] (BANK_DATA) or [F, 9, C] (BANK_CHANNELS)."""
+def _program_taps(filt_ptr, NF: tl.constexpr, C: tl.constexpr, BANK: tl.constexpr,
+                  ROWS: tl.constexpr = False):
+    """The taps a program loads once, before its tile loop (a tile reloading them costs each
+    warp 9 F loads): a shared bank's 9 F numbers (BANK_DATA) and, with ROWS, the 9 F rows of C
+    of taps per channel (BANK_CHANNELS; where the kernel has the registers to hold them across
+    the loop); else none: ``_tile_taps`` loads them per tile."""
+    taps = ()
+    if BANK == BANK_DATA or (BANK == BANK_CHANNELS and ROWS):
+        taps = _filter_taps(filt_ptr, NF, C, BANK)
+    return taps
+
+
+@triton.jit
+def _tile_taps(held, filt_ptr, NF: tl.constexpr, C: tl.constexpr, BANK: tl.constexpr,
+               ROWS: tl.constexpr = False):
+    """A tile's taps: those the program holds (``_program_taps`` with the same ROWS), or the
+    rows per channel, loaded here."""
+    if BANK == BANK_CHANNELS and not ROWS:
+        return _filter_taps(filt_ptr, NF, C, BANK)
+    else:
+        return held
+
+
+@triton.jit
+def _bank(v, f, NF: tl.constexpr, BANK: tl.constexpr):
+    """The F perception tiles p0..p3 [M, C] (p3 zero when F = 3) from the 9 taps ``v``; a bank
+    read as data: its taps f (``_filter_taps``)."""
     if BANK == BANK_DATA or BANK == BANK_CHANNELS:
         C: tl.constexpr = v[0].shape[1]
         ps = ()
         for k in tl.static_range(4):
             if k < NF:
-                pk = _tap(filt_ptr, 9 * k, C, BANK) * v[0]
+                pk = f[9 * k] * v[0]
                 for t in tl.static_range(1, 9):
-                    pk = pk + _tap(filt_ptr, 9 * k + t, C, BANK) * v[t]
+                    pk = pk + f[9 * k + t] * v[t]
             else:
                 pk = tl.zeros_like(v[4])
             ps = ps + (pk,)

@@ -258,13 +258,13 @@ def select_transpose(n_cells: int, channels: int, num_filters: int, device=None,
 
 
 def select_filters(n_cells: int, channels: int, num_filters: int, device=None) -> StepConfig:
-    """The filters' gradient kernel (a learned bank): per filter an elementwise sum of
-    [9, M, C] held across the program's tiles, with M * C = 512 (36 registers a thread at 4
-    warps for each of the F sums); at 256 the tile's loop overhead costs 1.3x the executed
-    instructions, at 1024 the F = 3 sums spill (8 warps there: no gain)."""
+    """The filters' gradient kernel (a learned bank): 4 warps, one elementwise sum of
+    [M / 2, C] per filter and tap held across the program's tiles. M * C = 1024 cells x
+    channels a tile (4 registers a thread for each of the 27 sums at F = 3, C = 16); 512 where
+    the taps and sums would not fit (C * F > 48: 8 B to 80 B spilled at C = 32, F = 4). Half the
+    tile (512 at C = 16) shares the loop's fixed costs among half the cells."""
     int64 = needs_int64(n_cells, channels, 0, num_filters)
     if interpreting():
         return StepConfig(64, 64, 4, int64, 4, 0)
-    tw = 16
-    th = max(1, 512 // channels // tw)
-    return StepConfig(th, tw, 4, int64, 4 * _sm_count(device), 0)
+    tile = 1024 if channels * num_filters <= 48 else 512
+    return StepConfig(max(1, tile // channels // 16), 16, 4, int64, 4 * _sm_count(device), 0)

@@ -43,19 +43,15 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._dense import _as_k_operand, _bias_rows, _concat4, _k_rows, _mm, _w1_block, _w1_tile
-from ._tile import (BANK_CHANNELS, BANK_DATA, IEEE, PACKED_FIRE, _bank, _layout_anchor,
-                    _load_taps, _loop_zero, _static_shapes, _tile_cells, _tile_next, _tile_start)
+from ._dense import (_as_k_operand, _bias_rows, _concat4, _k_rows, _mm, _w1_block, _w1_tile,
+                     _w2_cols)
+from ._tile import (BANK_CHANNELS, BANK_DATA, IEEE, PACKED_FIRE, _bank, _bordered,
+                    _layout_anchor, _load_taps, _loop_zero, _program_taps, _static_shapes,
+                    _tile_cells, _tile_next, _tile_start, _tile_taps)
 from .spec import StepSpec, StepWeights, spec_of, w1_scales
-from .step_bwd_input import _input_grad, bwd_input  # noqa: F401  (bwd_input: a launcher here too)
+from .step_bwd_input import (_input_grad, bwd_input, check_gp, gp_buffer,  # noqa: F401
+                             gp_int64)             # (bwd_input, gp_buffer: launchers here too)
 from .step_fwd import check_shapes, kernel_taps, nca_step_fwd, persistent_grid
-
-
-# ------------------------------------------------------------------------------ weight layouts
-@triton.jit
-def _w2_cols(w2_ptr, j0, C: tl.constexpr, HC: tl.constexpr):
-    """[C, HC]: W2 for hidden units j0 .. j0 + HC (w2_ptr holds W2^T, [HID, C])."""
-    return tl.load(w2_ptr + (j0 + tl.arange(0, HC))[None, :] * C + tl.arange(0, C)[:, None])
 
 
 # ---------------------------------------------------------------------------- 1. the gp kernel
@@ -192,7 +188,8 @@ def _nca_step_bwd_gp_kernel(
     r_ptr,          # [B*H*W, C] the step's stored input state
     cw_ptr,         # [B*H*W] int16 the step's cell words (nca_step_fwd cw_out)
     g_ptr,          # [B*H*W, C] dL/d out
-    gp_ptr,         # [B*H*W, F, C] out: perception gradient (slot 0 + g for a named bank)
+    gp_ptr,         # [B, H + 2, W + 2, F, C] out: perception gradient (slot 0 + g for a named
+                    # bank); its zero border is not written
     w1_ptr, b1_ptr, w2_ptr,     # [F, C, HID], [HID], [HID, C]
     filt_ptr,                   # taps as data: [F, 9] (BANK_DATA) or [F, 9, C] (BANK_CHANNELS)
     lap,                        # the Laplacian's scale in a named bank (1 or 1/16)
@@ -209,6 +206,7 @@ def _nca_step_bwd_gp_kernel(
     dtype = r_ptr.dtype.element_ty
     ones = (tl.where(cols[None, :] == 0, 1.0, 0.0) + tl.zeros([M, C], dtype=tl.float32)).to(dtype)
     # ---- parameters, once per program (RESIDENT) or once per tile (in the dense helpers)
+    held = _program_taps(filt_ptr, NF, C, BANK)
     w1s, bss, wts, w2s = (), (), (), ()
     if RESIDENT:
         w1s, bss, wts, w2s = _gp_weights(w1_ptr, b1_ptr, w2_ptr, lap, r_ptr, C, HID, HC, NF,
@@ -228,7 +226,7 @@ def _nca_step_bwd_gp_kernel(
 
         # ---- the forward's perception again: [M, 4C], a constant-1 column after F = 3
         taps = _load_taps(r_ptr, cw, base, y, x, H, W, lz, C, PADDING, PACKED=True)
-        p0, p1, p2, p3 = _bank(taps, filt_ptr, NF, BANK)
+        p0, p1, p2, p3 = _bank(taps, _tile_taps(held, filt_ptr, NF, C, BANK), NF, BANK)
         if NF == 3:
             p3 = tl.where((cl[None, :] == 0) & (cw >= 0)[:, None], 1.0, 0.0).to(dtype)
         pc = _layout_anchor(_concat4(p0, p1, p2, p3), ANCHOR)
@@ -246,7 +244,8 @@ def _nca_step_bwd_gp_kernel(
 
         # ---- perception gradient to scratch, [cell, k, c]
         kc = tl.arange(0, 4 * C) + lz
-        tl.store(gp_ptr + cell[:, None] * (NF * C) + kc[None, :], gp,
+        gi = _bordered(cell, b, ty, H, W, TH, TW, INT64)
+        tl.store(gp_ptr + gi[:, None] * (NF * C) + kc[None, :], gp,
                  mask=ok[:, None] & (kc < NF * C)[None, :])
         b, ty, tx = _tile_next(b, ty, tx, step_b, step_y, step_x, tiles_x, tiles_y)
 
@@ -260,7 +259,7 @@ def _nca_step_bwd_weights_kernel(
     g_ptr,          # [B*H*W, C] dL/d out of this step: read, or written when NEXT
     part_ptr,       # [programs, PART] in/out: each program adds its sums to its own row
     # the next step (NEXT): its perception gradient, cell words, dL/d out (BANK == 0 only)
-    gpn_ptr, cwn_ptr, gn_ptr,
+    gpn_ptr, cwn_ptr, gn_ptr,       # gpn: [B, H + 2, W + 2, F, C] (gp_buffer)
     # parameters
     w1_ptr, b1_ptr, w2_ptr, filt_ptr,
     lap,            # the Laplacian's scale in a named bank (1 or 1/16)
@@ -296,6 +295,7 @@ def _nca_step_bwd_weights_kernel(
     dw2 = tl.zeros([HR, C], dtype=dtype)
     db1 = tl.zeros([HR], dtype=dtype)
     db2 = tl.zeros([M, C], dtype=dtype)
+    held = _program_taps(filt_ptr, NF, C, BANK, ROWS=True)      # registers to spare
 
     pid = tl.program_id(0)
     b, ty, tx = _tile_start(pid, tiles_x, tiles_y * tiles_x)
@@ -304,11 +304,12 @@ def _nca_step_bwd_weights_kernel(
         cell = base + y * W + x
         lz = _loop_zero(tx)
         cl = tl.arange(0, C) + lz
+        f = _tile_taps(held, filt_ptr, NF, C, BANK, ROWS=True)      # both stencils' taps
 
         # ---- dL/d out of this step: the next step's input gradient, or given
         if NEXT:
-            g = _input_grad(gpn_ptr, cwn_ptr, gn_ptr, filt_ptr, base, y, x, cell, H, W, lz,
-                            C, NF, BANK, PADDING)
+            g = _input_grad(gpn_ptr, cwn_ptr, gn_ptr, f, b, y, x, cell, H, W, lz,
+                            C, NF, BANK, PADDING, INT64)
             if j0 == 0:
                 tl.store(g_ptr + cell[:, None] * C + cl[None, :], g.to(g_ptr.dtype.element_ty),
                          mask=ok[:, None])
@@ -320,7 +321,7 @@ def _nca_step_bwd_weights_kernel(
 
         # ---- the forward's perception again
         taps = _load_taps(r_ptr, cw, base, y, x, H, W, lz, C, PADDING, PACKED=True)
-        p0, p1, p2, p3 = _bank(taps, filt_ptr, NF, BANK)
+        p0, p1, p2, p3 = _bank(taps, f, NF, BANK)
         if NF == 3:
             p3 = tl.where((cl[None, :] == 0) & (cw >= 0)[:, None], 1.0, 0.0).to(dtype)
         pc = _layout_anchor(_concat4(p0, p1, p2, p3), ANCHOR)
@@ -408,7 +409,8 @@ def _check_cw(cw, B, H, W):
 # of its selector when the caller chose it once for many steps.
 def bwd_gp(r, cw, g, w1k, b1, w2t, filters, *, spec: Optional[StepSpec] = None, gp=None,
            cfg=None, **options):
-    """Kernel 1: the perception gradient of a step, [B*H*W, F, C] (slot 0 + g, named banks).
+    """Kernel 1: the perception gradient of a step (slot 0 + g, named banks) in ``gp``, a
+    [B, H + 2, W + 2, F, C] buffer with a zero border (``gp_buffer``; a new one when None).
     cfg: ``configs.select_backward(...)``."""
     spec = spec_of(spec, options)
     B, H, W, C = r.shape
@@ -416,13 +418,15 @@ def bwd_gp(r, cw, g, w1k, b1, w2t, filters, *, spec: Optional[StepSpec] = None, 
     cfg = cfg or configs.select_backward(B * H * W, C, HID, F_, r.device, spec.precision,
                                          spec.bank)
     programs, *sizes = persistent_grid(B, H, W, cfg)
-    gp = torch.empty((B * H * W, F_, C), dtype=r.dtype, device=r.device) if gp is None else gp
+    if gp is None:
+        gp = gp_buffer(B, H, W, F_, C, r.dtype, r.device)
+    check_gp(gp, B, H, W, F_, C)
     _nca_step_bwd_gp_kernel[(programs,)](
         r, cw, g, gp, w1k, b1, w2t, filters, spec.lap_scale,
         H, W, *sizes,
         C=C, HID=HID, NF=F_, TH=cfg.tile_h, TW=cfg.tile_w, HC=cfg.hidden_chunk,
         BANK=spec.kernel_bank, PADDING=spec.padding_code, PRECISION=spec.precision_code,
-        INT64=cfg.int64, RESIDENT=cfg.resident, ANCHOR=cfg.anchor,
+        INT64=gp_int64(cfg, gp), RESIDENT=cfg.resident, ANCHOR=cfg.anchor,
         **cfg.launch_options())
     return gp
 
@@ -442,12 +446,14 @@ def bwd_weights(r, cw, g, parts, w1k, b1, w2t, filters, *, spec: Optional[StepSp
         raise ValueError(f"parts: expected a {r.dtype} [{programs}, {part_size(C, HID)}] buffer "
                          f"(new_parts), got {parts.dtype} {tuple(parts.shape)}")
     gpn, cwn, gn = next_step if next_step is not None else (g, cw, g)
+    if next_step is not None:
+        check_gp(gpn, B, H, W, F_, C)
     _nca_step_bwd_weights_kernel[(programs, triton.cdiv(HID, cfg.hidden_chunk))](
         r, cw, g, parts, gpn, cwn, gn, w1k, b1, w2t, filters, spec.lap_scale,
         H, W, *sizes,
         C=C, HID=HID, NF=F_, HR=cfg.hidden_chunk, TH=cfg.tile_h, TW=cfg.tile_w,
         BANK=spec.kernel_bank, NEXT=next_step is not None, PADDING=spec.padding_code,
-        PRECISION=spec.precision_code, INT64=cfg.int64, ANCHOR=cfg.anchor,
+        PRECISION=spec.precision_code, INT64=gp_int64(cfg, gpn), ANCHOR=cfg.anchor,
         **cfg.launch_options())
 
 

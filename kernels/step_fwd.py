@@ -35,9 +35,9 @@ from . import spec as codes
 from .spec import StepSpec, StepWeights
 from ._dense import (_bias_rows, _concat4, _join_rows, _mlp_chunk, _mlp_chunk_fma, _split_rows,
                      _w1_block, _w1_tile, _w2_rows)
-from ._tile import (CW_FIRE, CW_PRE, HQ_HOT, IEEE, _bank, _fire_bit, _hq_index, _load_taps,
-                    _loop_zero, _pack_cw, _plain_bits, _static_shapes, _tap_bit, _tile_cells,
-                    _tile_next, _tile_start, _window_bits)
+from ._tile import (CW_FIRE, CW_PRE, HQ_HOT, IEEE, _bank, _filter_taps, _fire_bit, _hq_index,
+                    _load_taps, _loop_zero, _pack_cw, _plain_bits, _static_shapes, _tap_bit,
+                    _tile_cells, _tile_next, _tile_start, _window_bits)
 
 
 # ------------------------------------------------------------------------------ dense layers
@@ -195,7 +195,8 @@ def _nca_step_fwd_kernel(
         b1p = b1_ptr + lz
         w2p = w2_ptr + lz
         taps = _load_taps(r_ptr, cw, base, y, x, H, W, lz, C, PADDING)
-        p0, p1, p2, p3 = _bank(taps, filt_ptr, NF, BANK)
+        # a bank read as data: its taps per tile (held across the loop they cost registers)
+        p0, p1, p2, p3 = _bank(taps, _filter_taps(filt_ptr, NF, C, BANK), NF, BANK)
         v4 = taps[4]
         if NF == 3:
             p3 = (tl.where(cols[None, :] == 0, 1.0, 0.0) + tl.zeros_like(p3)).to(dtype)

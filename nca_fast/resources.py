@@ -110,7 +110,8 @@ def triton_rollout_bytes(shape, steps: int, segment: int, num_filters: int, aliv
     """Device bytes a rollout of the fused kernels' op on a B x C x H x W state allocates at its
     peak: the states kept for backward (with their cell words, or hq planes at segment
     boundaries), two working states and hq planes, the output and mask bytes, and, with
-    ``grad``, the backward's scratch: two perception-gradient buffers (F*C per cell), two
+    ``grad``, the backward's scratch: two perception-gradient buffers (F*C per cell, each grid
+    with a border of one cell), two
     incoming gradients, the outgoing one and a recomputed segment. ``segment``: steps per
     checkpoint segment (1: every step's input kept)."""
     b, c, h, w = shape
@@ -123,7 +124,8 @@ def triton_rollout_bytes(shape, steps: int, segment: int, num_filters: int, aliv
     forward = saved * (state + (plane if segment > 1 else 0)) + words + 3 * (state + plane)
     if not grad:
         return forward
-    backward = 2 * cells * num_filters * c * element_size + 3 * state + recompute
+    gp = b * (h + 2) * (w + 2) * num_filters * c * element_size
+    backward = 2 * gp + 3 * state + recompute
     return forward + backward
 
 

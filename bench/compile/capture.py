@@ -94,14 +94,14 @@ def record_launch(v: Variant, modules, grid: Tuple[int, int, int] = GRID, step: 
                 step_bwd.bwd_gp(r, cw, g, w1k, b1, w2t, filt, **kw)
             elif v.kernel == "bwd_weights":
                 parts = step_bwd.new_parts(B, H, W, C, HID, F_, "cpu", prec)
-                nxt = (torch.zeros(B * H * W, F_, C), cw, g) if v.next else None
+                nxt = (torch.zeros(B, H + 2, W + 2, F_, C), cw, g) if v.next else None
                 step_bwd.bwd_weights(r, cw, g, parts, w1k, b1, w2t, filt, next_step=nxt, **kw)
             elif v.kernel == "bwd_input":
-                step_bwd.bwd_input(torch.zeros(B * H * W, F_, C), cw, g, filt, (B, H, W, C),
+                step_bwd.bwd_input(torch.zeros(B, H + 2, W + 2, F_, C), cw, g, filt, (B, H, W, C),
                                    padding=v.padding, bank=v.bank)
             else:
                 parts = step_bwd_filters.new_filter_parts(B, H, W, C, F_, "cpu")
-                step_bwd_filters.bwd_filters(r, cw, torch.zeros(B * H * W, F_, C), parts,
+                step_bwd_filters.bwd_filters(r, cw, torch.zeros(B, H + 2, W + 2, F_, C), parts,
                                              spec=StepSpec(padding=v.padding))
     finally:
         configs.needs_int64, configs.TARGET_CAPABILITY = orig, target

@@ -217,7 +217,7 @@ def ci_variants(archs: Sequence[int] = ARCHS, kernels: Sequence[str] = KERNEL_NA
             _v("bwd_input", arch, 32, 0, 4, 0, 0, padding="circular", int64=True),
             _v("bwd_gp", arch, 16, 128, 3, 0, 1, padding="circular"),
             # learned filters at the default shape, and the edge paddings
-            # (not yet spill-free under triton 3.9, bench/NOTES.md section 8: the forward with
+            # (not yet spill-free under triton 3.9, bench/NOTES.md section 9: the forward with
             # taps as data at C = 16 on sm_90a, the Laplacian bank's at C = 16 hidden >= 128,
             # the weight kernel with taps per channel on sm_80)
             _v("fwd", arch, 16, 128, 3, 1, 1, has_q=True, alive=True, padding="replicate"),
