@@ -348,6 +348,27 @@ def test_errors_name_the_problem(monkeypatch):
             m(m.seed_state(1, 4, 4), 1, seed=0)
 
 
+def test_a_perception_gradient_buffer_without_its_border_is_refused():
+    """The backward's gp buffer has a zero border ([B, H + 2, W + 2, F, C]); one shaped as the
+    grid's cells is refused, naming gp, before any launch: read as bordered it would be
+    silently wrong."""
+    from nca_fast.kernels import step_bwd, step_bwd_filters
+    from nca_fast.kernels.spec import StepSpec
+
+    B, H, W, C, F_ = 1, 4, 5, 16, 3
+    flat = torch.zeros(B * H * W, F_, C, device=DEVICE)
+    cw = torch.zeros(B, H, W, dtype=torch.int16, device=DEVICE)
+    g = torch.zeros(B, H, W, C, device=DEVICE)
+    taps = filter_tensor(NCAConfig(), device=DEVICE).reshape(F_, 9)
+    with pytest.raises(ValueError, match=r"^gp: expected a contiguous \[B, H \+ 2, W \+ 2"):
+        step_bwd.bwd_input(flat, cw, g, taps, (B, H, W, C), padding="zeros")
+    parts = step_bwd_filters.new_filter_parts(B, H, W, C, F_, DEVICE)
+    with pytest.raises(ValueError, match="^gp: expected"):
+        step_bwd_filters.bwd_filters(g, cw, flat, parts, spec=StepSpec(padding="zeros"))
+    good = step_bwd.gp_buffer(B, H, W, F_, C, torch.float32, DEVICE)
+    assert tuple(good.shape) == (B, H + 2, W + 2, F_, C) and not good.any()
+
+
 def test_float64_is_refused_before_any_launch_when_compiled(monkeypatch):
     """Compiled kernels have no float64 dots: refused with the reason, nothing launched."""
     from nca_fast.kernels import step_fwd
