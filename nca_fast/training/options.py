@@ -384,9 +384,8 @@ def run_plan(o: TrainOptions, shards: int, device: torch.device,
             f"otherwise idle machine ({calibrated['cpu_step_s']:.2g} CPU-seconds a step on "
             f"{threads} thread(s); at this moment's load, {format_seconds(now * o.steps)}). "
             f"Calibrated on this machine before the run: a {calibrated['steps']}-step rollout "
-            f"and its backward on {calibrated['samples']} state(s) with every cell alive "
-            f"(the CPU path's cost for a grown pool, whose states spread past the target's "
-            f"edge), scaled to the mean rollout of "
+            f"and its backward on {calibrated['samples']} state(s) alive where the target is "
+            f"(the CPU path skips dead cells), scaled to the mean rollout of "
             f"{mean_rollout(o):.3g} steps; the first steps, grown from seeds, run faster")
         return lines
     if device.type == "cuda":
