@@ -17,8 +17,10 @@ Three kernels, no atomics (the same inputs give bitwise the same gradients):
 
 1. ``_nca_step_bwd_gp_kernel`` (persistent, 2-D tiles, 4 warps): the perception and the hidden
    layer again, gh, and gp to a scratch buffer (the transposed stencil of a cell needs the gp of
-   its 8 neighbours, which other programs compute). For a named bank the identity path rides in
-   gp's first slot (g + gp_0: the identity filter has its centre tap only).
+   its 8 neighbours, which other programs compute), whose grids have a border of one zero cell
+   ([B, H + 2, W + 2, F, C], ``gp_buffer``): a neighbour across the edge reads zero unmasked.
+   For a named bank the identity path rides in gp's first slot (g + gp_0: the identity filter
+   has its centre tap only).
 2. ``_nca_step_bwd_weights_kernel`` (persistent, 2-D tiles, 8 warps): the weight gradients of a
    step, accumulated in registers across the program's tiles and added once at its end to the
    program's own row of a [programs, PART] buffer that the rollout sums once, in a fixed order.
@@ -242,7 +244,7 @@ def _nca_step_bwd_gp_kernel(
             gp = _gp_mma(pc, gdx, ones, g, ok, cl, w1s, bss, wts, w2s, w1p, b1p, w2p, lap, lz,
                          C, HID, HC, NF, BANK, PRECISION, RESIDENT)
 
-        # ---- perception gradient to scratch, [cell, k, c]
+        # ---- perception gradient to scratch, [cell, k, c] inside the zero border
         kc = tl.arange(0, 4 * C) + lz
         gi = _bordered(cell, b, ty, H, W, TH, TW, INT64)
         tl.store(gp_ptr + gi[:, None] * (NF * C) + kc[None, :], gp,
